@@ -1,0 +1,53 @@
+"""hyperflux-fx: a torch.fx pruning compiler driven by the Hyperflux method.
+
+Public API (see docs/ and ../shared/DESIGN.md)::
+
+    import hyperflux_fx as hf
+    gm = hf.trace(model, example_inputs)
+    res = hf.insert_gates(model, hf.GateConfig(), example_inputs=example_inputs)
+    hf.density(res.graph_module)
+"""
+
+from __future__ import annotations
+
+from hyperflux_fx.config import GateConfig
+from hyperflux_fx.passes import GateReport, PassResult, insert_gates
+from hyperflux_fx.runtime import (
+    Gate,
+    WeightGate,
+    density,
+    flux,
+    gates,
+    get_pressure,
+    layer_density,
+    pressure_loss,
+    reset_flux,
+    set_pressure,
+    track_flux,
+)
+from hyperflux_fx.trace import ExampleInputError, SourceError, TraceError, load_source, trace
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ExampleInputError",
+    "Gate",
+    "GateConfig",
+    "GateReport",
+    "PassResult",
+    "SourceError",
+    "TraceError",
+    "WeightGate",
+    "density",
+    "flux",
+    "gates",
+    "get_pressure",
+    "insert_gates",
+    "layer_density",
+    "load_source",
+    "pressure_loss",
+    "reset_flux",
+    "set_pressure",
+    "trace",
+    "track_flux",
+]

@@ -1,0 +1,261 @@
+"""Gate modules: flow parameters, the hard mask and its scaled straight-through gradient.
+
+A gate holds the flow parameters ``t`` of HYPERFLUX.md §1. Forward computes ``W * 1[t >= 0]``; the
+backward pass gives the weight the masked gradient and the flow parameters the straight-through
+estimate ``dL/dt = kappa * dL/dm`` (§2), where ``dL/dm = W * dL/d(W*m)``. A pruned weight therefore
+still gets a mask gradient (a first-order estimate of what its return would do), which is what makes
+regrowth possible.
+
+Gates are torch.fx leaves (see :func:`is_gate_module`), so graph passes find them as ``call_module``
+nodes by type. Every gate also carries a gradient hook on its flow parameters that adds the pressure
+gradient ``gamma * scale / N`` read from the shared :class:`~hyperflux_fx.runtime.pressure.PressureState`
+(§3): a plain training loop gets the Hyperflux dynamics without touching its loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from hyperflux_fx.runtime.pressure import PressureState
+
+__all__ = [
+    "Gate",
+    "GatedModuleCall",
+    "WeightGate",
+    "density",
+    "flux",
+    "gates",
+    "is_gate_module",
+    "layer_density",
+    "named_gates",
+    "reset_flux",
+    "track_flux",
+]
+
+
+class _HardMaskSTE(torch.autograd.Function):
+    """``W * 1[t >= 0]`` with the scaled straight-through gradient for ``t``.
+
+    Backward: ``dW = g * m``, ``dm = g * W``, ``dt = kappa * dm``; when a flux buffer is given it
+    accumulates ``-dm`` (the flux ``phi = -dL/dm`` of HYPERFLUX.md §3) and the step counter is bumped.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, weight: torch.Tensor, flow: torch.Tensor, kappa: float,
+                flux_sum: torch.Tensor | None, flux_steps: torch.Tensor | None) -> torch.Tensor:
+        mask = (flow >= 0).to(weight.dtype)
+        ctx.save_for_backward(weight, mask)
+        ctx.kappa = kappa
+        ctx.flux_sum = flux_sum
+        ctx.flux_steps = flux_steps
+        ctx.flow_dtype = flow.dtype
+        return weight * mask
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        weight, mask = ctx.saved_tensors
+        grad_weight = grad * mask if ctx.needs_input_grad[0] else None
+        dmask = grad * weight
+        if ctx.flux_sum is not None:
+            ctx.flux_sum.sub_(dmask.to(ctx.flux_sum.dtype))
+            ctx.flux_steps.add_(1)
+        grad_flow = (dmask * ctx.kappa).to(ctx.flow_dtype) if ctx.needs_input_grad[1] else None
+        return grad_weight, grad_flow, None, None, None
+
+
+class Gate(nn.Module):
+    """Base class of every gate: flow parameters, mask, pressure hook and flux read-out.
+
+    Attributes:
+        flow: the flow parameters ``t`` (an ``nn.Parameter``); the mask is ``1[t >= 0]``.
+        target: qualified name of what the gate masks (a parameter name for weight gates).
+        kappa: straight-through scale.
+        pressure_scale: per-gate multiplier of the pressure gradient (1 for plain Hyperflux;
+            cost-weighted pressure sets it per group).
+    """
+
+    def __init__(self, shape: torch.Size | tuple[int, ...], *, target: str, init_a: float = 0.2,
+                 kappa: float = 0.25, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        flow = torch.empty(tuple(shape), dtype=torch.float32)
+        flow.uniform_(init_a, 2.5 * init_a, generator=generator)
+        self.flow = nn.Parameter(flow)
+        self.target = target
+        self.kappa = float(kappa)
+        self.pressure_scale = 1.0
+        self.register_buffer("flux_sum", None, persistent=False)
+        self.register_buffer("flux_steps", None, persistent=False)
+        self._pressure: PressureState | None = None
+        self._pressure_handle: Any = None
+        self._register_pressure_hook()
+
+    # -- pressure -------------------------------------------------------------------------------
+    def attach_pressure(self, state: PressureState | None) -> None:
+        """Read gamma (and N) from ``state`` in this gate's gradient hook; ``None`` detaches."""
+        # A plain attribute, not a submodule: the state is registered once, on the gated model.
+        object.__setattr__(self, "_pressure", state)
+
+    def _add_pressure(self, grad: torch.Tensor) -> torch.Tensor:
+        state = self._pressure
+        if state is None:
+            return grad
+        coef = self.pressure_scale / state.total_elements
+        return grad + (state.gamma * coef).to(grad.dtype)
+
+    def _register_pressure_hook(self) -> None:
+        # Hooks on a Parameter are lost by deepcopy and pickling (Parameter.__deepcopy__ builds a
+        # fresh tensor), so the hook is (re-)registered here, from __init__ and from __setstate__.
+        object.__setattr__(self, "_pressure_handle", self.flow.register_hook(self._add_pressure))
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(super().__getstate__())
+        state["_pressure_handle"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._register_pressure_hook()
+
+    # -- mask and flux --------------------------------------------------------------------------
+    def mask(self) -> torch.Tensor:
+        """The current 0/1 mask (detached, float32, shape of ``flow``)."""
+        return (self.flow.detach() >= 0).to(torch.float32)
+
+    @property
+    def numel(self) -> int:
+        """Number of gated units (elements of ``flow``)."""
+        return self.flow.numel()
+
+    def kept(self) -> int:
+        """Number of open units."""
+        return int((self.flow.detach() >= 0).sum().item())
+
+    def track_flux(self, enabled: bool = True) -> None:
+        """Start (and zero) or stop accumulating the flux ``-dL/dm`` in backward."""
+        if enabled:
+            self.flux_sum = torch.zeros_like(self.flow, dtype=torch.float32)
+            self.flux_steps = torch.zeros((), dtype=torch.long, device=self.flow.device)
+        else:
+            self.flux_sum = None
+            self.flux_steps = None
+
+    def reset_flux(self) -> None:
+        """Zero the accumulated flux (keeps tracking on)."""
+        if self.flux_sum is not None:
+            self.flux_sum.zero_()
+            self.flux_steps.zero_()
+
+    def mean_flux(self) -> torch.Tensor | None:
+        """Mean flux per unit over the backward passes since the last reset; None if not tracking."""
+        if self.flux_sum is None:
+            return None
+        steps = max(int(self.flux_steps.item()), 1)
+        return self.flux_sum / steps
+
+    def extra_repr(self) -> str:
+        return f"target={self.target!r}, shape={tuple(self.flow.shape)}, kappa={self.kappa}"
+
+
+class WeightGate(Gate):
+    """Unstructured gate: one flow parameter per weight element; ``forward(W) = W * 1[t >= 0]``.
+
+    Graph use (one gate per gated parameter, shared by all of its weight uses)::
+
+        conv1_weight = self.conv1.weight
+        gated = self.hyperflux_gates.conv1_weight(conv1_weight)
+        conv2d = torch.conv2d(x, gated, self.conv1.bias, (1, 1), (1, 1), (1, 1), 1)
+    """
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if weight.shape != self.flow.shape:
+            raise RuntimeError(f"gate for {self.target!r} expects shape {tuple(self.flow.shape)}, "
+                               f"got {tuple(weight.shape)}")
+        return _HardMaskSTE.apply(weight, self.flow, self.kappa, self.flux_sum, self.flux_steps)
+
+
+def is_gate_module(module: nn.Module) -> bool:
+    """True for hyperflux's own graph modules (gates and module-level calls): tracer leaves."""
+    return isinstance(module, (Gate, GatedModuleCall))
+
+
+def named_gates(module: nn.Module) -> Iterator[tuple[str, Gate]]:
+    """``(qualified module name, gate)`` for every gate in ``module``."""
+    for name, sub in module.named_modules():
+        if isinstance(sub, Gate):
+            yield name, sub
+
+
+def gates(module: nn.Module) -> list[Gate]:
+    """Every gate module of a gated model, in registration order."""
+    return [g for _, g in named_gates(module)]
+
+
+def density(module: nn.Module) -> float:
+    """Kept fraction of all gated units (weights, or channels for structured gates)."""
+    all_gates = gates(module)
+    if not all_gates:
+        raise ValueError("the model has no gates: run hyperflux_fx.insert_gates first")
+    kept = torch.stack([(g.flow.detach() >= 0).sum() for g in all_gates]).sum()
+    total = sum(g.numel for g in all_gates)
+    return float(kept.item()) / total
+
+
+def layer_density(module: nn.Module) -> dict[str, float]:
+    """Kept fraction per gate, keyed by the gate's target (e.g. ``"layer1.0.conv1.weight"``)."""
+    return {g.target: g.kept() / g.numel for g in gates(module)}
+
+
+def track_flux(module: nn.Module, enabled: bool = True) -> None:
+    """Start (and zero) or stop flux accumulation on every gate."""
+    for g in gates(module):
+        g.track_flux(enabled)
+
+
+def reset_flux(module: nn.Module) -> None:
+    """Zero every gate's accumulated flux."""
+    for g in gates(module):
+        g.reset_flux()
+
+
+def flux(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Mean flux ``-dL/dm`` per unit since the last reset, keyed by gate target.
+
+    Raises:
+        RuntimeError: when flux tracking is off (call :func:`track_flux` before training).
+    """
+    out: dict[str, torch.Tensor] = {}
+    for g in gates(module):
+        value = g.mean_flux()
+        if value is None:
+            raise RuntimeError(f"flux tracking is off for gate {g.target!r}: call hyperflux_fx.track_flux(model)")
+        out[g.target] = value
+    return out
+
+
+class GatedModuleCall(nn.Module):
+    """Module-level gating: calls a leaf module with some parameters replaced by gated tensors.
+
+    Used for leaves ``insert_gates`` cannot open up (``nn.MultiheadAttention``, opaque modules from
+    the trace fallback, conv subclasses with their own forward). The module itself stays where it was
+    (its parameter names unchanged); the graph passes it in with a ``get_attr``::
+
+        attn = self.attn
+        gated = self.hyperflux_gates.attn_in_proj_weight(self.attn.in_proj_weight)
+        out = self.hyperflux_calls.attn(attn, (gated,), x, x, x)
+    """
+
+    def __init__(self, names: tuple[str, ...], module_path: str) -> None:
+        super().__init__()
+        self.names = tuple(names)  # parameter names relative to the called module
+        self.module_path = module_path  # qualified name of the called module
+
+    def forward(self, module: nn.Module, weights: tuple[torch.Tensor, ...], *args: Any, **kwargs: Any) -> Any:
+        return torch.func.functional_call(module, dict(zip(self.names, weights, strict=True)), args, kwargs)
+
+    def extra_repr(self) -> str:
+        return f"module={self.module_path!r}, gated={list(self.names)}"

@@ -1,0 +1,278 @@
+"""Fixture zoo: tiny modules, one per graph pattern the passes must handle.
+
+``ZOO`` maps a name to ``(build, example_inputs)``; both are callables so every test gets fresh,
+seeded objects. When a real model breaks a rule, the smallest module that shows it goes here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ResidualAdd(nn.Module):
+    """conv-BN-ReLU-conv-BN plus a shortcut, summed (ResNet basic block) -> pool -> linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(8)
+        self.conv1 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn0(self.stem(x)))
+        y = F.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        x = F.relu(x + y)
+        return self.fc(x.mean((2, 3)))
+
+
+class Concat(nn.Module):
+    """Two conv branches concatenated on channels, then a 1x1 conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.b = nn.Conv2d(3, 6, 1)
+        self.mix = nn.Conv2d(10, 5, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mix(torch.cat([F.relu(self.a(x)), F.relu(self.b(x))], dim=1))
+
+
+class DepthwiseGrouped(nn.Module):
+    """Pointwise expand, depthwise conv (groups=C), grouped conv (groups=2)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.expand = nn.Conv2d(3, 8, 1, bias=False)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.grouped = nn.Conv2d(8, 6, 3, padding=1, groups=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu6(self.expand(x))
+        x = F.relu6(self.bn(self.dw(x)))
+        return self.grouped(x)
+
+
+class FlattenLinear(nn.Module):
+    """conv -> ReLU -> flatten (C*H*W) -> linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 8 * 8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(F.relu(self.conv(x)), 1))
+
+
+class AttentionHeads(nn.Module):
+    """ViT-style block: LayerNorm, qkv linear, explicit q@k^T/softmax/@v over heads, projection, MLP."""
+
+    def __init__(self, dim: int = 16, heads: int = 4) -> None:
+        super().__init__()
+        self.heads = heads
+        self.embed = nn.Linear(8, dim)
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, 2 * dim)
+        self.fc2 = nn.Linear(2 * dim, dim)
+        self.head = nn.Linear(dim, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        b, n, c = x.shape
+        qkv = self.qkv(self.norm1(x)).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        attn = (q @ k.transpose(-2, -1)) * (c // self.heads) ** -0.5
+        ctx = (attn.softmax(dim=-1) @ v).transpose(1, 2).reshape(b, n, c)
+        x = x + self.proj(ctx)
+        x = x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+        return self.head(x.mean(1))
+
+
+class SDPAAttention(nn.Module):
+    """Attention through F.scaled_dot_product_attention (as timm emits it)."""
+
+    def __init__(self, dim: int = 16, heads: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        ctx = F.scaled_dot_product_attention(q, k, v)
+        return x + self.proj(ctx.transpose(1, 2).reshape(b, n, c))
+
+
+class LayerNormMLP(nn.Module):
+    """Pre-norm transformer MLP with a residual: x + fc2(GELU(fc1(LN(x))))."""
+
+    def __init__(self, dim: int = 12) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, 4 * dim)
+        self.fc2 = nn.Linear(4 * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(F.gelu(self.fc1(self.norm(x))))
+
+
+class FunctionalOps(nn.Module):
+    """Parameters used functionally: F.conv2d, F.linear, ``@`` and torch.matmul with a transpose."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cw = nn.Parameter(torch.randn(4, 3, 3, 3) * 0.2)
+        self.cb = nn.Parameter(torch.randn(4) * 0.1)
+        self.lw = nn.Parameter(torch.randn(6, 4) * 0.3)
+        self.m = nn.Parameter(torch.randn(6, 5) * 0.3)
+        self.m2 = nn.Parameter(torch.randn(3, 5) * 0.3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(F.conv2d(x, self.cw, self.cb, padding=1)).mean((2, 3))
+        y = F.linear(y, self.lw)
+        y = y @ self.m
+        return torch.matmul(y, self.m2.t())
+
+
+class MHA(nn.Module):
+    """nn.MultiheadAttention (a torch.nn leaf: gated at module level) and a linear head."""
+
+    def __init__(self, dim: int = 16) -> None:
+        super().__init__()
+        self.inp = nn.Linear(6, dim)
+        self.mha = nn.MultiheadAttention(dim, 4, batch_first=True)
+        self.out = nn.Linear(dim, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        a, _ = self.mha(h, h, h)
+        return self.out((h + a).mean(1))
+
+
+class ConvVariety(nn.Module):
+    """Conv1d, ConvTranspose1d, a reflect-padded Conv1d (module-level gating) and Conv3d."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv1d(2, 4, 3, padding=1)
+        self.t1 = nn.ConvTranspose1d(4, 3, 4, stride=2, padding=1)
+        self.reflect = nn.Conv1d(3, 3, 3, padding=1, padding_mode="reflect")
+        self.c3 = nn.Conv3d(1, 2, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.reflect(F.relu(self.t1(F.relu(self.c1(x)))))  # (B, 3, 2L)
+        z = self.c3(y.unsqueeze(1).unsqueeze(-1))  # (B, 1, 3, 2L, 1) -> (B, 2, 3, 2L, 1)
+        return z.mean((1, 2, 4))
+
+
+class SharedWeight(nn.Module):
+    """One parameter used by two linear ops (one gate), and an embedding tied to the output layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 8)
+        self.shared = nn.Linear(8, 8)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        h = self.emb(idx)
+        h = F.relu(self.shared(h))
+        h = F.relu(self.shared(h))
+        return F.linear(h, self.emb.weight)  # tied output layer: an embedding, never gated
+
+
+class StandardizedConv(nn.Module):
+    """A conv whose weight is computed from its parameter (weight standardisation): reported, not gated."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 3, 3, 3))
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = (self.weight - self.weight.mean((1, 2, 3), keepdim=True)) / (self.weight.std((1, 2, 3), keepdim=True) + 1e-5)
+        return self.fc(F.conv2d(x, w, padding=1).mean((2, 3)))
+
+
+class DataDependentBlock(nn.Module):
+    """Python control flow on a tensor value: torch.fx cannot trace it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:
+            return F.relu(self.bn(self.conv(x)))
+        return self.bn(self.conv(x))
+
+
+class WithOpaqueBlock(nn.Module):
+    """A traceable model around an untraceable block: the block becomes an opaque leaf."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.block = DataDependentBlock()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.block(self.stem(x)).mean((2, 3)))
+
+
+class UntraceableRoot(nn.Module):
+    """Control flow on a tensor value in the root forward itself: cannot be traced at all."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.mean() > 0:
+            return self.fc(x)
+        return -self.fc(x)
+
+
+def _seeded(build: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
+    def make() -> nn.Module:
+        torch.manual_seed(0)
+        return build()
+    return make
+
+
+def _inputs(*shape: int) -> Callable[[], tuple[torch.Tensor, ...]]:
+    def make() -> tuple[torch.Tensor, ...]:
+        return (torch.randn(*shape, generator=torch.Generator().manual_seed(1)),)
+    return make
+
+
+#: name -> (build, example_inputs). Every model here traces (with fallback) and has gateable weights.
+ZOO: dict[str, tuple[Callable[[], nn.Module], Callable[[], tuple[torch.Tensor, ...]]]] = {
+    "residual_add": (_seeded(ResidualAdd), _inputs(2, 3, 8, 8)),
+    "concat": (_seeded(Concat), _inputs(2, 3, 8, 8)),
+    "depthwise_grouped": (_seeded(DepthwiseGrouped), _inputs(2, 3, 8, 8)),
+    "flatten_linear": (_seeded(FlattenLinear), _inputs(2, 1, 8, 8)),
+    "attention_heads": (_seeded(AttentionHeads), _inputs(2, 5, 8)),
+    "sdpa_attention": (_seeded(SDPAAttention), _inputs(2, 5, 16)),
+    "layernorm_mlp": (_seeded(LayerNormMLP), _inputs(2, 5, 12)),
+    "functional_ops": (_seeded(FunctionalOps), _inputs(2, 3, 6, 6)),
+    "mha": (_seeded(MHA), _inputs(2, 5, 6)),
+    "conv_variety": (_seeded(ConvVariety), _inputs(2, 2, 6)),
+    "shared_weight": (_seeded(SharedWeight), lambda: (torch.tensor([[1, 2, 3], [4, 5, 9]]),)),
+    "opaque_block": (_seeded(WithOpaqueBlock), _inputs(2, 3, 8, 8)),
+}
