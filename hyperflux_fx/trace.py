@@ -88,8 +88,11 @@ class _Tracer(fx.Tracer):
     """fx tracer whose leaves are: torch.nn modules (fx's default), gates, timm's no-trace layers,
     user-given leaves (types or qualified names) and the opaque modules found by the fallback."""
 
-    def __init__(self, *, leaf_types: tuple[type, ...], leaf_names: frozenset[str],
-                 autowrap_functions: tuple[Callable[..., Any], ...]) -> None:
+    def __init__(self, *, leaf_types: tuple[type, ...] = (), leaf_names: frozenset[str] = frozenset(),
+                 autowrap_functions: tuple[Callable[..., Any], ...] | None = None) -> None:
+        # Defaults matter: unpickling a GraphModule re-traces its code with this class, no arguments.
+        if autowrap_functions is None:
+            autowrap_functions = _timm_notrace()[1]
         super().__init__(autowrap_functions=autowrap_functions)
         self.leaf_types = leaf_types
         self.leaf_names = leaf_names
