@@ -90,9 +90,10 @@ class _Tracer(fx.Tracer):
 
     def __init__(self, *, leaf_types: tuple[type, ...] = (), leaf_names: frozenset[str] = frozenset(),
                  autowrap_functions: tuple[Callable[..., Any], ...] | None = None) -> None:
-        # Defaults matter: unpickling a GraphModule re-traces its code with this class, no arguments.
+        # Defaults matter: unpickling a GraphModule re-traces its code with this class, no arguments
+        # (its code, executed first, has imported timm if the graph calls timm's functions).
         if autowrap_functions is None:
-            autowrap_functions = _timm_notrace()[1]
+            autowrap_functions = _timm_notrace()[1] if "timm" in sys.modules else ()
         super().__init__(autowrap_functions=autowrap_functions)
         self.leaf_types = leaf_types
         self.leaf_names = leaf_names
@@ -160,7 +161,10 @@ def trace(model: nn.Module, example_inputs: Any = None, *, leaf_modules: Iterabl
 
 def _trace_with_fallback(model: nn.Module, leaf_modules: Iterable[type | str],
                          concrete_args: dict[str, Any] | None, max_fallbacks: int) -> fx.GraphModule:
-    timm_types, timm_functions = _timm_notrace()
+    # timm's no-trace registry only matters for models built from timm layers (and importing all of
+    # timm.models costs about a second), so it is consulted only for those.
+    uses_timm = any(type(m).__module__.startswith("timm.") for m in model.modules())
+    timm_types, timm_functions = _timm_notrace() if uses_timm else ((), ())
     user = tuple(leaf_modules)
     bad = [x for x in user if not (isinstance(x, str) or (isinstance(x, type) and issubclass(x, nn.Module)))]
     if bad:
@@ -203,22 +207,49 @@ def _trace_with_fallback(model: nn.Module, leaf_modules: Iterable[type | str],
     return gm
 
 
+class _NodeFailure(RuntimeError):
+    def __init__(self, node: fx.Node, exc: BaseException) -> None:
+        super().__init__(f"at node {node.name} ({node.op} {_target_str(node)}): {_short(exc)}")
+
+
+def _target_str(node: fx.Node) -> str:
+    return getattr(node.target, "__name__", str(node.target))
+
+
+class _ShapeRecorder(fx.Interpreter):
+    """Runs the graph, storing ``tensor_meta`` (as torch.fx's ShapeProp does) and naming the node
+    that fails, without printing tracebacks."""
+
+    def run_node(self, n: fx.Node) -> Any:
+        from torch.fx.passes.shape_prop import _extract_tensor_metadata
+        from torch.utils._pytree import tree_map_only
+
+        try:
+            result = super().run_node(n)
+        except Exception as exc:
+            raise _NodeFailure(n, exc) from exc
+        if isinstance(result, torch.Tensor) or (isinstance(result, (tuple, list)) and result
+                                                and all(isinstance(r, torch.Tensor) for r in result)):
+            n.meta["tensor_meta"] = tree_map_only(torch.Tensor, _extract_tensor_metadata, result)
+        n.meta["type"] = type(result)
+        return result
+
+
 def propagate_shapes(gm: fx.GraphModule, inputs: Sequence[Any]) -> None:
     """Run ``gm`` once on ``inputs`` (eval mode, no grad, state restored) recording ``tensor_meta``.
 
     Raises:
         ExampleInputError: naming the node that failed and the input shapes.
     """
-    from torch.fx.passes.shape_prop import ShapeProp
-
     modes = {m: m.training for m in gm.modules()}
     gm.eval()
     try:
         with torch.no_grad():
-            ShapeProp(gm).propagate(*inputs)
+            _ShapeRecorder(gm).run(*inputs)
     except Exception as exc:
         shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in inputs]
-        raise ExampleInputError(f"the model does not run on example inputs {shapes}: {_short(exc)}. "
+        why = str(exc) if isinstance(exc, _NodeFailure) else _short(exc)
+        raise ExampleInputError(f"the model does not run on example inputs {shapes}: {why}. "
                                 "Pass inputs of the shape the model expects (e.g. --input-shape 1,3,32,32).") from exc
     finally:
         for m, mode in modes.items():

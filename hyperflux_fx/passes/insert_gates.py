@@ -54,7 +54,7 @@ from hyperflux_fx.runtime.gates import GatedModuleCall, WeightGate, gates, is_ga
 from hyperflux_fx.runtime.pressure import PRESSURE_ATTR, PressureState
 from hyperflux_fx.trace import OPAQUE_META, propagate_shapes, trace
 
-__all__ = ["GATES_ATTR", "CALLS_ATTR", "REPORT_META", "GateReport", "GatedTensor", "SkippedItem", "insert_gates"]
+__all__ = ["CALLS_ATTR", "GATES_ATTR", "REPORT_META", "GateReport", "GatedTensor", "SkippedItem", "insert_gates"]
 
 log = logging.getLogger(__name__)
 
@@ -108,11 +108,11 @@ class GateReport:
 
     def __str__(self) -> str:
         lines = [
-            f"insert_gates: {len(self.gated)} tensors gated ({self.gated_elements:,} elements), "
+            (f"insert_gates: {len(self.gated)} tensors gated ({self.gated_elements:,} elements), "
             f"{sum(s.kind == 'parameter' for s in self.skipped)} parameters and "
-            f"{sum(s.kind == 'op' for s in self.skipped)} ops skipped, {len(self.opaque)} opaque modules",
-            f"granularity={self.granularity}  model kind={self.model_kind}  "
-            f"first op gated={self.gate_first}  last op gated={self.gate_last}",
+            f"{sum(s.kind == 'op' for s in self.skipped)} ops skipped, {len(self.opaque)} opaque modules"),
+            (f"granularity={self.granularity}  model kind={self.model_kind}  "
+            f"first op gated={self.gate_first}  last op gated={self.gate_last}"),
         ]
         if self.rule_counts:
             lines.append("rewrites: " + ", ".join(f"{k}={v}" for k, v in sorted(self.rule_counts.items())))
@@ -121,7 +121,7 @@ class GateReport:
             lines.append("")
             lines.append(f"{'gated tensor':<{width}}  {'shape':<20} {'elements':>12}  level   via")
             for g in self.gated:
-                lines.append(f"{g.name:<{width}}  {str(list(g.shape)):<20} {g.numel:>12,}  {g.level:<6}  "
+                lines.append(f"{g.name:<{width}}  {list(g.shape)!s:<20} {g.numel:>12,}  {g.level:<6}  "
                              + ", ".join(g.via))
         if self.skipped:
             width = max(len(s.name) for s in self.skipped)
@@ -178,9 +178,7 @@ def _attention_anchors(gm: fx.GraphModule, dep: dict[fx.Node, bool]) -> set[fx.N
     (``q @ k^T``, ``attn @ v``) that feed or come from a softmax."""
     anchors: set[fx.Node] = set()
     for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target is F.scaled_dot_product_attention:
-            anchors.add(node)
-        elif node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)), nn.MultiheadAttention):
+        if node.op == "call_function" and node.target is F.scaled_dot_product_attention or node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)), nn.MultiheadAttention):
             anchors.add(node)
         elif ((node.op == "call_function" and node.target in _MATMULS)
               or (node.op == "call_method" and node.target in ("matmul", "bmm"))):

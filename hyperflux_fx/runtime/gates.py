@@ -48,23 +48,29 @@ class _HardMaskSTE(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, weight: torch.Tensor, flow: torch.Tensor, kappa: float,
                 flux_sum: torch.Tensor | None, flux_steps: torch.Tensor | None) -> torch.Tensor:
-        mask = (flow >= 0).to(weight.dtype)
-        ctx.save_for_backward(weight, mask)
+        keep = flow >= 0
+        # the bool mask (1 byte per element) is saved so backward need not re-read the flows
+        ctx.save_for_backward(weight, keep)
         ctx.kappa = kappa
         ctx.flux_sum = flux_sum
         ctx.flux_steps = flux_steps
         ctx.flow_dtype = flow.dtype
-        return weight * mask
+        return torch.where(keep, weight, 0.0)  # one pass, no float mask materialised
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        weight, mask = ctx.saved_tensors
-        grad_weight = grad * mask if ctx.needs_input_grad[0] else None
-        dmask = grad * weight
-        if ctx.flux_sum is not None:
-            ctx.flux_sum.sub_(dmask.to(ctx.flux_sum.dtype))
-            ctx.flux_steps.add_(1)
-        grad_flow = (dmask * ctx.kappa).to(ctx.flow_dtype) if ctx.needs_input_grad[1] else None
+        weight, keep = ctx.saved_tensors
+        grad_weight = torch.where(keep, grad, 0.0) if ctx.needs_input_grad[0] else None
+        grad_flow = None
+        if ctx.needs_input_grad[1] or ctx.flux_sum is not None:
+            # kappa * dL/dm with dL/dm = grad * W, in one pass (addcmul onto a broadcast zero)
+            zero = torch.zeros((), dtype=grad.dtype, device=grad.device)
+            scaled = torch.addcmul(zero, grad, weight, value=ctx.kappa)
+            if ctx.flux_sum is not None:
+                ctx.flux_sum.sub_(scaled, alpha=1.0 / ctx.kappa)  # flux phi = -dL/dm
+                ctx.flux_steps.add_(1)
+            if ctx.needs_input_grad[1]:
+                grad_flow = scaled if scaled.dtype == ctx.flow_dtype else scaled.to(ctx.flow_dtype)
         return grad_weight, grad_flow, None, None, None
 
 

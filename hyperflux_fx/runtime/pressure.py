@@ -44,7 +44,8 @@ def pressure_state(module: nn.Module) -> PressureState:
     """
     state = getattr(module, PRESSURE_ATTR, None)
     if not isinstance(state, PressureState):
-        raise ValueError("the model has no pressure state: run hyperflux_fx.insert_gates first")
+        # ValueError, not TypeError: any module is the right type, an ungated one the wrong value
+        raise ValueError("the model has no pressure state: run hyperflux_fx.insert_gates first")  # noqa: TRY004
     return state
 
 

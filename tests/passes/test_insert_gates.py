@@ -233,7 +233,7 @@ def test_attention_models_keep_embedding_and_head_dense_by_default():
 
 def test_cnn_first_and_last_gated_by_default_and_switchable():
     _, res, _ = _gated("residual_add")
-    assert res.report.model_kind == "cnn" and [g.name for g in res.report.gated][0] == "stem.weight"
+    assert res.report.model_kind == "cnn" and next(g.name for g in res.report.gated) == "stem.weight"
     _, res2, _ = _gated("residual_add", hf.GateConfig(gate_first=False, gate_last=False))
     assert [g.name for g in res2.report.gated] == ["conv1.weight", "conv2.weight"]
 

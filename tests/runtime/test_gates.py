@@ -99,7 +99,7 @@ def test_pressure_hook_survives_copy_and_pickle(how):
 def test_density_and_layer_density():
     gated = hf.insert_gates(torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.ReLU(), torch.nn.Linear(5, 2))
                             ).graph_module
-    g0, g1 = hf.gates(gated)
+    g0, _g1 = hf.gates(gated)
     with torch.no_grad():
         g0.flow[:2].fill_(-1)  # 8 of 20 closed
     assert hf.density(gated) == pytest.approx((20 - 8 + 10) / 30)
