@@ -248,7 +248,8 @@ def propagate_shapes(gm: fx.GraphModule, inputs: Sequence[Any]) -> None:
             _ShapeRecorder(gm).run(*inputs)
     except Exception as exc:
         shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in inputs]
-        why = str(exc) if isinstance(exc, _NodeFailure) else _short(exc)
+        # (fx.Interpreter appends a multi-line "While executing ..." note: keep the first line)
+        why = str(exc).splitlines()[0] if isinstance(exc, _NodeFailure) else _short(exc)
         raise ExampleInputError(f"the model does not run on example inputs {shapes}: {why}. "
                                 "Pass inputs of the shape the model expects (e.g. --input-shape 1,3,32,32).") from exc
     finally:
