@@ -10,12 +10,18 @@ Public API (see docs/ and ../shared/DESIGN.md)::
 
 from __future__ import annotations
 
-from hyperflux_fx.config import GateConfig
+from hyperflux_fx.config import GateConfig, TrainConfig
 from hyperflux_fx.passes import GateReport, PassResult, insert_gates
 from hyperflux_fx.runtime import (
     Gate,
+    PressureController,
+    ScalingLaw,
+    TrainingError,
+    TrainResult,
     WeightGate,
     density,
+    evaluate,
+    fit_scaling_law,
     flux,
     gates,
     get_pressure,
@@ -24,6 +30,8 @@ from hyperflux_fx.runtime import (
     reset_flux,
     set_pressure,
     track_flux,
+    train,
+    train_dense,
 )
 from hyperflux_fx.trace import ExampleInputError, SourceError, TraceError, load_source, trace
 
@@ -35,10 +43,17 @@ __all__ = [
     "GateConfig",
     "GateReport",
     "PassResult",
+    "PressureController",
+    "ScalingLaw",
     "SourceError",
     "TraceError",
+    "TrainConfig",
+    "TrainResult",
+    "TrainingError",
     "WeightGate",
     "density",
+    "evaluate",
+    "fit_scaling_law",
     "flux",
     "gates",
     "get_pressure",
@@ -50,4 +65,6 @@ __all__ = [
     "set_pressure",
     "trace",
     "track_flux",
+    "train",
+    "train_dense",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["GateConfig", "Granularity"]
+__all__ = ["GateConfig", "Granularity", "TrainConfig"]
 
 Granularity = Literal["weight", "channel", "hybrid"]
 
@@ -47,3 +47,66 @@ class GateConfig:
             value = getattr(self, field_name)
             if isinstance(value, str):
                 raise TypeError(f"{field_name} takes a tuple of globs, e.g. ({value!r},), not a bare string")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The Hyperflux training schedule (HYPERFLUX.md §4-§6) and how to run it.
+
+    Defaults follow the paper's CIFAR recipe where it has one. Where the paper assumes 100+ epochs,
+    the short-run rules are stated per field (``flow_lr``, ``interval_steps``).
+    """
+
+    target_sparsity: float = 0.9  # final fraction of gated units removed, in (0, 1)
+    epochs: int = 10  # pruning-phase epochs
+    regrowth_epochs: int = 5  # regrowth-phase epochs (gamma = 0)
+    lr: float = 0.1  # weight LR at the start of pruning, cosine-decayed to lr * lr_final_ratio
+    lr_final_ratio: float = 1 / 30  # end of the pruning phase's cosine, relative to lr
+    momentum: float = 0.9  # SGD momentum on the weights
+    weight_decay: float = 5e-4  # on conv/linear weights only (none on norms, biases, flows)
+    flow_lr: float | None = None  # Adam LR of the flow parameters; None = 1e-3, raised for short runs
+    flow_travel: float = 5.0  # short-run rule: flow_lr >= flow_travel / pruning steps (paper: ~39)
+    regrowth_lr: float = 1e-3  # weight LR at the start of regrowth, cosine-decayed to regrowth_lr_final
+    regrowth_lr_final: float = 1e-4
+    regrowth_flow_scaler: float = 1.0  # flow LR at regrowth start = flow_lr * scaler (paper: 1..5)
+    regrowth_decay: float = 0.75  # flow LR multiplied by decay**k in regrowth epoch k (0.55 ImageNet)
+    regrowth_flow_epochs: int = 50  # flow LR is 0 from this regrowth epoch on
+    land: bool = True  # at land_at of regrowth: shift all flows by one constant to hit the target, freeze them
+    land_at: float = 0.5  # fraction of the regrowth phase after which the landing happens (end of pruning if none)
+    label_smoothing: float = 0.1  # for the default classification loss
+    pressure_step: float = 0.2  # controller step s (0.15 ImageNet)
+    regrowth_compensation: float = 11.5 / 13  # pruning phase aims at final remaining * this
+    interval_steps: int | None = None  # scheduler interval in steps; None = 1 epoch, or pruning/20 if shorter
+    min_intervals: int = 20  # the automatic interval keeps at least this many in the pruning phase
+    warmup_intervals: int = 1  # gamma = 0 during the first interval(s)
+    device: str = "auto"  # "auto" (CUDA when available), "cpu", "cuda", "cuda:N"
+    amp: str = "auto"  # "auto" (bf16 if supported else fp16 on CUDA; off on CPU), "bf16", "fp16", "off"
+    compile: bool = False  # torch.compile the gated model
+    seed: int = 0  # seeds torch/python/numpy and the data order
+    out_dir: str | None = None  # checkpoints/ and metrics.jsonl go here (rank 0 only); None = nothing written
+    resume: bool = False  # continue from out_dir/checkpoints/last.pt when it exists
+    track_flux: bool = True  # accumulate flux for the recorder (one extra pass per gated tensor per step)
+    eval_every: int = 1  # validation every N intervals (and always at the end of each phase)
+    progress: bool = False  # tqdm progress bars
+    max_intervals: int | None = None  # stop (resumably) after this many intervals in this call
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.target_sparsity < 1.0:
+            raise ValueError(f"TrainConfig.target_sparsity must be in (0, 1), got {self.target_sparsity}")
+        if self.epochs < 1:
+            raise ValueError(f"TrainConfig.epochs must be >= 1, got {self.epochs}")
+        if self.regrowth_epochs < 0:
+            raise ValueError(f"TrainConfig.regrowth_epochs must be >= 0, got {self.regrowth_epochs}")
+        for name in ("lr", "regrowth_lr", "regrowth_lr_final", "pressure_step", "flow_travel"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"TrainConfig.{name} must be > 0, got {getattr(self, name)}")
+        if self.flow_lr is not None and not self.flow_lr > 0:
+            raise ValueError(f"TrainConfig.flow_lr must be > 0 or None, got {self.flow_lr}")
+        if self.amp not in ("auto", "bf16", "fp16", "off"):
+            raise ValueError(f"TrainConfig.amp must be 'auto', 'bf16', 'fp16' or 'off', got {self.amp!r}")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ValueError(f"TrainConfig.device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        if not 0.0 <= self.land_at <= 1.0:
+            raise ValueError(f"TrainConfig.land_at must be in [0, 1], got {self.land_at}")
+        if self.resume and self.out_dir is None:
+            raise ValueError("TrainConfig.resume needs out_dir (where the checkpoints are)")

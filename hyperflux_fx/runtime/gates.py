@@ -111,7 +111,7 @@ class Gate(nn.Module):
         if state is None:
             return grad
         coef = self.pressure_scale / state.total_elements
-        return grad + (state.gamma * coef).to(grad.dtype)
+        return grad + (state.gamma * state.grad_scale * coef).to(grad.dtype)
 
     def _register_pressure_hook(self) -> None:
         # Hooks on a Parameter are lost by deepcopy and pickling (Parameter.__deepcopy__ builds a

@@ -30,6 +30,8 @@ class PressureState(nn.Module):
         if total_elements <= 0:
             raise ValueError(f"total_elements must be > 0, got {total_elements}")
         self.register_buffer("gamma", torch.zeros((), dtype=torch.float32))
+        # Loss scale of fp16 AMP: the hooks see scaled gradients, so the pressure is scaled alike.
+        self.register_buffer("grad_scale", torch.ones((), dtype=torch.float32), persistent=False)
         self.total_elements = int(total_elements)
 
     def extra_repr(self) -> str:

@@ -1,0 +1,187 @@
+"""The pressure scheduler (HYPERFLUX.md §6): planned trajectory, controller, scaling law.
+
+Pure curve functions (:func:`decay_factor`, :func:`planned_remaining`, :func:`find_d0`), a small
+stateful :class:`PressureController` run once per scheduler interval, and :func:`fit_scaling_law`
+for the pressure/density law ``S(gamma) = c * exp(-(a0 ln gamma + a1 ln^2 gamma))``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+__all__ = [
+    "PressureController",
+    "ScalingLaw",
+    "decay_factor",
+    "find_d0",
+    "fit_scaling_law",
+    "planned_remaining",
+    "resolve_interval_steps",
+]
+
+D_MAX = 0.999  # the per-interval decay the curve approaches at the end (pruning nearly stops)
+
+
+def decay_factor(k: int, intervals: int, d0: float) -> float:
+    """``d(k) = d0 + (0.999 - d0) * sigmoid((6 / E) * (k - E / 2))``: fast pruning early, slow late."""
+    z = (6.0 / intervals) * (k - intervals / 2.0)
+    return d0 + (D_MAX - d0) / (1.0 + math.exp(-z))
+
+
+def planned_remaining(e: int, intervals: int, d0: float) -> float:
+    """Planned remaining fraction after interval ``e`` (1-based) of ``intervals``: ``prod_{k<=e} d(k)``."""
+    r = 1.0
+    for k in range(1, e + 1):
+        r *= decay_factor(k, intervals, d0)
+    return r
+
+
+def find_d0(target_remaining: float, intervals: int, *, tol: float = 1e-12) -> float:
+    """``d0`` such that ``planned_remaining(E) == target_remaining`` (bisection; R(E) grows with d0).
+
+    Raises:
+        ValueError: the target is not in (0, 1), or is unreachable in ``intervals`` steps of the curve.
+    """
+    if not 0.0 < target_remaining < 1.0:
+        raise ValueError(f"target remaining fraction must be in (0, 1), got {target_remaining}")
+    if intervals < 1:
+        raise ValueError(f"intervals must be >= 1, got {intervals}")
+    lo, hi = 0.0, 1.0
+    if planned_remaining(intervals, intervals, lo) > target_remaining:
+        raise ValueError(f"remaining fraction {target_remaining} is below what {intervals} intervals can plan")
+    if planned_remaining(intervals, intervals, hi) < target_remaining:
+        raise ValueError(f"remaining fraction {target_remaining} is too close to 1 for {intervals} intervals "
+                         f"(the mildest curve keeps {planned_remaining(intervals, intervals, hi):.4f})")
+    while hi - lo > tol:
+        mid = 0.5 * (lo + hi)
+        if planned_remaining(intervals, intervals, mid) < target_remaining:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
+def resolve_interval_steps(interval_steps: int | None, steps_per_epoch: int, pruning_epochs: int,
+                           min_intervals: int = 20) -> int:
+    """Scheduler interval in optimizer steps: the given value, else one epoch when the pruning phase
+    has at least ``min_intervals`` epochs, else the pruning steps split into ``min_intervals``."""
+    if interval_steps is not None:
+        if interval_steps < 1:
+            raise ValueError(f"interval_steps must be >= 1, got {interval_steps}")
+        return interval_steps
+    if pruning_epochs >= min_intervals:
+        return steps_per_epoch
+    return max(1, (steps_per_epoch * pruning_epochs) // min_intervals)
+
+
+class PressureController:
+    """The controller of HYPERFLUX.md §6, with inertia, acting once per interval.
+
+    The pruning phase aims at ``final_remaining * regrowth_compensation`` (regrowth adds weights
+    back afterwards). Call :meth:`update` with the measured remaining fraction at the end of each
+    interval; it returns the gamma for the next interval. Gamma stays 0 through the first
+    ``warmup_intervals`` - 1 updates (so with the default 1, gamma is 0 during the first interval).
+    """
+
+    def __init__(self, final_remaining: float, intervals: int, *, step: float = 0.2,
+                 regrowth_compensation: float = 11.5 / 13, warmup_intervals: int = 1) -> None:
+        if not 0.0 < final_remaining < 1.0:
+            raise ValueError(f"final remaining fraction must be in (0, 1), got {final_remaining}")
+        if step <= 0:
+            raise ValueError(f"controller step must be > 0, got {step}")
+        if not 0.0 < regrowth_compensation <= 1.0:
+            raise ValueError(f"regrowth_compensation must be in (0, 1], got {regrowth_compensation}")
+        self.final_remaining = float(final_remaining)
+        self.prune_target = float(final_remaining * regrowth_compensation)
+        self.intervals = int(intervals)
+        self.step = float(step)
+        self.warmup_intervals = int(warmup_intervals)
+        self.d0 = find_d0(self.prune_target, self.intervals)
+        self.g = 0.0
+        self.up = 0.0
+        self.down = 0.0
+        self.gamma = 0.0
+        self.completed = 0  # intervals completed (updates made)
+
+    def planned(self, e: int | None = None) -> float:
+        """Planned remaining fraction after interval ``e`` (default: the last completed one)."""
+        e = self.completed if e is None else e
+        return planned_remaining(min(e, self.intervals), self.intervals, self.d0)
+
+    def update(self, remaining: float) -> float:
+        """Controller step at the end of an interval; returns gamma for the next interval."""
+        self.completed += 1
+        if self.completed < self.warmup_intervals:
+            self.gamma = 0.0
+            return self.gamma
+        s = self.step
+        if remaining > self.planned(self.completed):  # behind plan: push harder, accelerating
+            self.g += s + self.up
+            self.up += s / 4
+            self.down = 0.0
+        else:  # ahead of plan: ease off, accelerating
+            self.g = max(0.0, self.g - s - self.down)
+            self.down += s / 4
+            self.up = 0.0
+        self.gamma = self.g ** 1.5
+        return self.gamma
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("final_remaining", "prune_target", "intervals", "step",
+                                                "warmup_intervals", "d0", "g", "up", "down", "gamma", "completed")}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k in ("final_remaining", "intervals", "step", "warmup_intervals"):
+            if state[k] != getattr(self, k):
+                raise ValueError(f"controller state was saved with {k}={state[k]}, this run has {getattr(self, k)}")
+        for k, v in state.items():
+            setattr(self, k, v)
+
+
+@dataclass(frozen=True)
+class ScalingLaw:
+    """``S(gamma) = c * exp(-(a0 ln gamma + a1 ln^2 gamma))`` fitted by least squares on logs."""
+
+    c: float
+    a0: float
+    a1: float
+    r2: float  # coefficient of determination of the fit of ln S
+    n_points: int
+
+    def predict(self, gamma: float) -> float:
+        lg = math.log(gamma)
+        return self.c * math.exp(-(self.a0 * lg + self.a1 * lg * lg))
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def fit_scaling_law(gammas: Sequence[float], remaining: Sequence[float], *, quadratic: bool = True) -> ScalingLaw:
+    """Fit the scaling law to ``(gamma, remaining fraction)`` pairs (gamma > 0, remaining > 0 only).
+
+    Args:
+        quadratic: fit ``a1`` too; False fits the pure power law (``a1 = 0``).
+
+    Raises:
+        ValueError: fewer usable points than parameters.
+    """
+    import numpy as np
+
+    pts = [(g, s) for g, s in zip(gammas, remaining, strict=True) if g > 0 and s > 0]
+    n_params = 3 if quadratic else 2
+    if len(pts) < n_params:
+        raise ValueError(f"need at least {n_params} points with gamma > 0 and remaining > 0, got {len(pts)}")
+    x = np.log(np.array([p[0] for p in pts], dtype=np.float64))
+    y = np.log(np.array([p[1] for p in pts], dtype=np.float64))
+    cols = [np.ones_like(x), -x] + ([-x * x] if quadratic else [])
+    a = np.stack(cols, axis=1)
+    coef, *_ = np.linalg.lstsq(a, y, rcond=None)
+    pred = a @ coef
+    ss_res = float(np.sum((y - pred) ** 2))
+    ss_tot = float(np.sum((y - y.mean()) ** 2))
+    r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else 1.0
+    return ScalingLaw(c=float(math.exp(coef[0])), a0=float(coef[1]), a1=float(coef[2]) if quadratic else 0.0,
+                      r2=r2, n_points=len(pts))
