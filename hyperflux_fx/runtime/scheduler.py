@@ -49,7 +49,10 @@ def find_d0(target_remaining: float, intervals: int, *, tol: float = 1e-12) -> f
         raise ValueError(f"target remaining fraction must be in (0, 1), got {target_remaining}")
     if intervals < 1:
         raise ValueError(f"intervals must be >= 1, got {intervals}")
-    lo, hi = 0.0, 1.0
+    # d0 may go below 0 for short runs and deep targets, as long as every d(k) stays > 0 (k = 1 has
+    # the smallest sigmoid): R(E) -> 0 at that bound, so every target in (0, 1) has a d0.
+    s1 = 1.0 / (1.0 + math.exp(-(6.0 / intervals) * (1 - intervals / 2.0)))
+    lo, hi = -D_MAX * s1 / (1.0 - s1), 1.0
     if planned_remaining(intervals, intervals, lo) > target_remaining:
         raise ValueError(f"remaining fraction {target_remaining} is below what {intervals} intervals can plan")
     if planned_remaining(intervals, intervals, hi) < target_remaining:

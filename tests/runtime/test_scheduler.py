@@ -1,0 +1,89 @@
+"""Scheduler: trajectory and bisection properties, controller direction, scaling-law fit."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hyperflux_fx.runtime.scheduler import (
+    PressureController,
+    decay_factor,
+    find_d0,
+    fit_scaling_law,
+    planned_remaining,
+    resolve_interval_steps,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(target=st.floats(0.001, 0.9), intervals=st.integers(5, 200))
+def test_bisection_hits_the_target_and_the_curve_decays_fast_then_slow(target, intervals):
+    d0 = find_d0(target, intervals)
+    assert math.isclose(planned_remaining(intervals, intervals, d0), target, rel_tol=1e-8)
+    traj = [planned_remaining(e, intervals, d0) for e in range(intervals + 1)]
+    assert traj[0] == 1.0 and all(a > b for a, b in zip(traj, traj[1:]))  # strictly decreasing
+    factors = [decay_factor(k, intervals, d0) for k in range(1, intervals + 1)]
+    assert all(a < b for a, b in zip(factors, factors[1:]))  # pruning per interval slows down
+    assert factors[-1] < 0.999
+
+
+def test_bisection_rejects_impossible_targets():
+    for bad in (0.0, 1.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match=r"\(0, 1\)"):
+            find_d0(bad, 20)
+    with pytest.raises(ValueError, match="too close to 1"):
+        find_d0(0.9999, 20)
+
+
+def test_controller_pushes_when_behind_and_eases_when_ahead():
+    c = PressureController(0.1, 20, step=0.2)
+    assert math.isclose(c.prune_target, 0.1 * 11.5 / 13)
+    gammas = [c.update(1.0) for _ in range(4)]  # far behind plan: g grows, and accelerates
+    gs = [0.2, 0.2 + 0.25, 0.45 + 0.3, 0.75 + 0.35]
+    assert [round(g ** (2 / 3), 10) for g in gammas] == pytest.approx(gs)
+    assert all(b - a > 0 for a, b in zip(gammas, gammas[1:]))
+    g_before = c.g
+    c.update(0.0)  # ahead of plan: g drops by s, then accelerating
+    assert c.g == pytest.approx(g_before - 0.2) and c.up == 0
+    c.update(0.0)
+    assert c.g == pytest.approx(g_before - 0.2 - 0.25)
+    for _ in range(20):
+        c.update(0.0)
+    assert c.g == 0.0 and c.gamma == 0.0  # never negative
+
+
+def test_controller_warmup_and_state_roundtrip():
+    c = PressureController(0.05, 10, warmup_intervals=3)
+    assert c.update(1.0) == 0.0 and c.update(1.0) == 0.0
+    assert c.update(1.0) > 0
+    c2 = PressureController(0.05, 10, warmup_intervals=3)
+    c2.load_state_dict(c.state_dict())
+    assert c2.update(0.9) == c.update(0.9)
+    with pytest.raises(ValueError, match="intervals"):
+        PressureController(0.05, 11, warmup_intervals=3).load_state_dict(c.state_dict())
+
+
+def test_interval_resolution():
+    assert resolve_interval_steps(None, 50, 100) == 50  # >= 20 epochs: one epoch
+    assert resolve_interval_steps(None, 50, 10) == 25  # short run: 20 intervals
+    assert resolve_interval_steps(None, 3, 2) == 1
+    assert resolve_interval_steps(7, 50, 10) == 7
+    with pytest.raises(ValueError):
+        resolve_interval_steps(0, 50, 10)
+
+
+def test_scaling_law_fit_recovers_known_constants():
+    c, a0, a1 = 3.0, 0.65, 0.025
+    gammas = [2.0 ** k for k in range(8)]
+    rem = [c * math.exp(-(a0 * math.log(g) + a1 * math.log(g) ** 2)) for g in gammas]
+    law = fit_scaling_law(gammas, rem)
+    assert law.c == pytest.approx(c, rel=1e-6) and law.a0 == pytest.approx(a0, rel=1e-6)
+    assert law.a1 == pytest.approx(a1, rel=1e-6) and law.r2 == pytest.approx(1.0)
+    assert law.predict(8.0) == pytest.approx(rem[3])
+    power = fit_scaling_law(gammas, [2.0 * g ** -0.5 for g in gammas], quadratic=False)
+    assert power.a0 == pytest.approx(0.5) and power.a1 == 0.0
+    with pytest.raises(ValueError, match="at least 3"):
+        fit_scaling_law([1.0, 2.0], [0.5, 0.3])

@@ -1,0 +1,149 @@
+"""Trainer: landing on the target, records, checkpoints, resume == uninterrupted, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import hyperflux_fx as hf
+
+
+def _data(n=256, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(4, 10, generator=g) * 2
+    y = torch.randint(0, 4, (n,), generator=g)
+    x = centers[y] + torch.randn(n, 10, generator=g)
+    return TensorDataset(x, y)
+
+
+def _gated(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+    return hf.insert_gates(model, hf.GateConfig(seed=seed)).graph_module
+
+
+def _cfg(**kw):
+    base = dict(target_sparsity=0.8, epochs=4, regrowth_epochs=2, lr=0.05, seed=0)
+    base.update(kw)
+    return hf.TrainConfig(**base)
+
+
+def _loaders():
+    return DataLoader(_data(), batch_size=32, shuffle=True), DataLoader(_data(64, seed=1), batch_size=64)
+
+
+def test_fresh_gates_are_all_open_and_zero_pressure_keeps_them():
+    gated = _gated()
+    assert hf.density(gated) == 1.0 and hf.get_pressure(gated) == 0.0
+    gated(torch.randn(8, 10)).sum().backward()  # no optimizer step: nothing moves
+    assert hf.density(gated) == 1.0
+
+
+def test_train_lands_on_target_and_records_every_interval(tmp_path):
+    train_loader, val_loader = _loaders()
+    gated = _gated()
+    res = hf.train(gated, train_loader, val_loader, _cfg(out_dir=str(tmp_path)))
+    n_units = sum(g.numel for g in hf.gates(gated))
+    assert res.completed and res.steps == 6 * 8
+    assert abs(res.sparsity - 0.8) <= 0.5 / n_units + 1e-9  # landing: exact up to rounding
+    prune = [r for r in res.history if r["phase"] == "prune"]
+    assert len(prune) >= 20 and prune[0]["gamma"] == 0.0  # auto interval: at least 20 in the pruning phase
+    assert any(r["gamma"] > 0 for r in prune) and prune[-1]["density"] < 0.5
+    landing = [r["landing"] for r in res.history if r["landing"]]
+    assert len(landing) == 1 and landing[0]["density_after"] == pytest.approx(0.2, abs=1e-3)
+    rec = res.history[-1]
+    assert rec["phase"] == "regrow" and rec["flows_frozen"] and set(rec["layers"]) == {"0.weight", "2.weight",
+                                                                                       "4.weight"}
+    for key in ("density", "gamma", "g", "train_loss", "train_metric", "regrown", "pruned", "flux_survivors_mean",
+                "flux_pruned_mean", "flux_survivors_min"):
+        assert key in rec
+    assert res.val_accuracy is not None and res.val_accuracy > 0.5
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == res.intervals and json.loads(lines[-1])["interval"] == res.intervals
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["step"] == res.steps and ckpt["intervals"] == res.intervals
+
+
+def test_resume_after_interruption_equals_uninterrupted_run(tmp_path):
+    train_loader, val_loader = _loaders()
+    full = _gated()
+    hf.train(full, train_loader, val_loader, _cfg(out_dir=str(tmp_path / "a")))
+    part = _gated()
+    first = hf.train(part, train_loader, val_loader, _cfg(out_dir=str(tmp_path / "b"), max_intervals=9))
+    assert not first.completed and first.intervals == 9
+    resumed = _gated(seed=123)  # a different start: everything must come from the checkpoint
+    second = hf.train(resumed, train_loader, val_loader, _cfg(out_dir=str(tmp_path / "b"), resume=True))
+    assert second.completed
+    a, b = full.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert (tmp_path / "a" / "metrics.jsonl").read_text().count("\n") == (
+        tmp_path / "b" / "metrics.jsonl").read_text().count("\n")
+
+
+def test_resume_with_a_different_run_lists_the_mismatch(tmp_path):
+    train_loader, _ = _loaders()
+    hf.train(_gated(), train_loader, None, _cfg(out_dir=str(tmp_path), max_intervals=2))
+    with pytest.raises(ValueError, match=r"target_sparsity: checkpoint=0.8, now=0.9"):
+        hf.train(_gated(), train_loader, None, _cfg(out_dir=str(tmp_path), resume=True, target_sparsity=0.9))
+    other = hf.insert_gates(nn.Sequential(nn.Linear(10, 4))).graph_module
+    with pytest.raises(ValueError, match="gates differ"):
+        hf.train(other, train_loader, None, _cfg(out_dir=str(tmp_path), resume=True))
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    train_loader, _ = _loaders()
+    calls = {"n": 0}
+
+    def loss_fn(out, y):
+        calls["n"] += 1
+        loss = nn.functional.cross_entropy(out, y)
+        return loss * float("nan") if calls["n"] > 12 else loss
+
+    with pytest.raises(hf.TrainingError, match=r"loss became nan.*last.pt \(interval 4\)"):
+        hf.train(_gated(), train_loader, None, _cfg(out_dir=str(tmp_path), interval_steps=3), loss_fn=loss_fn)
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["intervals"] == 4 and ckpt["step"] == 12
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_bad_config_and_inputs():
+    with pytest.raises(ValueError, match="TrainConfig.target_sparsity"):
+        hf.TrainConfig(target_sparsity=1.0)
+    with pytest.raises(ValueError, match="TrainConfig.target_sparsity"):
+        hf.TrainConfig(target_sparsity=0.0)
+    with pytest.raises(ValueError, match="out_dir"):
+        hf.TrainConfig(resume=True)
+    train_loader, _ = _loaders()
+    with pytest.raises(ValueError, match="no gates"):
+        hf.train(nn.Linear(10, 4), train_loader)
+    with pytest.raises(TypeError, match="DataLoader"):
+        hf.train(_gated(), [(torch.zeros(2, 10), torch.zeros(2))])
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            hf.train(_gated(), train_loader, None, _cfg(device="cuda"))
+
+
+def test_flow_lr_rule_and_weight_decay_groups():
+    from hyperflux_fx.runtime.trainer import _decayed, _flow_lr
+
+    assert _flow_lr(hf.TrainConfig(), 100_000) == 1e-3  # the paper's value for long runs
+    assert _flow_lr(hf.TrainConfig(), 100) == pytest.approx(0.05)  # short run: travel budget kept
+    assert _flow_lr(hf.TrainConfig(flow_lr=0.3), 100) == 0.3
+    gated = hf.insert_gates(nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2))).graph_module
+    names = {id(p): n for n, p in gated.named_parameters()}
+    assert sorted(names[i] for i in _decayed(gated)) == ["0.weight", "2.weight"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_amp_on_cuda_lands_on_target():  # pragma: no cover - runs on the GPU machine
+    train_loader, val_loader = _loaders()
+    for amp in ("bf16", "fp16"):
+        gated = _gated()
+        res = hf.train(gated, train_loader, val_loader, _cfg(device="cuda", amp=amp))
+        assert abs(res.sparsity - 0.8) < 0.01 and res.val_accuracy > 0.5
