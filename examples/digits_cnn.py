@@ -1,7 +1,7 @@
 """A small ResNet-style CNN for scikit-learn's bundled 8x8 digits, upsampled to 16x16.
 
 This is the embedded default that `make demo` compiles. A model file for hyperflux-compile defines
-``build_model()`` and optionally ``example_inputs()`` (and, once training lands, ``datasets()``).
+``build_model()`` and optionally ``example_inputs()`` and ``datasets()`` (train, validation).
 """
 
 from __future__ import annotations
@@ -55,3 +55,10 @@ def build_model() -> nn.Module:
 
 def example_inputs() -> tuple[torch.Tensor, ...]:
     return (torch.randn(2, 1, IMAGE_SIZE, IMAGE_SIZE),)
+
+
+def datasets() -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset]:
+    """scikit-learn's bundled digits (no download), upsampled to IMAGE_SIZE, fixed split."""
+    from hyperflux_fx.data import digits_datasets
+
+    return digits_datasets(size=IMAGE_SIZE)

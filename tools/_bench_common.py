@@ -1,0 +1,53 @@
+"""Shared pieces of the benchmark scripts: digits data, the two architectures, markdown output."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def digits_loaders(batch_size: int = 64, size: int = 16) -> tuple[DataLoader, DataLoader]:
+    from hyperflux_fx.data import digits_datasets
+
+    train, test = digits_datasets(size=size)
+    return DataLoader(train, batch_size=batch_size, shuffle=True), DataLoader(test, batch_size=512)
+
+
+def digits_cnn() -> nn.Module:
+    sys.path.insert(0, str(ROOT / "examples"))
+    import digits_cnn as example
+
+    return example.build_model()
+
+
+def digits_mlp(size: int = 16) -> nn.Module:
+    """The second architecture: a 3-layer MLP on the flattened image."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(size * size, 512), nn.ReLU(), nn.Linear(512, 256), nn.ReLU(),
+                         nn.Linear(256, 10))
+
+
+ARCHS = {"digits_cnn": digits_cnn, "digits_mlp": digits_mlp}
+
+
+def machine() -> str:
+    import os
+    import platform
+
+    return f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, 1 thread"
+
+
+def write_section(path: Path, name: str, text: str) -> None:
+    """Replace (or append) the block between ``<!-- name:start -->`` and ``<!-- name:end -->``."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    block = f"{start}\n{text.rstrip()}\n{end}"
+    old = path.read_text() if path.exists() else "# Benchmarks\n"
+    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
+    new = pattern.sub(lambda _: block, old) if pattern.search(old) else old.rstrip() + "\n\n" + block + "\n"
+    path.write_text(new)
