@@ -48,6 +48,6 @@ def write_section(path: Path, name: str, text: str) -> None:
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     block = f"{start}\n{text.rstrip()}\n{end}"
     old = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
+    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.DOTALL)
     new = pattern.sub(lambda _: block, old) if pattern.search(old) else old.rstrip() + "\n\n" + block + "\n"
     path.write_text(new)

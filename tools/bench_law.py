@@ -7,7 +7,7 @@ over the last ``--tail`` epochs; its drift over those epochs is printed as a con
 Then ``S(gamma) = c * exp(-(a0 ln gamma + a1 ln^2 gamma))`` is fitted (least squares on logs) and
 R^2 reported; the densities must decrease monotonically with gamma.
 
-Usage: python tools/bench_law.py [--gammas 0.125,...] [--epochs 24] [--write docs/BENCHMARKS.md]
+Usage: python tools/bench_law.py [--gammas 0.125,...] [--epochs 30] [--write docs/BENCHMARKS.md]
 """
 
 from __future__ import annotations
@@ -22,9 +22,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _bench_common as common  # noqa: E402
+import itertools
 
-import hyperflux_fx as hf  # noqa: E402
+import _bench_common as common
+
+import hyperflux_fx as hf
 
 
 def run_fixed_gamma(dense, loader, gamma: float, epochs: int, flow_lr: float, lr: float, seed: int) -> list[float]:
@@ -52,7 +54,7 @@ def run_fixed_gamma(dense, loader, gamma: float, epochs: int, flow_lr: float, lr
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gammas", default="0.125,0.25,0.5,1,2,4,8")
-    parser.add_argument("--epochs", type=int, default=24)
+    parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--tail", type=int, default=4, help="epochs averaged for the converged density")
     parser.add_argument("--dense-epochs", type=int, default=15)
     parser.add_argument("--flow-lr", type=float, default=1e-2)
@@ -74,17 +76,17 @@ def main() -> None:
         rows.append((gamma, statistics.mean(tail), (max(tail) - min(tail)) / statistics.mean(tail)))
         print(f"  gamma {gamma:g}: density {rows[-1][1]:.4f} ({time.time() - t0:.0f}s)", file=sys.stderr)
     law = hf.fit_scaling_law([r[0] for r in rows], [r[1] for r in rows])
-    monotone = all(b[1] < a[1] for a, b in zip(rows, rows[1:]))
-    lines = [f"digits_cnn from a dense model ({args.dense_epochs} epochs); one run per gamma, {args.epochs} epochs at "
+    monotone = all(b[1] < a[1] for a, b in itertools.pairwise(rows))
+    lines = [(f"digits_cnn from a dense model ({args.dense_epochs} epochs); one run per gamma, {args.epochs} epochs at "
              f"fixed gamma (SGD lr {args.lr}, Adam flow lr {args.flow_lr}), converged density = mean of the last "
-             f"{args.tail} epochs. Machine: {common.machine()}.",
+             f"{args.tail} epochs. Machine: {common.machine()}."),
              "",
              "| gamma | converged density | relative drift over the tail | law prediction |",
              "|---|---|---|---|"]
     for gamma, d, drift in rows:
         lines.append(f"| {gamma:g} | {d:.4f} | {drift:.3f} | {law.predict(gamma):.4f} |")
-    lines += ["", f"Fit: c = {law.c:.4f}, a0 = {law.a0:.4f}, a1 = {law.a1:.4f}, R^2 = {law.r2:.4f} "
-              f"({law.n_points} points); density monotone decreasing in gamma: {monotone}."]
+    lines += ["", (f"Fit: c = {law.c:.4f}, a0 = {law.a0:.4f}, a1 = {law.a1:.4f}, R^2 = {law.r2:.4f} "
+              f"({law.n_points} points); density monotone decreasing in gamma: {monotone}.")]
     text = "\n".join(lines)
     print(text)
     if args.write:

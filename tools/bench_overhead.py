@@ -96,20 +96,32 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=12, help="timed steps per model (after 2 warm-up steps)")
     parser.add_argument("--markdown", action="store_true", help="print markdown tables")
+    parser.add_argument("--write", default=None, help="also write the markdown tables into this file")
     args = parser.parse_args()
     torch.set_num_threads(1)
     step = bench_training_step(args.steps)
     gating = bench_gating_time()
-    if args.markdown:
-        print("| training step (resnet18, 3x32x32, batch 64, CPU, 1 thread) | dense s | gated s | gated/dense |")
-        print("|---|---|---|---|")
-        print(f"| median of {step['steps']}, alternating | {step['dense_s']:.3f} | {step['gated_s']:.3f} | "
-              f"{step['ratio']:.3f} |")
-        print()
-        print("| model | trace s | insert_gates s | total s |")
-        print("|---|---|---|---|")
-        for r in gating:
-            print(f"| {r['model']} | {r['trace_s']:.3f} | {r['insert_gates_s']:.3f} | {r['total_s']:.3f} |")
+    if args.markdown or args.write:
+        lines = ["| training step (resnet18, 3x32x32, batch 64, CPU, 1 thread) | dense s | gated s | gated/dense |",
+                 "|---|---|---|---|",
+                 (f"| median of {step['steps']}, alternating | {step['dense_s']:.3f} | {step['gated_s']:.3f} | "
+                 f"{step['ratio']:.3f} |"), "",
+                 "| model | trace s | insert_gates s | total s |", "|---|---|---|---|"]
+        lines += [f"| {r['model']} | {r['trace_s']:.3f} | {r['insert_gates_s']:.3f} | {r['total_s']:.3f} |"
+                  for r in gating]
+        text = "\n".join(lines)
+        print(text)
+        if args.write:
+            import sys
+            from pathlib import Path
+
+            sys.path.insert(0, str(Path(__file__).resolve().parent))
+            import _bench_common as common
+
+            common.write_section(Path(args.write), "bench_overhead",
+                                 "## Gating overhead (tools/bench_overhead.py)\n\nMachine: " + common.machine()
+                                 + ".\n\n" + text + f"\n\nReproduce: `python tools/bench_overhead.py --steps "
+                                 f"{args.steps} --write {args.write}`")
         return
     print(f"training step, resnet18 3x32x32 batch 64, CPU 1 thread, median of {step['steps']} alternating:")
     print(f"  dense {step['dense_s']:.3f} s   gated {step['gated_s']:.3f} s   ratio gated/dense {step['ratio']:.3f}"

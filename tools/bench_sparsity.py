@@ -35,9 +35,9 @@ from torch import nn
 from torch.nn.utils import prune
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _bench_common as common  # noqa: E402
+import _bench_common as common
 
-import hyperflux_fx as hf  # noqa: E402
+import hyperflux_fx as hf
 
 
 def _weights(model: nn.Module) -> list[tuple[nn.Module, str]]:
@@ -90,7 +90,7 @@ def gradual(dense, loader, target, epochs, lr, every):
 
     def recompute(s):
         flat = torch.cat([(p.detach() * mk).abs().flatten() for p, mk in zip(params, masks, strict=True)])
-        k = int(round(s * flat.numel()))
+        k = round(s * flat.numel())
         if k < 1:
             return
         thr = torch.kthvalue(flat, k).values
@@ -157,11 +157,11 @@ def main() -> None:
                                            args.regrowth_epochs, seed)
                 rows.append((arch, seed, target, "hyperflux", res.sparsity, res.val_accuracy,
                              None if before is None else 1 - before))
-                best = max(((hf.evaluate(m, test_loader), _sparsity(m))
-                            for lr in lrs for m in [one_shot(dense, train_loader, target, budget, lr)]))
+                best = max((hf.evaluate(m, test_loader), _sparsity(m))
+                            for lr in lrs for m in [one_shot(dense, train_loader, target, budget, lr)])
                 rows.append((arch, seed, target, "one-shot magnitude + FT", best[1], best[0], None))
-                best = max(((hf.evaluate(m, test_loader), _sparsity(m))
-                            for lr in lrs for m in [gradual(dense, train_loader, target, budget, lr, args.gmp_every)]))
+                best = max((hf.evaluate(m, test_loader), _sparsity(m))
+                            for lr in lrs for m in [gradual(dense, train_loader, target, budget, lr, args.gmp_every)])
                 rows.append((arch, seed, target, "gradual magnitude (cubic)", best[1], best[0], None))
                 print(f"  {arch} seed {seed} target {target}: done ({time.time() - t0:.0f}s)", file=sys.stderr)
 
@@ -169,9 +169,9 @@ def main() -> None:
     table = {}
     for arch, _seed, target, method, sp, acc, pre in rows:
         table.setdefault((arch, target, method), []).append((sp, acc, pre))
-    lines = [f"Digits (1437 train / 360 test, 16x16), dense {args.dense_epochs} epochs, then {budget} epochs "
+    lines = [(f"Digits (1437 train / 360 test, 16x16), dense {args.dense_epochs} epochs, then {budget} epochs "
              f"per method ({args.prune_epochs} pruning + {args.regrowth_epochs} regrowth for Hyperflux); "
-             f"seeds {args.seeds}; baselines best of LR {args.baseline_lrs}. Machine: {common.machine()}.",
+             f"seeds {args.seeds}; baselines best of LR {args.baseline_lrs}. Machine: {common.machine()}."),
              "",
              "| arch | target | method | achieved sparsity | test acc % | before landing |",
              "|---|---|---|---|---|---|"]

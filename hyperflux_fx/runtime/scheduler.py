@@ -50,7 +50,9 @@ def find_d0(target_remaining: float, intervals: int, *, tol: float = 1e-12) -> f
     if intervals < 1:
         raise ValueError(f"intervals must be >= 1, got {intervals}")
     # d0 may go below 0 for short runs and deep targets, as long as every d(k) stays > 0 (k = 1 has
-    # the smallest sigmoid): R(E) -> 0 at that bound, so every target in (0, 1) has a d0.
+    # the smallest sigmoid): R(E) -> 0 at that bound, so every target in (0, 1) has a d0. A target
+    # milder than 0.999^E (long runs, light pruning) needs d0 in (0.999, 1): the curve then prunes a
+    # little more towards the end instead of less, and still lands on the target.
     s1 = 1.0 / (1.0 + math.exp(-(6.0 / intervals) * (1 - intervals / 2.0)))
     lo, hi = -D_MAX * s1 / (1.0 - s1), 1.0
     if planned_remaining(intervals, intervals, lo) > target_remaining:

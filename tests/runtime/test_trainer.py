@@ -27,7 +27,7 @@ def _gated(seed=0):
 
 
 def _cfg(**kw):
-    base = dict(target_sparsity=0.8, epochs=4, regrowth_epochs=2, lr=0.05, seed=0)
+    base = {"target_sparsity": 0.8, "epochs": 4, "regrowth_epochs": 2, "lr": 0.05, "seed": 0}
     base.update(kw)
     return hf.TrainConfig(**base)
 
