@@ -11,7 +11,7 @@ Granularity = Literal["weight", "channel", "hybrid"]
 
 #: Granularities whose gates the current ``insert_gates`` can place. ``"channel"`` and ``"hybrid"``
 #: need the channel-coupling analysis of the fold pass; asking for them raises a clear error.
-IMPLEMENTED_GRANULARITIES: tuple[str, ...] = ("weight",)
+IMPLEMENTED_GRANULARITIES: tuple[str, ...] = ("weight", "channel", "hybrid")
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,7 @@ class GateConfig:
     init_a: float = 0.2  # flow init U(a, 2.5a): all gates start open
     kappa: float = 0.25  # straight-through scale: dL/dt = kappa * dL/dm
     seed: int | None = None  # seed for flow init; None draws from torch's global RNG
+    cost: str = "count"  # channel gates: pressure per unit scaled by "count" (1), "params" or "macs" per unit
 
     def __post_init__(self) -> None:
         if self.granularity not in ("weight", "channel", "hybrid"):
@@ -41,6 +42,8 @@ class GateConfig:
             raise ValueError(f"init_a must be > 0 so that every gate starts open, got {self.init_a}")
         if self.kappa <= 0:
             raise ValueError(f"kappa must be > 0, got {self.kappa}")
+        if self.cost not in ("count", "params", "macs"):
+            raise ValueError(f"cost must be 'count', 'params' or 'macs', got {self.cost!r}")
         if self.min_numel < 0:
             raise ValueError(f"min_numel must be >= 0, got {self.min_numel}")
         for field_name in ("include", "exclude"):

@@ -30,6 +30,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import logging
+import math
 import operator
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
@@ -50,15 +51,17 @@ from hyperflux_fx.graph.weight_ops import (
     weight_slots,
 )
 from hyperflux_fx.passes._result import PassResult
-from hyperflux_fx.runtime.gates import GatedModuleCall, WeightGate, gates, is_gate_module
+from hyperflux_fx.runtime.gates import ChannelGate, ChannelMask, GatedModuleCall, WeightGate, gates, is_gate_module
 from hyperflux_fx.runtime.pressure import PRESSURE_ATTR, PressureState
-from hyperflux_fx.trace import OPAQUE_META, propagate_shapes, trace
+from hyperflux_fx.trace import OPAQUE_META, normalize_inputs, propagate_shapes, trace
 
 __all__ = ["CALLS_ATTR", "GATES_ATTR", "REPORT_META", "GateReport", "GatedTensor", "SkippedItem", "insert_gates"]
 
 log = logging.getLogger(__name__)
 
 GATES_ATTR = "hyperflux_gates"  # container of the gate modules on the gated GraphModule
+MASKS_ATTR = "hyperflux_masks"  # container of the ChannelMask modules (channel/hybrid granularity)
+INPUTS_META = "hyperflux.example_inputs"  # gm.meta key: example inputs kept for later passes
 CALLS_ATTR = "hyperflux_calls"  # container of the module-level gated calls
 REPORT_META = "hyperflux.gate_report"  # gm.meta key holding the GateReport
 
@@ -96,10 +99,11 @@ class GateReport:
     skipped: list[SkippedItem] = field(default_factory=list)
     opaque: list[dict[str, str]] = field(default_factory=list)  # modules made leaves by the trace fallback
     rule_counts: dict[str, int] = field(default_factory=dict)  # rewrites per rule
+    channel_groups: list[dict[str, Any]] = field(default_factory=list)  # channel/hybrid: every group, gated or why not
 
     @property
     def gated_elements(self) -> int:
-        return sum(g.numel for g in self.gated)
+        return sum(g.numel for g in self.gated) + sum(g["size"] for g in self.channel_groups if g["gated"])
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -129,6 +133,13 @@ class GateReport:
             lines.append(f"{'skipped':<{width}}  kind       reason")
             for s in self.skipped:
                 lines.append(f"{s.name:<{width}}  {s.kind:<9}  {s.reason}")
+        if self.channel_groups:
+            lines.append("")
+            lines.append("channel groups: size  gated  producers  (why not gated)")
+            for g in self.channel_groups:
+                why = "" if g["gated"] else "  -- " + "; ".join(g["blocked"])[:300]
+                lines.append(f"  {g['name']:<28} {g['size']:>5}  {'yes' if g['gated'] else 'no ':<5}  "
+                             f"{', '.join(g['producers'])[:80]}{why}")
         if self.opaque:
             lines.append("")
             lines.append("opaque modules (traced as leaves; gated at module level):")
@@ -287,6 +298,9 @@ def insert_gates(model_or_gm: nn.Module, config: GateConfig | None = None, *, ex
         TraceError / ExampleInputError: from tracing.
     """
     config = config or GateConfig()
+    if config.granularity in ("channel", "hybrid") and example_inputs is None:
+        raise ValueError(f"granularity={config.granularity!r} needs example_inputs: the tensor shapes decide how "
+                         "channels flow through the graph")
     if not isinstance(model_or_gm, nn.Module):
         raise TypeError(f"insert_gates expects a torch.nn.Module or GraphModule, got "
                         f"{type(model_or_gm).__module__}.{type(model_or_gm).__qualname__}")
@@ -416,13 +430,13 @@ def insert_gates(model_or_gm: nn.Module, config: GateConfig | None = None, *, ex
             skipped.append(SkippedItem(name, "parameter", "not used by the traced forward"))
     skipped.extend(skipped_ops)
 
+    structured = config.granularity in ("channel", "hybrid")
+    if config.granularity == "channel":  # weights are pruned through their channel groups only
+        skipped.extend(SkippedItem(n, "parameter", "granularity='channel': pruned through its channel group")
+                       for n in gated_names)
+        gated_names = []
     report = GateReport(granularity=config.granularity, model_kind=model_kind, gate_first=gate_first,
                         gate_last=gate_last, skipped=skipped, opaque=list(gm.meta.get(OPAQUE_META, [])))
-    if not gated_names:
-        log.warning("insert_gates: nothing to gate in %s", type(model_or_gm).__name__)
-        report.rule_counts = dict(rules)
-        gm.meta[REPORT_META] = report
-        return PassResult(gm, False, report)
 
     # -- 4. gate modules and gate nodes (right after the placeholders) ----------------------------
     generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
@@ -456,6 +470,12 @@ def insert_gates(model_or_gm: nn.Module, config: GateConfig | None = None, *, ex
     module_uses: dict[fx.Node, list[_Use]] = defaultdict(list)
     for u in uses:
         if u.param not in gated_set:
+            if structured and u.kind == "functionalize" and u.node.op == "call_module":
+                # channel analysis reads functional ops: rewrite with the plain weight
+                with graph.inserting_before(u.node):
+                    plain = graph.get_attr(u.param)
+                _functionalize(gm, u.node, plain)
+                rules["functionalize(ungated)"] += 1
             continue
         if u.kind == "slot":
             u.head.replace_input_with(u.getattr_node, gate_nodes[u.param])
@@ -489,8 +509,17 @@ def insert_gates(model_or_gm: nn.Module, config: GateConfig | None = None, *, ex
     graph.lint()
     gm.recompile()
 
-    state = PressureState(sum(g.numel for g in report.gated))
-    state.to(next(iter(gate_container.parameters())).device)
+    if structured:
+        _insert_channel_gates(gm, config, example_inputs, report, rules, generator, taken)
+    all_gates = gates(gm)
+    if not all_gates:
+        log.warning("insert_gates: nothing to gate in %s", type(model_or_gm).__name__)
+        report.rule_counts = dict(rules)
+        gm.meta[REPORT_META] = report
+        return PassResult(gm, False, report)
+
+    state = PressureState(sum(g.numel for g in all_gates))
+    state.to(all_gates[0].flow.device)
     gm.add_module(PRESSURE_ATTR, state)
     for g in gates(gm):
         g.attach_pressure(state)
@@ -552,3 +581,105 @@ def _functionalize(gm: fx.GraphModule, node: fx.Node, gated_weight: fx.Node) -> 
     node.replace_all_uses_with(new)
     graph.erase_node(node)
 
+
+
+def _unit_costs(gm: fx.GraphModule, coupling: Any, group: Any, consumers: list[Any]) -> tuple[float, float]:
+    """(parameters, MACs) that one unit of ``group`` costs: its slice of every producer's weight
+    and bias and of every consumer's weight, times the output positions for MACs."""
+    from hyperflux_fx.graph.coupling import _shape
+
+    params = dict(gm.named_parameters())
+    nodes = {n.name: n for n in gm.graph.nodes}
+    p_cost = m_cost = 0.0
+    for sid in group.spaces:
+        prod = coupling.producers[sid]
+        w = params[prod.weight]
+        per = w.numel() / w.shape[prod.weight_dim]
+        positions = math.prod(_shape(nodes[prod.node]) or (1,)) / max(w.shape[prod.weight_dim], 1)
+        p_cost += per + (1 if prod.bias else 0)
+        m_cost += per * positions
+    for cons in consumers:
+        w = params[cons.weight]
+        per = w.numel() / w.shape[cons.weight_dim]
+        expand = sum(s.expand for s in cons.label.segs if s.space in group.spaces) / max(
+            sum(1 for s in cons.label.segs if s.space in group.spaces), 1)
+        out = _shape(nodes[cons.node]) or (1,)
+        positions = math.prod(out) / max(w.shape[1 - cons.weight_dim] if w.dim() > 1 else 1, 1)
+        p_cost += per * expand
+        m_cost += per * expand * positions
+    return p_cost, m_cost
+
+
+def _insert_channel_gates(gm: fx.GraphModule, config: GateConfig, example_inputs: Any, report: GateReport,
+                          rules: Counter[str], generator: torch.Generator | None, taken: set[str]) -> None:
+    """Channel granularity: one ChannelGate per deletable group, a ChannelMask at each consumer input."""
+    from hyperflux_fx.graph.coupling import analyze_channels
+
+    inputs = normalize_inputs(example_inputs)
+    propagate_shapes(gm, inputs)
+    gm.meta[INPUTS_META] = tuple(x.detach().clone() if isinstance(x, torch.Tensor) else x for x in inputs)
+    coupling = analyze_channels(gm)
+    graph = gm.graph
+    nodes = {n.name: n for n in graph.nodes}
+    gate_container = gm.get_submodule(GATES_ATTR) if hasattr(gm, GATES_ATTR) else None
+    if gate_container is None:
+        gate_container = nn.ModuleDict()
+        gm.add_module(GATES_ATTR, gate_container)
+    mask_container = nn.ModuleDict()
+    gm.add_module(MASKS_ATTR, mask_container)
+    anchor = next(n for n in graph.nodes if n.op != "placeholder")
+    group_gate: dict[int, fx.Node] = {}
+    costs: dict[int, float] = {}
+    group_of = coupling.group_of()
+    for group in coupling.groups():
+        consumers = [cn for cn in coupling.consumers if any(group_of.get(sg.space) == group.id
+                                                            for sg in cn.label.segs if sg.space is not None)]
+        name = f"group{group.id}:{group.producers[0]}"
+        blocked = list(group.blocked)
+        if not consumers and not blocked:
+            blocked.append("no conv/linear consumes it")
+        if group.size < 2 and not blocked:
+            blocked.append("a single channel")
+        info = {"name": name, "size": group.size, "producers": group.producers, "consumers": len(consumers),
+                "gated": not blocked, "blocked": blocked}
+        report.channel_groups.append(info)
+        if blocked:
+            continue
+        p_cost, m_cost = _unit_costs(gm, coupling, group, consumers)
+        cost = {"count": 1.0, "params": p_cost, "macs": m_cost}[config.cost]
+        key = _sanitize(name.replace(":", "_"), taken)
+        gate = ChannelGate(group.size, target=name, producers=tuple(group.producers), unit_cost=cost,
+                           init_a=config.init_a, kappa=config.kappa, generator=generator)
+        gate.to(next(gm.parameters()).device)
+        gate_container.add_module(key, gate)
+        with graph.inserting_before(anchor):
+            gn = graph.call_module(f"{GATES_ATTR}.{key}", ())
+        gn.meta["hyperflux.gate"] = name
+        group_gate[group.id] = gn
+        costs[group.id] = cost
+        rules["channel_gate"] += 1
+    if costs and config.cost != "count":  # pressure scaled by relative cost per unit
+        mean_cost = sum(costs[g] * gm.get_submodule(str(group_gate[g].target)).numel for g in costs) / sum(
+            gm.get_submodule(str(group_gate[g].target)).numel for g in costs)
+        for gid, gn in group_gate.items():
+            gm.get_submodule(str(gn.target)).pressure_scale = costs[gid] / mean_cost
+    for cons in coupling.consumers:
+        gids = [group_of.get(sg.space) if sg.space is not None else None for sg in cons.label.segs]
+        used = [g for g in dict.fromkeys(gids) if g in group_gate]
+        if not used:
+            continue
+        layout = tuple((used.index(g) if g in group_gate else -1, sg.length, sg.expand)
+                       for g, sg in zip(gids, cons.label.segs, strict=True))
+        node = nodes[cons.node]
+        x = node.args[0]
+        key = _sanitize(f"{cons.node}_in", set(mask_container.keys()))
+        mask_container.add_module(key, ChannelMask(cons.label.dim, layout))
+        with graph.inserting_before(node):
+            mn = graph.call_module(f"{MASKS_ATTR}.{key}", (x, *(group_gate[g] for g in used)))
+        mn.meta["hyperflux.mask"] = cons.node
+        node.replace_input_with(x, mn)
+        rules["channel_mask"] += 1
+    if not len(mask_container):
+        delattr(gm, MASKS_ATTR)
+    graph.lint()
+    gm.recompile()

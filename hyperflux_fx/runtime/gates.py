@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     from hyperflux_fx.runtime.pressure import PressureState
 
 __all__ = [
+    "ChannelGate",
+    "ChannelMask",
     "Gate",
     "GatedModuleCall",
     "WeightGate",
@@ -185,8 +187,8 @@ class WeightGate(Gate):
 
 
 def is_gate_module(module: nn.Module) -> bool:
-    """True for hyperflux's own graph modules (gates and module-level calls): tracer leaves."""
-    return isinstance(module, (Gate, GatedModuleCall))
+    """True for hyperflux's own graph modules (gates, masks, module-level calls): tracer leaves."""
+    return isinstance(module, (Gate, GatedModuleCall, ChannelMask))
 
 
 def named_gates(module: nn.Module) -> Iterator[tuple[str, Gate]]:
@@ -265,3 +267,73 @@ class GatedModuleCall(nn.Module):
 
     def extra_repr(self) -> str:
         return f"module={self.module_path!r}, gated={list(self.names)}"
+
+
+class _StructuredSTE(torch.autograd.Function):
+    """``m = 1[t >= 0]`` returned as a tensor, with ``dL/dt = kappa * dL/dm`` (flux = -dL/dm)."""
+
+    @staticmethod
+    def forward(ctx: Any, flow: torch.Tensor, kappa: float, flux_sum: torch.Tensor | None,
+                flux_steps: torch.Tensor | None) -> torch.Tensor:
+        ctx.kappa = kappa
+        ctx.flux_sum = flux_sum
+        ctx.flux_steps = flux_steps
+        return (flow >= 0).to(flow.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        if ctx.flux_sum is not None:
+            ctx.flux_sum.sub_(grad)
+            ctx.flux_steps.add_(1)
+        return grad * ctx.kappa, None, None, None
+
+
+class ChannelGate(Gate):
+    """Structured gate: one flow parameter per unit of a channel group (channel, hidden unit).
+
+    ``forward()`` takes no input and returns the 0/1 mask vector (straight-through gradient);
+    :class:`ChannelMask` nodes apply it where the group's channels are consumed. ``target`` names the
+    group; ``producers`` lists the graph nodes whose outputs form it; ``unit_cost`` is what one unit
+    costs (parameters or MACs) for cost-weighted pressure and density.
+    """
+
+    def __init__(self, size: int, *, target: str, producers: tuple[str, ...], unit_cost: float = 1.0,
+                 init_a: float = 0.2, kappa: float = 0.25, generator: torch.Generator | None = None) -> None:
+        super().__init__((size,), target=target, init_a=init_a, kappa=kappa, generator=generator)
+        self.producers = tuple(producers)
+        self.unit_cost = float(unit_cost)
+
+    def forward(self) -> torch.Tensor:
+        return _StructuredSTE.apply(self.flow, self.kappa, self.flux_sum, self.flux_steps)
+
+
+class ChannelMask(nn.Module):
+    """Multiplies a tensor by channel masks along ``dim`` where a group is consumed.
+
+    ``layout`` lists the runs of channels on that dim: ``(mask index or -1, length, expand)``; mask
+    index ``i`` takes the i-th mask argument (a channel gate's output), -1 means "always kept", and
+    ``expand`` repeats each unit (a flattened channel owns H*W consecutive features).
+    """
+
+    def __init__(self, dim: int, layout: tuple[tuple[int, int, int], ...]) -> None:
+        super().__init__()
+        self.dim = int(dim)
+        self.layout = tuple(tuple(int(v) for v in run) for run in layout)
+
+    def full_mask(self, *masks: torch.Tensor) -> torch.Tensor:
+        """The mask over every feature of ``dim``."""
+        ref = masks[0]
+        parts = []
+        for index, length, expand in self.layout:
+            m = masks[index] if index >= 0 else torch.ones(length, dtype=ref.dtype, device=ref.device)
+            parts.append(m.repeat_interleave(expand) if expand > 1 else m)
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    def forward(self, x: torch.Tensor, *masks: torch.Tensor) -> torch.Tensor:
+        full = self.full_mask(*masks).to(x.dtype)
+        shape = [1] * x.dim()
+        shape[self.dim] = full.numel()
+        return x * full.view(shape)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, layout={list(self.layout)}"

@@ -1,0 +1,698 @@
+"""Channel-coupling analysis: which channels of which ops must be deleted together.
+
+Every conv / linear output creates a *channel space* (its output channels). Labels describing which
+space owns which channels of a tensor are propagated forward through the graph by a support table
+(:data:`RULES`): one entry per op with a one-line comment. Elementwise ops between two labelled
+tensors *tie* their spaces; the connected components of the tie graph (networkx) are the *groups*
+deleted together. Conv / linear inputs are *consumers* (their weight's input dimension is sliced).
+An op that is not in the table, or that mixes channels (LayerNorm over them, softmax, a reshape
+that splits them, the graph output), *blocks* every group it touches, with the node and the reason.
+
+Nothing here rewrites the graph: ``insert_gates`` (channel granularity) puts a mask at every consumer
+input of an unblocked group, and ``fold_masks`` slices what this analysis lists.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import networkx as nx
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+__all__ = ["ChannelParam", "Consumer", "Coupling", "Group", "Label", "Producer", "Seg", "analyze_channels"]
+
+
+@dataclass(frozen=True)
+class Seg:
+    """A run of channels owned by one space (``space=None``: channels no op can delete, e.g. the input)."""
+
+    space: int | None
+    length: int  # channels
+    expand: int = 1  # consecutive features per channel (after flatten of C x H x W: H*W)
+
+
+@dataclass(frozen=True)
+class Label:
+    """Which dim of a tensor carries channels, and who owns them."""
+
+    dim: int
+    segs: tuple[Seg, ...]
+
+    @property
+    def width(self) -> int:
+        return sum(s.length * s.expand for s in self.segs)
+
+    def spaces(self) -> list[int]:
+        return [s.space for s in self.segs if s.space is not None]
+
+
+@dataclass
+class Producer:
+    """A conv/linear op creating a space: slice ``weight`` (and ``bias``) on ``weight_dim``."""
+
+    node: str
+    space: int
+    weight: str  # parameter target
+    bias: str | None
+    weight_dim: int
+
+
+@dataclass
+class Consumer:
+    """A conv/linear op reading labelled channels: slice ``weight`` on ``weight_dim``."""
+
+    node: str
+    label: Label
+    weight: str
+    weight_dim: int
+
+
+@dataclass
+class ChannelParam:
+    """A parameter or buffer indexed by a space's channels (BN statistics, depthwise weights, ...)."""
+
+    target: str
+    dim: int
+    space: int
+    module: str | None = None  # a module whose num_features follows the channel count
+    groups_arg: tuple[str, int] | None = None  # (node, arg index) of a depthwise conv's groups
+
+
+@dataclass
+class Group:
+    """Spaces deleted together."""
+
+    id: int
+    spaces: list[int]
+    size: int
+    producers: list[str]  # producer node names (stable ids for gates)
+    blocked: list[str] = field(default_factory=list)
+    zero_preserving: bool = True  # every path producer -> consumer keeps an exact zero exactly zero
+
+    @property
+    def deletable(self) -> bool:
+        return not self.blocked
+
+
+@dataclass
+class Coupling:
+    """The analysis result."""
+
+    sizes: dict[int, int] = field(default_factory=dict)  # space -> channels
+    producers: dict[int, Producer] = field(default_factory=dict)
+    consumers: list[Consumer] = field(default_factory=list)
+    params: list[ChannelParam] = field(default_factory=list)
+    ties: nx.Graph = field(default_factory=nx.Graph)
+    blocks: dict[int, list[str]] = field(default_factory=lambda: defaultdict(list))
+    revived: set[int] = field(default_factory=set)  # spaces whose zeros some op turns into non-zeros
+    labels: dict[str, Label] = field(default_factory=dict)  # node name -> label of its output
+    rule_counts: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+    def new_space(self, producer: Producer, size: int) -> int:
+        sid = len(self.sizes)
+        self.sizes[sid] = size
+        producer.space = sid
+        self.producers[sid] = producer
+        self.ties.add_node(sid)
+        return sid
+
+    def block(self, label: Label | None, reason: str) -> None:
+        if label is None:
+            return
+        for sid in label.spaces():
+            if reason not in self.blocks[sid]:
+                self.blocks[sid].append(reason)
+
+    def groups(self) -> list[Group]:
+        out = []
+        for gid, comp in enumerate(sorted((sorted(c) for c in nx.connected_components(self.ties)), key=lambda c: c[0])):
+            sizes = {self.sizes[s] for s in comp}
+            blocked = [r for s in comp for r in self.blocks.get(s, [])]
+            if len(sizes) != 1:
+                blocked.append(f"tied spaces have different sizes {sorted(sizes)}")
+            out.append(Group(id=gid, spaces=comp, size=min(sizes), producers=[self.producers[s].node for s in comp],
+                             blocked=list(dict.fromkeys(blocked)),
+                             zero_preserving=not any(s in self.revived for s in comp)))
+        return out
+
+    def group_of(self) -> dict[int, int]:
+        return {s: g.id for g in self.groups() for s in g.spaces}
+
+
+# -- helpers ----------------------------------------------------------------------------------------
+
+def _shape(node: Any) -> tuple[int, ...] | None:
+    if not isinstance(node, fx.Node):
+        return None
+    tm = node.meta.get("tensor_meta")
+    if tm is None or not hasattr(tm, "shape"):
+        return None
+    return tuple(int(d) for d in tm.shape)
+
+
+def _arg(node: fx.Node, i: int, name: str, default: Any = None) -> Any:
+    if i < len(node.args):
+        return node.args[i]
+    return node.kwargs.get(name, default)
+
+
+def _param_target(gm: fx.GraphModule, value: Any) -> str | None:
+    """The parameter target behind a weight operand: a get_attr, possibly through a weight gate."""
+    from hyperflux_fx.runtime.gates import WeightGate
+
+    if not isinstance(value, fx.Node):
+        return None
+    if value.op == "call_module" and isinstance(gm.get_submodule(str(value.target)), WeightGate):
+        value = value.args[0]
+    if isinstance(value, fx.Node) and value.op == "get_attr":
+        return str(value.target)
+    return None
+
+
+def _norm_dim(d: int, rank: int) -> int:
+    return d + rank if d < 0 else d
+
+
+# -- rules ------------------------------------------------------------------------------------------
+# A rule gets (gm, node, coupling, in_labels) where in_labels maps input nodes to their labels, and
+# returns the label of the node's output (or None). It may create spaces, tie, block, record slices.
+
+Rule = Callable[[fx.GraphModule, fx.Node, Coupling, dict[fx.Node, Label]], Label | None]
+
+
+def _only_label(node: fx.Node, labels: dict[fx.Node, Label]) -> Label | None:
+    first = node.args[0] if node.args else next(iter(node.kwargs.values()), None)
+    return labels.get(first) if isinstance(first, fx.Node) else None
+
+
+def _block_inputs(c: Coupling, node: fx.Node, labels: dict[fx.Node, Label], reason: str) -> None:
+    for n in node.all_input_nodes:
+        c.block(labels.get(n), f"{reason}: {node.format_node()}")
+
+
+def _weight_op(gm: fx.GraphModule, node: fx.Node, c: Coupling, labels: dict[fx.Node, Label], *, kind: str,
+               x: Any, weight: Any, bias: Any, groups: int, groups_pos: int | None,
+               module: str | None = None) -> Label | None:
+    """conv / conv_transpose / linear: the input is consumed, the output is a new space."""
+    wt = _param_target(gm, weight)
+    bt = _param_target(gm, bias) if bias is not None else None
+    in_label = labels.get(x) if isinstance(x, fx.Node) else None
+    out_shape = _shape(node)
+    if wt is None or out_shape is None or (bias is not None and bt is None):
+        c.block(in_label, f"{kind} whose weight/bias is not a parameter: {node.format_node()}")
+        return None
+    w = gm.get_parameter(wt) if wt in dict(gm.named_parameters()) else None
+    if w is None:
+        c.block(in_label, f"{kind} weight {wt} is not a parameter")
+        return None
+    ch_dim = len(out_shape) - 1 if kind == "linear" else 1
+    in_ch = w.shape[1] * groups if kind == "conv" else (w.shape[0] if kind == "conv_transpose" else w.shape[1])
+    out_ch = w.shape[0] if kind in ("conv", "linear") else w.shape[1] * groups
+    if kind == "conv" and groups > 1 and groups == in_ch == out_ch and groups_pos is not None:
+        # depthwise: output channel c reads input channel c only -> the label passes through
+        if in_label is None or in_label.dim != 1:
+            return None
+        if len(in_label.segs) != 1:
+            c.block(in_label, f"depthwise conv over concatenated groups: {node.format_node()}")
+            return None
+        sid = in_label.segs[0].space
+        if sid is not None:
+            c.params.append(ChannelParam(wt, 0, sid, groups_arg=(node.name, groups_pos)))
+            if bt is not None:
+                c.params.append(ChannelParam(bt, 0, sid))
+                c.revived.add(sid)
+        c.rule_counts["depthwise"] += 1
+        return in_label
+    if groups > 1:
+        c.block(in_label, f"grouped conv (groups={groups}) is not sliced yet: {node.format_node()}")
+        sid = c.new_space(Producer(node.name, -1, wt, bt, 0 if kind == "conv" else 1), out_ch)
+        c.blocks[sid].append(f"output of a grouped conv (groups={groups}): {node.format_node()}")
+        return Label(ch_dim, (Seg(sid, out_ch),))
+    if in_label is not None:
+        in_dim = len(_shape(x) or ()) - 1 if kind == "linear" else 1
+        if in_label.dim != in_dim or in_label.width != in_ch:
+            c.block(in_label, f"{kind} reads channels on another dim: {node.format_node()}")
+        else:
+            c.consumers.append(Consumer(node.name, in_label, wt, 1 if kind in ("conv", "linear") else 0))
+    sid = c.new_space(Producer(node.name, -1, wt, bt, 0 if kind in ("conv", "linear") else 1), out_ch)
+    if bt is not None:
+        c.revived.add(sid)
+    c.rule_counts[kind] += 1
+    return Label(ch_dim, (Seg(sid, out_ch),))
+
+
+def _f_conv(gm, node, c, labels):  # torch.convNd(x, w, b, stride, padding, dilation, groups)
+    groups = _arg(node, 6, "groups", 1)
+    return _weight_op(gm, node, c, labels, kind="conv", x=node.args[0], weight=_arg(node, 1, "weight"),
+                      bias=_arg(node, 2, "bias"), groups=groups, groups_pos=6 if len(node.args) > 6 else None)
+
+
+def _f_conv_t(gm, node, c, labels):  # torch.conv_transposeNd(x, w, b, stride, padding, output_padding, groups, ...)
+    return _weight_op(gm, node, c, labels, kind="conv_transpose", x=node.args[0], weight=_arg(node, 1, "weight"),
+                      bias=_arg(node, 2, "bias"), groups=_arg(node, 6, "groups", 1), groups_pos=None)
+
+
+def _f_linear(gm, node, c, labels):  # F.linear(x, w, b)
+    return _weight_op(gm, node, c, labels, kind="linear", x=node.args[0], weight=_arg(node, 1, "weight"),
+                      bias=_arg(node, 2, "bias"), groups=1, groups_pos=None)
+
+
+def _channelwise(zero_ok: bool) -> Rule:
+    """Elementwise per-channel op; ``zero_ok``: f(0) == 0."""
+    def rule(gm, node, c, labels):
+        lab = _only_label(node, labels)
+        if lab is not None and not zero_ok:
+            c.revived.update(lab.spaces())
+        c.rule_counts["channelwise"] += 1
+        return lab
+    return rule
+
+
+def _f_batch_norm(gm, node, c, labels):  # F.batch_norm(x, running_mean, running_var, weight, bias, ...)
+    lab = _only_label(node, labels)
+    if lab is None:
+        return None
+    if lab.dim != 1 or len(lab.segs) != 1 or lab.segs[0].expand != 1:
+        c.block(lab, f"batch_norm over a non-channel or concatenated dim: {node.format_node()}")
+        return lab
+    sid = lab.segs[0].space
+    if sid is None:
+        return lab
+    for i, name in ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias")):
+        t = _param_target(gm, _arg(node, i, name))
+        if t is not None:
+            c.params.append(ChannelParam(t, 0, sid))
+        elif isinstance(_arg(node, i, name), fx.Node):
+            c.block(lab, f"batch_norm {name} is not a parameter/buffer: {node.format_node()}")
+    c.revived.add(sid)
+    c.rule_counts["batch_norm"] += 1
+    return lab
+
+
+def _broadcast_operand(gm: fx.GraphModule, c: Coupling, node: fx.Node, lab: Label, other: Any) -> bool:
+    """An unlabelled operand of a binary op with a labelled one: True if the result keeps the label
+    exactly (scalars, size-1 on the channel dim, or a per-channel parameter we can slice)."""
+    if not isinstance(other, fx.Node):
+        return True
+    shape = _shape(other)
+    out_shape = _shape(node)
+    if shape is None or out_shape is None:
+        return False
+    rank = len(out_shape)
+    padded = (1,) * (rank - len(shape)) + shape
+    if padded[lab.dim] == 1:
+        return True
+    # a per-channel parameter (possibly reshaped/viewed): slice it along its only non-1 dim
+    src = other
+    while src.op in ("call_method", "call_function") and (
+            src.target in ("reshape", "view", "unsqueeze", "squeeze") or src.target in (torch.reshape,)):
+        src = src.args[0]
+    t = _param_target(gm, src)
+    if t is None or len(lab.segs) != 1 or lab.segs[0].expand != 1 or lab.segs[0].space is None:
+        return False
+    p = gm.get_parameter(t) if t in dict(gm.named_parameters()) else dict(gm.named_buffers()).get(t)
+    if p is None:
+        return False
+    big = [i for i, d in enumerate(p.shape) if d != 1]
+    if len(big) != 1 or p.shape[big[0]] != lab.width:
+        return False
+    c.params.append(ChannelParam(t, big[0], lab.segs[0].space))
+    return True
+
+
+def _binary(kind: str) -> Rule:
+    """add/sub/mul/div: two labelled operands are tied; one labelled with a scalar or broadcast passes."""
+    def rule(gm, node, c, labels):
+        a, b = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
+        la = labels.get(a) if isinstance(a, fx.Node) else None
+        lb = labels.get(b) if isinstance(b, fx.Node) else None
+        if la is None and lb is None:
+            return None
+        if la is not None and lb is not None:
+            if la.dim != lb.dim or [(s.length, s.expand) for s in la.segs] != [(s.length, s.expand) for s in lb.segs]:
+                sa, sb = _shape(a), _shape(b)
+                # broadcasting against a size-1 channel dim keeps the other label
+                if sb is not None and len(sb) > la.dim and sb[la.dim] == 1:
+                    return la
+                if sa is not None and len(sa) > lb.dim and sa[lb.dim] == 1:
+                    return lb
+                c.block(la, f"{kind} of differently laid out channels: {node.format_node()}")
+                c.block(lb, f"{kind} of differently laid out channels: {node.format_node()}")
+                return la
+            for sa_, sb_ in zip(la.segs, lb.segs, strict=True):
+                if sa_.space is not None and sb_.space is not None:
+                    c.ties.add_edge(sa_.space, sb_.space)
+                elif sa_.space is not None or sb_.space is not None:
+                    c.block(la, f"{kind} ties channels to ones that cannot be deleted: {node.format_node()}")
+                    c.block(lb, f"{kind} ties channels to ones that cannot be deleted: {node.format_node()}")
+            c.rule_counts[f"tie:{kind}"] += 1
+            return la
+        lab, other = (la, b) if la is not None else (lb, a)
+        if not _broadcast_operand(gm, c, node, lab, other):
+            c.block(lab, f"{kind} with an operand that varies over the channels: {node.format_node()}")
+        if kind in ("add", "sub") and other is not None and not (isinstance(other, (int, float)) and other == 0):
+            c.revived.update(lab.spaces())
+        if kind == "div" and lab is lb:
+            c.block(lab, f"division by channels: {node.format_node()}")
+        c.rule_counts[f"broadcast:{kind}"] += 1
+        return lab
+    return rule
+
+
+def _cat(gm, node, c, labels):  # torch.cat(tensors, dim)
+    tensors = node.args[0]
+    dim = _arg(node, 1, "dim", 0)
+    out_shape = _shape(node)
+    if out_shape is None:
+        for t in tensors:
+            c.block(labels.get(t), f"cat without shape information: {node.format_node()}")
+        return None
+    dim = _norm_dim(dim, len(out_shape))
+    labs = [labels.get(t) if isinstance(t, fx.Node) else None for t in tensors]
+    if all(lab is None for lab in labs):
+        return None
+    if any(lab is not None and lab.dim != dim for lab in labs):
+        # cat along another dim: every input must carry the same channel layout -> tie
+        ref = next(lab for lab in labs if lab is not None)
+        for lab in labs:
+            if lab is None or lab.dim != ref.dim or len(lab.segs) != len(ref.segs):
+                c.block(lab, f"cat mixing channel layouts: {node.format_node()}")
+                c.block(ref, f"cat mixing channel layouts: {node.format_node()}")
+                continue
+            for s1, s2 in zip(lab.segs, ref.segs, strict=True):
+                if s1.space is not None and s2.space is not None:
+                    c.ties.add_edge(s1.space, s2.space)
+        return ref
+    segs: list[Seg] = []
+    for t, lab in zip(tensors, labs, strict=True):
+        if lab is None:
+            shape = _shape(t)
+            if shape is None:
+                return None
+            segs.append(Seg(None, shape[dim]))
+        else:
+            segs.extend(lab.segs)
+    c.rule_counts["cat"] += 1
+    return Label(dim, tuple(segs))
+
+
+def _reshape_like(gm, node, c, labels):
+    """flatten / view / reshape: keep the label when the channel dim survives, or when it is the first
+    of the dims merged into one (C, H, W -> C*H*W: each channel owns H*W consecutive features)."""
+    lab = _only_label(node, labels)
+    if lab is None:
+        return None
+    ins, outs = _shape(node.args[0]), _shape(node)
+    if ins is None or outs is None:
+        c.block(lab, f"reshape without shape information: {node.format_node()}")
+        return None
+    # walk both shapes, grouping dims whose products match
+    i = j = 0
+    while i < len(ins) and j < len(outs):
+        pi, pj = ins[i], outs[j]
+        i0, j0 = i, j
+        while pi != pj:
+            if pi < pj:
+                i += 1
+                pi *= ins[i]
+            else:
+                j += 1
+                pj *= outs[j]
+        if i0 <= lab.dim <= i:
+            if i == i0 and j == j0:  # the channel dim maps to one output dim unchanged
+                c.rule_counts["reshape:keep"] += 1
+                return Label(j0, lab.segs)
+            if j == j0 and lab.dim == i0:  # merged, channel dim first: expand
+                inner = math.prod(ins[i0 + 1:i + 1])
+                c.rule_counts["reshape:flatten"] += 1
+                return Label(j0, tuple(Seg(s.space, s.length, s.expand * inner) for s in lab.segs))
+            c.block(lab, f"reshape splits or reorders the channels: {node.format_node()}")
+            return None
+        i += 1
+        j += 1
+        # skip size-1 dims on either side
+    c.block(lab, f"reshape not understood: {node.format_node()}")
+    return None
+
+
+def _permute(gm, node, c, labels):  # permute(x, dims) / x.permute(*dims)
+    lab = _only_label(node, labels)
+    if lab is None:
+        return None
+    dims = node.args[1:] if node.op == "call_method" else (_arg(node, 1, "dims"),)
+    if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+        dims = tuple(dims[0])
+    rank = len(_shape(node) or ())
+    dims = [_norm_dim(d, rank) for d in dims]
+    return Label(dims.index(lab.dim), lab.segs)
+
+
+def _transpose(gm, node, c, labels):  # transpose(x, d0, d1)
+    lab = _only_label(node, labels)
+    if lab is None:
+        return None
+    rank = len(_shape(node) or ())
+    d0, d1 = (_norm_dim(d, rank) for d in node.args[1:3])
+    dim = d1 if lab.dim == d0 else d0 if lab.dim == d1 else lab.dim
+    return Label(dim, lab.segs)
+
+
+def _reduce(gm, node, c, labels):  # mean/sum/amax over dims: fine unless the channel dim is reduced
+    lab = _only_label(node, labels)
+    if lab is None:
+        return None
+    ins = _shape(node.args[0])
+    dims = _arg(node, 1, "dim")
+    keep = _arg(node, 2, "keepdim", False)
+    if ins is None or dims is None:
+        c.block(lab, f"reduction over all dims: {node.format_node()}")
+        return None
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    dims = [_norm_dim(d, len(ins)) for d in dims]
+    if lab.dim in dims:
+        c.block(lab, f"reduction over the channels: {node.format_node()}")
+        return None
+    new_dim = lab.dim if keep else lab.dim - sum(d < lab.dim for d in dims)
+    return Label(new_dim, lab.segs)
+
+
+def _pool(gm, node, c, labels):  # spatial pooling / interpolation: channels untouched
+    return _only_label(node, labels)
+
+
+def _getitem(gm, node, c, labels):  # x[idx] on a tensor: the channel dim must be taken whole
+    lab = _only_label(node, labels)
+    if lab is None:
+        return None
+    idx = node.args[1]
+    idx = idx if isinstance(idx, tuple) else (idx,)
+    if any(i is Ellipsis for i in idx):
+        c.block(lab, f"indexing with ...: {node.format_node()}")
+        return None
+    dim_in = dim_out = 0
+    for i in idx:
+        if i is None:
+            dim_out += 1
+            continue
+        if dim_in == lab.dim:
+            if isinstance(i, slice) and i == slice(None):
+                return Label(dim_out, lab.segs)
+            c.block(lab, f"indexing into the channels: {node.format_node()}")
+            return None
+        if isinstance(i, int):
+            dim_in += 1
+        elif isinstance(i, slice):
+            dim_in += 1
+            dim_out += 1
+        else:
+            c.block(lab, f"advanced indexing: {node.format_node()}")
+            return None
+    return Label(lab.dim - dim_in + dim_out, lab.segs)
+
+
+def _flatten(gm, node, c, labels):
+    return _reshape_like(gm, node, c, labels)
+
+
+def _blocker(reason: str) -> Rule:
+    def rule(gm, node, c, labels):
+        _block_inputs(c, node, labels, reason)
+    return rule
+
+
+_ZERO_ACTS = {F.relu, torch.relu, F.relu6, F.gelu, F.silu, F.hardswish, F.hardtanh, F.leaky_relu, F.elu, F.mish,
+              torch.tanh, F.tanh, F.dropout, F.dropout2d, torch.nn.functional.celu, F.selu}
+_NONZERO_ACTS = {torch.sigmoid, F.sigmoid, F.hardsigmoid, F.softplus}
+
+#: call_function target -> rule.
+FUNCTION_RULES: dict[Any, Rule] = {
+    torch.conv1d: _f_conv, torch.conv2d: _f_conv, torch.conv3d: _f_conv,  # new space; input consumed
+    torch.conv_transpose1d: _f_conv_t, torch.conv_transpose2d: _f_conv_t,  # new space (weight dim 1)
+    torch.conv_transpose3d: _f_conv_t,
+    F.linear: _f_linear,  # new space on the last dim; input consumed
+    F.batch_norm: _f_batch_norm,  # per-channel affine: pass-through, slice its statistics
+    operator.add: _binary("add"), torch.add: _binary("add"),  # tie
+    operator.sub: _binary("sub"), torch.sub: _binary("sub"),  # tie
+    operator.mul: _binary("mul"), torch.mul: _binary("mul"),  # tie (x * s(x) keeps zeros of x)
+    operator.truediv: _binary("div"), torch.div: _binary("div"),  # tie
+    torch.cat: _cat, torch.concat: _cat,  # offsets along the channel dim, or tie along another
+    torch.flatten: _flatten, torch.reshape: _reshape_like,  # flatten C*H*W: each channel owns H*W features
+    torch.permute: _permute, torch.transpose: _transpose,  # move the channel dim
+    torch.mean: _reduce, torch.sum: _reduce, torch.amax: _reduce,  # fine unless over the channels
+    F.adaptive_avg_pool1d: _pool, F.adaptive_avg_pool2d: _pool, F.adaptive_avg_pool3d: _pool,  # spatial
+    F.avg_pool1d: _pool, F.avg_pool2d: _pool, F.avg_pool3d: _pool,  # spatial
+    F.max_pool1d: _pool, F.max_pool2d: _pool, F.max_pool3d: _pool,  # spatial
+    F.adaptive_max_pool2d: _pool, F.interpolate: _pool,  # spatial
+    operator.getitem: _getitem,  # whole channel dim kept
+    F.layer_norm: _blocker("layer_norm normalises over the channels (deleting changes the statistics)"),
+    F.group_norm: _blocker("group_norm normalises over channel groups"),
+    F.softmax: _blocker("softmax mixes the channels"),
+    F.scaled_dot_product_attention: _blocker("attention (heads are not deleted yet)"),
+}
+for _f in _ZERO_ACTS:
+    FUNCTION_RULES[_f] = _channelwise(True)  # activation with f(0) = 0
+for _f in _NONZERO_ACTS:
+    FUNCTION_RULES[_f] = _channelwise(False)  # activation with f(0) != 0: pass-through, zeros revived
+
+#: call_method name -> rule.
+METHOD_RULES: dict[str, Rule] = {
+    "relu": _channelwise(True), "relu_": _channelwise(True), "tanh": _channelwise(True),  # f(0) = 0
+    "sigmoid": _channelwise(False), "exp": _channelwise(False),  # f(0) != 0
+    "add": _binary("add"), "sub": _binary("sub"), "mul": _binary("mul"), "div": _binary("div"),  # tie
+    "flatten": _flatten, "view": _reshape_like, "reshape": _reshape_like,  # see _reshape_like
+    "permute": _permute, "transpose": _transpose,  # move the channel dim
+    "mean": _reduce, "sum": _reduce, "amax": _reduce,  # fine unless over the channels
+    "contiguous": _channelwise(True), "clone": _channelwise(True), "float": _channelwise(True),  # same values
+    "softmax": _blocker("softmax mixes the channels"),
+}
+
+_POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+                 nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool2d, nn.Upsample)
+_ZERO_ACT_MODULES = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardtanh, nn.LeakyReLU, nn.ELU, nn.Mish,
+                     nn.Tanh, nn.Dropout, nn.Dropout2d, nn.Dropout1d, nn.Identity, nn.CELU, nn.SELU)
+_NONZERO_ACT_MODULES = (nn.Sigmoid, nn.Hardsigmoid, nn.Softplus)
+
+
+def _module_rule(gm: fx.GraphModule, node: fx.Node, c: Coupling, labels: dict[fx.Node, Label]) -> Label | None:
+    """Leaf modules: the torch.nn ones that map onto a functional rule, hyperflux's own, or block."""
+    from hyperflux_fx.runtime.gates import ChannelMask, Gate
+
+    mod = gm.get_submodule(str(node.target))
+    path = str(node.target)
+    x = node.args[0] if node.args else None
+    if isinstance(mod, Gate):
+        return None  # weight gates carry weights; channel gates produce masks
+    if isinstance(mod, ChannelMask):
+        return _only_label(node, labels)  # the mask application itself: pass-through
+    kind = type(mod)
+    if kind in (nn.Conv1d, nn.Conv2d, nn.Conv3d) and mod.padding_mode == "zeros" and len(node.args) == 1:
+        return _module_weight(gm, node, c, labels, mod, path, "conv")
+    if kind is nn.Linear and len(node.args) == 1:
+        return _module_weight(gm, node, c, labels, mod, path, "linear")
+    if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+        lab = labels.get(x) if isinstance(x, fx.Node) else None
+        if lab is None:
+            return None
+        if lab.dim != 1 or len(lab.segs) != 1 or lab.segs[0].expand != 1:
+            c.block(lab, f"BatchNorm over concatenated groups: {node.format_node()}")
+            return lab
+        sid = lab.segs[0].space
+        if sid is not None:
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                if getattr(mod, name, None) is not None:
+                    c.params.append(ChannelParam(f"{path}.{name}", 0, sid, module=path))
+            c.revived.add(sid)
+        c.rule_counts["batch_norm"] += 1
+        return lab
+    if isinstance(mod, (_ZERO_ACT_MODULES, _POOL_MODULES)):
+        return _only_label(node, labels)
+    if isinstance(mod, _NONZERO_ACT_MODULES):
+        lab = _only_label(node, labels)
+        if lab is not None:
+            c.revived.update(lab.spaces())
+        return lab
+    if isinstance(mod, nn.Flatten):
+        return _reshape_like(gm, node, c, labels)
+    _block_inputs(c, node, labels, f"leaf module {path} ({type(mod).__name__}) is not in the support table")
+    # its output, if it has conv/linear weights inside, is not a space we can slice
+    return None
+
+
+def _module_weight(gm, node, c, labels, mod, path, kind):
+    """A conv/linear leaf module: as the functional op, parameters under the module's path."""
+    x = node.args[0]
+    in_label = labels.get(x) if isinstance(x, fx.Node) else None
+    out_shape = _shape(node)
+    if out_shape is None:
+        c.block(in_label, f"{kind} without shape information: {node.format_node()}")
+        return None
+    wt, bt = f"{path}.weight", (f"{path}.bias" if mod.bias is not None else None)
+    groups = getattr(mod, "groups", 1)
+    in_ch, out_ch = (mod.in_channels, mod.out_channels) if kind == "conv" else (mod.in_features, mod.out_features)
+    ch_dim = len(out_shape) - 1 if kind == "linear" else 1
+    if kind == "conv" and groups > 1 and groups == in_ch == out_ch:
+        c.block(in_label, f"depthwise conv module {path} (functionalise it with insert_gates first)")
+        sid = c.new_space(Producer(node.name, -1, wt, bt, 0), out_ch)
+        c.blocks[sid].append(f"depthwise conv module {path}")
+        return Label(ch_dim, (Seg(sid, out_ch),))
+    if groups > 1:
+        c.block(in_label, f"grouped conv module {path} is not sliced yet")
+        sid = c.new_space(Producer(node.name, -1, wt, bt, 0), out_ch)
+        c.blocks[sid].append(f"grouped conv module {path}")
+        return Label(ch_dim, (Seg(sid, out_ch),))
+    if in_label is not None:
+        in_dim = len(_shape(x) or ()) - 1 if kind == "linear" else 1
+        if in_label.dim != in_dim or in_label.width != in_ch:
+            c.block(in_label, f"{kind} reads channels on another dim: {node.format_node()}")
+        else:
+            c.consumers.append(Consumer(node.name, in_label, wt, 1))
+    sid = c.new_space(Producer(node.name, -1, wt, bt, 0), out_ch)
+    if bt is not None:
+        c.revived.add(sid)
+    c.rule_counts[kind] += 1
+    return Label(ch_dim, (Seg(sid, out_ch),))
+
+
+def analyze_channels(gm: fx.GraphModule) -> Coupling:
+    """Propagate channel labels through ``gm`` (which must carry ``tensor_meta``, see
+    :func:`hyperflux_fx.trace.propagate_shapes`) and return spaces, ties, consumers and blocks."""
+    c = Coupling()
+    labels: dict[fx.Node, Label] = {}
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "get_attr"):
+            continue
+        if node.op == "output":
+            for n in node.all_input_nodes:
+                c.block(labels.get(n), "consumed by the graph output")
+            continue
+        if node.op == "call_module":
+            out = _module_rule(gm, node, c, labels)
+        elif node.op == "call_function" and node.target is getattr:
+            out = None  # x.shape and friends: read at run time, so deletions are seen
+        elif node.op == "call_method" and node.target in ("size", "dim"):
+            out = None
+        else:
+            table = FUNCTION_RULES if node.op == "call_function" else METHOD_RULES
+            rule = table.get(node.target if node.op == "call_function" else str(node.target))
+            if rule is None:
+                name = getattr(node.target, "__name__", str(node.target))
+                _block_inputs(c, node, labels, f"{name} is not in the channel support table")
+                out = None
+            else:
+                out = rule(gm, node, c, labels)
+        if out is not None:
+            shape = _shape(node)
+            if shape is None or out.dim >= len(shape) or shape[out.dim] != out.width:
+                c.block(out, f"channel bookkeeping lost track (shape {shape}, label width {out.width}): "
+                             f"{node.format_node()}")
+            else:
+                labels[node] = out
+                c.labels[node.name] = out
+    return c
