@@ -11,7 +11,8 @@ Public API (see docs/ and ../shared/DESIGN.md)::
 from __future__ import annotations
 
 from hyperflux_fx.config import GateConfig, TrainConfig
-from hyperflux_fx.passes import GateReport, PassResult, insert_gates
+from hyperflux_fx.graph.cost import count_params_and_macs
+from hyperflux_fx.passes import FoldConfig, FoldReport, GateReport, PassResult, fold_masks, insert_gates
 from hyperflux_fx.runtime import (
     Gate,
     PressureController,
@@ -39,6 +40,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ExampleInputError",
+    "FoldConfig",
+    "FoldReport",
     "Gate",
     "GateConfig",
     "GateReport",
@@ -51,10 +54,12 @@ __all__ = [
     "TrainResult",
     "TrainingError",
     "WeightGate",
+    "count_params_and_macs",
     "density",
     "evaluate",
     "fit_scaling_law",
     "flux",
+    "fold_masks",
     "gates",
     "get_pressure",
     "insert_gates",

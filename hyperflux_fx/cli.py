@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("source", help="model.py (with build_model()), timm:NAME or torchvision:NAME")
     parser.add_argument("--plan", action="store_true", help="print the gating plan and exit without training")
     parser.add_argument("--granularity", choices=("weight", "channel", "hybrid"), default="weight",
-                        help="gate granularity (channel/hybrid arrive with the fold pass)")
+                        help="gate granularity: weights, channel groups, or both")
     parser.add_argument("--input-shape", type=_shape, default=None,
                         help="example input shape incl. batch, e.g. 2,3,32,32 (default: from the source)")
     parser.add_argument("--weights", default=None, help="state-dict file to load (torch.load weights_only=True)")
@@ -76,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         t1 = time.perf_counter()
         gm = hf.trace(loaded.model, loaded.example_inputs, leaf_modules=tuple(args.leaf))
         t2 = time.perf_counter()
-        result = hf.insert_gates(gm, config, inplace=True)
+        result = hf.insert_gates(gm, config, example_inputs=loaded.example_inputs, inplace=True)
         t3 = time.perf_counter()
     except (hf.SourceError, hf.TraceError, hf.ExampleInputError, NotImplementedError, ValueError, TypeError) as exc:
         return _fail(str(exc))

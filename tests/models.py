@@ -276,3 +276,56 @@ ZOO: dict[str, tuple[Callable[[], nn.Module], Callable[[], tuple[torch.Tensor, .
     "shared_weight": (_seeded(SharedWeight), lambda: (torch.tensor([[1, 2, 3], [4, 5, 9]]),)),
     "opaque_block": (_seeded(WithOpaqueBlock), _inputs(2, 3, 8, 8)),
 }
+
+
+class NoBiasChain(nn.Module):
+    """Bias-free convs with ReLU and no norm: a channel whose weights are all masked is exactly dead."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 6, 3, padding=1, bias=False)
+        self.c2 = nn.Conv2d(6, 6, 3, padding=1, bias=False)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.relu(self.c2(F.relu(self.c1(x)))).mean((2, 3)))
+
+
+class SqueezeExcite(nn.Module):
+    """x * sigmoid(fc(relu(fc(mean(x))))): the excitation's output channels go with x's group."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.squeeze = nn.Conv2d(8, 4, 1)
+        self.excite = nn.Conv2d(4, 8, 1)
+        self.proj = nn.Conv2d(8, 5, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.silu(self.bn(self.conv(x)))
+        s = torch.sigmoid(self.excite(F.relu(self.squeeze(x.mean((2, 3), keepdim=True)))))
+        return self.proj(x * s).mean((2, 3))
+
+
+class RollBranch(nn.Module):
+    """An op outside the channel support table (torch.roll over channels) on one branch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.b = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = torch.roll(F.relu(self.a(x)), 1, dims=1)
+        return self.head(torch.cat([a, F.relu(self.b(x))], dim=1)).mean((2, 3))
+
+
+#: models the channel fold must handle exactly (channel granularity)
+FOLD_ZOO = dict(ZOO)
+FOLD_ZOO.update({
+    "no_bias_chain": (_seeded(NoBiasChain), _inputs(2, 3, 6, 6)),
+    "squeeze_excite": (_seeded(SqueezeExcite), _inputs(2, 3, 6, 6)),
+    "roll_branch": (_seeded(RollBranch), _inputs(2, 3, 6, 6)),
+})

@@ -687,6 +687,9 @@ def analyze_channels(gm: fx.GraphModule) -> Coupling:
                 out = None
             else:
                 out = rule(gm, node, c, labels)
+        if out is not None and isinstance(node.meta.get("tensor_meta"), (tuple, list)):
+            labels[node] = out  # a tuple of tensors (unbind/split): checked where its items are taken
+            continue
         if out is not None:
             shape = _shape(node)
             if shape is None or out.dim >= len(shape) or shape[out.dim] != out.width:
@@ -695,4 +698,19 @@ def analyze_channels(gm: fx.GraphModule) -> Coupling:
             else:
                 labels[node] = out
                 c.labels[node.name] = out
+    # a weight shared by several ops would have to be sliced the same way for all of them
+    users: dict[str, set[str]] = defaultdict(set)
+    for prod in c.producers.values():
+        users[prod.weight].add(prod.node)
+    for cons in c.consumers:
+        users[cons.weight].add(cons.node)
+    for target, nodes_using in users.items():
+        if len(nodes_using) > 1:
+            reason = f"weight {target} is shared by {sorted(nodes_using)}"
+            for prod in c.producers.values():
+                if prod.weight == target:
+                    c.blocks[prod.space].append(reason)
+            for cons in c.consumers:
+                if cons.weight == target:
+                    c.block(cons.label, reason)
     return c

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from hyperflux_fx.passes._result import PassResult
+from hyperflux_fx.passes.fold_masks import FoldConfig, FoldReport, fold_masks
 from hyperflux_fx.passes.insert_gates import GatedTensor, GateReport, SkippedItem, insert_gates
 
-__all__ = ["GateReport", "GatedTensor", "PassResult", "SkippedItem", "insert_gates"]
+__all__ = ["FoldConfig", "FoldReport", "GateReport", "GatedTensor", "PassResult", "SkippedItem", "fold_masks",
+           "insert_gates"]

@@ -298,14 +298,14 @@ def insert_gates(model_or_gm: nn.Module, config: GateConfig | None = None, *, ex
         TraceError / ExampleInputError: from tracing.
     """
     config = config or GateConfig()
-    if config.granularity in ("channel", "hybrid") and example_inputs is None:
-        raise ValueError(f"granularity={config.granularity!r} needs example_inputs: the tensor shapes decide how "
-                         "channels flow through the graph")
     if not isinstance(model_or_gm, nn.Module):
         raise TypeError(f"insert_gates expects a torch.nn.Module or GraphModule, got "
                         f"{type(model_or_gm).__module__}.{type(model_or_gm).__qualname__}")
     if not isinstance(config, GateConfig):
         raise TypeError(f"config must be a hyperflux_fx.GateConfig, got {type(config).__name__}")
+    if config.granularity in ("channel", "hybrid") and example_inputs is None:
+        raise ValueError(f"granularity={config.granularity!r} needs example_inputs: the tensor shapes decide how "
+                         "channels flow through the graph")
     if config.granularity not in IMPLEMENTED_GRANULARITIES:
         raise NotImplementedError(f"granularity={config.granularity!r} needs the channel-coupling analysis of the "
                                   "fold pass, which is not built yet; use granularity='weight'")
@@ -317,8 +317,6 @@ def insert_gates(model_or_gm: nn.Module, config: GateConfig | None = None, *, ex
         gm = model_or_gm if inplace else copy.deepcopy(model_or_gm)
         gm.meta.setdefault(OPAQUE_META, [])
         if example_inputs is not None:
-            from hyperflux_fx.trace import normalize_inputs
-
             propagate_shapes(gm, normalize_inputs(example_inputs))
     else:
         original_params = dict(model_or_gm.named_parameters())
@@ -509,6 +507,9 @@ def insert_gates(model_or_gm: nn.Module, config: GateConfig | None = None, *, ex
     graph.lint()
     gm.recompile()
 
+    if example_inputs is not None:  # kept for later passes (fold_masks propagates shapes with them)
+        gm.meta[INPUTS_META] = tuple(x.detach().clone() if isinstance(x, torch.Tensor) else x
+                                     for x in normalize_inputs(example_inputs))
     if structured:
         _insert_channel_gates(gm, config, example_inputs, report, rules, generator, taken)
     all_gates = gates(gm)
@@ -617,7 +618,6 @@ def _insert_channel_gates(gm: fx.GraphModule, config: GateConfig, example_inputs
 
     inputs = normalize_inputs(example_inputs)
     propagate_shapes(gm, inputs)
-    gm.meta[INPUTS_META] = tuple(x.detach().clone() if isinstance(x, torch.Tensor) else x for x in inputs)
     coupling = analyze_channels(gm)
     graph = gm.graph
     nodes = {n.name: n for n in graph.nodes}
