@@ -329,3 +329,48 @@ FOLD_ZOO.update({
     "squeeze_excite": (_seeded(SqueezeExcite), _inputs(2, 3, 6, 6)),
     "roll_branch": (_seeded(RollBranch), _inputs(2, 3, 6, 6)),
 })
+
+
+def build_real(lib: str, name: str, size: int) -> nn.Module:
+    """A timm / torchvision model, random init, made sensitive for equivalence tests (STYLE.md): norm
+    affine parameters drawn away from their init (timm zero-initialises each residual branch's last
+    BN, which would hide whole branches) and BatchNorm statistics re-estimated on random data."""
+    torch.manual_seed(0)
+    if lib == "timm":
+        import timm
+
+        model = timm.create_model(name, pretrained=False)
+    else:
+        import torchvision
+
+        model = torchvision.models.get_model(name, weights=None)
+    norms = [m for m in model.modules() if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm))
+             or "Norm" in type(m).__name__]
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for m in norms:
+            if getattr(m, "weight", None) is not None:
+                m.weight.copy_(torch.rand(m.weight.shape, generator=gen) + 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=gen) * 0.1)
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.reset_running_stats()
+                m.momentum = None  # cumulative average over the batches below
+        model.train()
+        for _ in range(2):
+            model(torch.randn(4, 3, size, size, generator=gen))
+    return model.eval()
+
+
+#: the real zoo of the acceptance criteria: (library, name, input size)
+REAL_ZOO = [
+    ("torchvision", "resnet18", 32),
+    ("torchvision", "resnet50", 32),
+    ("torchvision", "vgg19_bn", 32),
+    ("torchvision", "mobilenet_v2", 32),
+    ("timm", "resnet18", 32),
+    ("timm", "mobilenetv3_small_100", 32),
+    ("timm", "efficientnet_b0", 32),
+    ("timm", "convnext_atto", 32),
+    ("timm", "deit_tiny_patch16_224", 224),
+    ("timm", "vit_tiny_patch16_224", 224),
+]

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-__all__ = ["ChannelParam", "Consumer", "Coupling", "Group", "Label", "Producer", "Seg", "analyze_channels"]
+__all__ = ["ChannelParam", "Consumer", "Coupling", "Group", "Label", "Producer", "Seg", "ShapeArg", "analyze_channels"]
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,26 @@ class Producer:
     weight: str  # parameter target
     bias: str | None
     weight_dim: int
+    replicas: int = 1  # heads: q/k/v replicas of every unit along weight_dim
+    unit_rows: int = 1  # heads: rows (head_dim) per unit within a replica
+    parent: int | None = None  # heads: the space split into this one
+
+    def rows(self, keep: torch.Tensor) -> torch.Tensor:
+        """Indices along weight_dim of the kept units (heads: every replica's rows of each kept head)."""
+        if self.replicas == 1 and self.unit_rows == 1:
+            return keep
+        units = self.__dict__.get("_units")
+        per = (keep[:, None] * self.unit_rows + torch.arange(self.unit_rows)[None, :]).flatten()
+        return torch.cat([per + r * units * self.unit_rows for r in range(self.replicas)])
+
+
+@dataclass
+class ShapeArg:
+    """A size argument of a reshape/view that must follow a label's width after deletion."""
+
+    node: str
+    dim: int  # output dim whose size is the label's width
+    label: Label
 
 
 @dataclass
@@ -113,6 +133,7 @@ class Coupling:
     blocks: dict[int, list[str]] = field(default_factory=lambda: defaultdict(list))
     revived: set[int] = field(default_factory=set)  # spaces whose zeros some op turns into non-zeros
     labels: dict[str, Label] = field(default_factory=dict)  # node name -> label of its output
+    shape_args: list[ShapeArg] = field(default_factory=list)
     rule_counts: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
     def new_space(self, producer: Producer, size: int) -> int:
@@ -137,7 +158,8 @@ class Coupling:
             blocked = [r for s in comp for r in self.blocks.get(s, [])]
             if len(sizes) != 1:
                 blocked.append(f"tied spaces have different sizes {sorted(sizes)}")
-            out.append(Group(id=gid, spaces=comp, size=min(sizes), producers=[self.producers[s].node for s in comp],
+            names = [self.producers[s].node + ("#heads" if self.producers[s].parent is not None else "") for s in comp]
+            out.append(Group(id=gid, spaces=comp, size=min(sizes), producers=names,
                              blocked=list(dict.fromkeys(blocked)),
                              zero_preserving=not any(s in self.revived for s in comp)))
         return out
@@ -428,18 +450,99 @@ def _reshape_like(gm, node, c, labels):
         if i0 <= lab.dim <= i:
             if i == i0 and j == j0:  # the channel dim maps to one output dim unchanged
                 c.rule_counts["reshape:keep"] += 1
-                return Label(j0, lab.segs)
-            if j == j0 and lab.dim == i0:  # merged, channel dim first: expand
+                out = Label(j0, lab.segs)
+            elif j == j0 and lab.dim == i0:  # merged, channel dim first: expand
                 inner = math.prod(ins[i0 + 1:i + 1])
                 c.rule_counts["reshape:flatten"] += 1
-                return Label(j0, tuple(Seg(s.space, s.length, s.expand * inner) for s in lab.segs))
-            c.block(lab, f"reshape splits or reorders the channels: {node.format_node()}")
-            return None
+                out = Label(j0, tuple(Seg(s.space, s.length, s.expand * inner) for s in lab.segs))
+            elif i == i0 and j - j0 >= 1 and _is_head_split(c, lab):
+                out = _split_heads(c, node, lab, outs[j0:j + 1], j0)
+            else:
+                c.block(lab, f"reshape splits or reorders the channels: {node.format_node()}")
+                return None
+            if node.target in ("reshape", "view", torch.reshape):  # explicit sizes follow the width
+                c.shape_args.append(ShapeArg(node.name, out.dim, out))
+            return out
         i += 1
         j += 1
         # skip size-1 dims on either side
     c.block(lab, f"reshape not understood: {node.format_node()}")
     return None
+
+
+def _is_head_split(c: Coupling, lab: Label) -> bool:
+    """A single linear/conv output split into (..., units, features): attention heads."""
+    if len(lab.segs) != 1 or lab.segs[0].expand != 1 or lab.segs[0].space is None:
+        return False
+    prod = c.producers[lab.segs[0].space]
+    return prod.replicas == 1 and prod.unit_rows == 1 and prod.parent is None
+
+
+def _split_heads(c: Coupling, node: fx.Node, lab: Label, dims: tuple[int, ...], j0: int) -> Label:
+    """(.., R*U*D) -> (.., R.., U, D): unit u of the new space owns rows r*U*D + u*D + d of the parent
+    producer for every replica r. The parent space is deleted only through this one."""
+    parent = lab.segs[0].space
+    units, feat = dims[-2], dims[-1]
+    replicas = math.prod(dims[:-2])
+    src = c.producers[parent]
+    prod = Producer(src.node, -1, src.weight, src.bias, src.weight_dim, replicas=replicas, unit_rows=feat,
+                    parent=parent)
+    prod.__dict__["_units"] = units
+    sid = c.new_space(prod, units)
+    if parent in c.revived:
+        c.revived.add(sid)
+    c.blocks[parent].append(f"split into units of {units} x {feat} by {node.name}: deleted through that group")
+    c.rule_counts["reshape:heads"] += 1
+    return Label(j0 + len(dims) - 2, (Seg(sid, units),))
+
+
+def _unbind(gm, node, c, labels):  # unbind(x, dim) -> tuple; items keep the label (dim shifted)
+    lab = _only_label(node, labels)
+    if lab is None:
+        return None
+    rank = len(_shape(node.args[0]) or ())
+    dim = _norm_dim(_arg(node, 1, "dim", 0), rank)
+    if dim == lab.dim:
+        c.block(lab, f"unbind over the channels: {node.format_node()}")
+        return None
+    return Label(lab.dim - (dim < lab.dim), lab.segs)
+
+
+def _same_label(labs: list[Label | None]) -> bool:
+    return all(lab is not None for lab in labs) and len({(lab.dim, lab.segs) for lab in labs}) == 1
+
+
+def _sdpa(gm, node, c, labels):  # F.scaled_dot_product_attention(q, k, v): heads are independent
+    q, k, v = (node.args[i] if i < len(node.args) else node.kwargs.get(n) for i, n in enumerate(("query", "key",
+                                                                                                  "value")))
+    labs = [labels.get(t) if isinstance(t, fx.Node) else None for t in (q, k, v)]
+    rank = len(_shape(node) or ())
+    if _same_label(labs) and labs[0].dim < rank - 2:
+        c.rule_counts["attention:heads"] += 1
+        return labs[0]
+    _block_inputs(c, node, labels, "attention over labels that are not one head space on a batch dim")
+    return None
+
+
+def _matmul(gm, node, c, labels):  # q @ k^T, attn @ v: a head label on a batch dim passes through
+    labs = [labels.get(a) if isinstance(a, fx.Node) else None for a in node.args[:2]]
+    rank = len(_shape(node) or ())
+    if _same_label(labs) and labs[0].dim < rank - 2:
+        return labs[0]
+    _block_inputs(c, node, labels, "matmul over the channels")
+    return None
+
+
+def _softmax(gm, node, c, labels):  # softmax over a dim other than the channels: pass-through
+    lab = _only_label(node, labels)
+    if lab is None:
+        return None
+    rank = len(_shape(node) or ())
+    dim = _arg(node, 1, "dim")
+    if dim is None or _norm_dim(dim, rank) == lab.dim:
+        c.block(lab, f"softmax over the channels: {node.format_node()}")
+        return None
+    return lab
 
 
 def _permute(gm, node, c, labels):  # permute(x, dims) / x.permute(*dims)
@@ -491,6 +594,8 @@ def _getitem(gm, node, c, labels):  # x[idx] on a tensor: the channel dim must b
     lab = _only_label(node, labels)
     if lab is None:
         return None
+    if isinstance(node.args[0].meta.get("tensor_meta"), (tuple, list)):
+        return lab  # an item of unbind's tuple
     idx = node.args[1]
     idx = idx if isinstance(idx, tuple) else (idx,)
     if any(i is Ellipsis for i in idx):
@@ -553,8 +658,10 @@ FUNCTION_RULES: dict[Any, Rule] = {
     operator.getitem: _getitem,  # whole channel dim kept
     F.layer_norm: _blocker("layer_norm normalises over the channels (deleting changes the statistics)"),
     F.group_norm: _blocker("group_norm normalises over channel groups"),
-    F.softmax: _blocker("softmax mixes the channels"),
-    F.scaled_dot_product_attention: _blocker("attention (heads are not deleted yet)"),
+    F.softmax: _softmax, torch.softmax: _softmax,  # blocks only a softmax over the channels
+    F.scaled_dot_product_attention: _sdpa,  # a head label on q, k, v passes to the output
+    torch.unbind: _unbind,  # items keep the label
+    torch.matmul: _matmul, operator.matmul: _matmul,  # q @ k^T / attn @ v: head label on a batch dim
 }
 for _f in _ZERO_ACTS:
     FUNCTION_RULES[_f] = _channelwise(True)  # activation with f(0) = 0
@@ -570,7 +677,9 @@ METHOD_RULES: dict[str, Rule] = {
     "permute": _permute, "transpose": _transpose,  # move the channel dim
     "mean": _reduce, "sum": _reduce, "amax": _reduce,  # fine unless over the channels
     "contiguous": _channelwise(True), "clone": _channelwise(True), "float": _channelwise(True),  # same values
-    "softmax": _blocker("softmax mixes the channels"),
+    "softmax": _softmax,  # blocks only a softmax over the channels
+    "unbind": _unbind,  # items keep the label
+    "matmul": _matmul,  # head label on a batch dim
 }
 
 _POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
@@ -698,6 +807,16 @@ def analyze_channels(gm: fx.GraphModule) -> Coupling:
             else:
                 labels[node] = out
                 c.labels[node.name] = out
+    # a head space deletes rows of its parent's producer: only if nothing else uses the parent space
+    for sid, prod in c.producers.items():
+        if prod.parent is None:
+            continue
+        parent = prod.parent
+        others = [r for r in c.blocks[parent] if not r.startswith("split into units")]
+        used = any(parent in cons.label.spaces() for cons in c.consumers) or any(
+            cp.space == parent for cp in c.params) or c.ties.degree(parent) > 0
+        if others or used:
+            c.blocks[sid].append(f"the split space is also used elsewhere: {'; '.join(others) or 'consumed/tied'}")
     # a weight shared by several ops would have to be sliced the same way for all of them
     users: dict[str, set[str]] = defaultdict(set)
     for prod in c.producers.values():

@@ -268,11 +268,14 @@ def _fold_channels(gm: fx.GraphModule, coupling: Coupling, config: FoldConfig, r
             dead = torch.ones(g.size, dtype=torch.bool)
             for sid in g.spaces:
                 prod = coupling.producers[sid]
-                w = params[prod.weight]
-                rows = w.detach().movedim(prod.weight_dim, 0).reshape(w.shape[prod.weight_dim], -1)
-                dead &= (rows == 0).all(dim=1).cpu()
+                w = params[prod.weight].detach()
+                rows = w.movedim(prod.weight_dim, 0).reshape(w.shape[prod.weight_dim], -1)
+                zero_rows = (rows == 0).all(dim=1).cpu()
                 if prod.bias is not None:
-                    dead &= (params[prod.bias].detach() == 0).cpu()
+                    zero_rows &= (params[prod.bias].detach() == 0).cpu()
+                # a unit is dead when all its rows are (heads own several rows)
+                unit_rows = torch.stack([prod.rows(torch.tensor([u])) for u in range(g.size)])
+                dead &= zero_rows[unit_rows].all(dim=1)
             if dead.any():
                 rules["dead_channels"] += int(dead.sum())
             closed |= dead
@@ -309,9 +312,10 @@ def _fold_channels(gm: fx.GraphModule, coupling: Coupling, config: FoldConfig, r
     for sid, prod in coupling.producers.items():
         gid = group_of[sid]
         if gid in keep:
-            add_slice(prod.weight, prod.weight_dim, keep[gid])
+            rows = prod.rows(keep[gid])
+            add_slice(prod.weight, prod.weight_dim, rows)
             if prod.bias is not None:
-                add_slice(prod.bias, 0, keep[gid])
+                add_slice(prod.bias, 0, rows)
     modules_to_resize: dict[str, int] = {}
     groups_args: dict[tuple[str, int], int] = {}
     for cp in coupling.params:
@@ -334,6 +338,11 @@ def _fold_channels(gm: fx.GraphModule, coupling: Coupling, config: FoldConfig, r
         mod = gm.get_submodule(path)
         if hasattr(mod, "num_features"):
             mod.num_features = n
+    for sa in coupling.shape_args:  # reshape/view sizes that follow a label's width
+        idx = _label_keep(sa.label, keep, group_of)
+        if idx is not None:
+            _set_size_arg(nodes[sa.node], sa.dim, int(idx.numel()))
+            rules["shape_args_updated"] += 1
     for (node_name, pos), n in groups_args.items():
         node = nodes[node_name]
         args = list(node.args)
@@ -352,3 +361,17 @@ def _fold_channels(gm: fx.GraphModule, coupling: Coupling, config: FoldConfig, r
             transposed = owner.transposed
             owner.out_channels = w.shape[1] * owner.groups if transposed else w.shape[0]
             owner.in_channels = w.shape[0] if transposed else w.shape[1] * owner.groups
+
+
+def _set_size_arg(node: fx.Node, dim: int, value: int) -> None:
+    """Set output-dim ``dim`` of a reshape/view node to ``value`` (unless that size is given as -1)."""
+    args = list(node.args)
+    if len(args) == 2 and isinstance(args[1], (tuple, list)):  # reshape(x, (a, b, c))
+        sizes = list(args[1])
+        if sizes[dim] != -1:
+            sizes[dim] = value
+        args[1] = type(args[1])(sizes)
+    else:  # x.reshape(a, b, c)
+        if args[1 + dim] != -1:
+            args[1 + dim] = value
+    node.args = tuple(args)

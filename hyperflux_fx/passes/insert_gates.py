@@ -595,7 +595,7 @@ def _unit_costs(gm: fx.GraphModule, coupling: Any, group: Any, consumers: list[A
     for sid in group.spaces:
         prod = coupling.producers[sid]
         w = params[prod.weight]
-        per = w.numel() / w.shape[prod.weight_dim]
+        per = w.numel() / w.shape[prod.weight_dim] * prod.replicas * prod.unit_rows  # heads own several rows
         positions = math.prod(_shape(nodes[prod.node]) or (1,)) / max(w.shape[prod.weight_dim], 1)
         p_cost += per + (1 if prod.bias else 0)
         m_cost += per * positions

@@ -9,17 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from equivalence import assert_fold_exact
 from models import FOLD_ZOO, NoBiasChain, RollBranch
 from torch import nn
 
 import hyperflux_fx as hf
-
-
-def _close(y_compact, y_masked):
-    a, b = y_compact - y_compact.mean(0), y_masked - y_masked.mean(0)
-    scale = b.abs().max().item()
-    assert scale > 0, "the check would be vacuous"
-    torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * scale)
 
 
 def _set_flows(gated, closed_fraction, seed=0):
@@ -52,8 +46,8 @@ def test_fold_is_exact_on_the_fixture_zoo(name, granularity):
     out = _masked_and_compact(name, granularity, 0.5)
     if out is None:  # nothing gateable at this granularity: the report says why
         return
-    res, _gated, folded, _x, y_masked, y_compact = out
-    _close(y_compact, y_masked)
+    res, gated, folded, x, _y_masked, _y_compact = out
+    assert_fold_exact(gated, folded.graph_module, x)
     compact = folded.graph_module
     assert not hf.gates(compact) and not any(n.startswith("hyperflux") for n, _ in compact.named_modules())
     compact.graph.lint()
@@ -71,10 +65,9 @@ def test_dead_channels_from_weight_masks_alone_are_deleted():
     gate = next(g for g in hf.gates(gated) if g.target == "c1.weight")
     with torch.no_grad():
         gate.flow[[1, 4]] = -1.0  # every weight of output channels 1 and 4 closed: those channels are 0
-        y_masked = gated(x)
     folded = hf.fold_masks(gated)
     compact = folded.graph_module
-    _close(compact(x), y_masked)
+    assert_fold_exact(gated, compact, (x,))
     assert compact.c1.weight.shape == (4, 3, 3, 3) and compact.c2.weight.shape == (6, 4, 3, 3)
     assert folded.report.rule_counts["dead_channels"] == 2
     kept = hf.fold_masks(gated, hf.FoldConfig(delete_dead=False)).graph_module
@@ -90,10 +83,9 @@ def test_round_to_keeps_strongest_closed_channels_and_stays_exact(round_to, expe
     assert g.numel == 6
     with torch.no_grad():
         g.flow.copy_(torch.tensor([0.3, -0.1, -0.5, 0.2, -0.2, 0.1]))
-        y_masked = gated(x)
     compact = hf.fold_masks(gated, hf.FoldConfig(round_to=round_to)).graph_module
     assert compact.c1.weight.shape[0] == min(expected, 6)
-    _close(compact(x), y_masked)
+    assert_fold_exact(gated, compact, (x,))
 
 
 def test_all_but_one_and_all_closed_groups():
@@ -105,10 +97,9 @@ def test_all_but_one_and_all_closed_groups():
         g0.flow.fill_(-1.0)
         g0.flow[2] = 1.0  # all but one closed
         g1.flow.fill_(-1.0)  # a whole group closed: one channel (zero where consumed) stays
-        y_masked = gated(x)
     compact = hf.fold_masks(gated).graph_module
     assert compact.c1.weight.shape[0] == 1 and compact.c2.weight.shape == (1, 1, 3, 3)
-    torch.testing.assert_close(compact(x), y_masked, rtol=0, atol=1e-6)
+    assert_fold_exact(gated, compact, (x,))
 
 
 def test_unsupported_op_blocks_only_its_group_and_is_reported():
@@ -120,10 +111,8 @@ def test_unsupported_op_blocks_only_its_group_and_is_reported():
     assert groups["conv2d_1"]["gated"]
     gated = res.graph_module.eval()
     _set_flows(gated, 0.5)
-    with torch.no_grad():
-        y_masked = gated(x)
     folded = hf.fold_masks(gated)
-    _close(folded.graph_module(x), y_masked)
+    assert_fold_exact(gated, folded.graph_module, (x,))
     assert folded.graph_module.b.weight.shape[0] < 4 and folded.graph_module.a.weight.shape[0] == 4
 
 

@@ -1,0 +1,70 @@
+"""Invariant 2 on the real zoo: random structured masks at 30%, 50%, 90% closed, plus edge cases.
+
+The compact model's input-dependent output (``y - y.mean(0)``) equals the masked model's within
+atol = 1e-5 x its scale (fp32; DESIGN.md invariant 2). Models are made sensitive first (BN statistics
+re-estimated, norm affines drawn), see ``models.build_real``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from equivalence import assert_fold_exact
+from models import REAL_ZOO, build_real
+
+import hyperflux_fx as hf
+
+
+@pytest.mark.parametrize(("lib", "name", "size"), REAL_ZOO, ids=[f"{lib}:{name}" for lib, name, _ in REAL_ZOO])
+def test_zoo_fold_is_exact_and_deletes(lib, name, size):
+    model = build_real(lib, name, size)
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    res = hf.insert_gates(model, hf.GateConfig(granularity="channel", seed=0), example_inputs=x)
+    gated = res.graph_module.eval()
+    groups = res.report.channel_groups
+    transformer = res.report.model_kind == "transformer"
+    if transformer:  # heads and MLP hidden units are gated; the LayerNorm'd residual stream is not
+        assert any(g["gated"] and g["producers"][0].endswith("#heads") for g in groups)
+        assert any(g["gated"] and not g["producers"][0].endswith("#heads") for g in groups)
+    params_dense, macs_dense = hf.count_params_and_macs(model, x)
+    for closed_fraction in (0.3, 0.5, 0.9):
+        gen = torch.Generator().manual_seed(int(closed_fraction * 10))
+        with torch.no_grad():
+            for g in hf.gates(gated):
+                g.flow.copy_(torch.rand(g.flow.shape, generator=gen) - closed_fraction)
+        folded = hf.fold_masks(gated)
+        compact = folded.graph_module
+        assert_fold_exact(gated, compact, (x,))
+        rep = folded.report
+        params, macs = hf.count_params_and_macs(compact, x)
+        assert params < params_dense and macs < macs_dense
+        assert rep.params_after == params
+        if transformer:
+            heads = [g for g in rep.groups if g["name"].endswith("#heads") and g["closed"]]
+            assert heads and all(g["deleted"] > 0 or g["after"] == 1 for g in heads)
+            assert sum(g["deleted"] for g in rep.groups if not g["name"].endswith("#heads")) > 0
+        else:
+            assert rep.deleted_units >= 0.9 * rep.closed_units, str(rep)
+
+
+def test_edge_cases_on_resnet18():
+    model = build_real("torchvision", "resnet18", 32)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    gated = hf.insert_gates(model, hf.GateConfig(granularity="channel", seed=0), example_inputs=x).graph_module.eval()
+    all_gates = hf.gates(gated)
+    with torch.no_grad():
+        for g in all_gates:  # all but one channel closed, everywhere
+            g.flow.fill_(-1.0)
+            g.flow[0] = 1.0
+    compact = hf.fold_masks(gated).graph_module
+    assert_fold_exact(gated, compact, (x,))
+    assert compact.get_submodule("layer4.1.conv1").weight.shape[:2] == (1, 1)
+    # a whole residual branch closed: the inner group of layer1.0 (conv1 -> bn1 -> relu -> conv2)
+    inner = next(g for g in all_gates if any("conv2d_1" == p for p in g.producers))
+    with torch.no_grad():
+        for g in all_gates:
+            g.flow.fill_(1.0)
+        inner.flow.fill_(-1.0)
+    folded = hf.fold_masks(gated)
+    assert_fold_exact(gated, folded.graph_module, (x,))
+    assert folded.graph_module.get_submodule("layer1.0.conv1").weight.shape[0] == 1  # min_channels keeps one zero channel
