@@ -179,6 +179,12 @@ def _shape(node: Any) -> tuple[int, ...] | None:
     return tuple(int(d) for d in tm.shape)
 
 
+def _tuple_valued(node: Any) -> bool:
+    """True when the node returns a tuple of tensors (TensorMetadata is itself a NamedTuple)."""
+    tm = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    return isinstance(tm, (tuple, list)) and not hasattr(tm, "shape")
+
+
 def _arg(node: fx.Node, i: int, name: str, default: Any = None) -> Any:
     if i < len(node.args):
         return node.args[i]
@@ -594,7 +600,7 @@ def _getitem(gm, node, c, labels):  # x[idx] on a tensor: the channel dim must b
     lab = _only_label(node, labels)
     if lab is None:
         return None
-    if isinstance(node.args[0].meta.get("tensor_meta"), (tuple, list)):
+    if _tuple_valued(node.args[0]):
         return lab  # an item of unbind's tuple
     idx = node.args[1]
     idx = idx if isinstance(idx, tuple) else (idx,)
@@ -796,7 +802,7 @@ def analyze_channels(gm: fx.GraphModule) -> Coupling:
                 out = None
             else:
                 out = rule(gm, node, c, labels)
-        if out is not None and isinstance(node.meta.get("tensor_meta"), (tuple, list)):
+        if out is not None and _tuple_valued(node):
             labels[node] = out  # a tuple of tensors (unbind/split): checked where its items are taken
             continue
         if out is not None:

@@ -1,0 +1,128 @@
+"""The channel support table, rule by rule: each rule matching (the label flows / spaces tie) and not
+matching (the group is blocked, with the node in the reason)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import hyperflux_fx as hf
+from hyperflux_fx.graph.coupling import analyze_channels
+
+
+class Net(nn.Module):
+    def __init__(self, fn, cin=3, width=4):
+        super().__init__()
+        self.a = nn.Conv2d(cin, width, 3, padding=1)
+        self.b = nn.Conv2d(cin, width, 3, padding=1)
+        self.bn = nn.BatchNorm2d(width)
+        self.ln = nn.LayerNorm(width)
+        self.fc = nn.Linear(width, 2)
+        self.fc_flat = nn.Linear(width * 16, 2)
+        self.cons = nn.Conv2d(width, 2, 1)
+        self.cons_cat = nn.Conv2d(2 * width, 2, 1)
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(self, x)
+
+
+def _groups(fn, shape=(2, 3, 4, 4)):
+    gm = hf.trace(Net(fn), torch.randn(*shape))
+    c = analyze_channels(gm)
+    by_producer = {}
+    for g in c.groups():
+        for p in g.producers:
+            by_producer[p] = g
+    return c, by_producer
+
+
+def _ok(g):
+    return g.deletable
+
+
+# (name, forward that must let group "a" be deleted, forward that must block it, reason fragment)
+CASES = [
+    ("conv consumer", lambda s, x: s.cons(s.a(x)).mean((2, 3)), lambda s, x: s.a(x).mean((2, 3)), "graph output"),
+    ("add ties", lambda s, x: s.cons(s.a(x) + s.b(x)).mean((2, 3)),
+     lambda s, x: s.cons(s.a(x) + x[:, :1].expand(-1, 4, -1, -1)).mean((2, 3)), "varies over the channels"),
+    ("batch_norm", lambda s, x: s.cons(s.bn(s.a(x))).mean((2, 3)),
+     lambda s, x: s.cons(F.group_norm(s.a(x), 2)).mean((2, 3)), "group_norm"),
+    ("activations", lambda s, x: s.cons(torch.sigmoid(F.relu(s.a(x)))).mean((2, 3)),
+     lambda s, x: s.cons(torch.roll(s.a(x), 1, 1)).mean((2, 3)), "roll"),
+    ("cat offsets", lambda s, x: s.cons_cat(torch.cat([s.a(x), s.b(x)], 1)).mean((2, 3)),
+     lambda s, x: s.fc(torch.cat([s.a(x), s.b(x)], 1).mean((2, 3))[:, :4]), "indexing into the channels"),
+    ("flatten -> linear", lambda s, x: s.fc_flat(torch.flatten(s.a(x), 1)),
+     lambda s, x: s.fc(s.a(x).reshape(2, 4, 16)[:, :, :4].sum(1)), "reduction over the channels"),
+    ("permute / layer_norm", lambda s, x: s.fc(F.relu(s.a(x).permute(0, 2, 3, 1))).mean((1, 2)),
+     lambda s, x: s.fc(s.ln(s.a(x).permute(0, 2, 3, 1))).mean((1, 2)), "LayerNorm"),
+    ("spatial reduce", lambda s, x: s.fc(s.a(x).amax((2, 3))),
+     lambda s, x: s.fc(s.a(x).mean(1).flatten(1)[:, :4]), "reduction over the channels"),
+    ("softmax", lambda s, x: s.cons(torch.softmax(s.a(x), dim=-1)).mean((2, 3)),
+     lambda s, x: s.cons(torch.softmax(s.a(x), dim=1)).mean((2, 3)), "softmax over the channels"),
+    ("per-channel scale", lambda s, x: s.cons(s.a(x) * s.bn.weight.reshape(1, -1, 1, 1)).mean((2, 3)),
+     lambda s, x: s.cons(s.a(x) * x.mean(1, keepdim=True).expand(-1, 4, -1, -1)).mean((2, 3)), "varies"),
+]
+
+
+@pytest.mark.parametrize(("name", "good", "bad", "reason"), CASES, ids=[c[0] for c in CASES])
+def test_rule_matches_and_blocks(name, good, bad, reason):
+    _, groups = _groups(good)
+    assert _ok(groups["a"]), groups["a"].blocked
+    _, groups = _groups(bad)
+    g = groups["a"]
+    assert not g.deletable and any(reason in r for r in g.blocked), g.blocked
+
+
+def test_add_ties_spaces_into_one_group_and_cat_offsets_consumer():
+    c, groups = _groups(lambda s, x: s.cons(s.a(x) + s.b(x)).mean((2, 3)))
+    assert groups["a"] is groups["b"]
+    c, _ = _groups(lambda s, x: s.cons_cat(torch.cat([s.a(x), s.b(x)], 1)).mean((2, 3)))
+    cons = next(k for k in c.consumers if k.weight == "cons_cat.weight")
+    assert [(s.length, s.expand) for s in cons.label.segs] == [(4, 1), (4, 1)]
+
+
+def test_flatten_expands_each_channel_over_its_positions():
+    c, _ = _groups(lambda s, x: s.fc_flat(torch.flatten(s.a(x), 1)))
+    cons = next(k for k in c.consumers if k.weight == "fc_flat.weight")
+    assert cons.label.segs[0].expand == 16
+
+
+def test_zero_preservation_is_tracked():
+    _, groups = _groups(lambda s, x: s.cons(F.relu(s.a(x))).mean((2, 3)))
+    assert not groups["a"].zero_preserving  # conv a has a bias
+
+    class NoBias(nn.Module):
+        def __init__(self, act):
+            super().__init__()
+            self.a = nn.Conv2d(3, 4, 3, bias=False)
+            self.act = act
+            self.c = nn.Conv2d(4, 2, 1)
+
+        def forward(self, x):
+            return self.c(self.act(self.a(x))).mean((2, 3))
+
+    x = torch.randn(2, 3, 5, 5)
+    assert analyze_channels(hf.trace(NoBias(nn.ReLU()), x)).groups()[0].zero_preserving
+    assert not analyze_channels(hf.trace(NoBias(nn.Sigmoid()), x)).groups()[0].zero_preserving  # sigmoid(0)=0.5
+
+
+def test_depthwise_passes_through_and_grouped_blocks():
+    class DW(nn.Module):
+        def __init__(self, groups):
+            super().__init__()
+            self.a = nn.Conv2d(3, 4, 1)
+            self.dw = nn.Conv2d(4, 4, 3, padding=1, groups=groups)
+            self.c = nn.Conv2d(4, 2, 1)
+
+        def forward(self, x):
+            return self.c(self.dw(self.a(x))).mean((2, 3))
+
+    x = torch.randn(2, 3, 4, 4)
+    res = hf.insert_gates(DW(4), hf.GateConfig(granularity="channel"), example_inputs=x)
+    assert [g["gated"] for g in res.report.channel_groups][0]  # a -> depthwise -> c: one group
+    res = hf.insert_gates(DW(2), hf.GateConfig(granularity="channel"), example_inputs=x)
+    assert not res.report.channel_groups[0]["gated"]
+    assert "grouped conv" in res.report.channel_groups[0]["blocked"][0]
