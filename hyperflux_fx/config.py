@@ -74,6 +74,7 @@ class TrainConfig:
     regrowth_flow_scaler: float = 1.0  # flow LR at regrowth start = flow_lr * scaler (paper: 1..5)
     regrowth_decay: float = 0.75  # flow LR multiplied by decay**k in regrowth epoch k (0.55 ImageNet)
     regrowth_flow_epochs: int = 50  # flow LR is 0 from this regrowth epoch on
+    target_measure: str = "count"  # "count": fraction of gated units; "cost": of their unit_cost (params/MACs)
     land: bool = True  # at land_at of regrowth: shift all flows by one constant to hit the target, freeze them
     land_at: float = 0.5  # fraction of the regrowth phase after which the landing happens (end of pruning if none)
     label_smoothing: float = 0.1  # for the default classification loss
@@ -111,5 +112,7 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         if not 0.0 <= self.land_at <= 1.0:
             raise ValueError(f"TrainConfig.land_at must be in [0, 1], got {self.land_at}")
+        if self.target_measure not in ("count", "cost"):
+            raise ValueError(f"TrainConfig.target_measure must be 'count' or 'cost', got {self.target_measure!r}")
         if self.resume and self.out_dir is None:
             raise ValueError("TrainConfig.resume needs out_dir (where the checkpoints are)")

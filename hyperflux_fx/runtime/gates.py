@@ -96,6 +96,7 @@ class Gate(nn.Module):
         self.target = target
         self.kappa = float(kappa)
         self.pressure_scale = 1.0
+        self.unit_cost = 1.0  # what one unit costs, for cost-weighted density (channel gates set it)
         self.register_buffer("flux_sum", None, persistent=False)
         self.register_buffer("flux_steps", None, persistent=False)
         self._pressure: PressureState | None = None
@@ -203,13 +204,19 @@ def gates(module: nn.Module) -> list[Gate]:
     return [g for _, g in named_gates(module)]
 
 
-def density(module: nn.Module) -> float:
-    """Kept fraction of all gated units (weights, or channels for structured gates)."""
+def density(module: nn.Module, *, weighted: bool = False) -> float:
+    """Kept fraction of all gated units (weights, or channels for structured gates).
+
+    Args:
+        weighted: weigh each unit by its gate's ``unit_cost`` (parameters or MACs per channel with
+            ``GateConfig(cost=...)``; 1 for weight gates), i.e. the kept fraction of the cost.
+    """
     all_gates = gates(module)
     if not all_gates:
         raise ValueError("the model has no gates: run hyperflux_fx.insert_gates first")
-    kept = torch.stack([(g.flow.detach() >= 0).sum() for g in all_gates]).sum()
-    total = sum(g.numel for g in all_gates)
+    cost = [g.unit_cost if weighted else 1.0 for g in all_gates]
+    kept = torch.stack([(g.flow.detach() >= 0).sum() * c for g, c in zip(all_gates, cost, strict=True)]).sum()
+    total = sum(g.numel * c for g, c in zip(all_gates, cost, strict=True))
     return float(kept.item()) / total
 
 

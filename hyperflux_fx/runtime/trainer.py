@@ -282,24 +282,33 @@ def _cosine(start: float, end: float, i: int, n: int) -> float:
 
 
 @torch.no_grad()
-def land_on_density(gated: nn.Module, target_density: float) -> dict[str, float]:
-    """Shift every flow parameter by one constant so that exactly ``round(target_density * N)`` units
-    stay open (the largest flows). The order of the flows — what the dynamics learned — is kept;
-    only the threshold moves, as a pressure impulse would move it.
+def land_on_density(gated: nn.Module, target_density: float, *, weighted: bool = False) -> dict[str, float]:
+    """Shift every flow parameter by one constant so that the density is ``target_density``: the
+    largest flows stay open (``round(target_density * N)`` of them, or, ``weighted``, as many as fit
+    in that fraction of the total unit cost). The order of the flows — what the dynamics learned —
+    is kept; only the threshold moves, as a pressure impulse would move it.
 
     Returns:
         ``{"shift", "density_before", "density_after"}``.
     """
     all_gates = gates(gated)
-    flows = torch.cat([g.flow.detach().flatten().float() for g in all_gates])
-    n = flows.numel()
-    keep = min(n, max(1, round(target_density * n)))
-    before = float((flows >= 0).sum()) / n
-    kth_largest = torch.kthvalue(flows.cpu(), n - keep + 1).values.item()
+    flows = torch.cat([g.flow.detach().flatten().float().cpu() for g in all_gates])
+    before = density(gated, weighted=weighted)
+    if weighted:
+        cost = torch.cat([torch.full((g.numel,), g.unit_cost) for g in all_gates])
+        order = torch.argsort(flows, descending=True)
+        cum = torch.cumsum(cost[order], 0) / cost.sum()
+        keep = int(torch.searchsorted(cum, torch.tensor(target_density)).item()) + 1
+        keep = min(flows.numel(), max(1, keep))
+        kth_largest = flows[order[keep - 1]].item()
+    else:
+        n = flows.numel()
+        keep = min(n, max(1, round(target_density * n)))
+        kth_largest = torch.kthvalue(flows, n - keep + 1).values.item()
     shift = -kth_largest
     for g in all_gates:
         g.flow.add_(shift)
-    return {"shift": shift, "density_before": before, "density_after": density(gated)}
+    return {"shift": shift, "density_before": before, "density_after": density(gated, weighted=weighted)}
 
 
 def train(gated: nn.Module, train_loader: DataLoader, val_loader: Iterable[Any] | None = None,
@@ -364,6 +373,7 @@ def train(gated: nn.Module, train_loader: DataLoader, val_loader: Iterable[Any] 
                                     regrowth_compensation=cfg.regrowth_compensation,
                                     warmup_intervals=cfg.warmup_intervals)
     target_density = 1.0 - cfg.target_sparsity
+    weighted = cfg.target_measure == "cost"  # density as the kept fraction of unit cost (params/MACs)
     # the landing happens at the first interval end at or after this step
     land_step = prune_steps + (math.ceil(cfg.land_at * regrow_steps) if regrow_steps else 0)
 
@@ -505,7 +515,7 @@ def train(gated: nn.Module, train_loader: DataLoader, val_loader: Iterable[Any] 
             intervals_done += 1
             calls_intervals += 1
             gamma_used = float(state.gamma)
-            r = density(gated)
+            r = density(gated, weighted=weighted)
             if pruning:
                 gamma_next = controller.update(r)
                 planned = controller.planned(controller.completed)
@@ -515,7 +525,7 @@ def train(gated: nn.Module, train_loader: DataLoader, val_loader: Iterable[Any] 
                 gamma_next, planned = 0.0, None
             landing = None
             if cfg.land and not frozen and step >= land_step:
-                landing = land_on_density(gated, target_density)
+                landing = land_on_density(gated, target_density, weighted=weighted)
                 frozen = True
                 r = landing["density_after"]
             set_pressure(gated, gamma_next)
@@ -525,7 +535,7 @@ def train(gated: nn.Module, train_loader: DataLoader, val_loader: Iterable[Any] 
             rec = recorder.record(
                 gated, interval=intervals_done, epoch=epoch, step=step, phase="prune" if pruning else "regrow",
                 gamma=gamma_used, gamma_next=gamma_next, g=controller.g, planned=planned,
-                target_density=target_density, train_loss=train_loss, train_metric=metric_sum / max(seen, 1),
+                target_density=target_density, measured_density=r, train_loss=train_loss, train_metric=metric_sum / max(seen, 1),
                 val_metric=val_acc if due else None, lr=lr_w, flow_lr=lr_t, flows_frozen=frozen, landing=landing,
                 seconds=time.perf_counter() - t_start)
             loss_sum.zero_()
@@ -559,9 +569,10 @@ def train(gated: nn.Module, train_loader: DataLoader, val_loader: Iterable[Any] 
         if we_initialised:
             dist.destroy_process_group()
 
-    final_density = density(gated)
+    final_density = density(gated, weighted=weighted)
     law = None
-    pts = [(rec["gamma"], rec["density"]) for rec in recorder.records if rec["phase"] == "prune" and rec["gamma"]]
+    pts = [(rec["gamma"], rec["measured_density"]) for rec in recorder.records
+           if rec["phase"] == "prune" and rec["gamma"]]
     if len(pts) >= 3:
         try:
             law = fit_scaling_law([p[0] for p in pts], [p[1] for p in pts])

@@ -122,7 +122,7 @@ def test_depthwise_passes_through_and_grouped_blocks():
 
     x = torch.randn(2, 3, 4, 4)
     res = hf.insert_gates(DW(4), hf.GateConfig(granularity="channel"), example_inputs=x)
-    assert [g["gated"] for g in res.report.channel_groups][0]  # a -> depthwise -> c: one group
+    assert res.report.channel_groups[0]["gated"]  # a -> depthwise -> c: one group
     res = hf.insert_gates(DW(2), hf.GateConfig(granularity="channel"), example_inputs=x)
     assert not res.report.channel_groups[0]["gated"]
     assert "grouped conv" in res.report.channel_groups[0]["blocked"][0]

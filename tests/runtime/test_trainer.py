@@ -147,3 +147,19 @@ def test_amp_on_cuda_lands_on_target():  # pragma: no cover - runs on the GPU ma
         gated = _gated()
         res = hf.train(gated, train_loader, val_loader, _cfg(device="cuda", amp=amp))
         assert abs(res.sparsity - 0.8) < 0.01 and res.val_accuracy > 0.5
+
+
+def test_channel_gates_with_cost_target_land_on_the_parameter_budget():
+    train_loader, val_loader = _loaders()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 4))
+    x = torch.randn(2, 10)
+    gated = hf.insert_gates(model, hf.GateConfig(granularity="channel", cost="params", seed=0),
+                            example_inputs=x).graph_module
+    costs = sorted(g.unit_cost for g in hf.gates(gated))
+    assert costs == [10 + 1 + 16, 32 + 1 + 4]  # a hidden unit: its row (+bias) and the next layer's column
+    res = hf.train(gated, train_loader, val_loader, _cfg(target_sparsity=0.5, target_measure="cost"))
+    assert res.sparsity == pytest.approx(0.5, abs=0.03)  # landing in cost: within one unit's share
+    folded = hf.fold_masks(gated)
+    params_dense = sum(p.numel() for p in model.parameters())
+    assert folded.report.params_after < params_dense
