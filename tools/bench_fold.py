@@ -55,10 +55,10 @@ def main() -> None:
         p1, m1 = hf.count_params_and_macs(folded.graph_module, x)
         rep = folded.report
         rows.append((label, t_insert, statistics.median(times), p0, p1, m0, m1, rep.closed_units, rep.deleted_units))
-    lines = [f"Random masks closing ~{args.closed:.0%} of every channel group (channel granularity). "
-             f"Machine: {common.machine()}.", "",
-             "| model | insert_gates s | fold_masks s (median) | params before | params after | MMACs before | "
-             "MMACs after | closed units | deleted units |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [(f"Random masks closing ~{args.closed:.0%} of every channel group (channel granularity). "
+             f"Machine: {common.machine()}."), "",
+             ("| model | insert_gates s | fold_masks s (median) | params before | params after | MMACs before | "
+             "MMACs after | closed units | deleted units |"), "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r[0]} | {r[1]:.2f} | {r[2]:.2f} | {r[3]:,} | {r[4]:,} | {r[5] / 1e6:,.1f} | "
                      f"{r[6] / 1e6:,.1f} | {r[7]} | {r[8]} |")
