@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from hyperflux_fx.config import GateConfig, TrainConfig
 from hyperflux_fx.graph.cost import count_params_and_macs
-from hyperflux_fx.passes import FoldConfig, FoldReport, GateReport, PassResult, fold_masks, insert_gates
+from hyperflux_fx.passes import FoldConfig, FoldReport, GateReport, PassResult, fold_batchnorm, fold_masks, insert_gates
 from hyperflux_fx.runtime import (
     Gate,
     PressureController,
@@ -59,6 +59,7 @@ __all__ = [
     "evaluate",
     "fit_scaling_law",
     "flux",
+    "fold_batchnorm",
     "fold_masks",
     "gates",
     "get_pressure",

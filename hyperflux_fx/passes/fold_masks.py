@@ -53,6 +53,7 @@ class FoldConfig:
     round_to: int = 1  # keep channel counts multiples of this (8 suits most CPU kernels); extra = strongest closed
     min_channels: int = 1  # never delete a group down to fewer channels
     delete_dead: bool = True  # also delete channels whose weights and bias are all zero (weight masks alone)
+    fold_batchnorm: bool = False  # merge inference BatchNorms into their convs (the result is for inference)
 
     def __post_init__(self) -> None:
         if self.round_to < 1 or self.min_channels < 1:
@@ -210,6 +211,14 @@ def fold_masks(gm: fx.GraphModule, config: FoldConfig | None = None, *, example_
         graph.lint()
         gm.recompile()
 
+    if config.fold_batchnorm:
+        from hyperflux_fx.passes.fold_batchnorm import fold_batchnorm
+
+        was_training = gm.training
+        gm.eval()  # BatchNorm folding uses the running statistics: an inference model
+        bn = fold_batchnorm(gm, inplace=True)
+        gm.train(was_training)
+        rules["batchnorm_folded"] += len(bn.report["folded"])
     leftovers = [n.format_node() for n in graph.nodes if n.op == "call_module" and isinstance(
         gm.get_submodule(str(n.target)), (Gate, ChannelMask, GatedModuleCall))]
     assert not leftovers, f"fold_masks left gates in the graph: {leftovers}"

@@ -68,3 +68,27 @@ def test_edge_cases_on_resnet18():
     folded = hf.fold_masks(gated)
     assert_fold_exact(gated, folded.graph_module, (x,))
     assert folded.graph_module.get_submodule("layer1.0.conv1").weight.shape[0] == 1  # min_channels keeps one zero channel
+
+
+@pytest.mark.parametrize(("lib", "name"), [("torchvision", "resnet18"), ("torchvision", "mobilenet_v2"),
+                                           ("timm", "resnet18")])
+def test_fold_with_batchnorm_folding(lib, name):
+    model = build_real(lib, name, 32)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    gated = hf.insert_gates(model, hf.GateConfig(granularity="channel", seed=0), example_inputs=x).graph_module.eval()
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for g in hf.gates(gated):
+            g.flow.copy_(torch.rand(g.flow.shape, generator=gen) - 0.5)
+    folded = hf.fold_masks(gated, hf.FoldConfig(fold_batchnorm=True))
+    compact = folded.graph_module.eval()
+    assert folded.report.rule_counts["batchnorm_folded"] > 0
+    with torch.no_grad():  # fp32: the folded weights carry one more rounding; tolerance as in equivalence.py
+        y_m = gated(x)
+        torch.testing.assert_close(compact(x), y_m, rtol=0, atol=1e-5 * float(y_m.abs().max()))
+    # the folding itself is exact: done in float64 on the compact model, it changes nothing
+    plain = hf.fold_masks(gated).graph_module.double().eval()
+    merged = hf.fold_batchnorm(plain).graph_module
+    assert_fold_exact(plain, merged, (x.double(),))
+    used = {str(n.target) for n in compact.graph.nodes if n.op == "call_module"}
+    assert not [n for n, m in compact.named_modules() if isinstance(m, torch.nn.BatchNorm2d) and n in used]
