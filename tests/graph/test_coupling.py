@@ -126,3 +126,24 @@ def test_depthwise_passes_through_and_grouped_blocks():
     res = hf.insert_gates(DW(2), hf.GateConfig(granularity="channel"), example_inputs=x)
     assert not res.report.channel_groups[0]["gated"]
     assert "grouped conv" in res.report.channel_groups[0]["blocked"][0]
+
+
+def test_heads_rule_matches_sdpa_and_blocks_a_reused_projection():
+    from models import SDPAAttention
+
+    x = torch.randn(2, 5, 16)
+    res = hf.insert_gates(SDPAAttention(), hf.GateConfig(granularity="channel"), example_inputs=x)
+    heads = [g for g in res.report.channel_groups if g["producers"][0].endswith("#heads")]
+    assert len(heads) == 1 and heads[0]["gated"] and heads[0]["size"] == 2
+
+    class Reused(SDPAAttention):
+        def forward(self, x):
+            b, n, c = x.shape
+            qkv = self.qkv(x)
+            q, k, v = qkv.reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+            ctx = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c)
+            return x + self.proj(ctx) + qkv[..., :c]  # the projection's output is also used directly
+
+    res = hf.insert_gates(Reused(), hf.GateConfig(granularity="channel"), example_inputs=x)
+    heads = [g for g in res.report.channel_groups if g["producers"][0].endswith("#heads")]
+    assert len(heads) == 1 and not heads[0]["gated"] and "also used elsewhere" in heads[0]["blocked"][0]
