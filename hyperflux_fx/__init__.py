@@ -34,12 +34,16 @@ from hyperflux_fx.runtime import (
     train,
     train_dense,
 )
+from hyperflux_fx.runtime.onnx_export import ExportCheckError, ExportError, ExportReport, export_onnx, measure_latency
 from hyperflux_fx.trace import ExampleInputError, SourceError, TraceError, load_source, trace
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ExampleInputError",
+    "ExportCheckError",
+    "ExportError",
+    "ExportReport",
     "FoldConfig",
     "FoldReport",
     "Gate",
@@ -57,6 +61,7 @@ __all__ = [
     "count_params_and_macs",
     "density",
     "evaluate",
+    "export_onnx",
     "fit_scaling_law",
     "flux",
     "fold_batchnorm",
@@ -66,6 +71,7 @@ __all__ = [
     "insert_gates",
     "layer_density",
     "load_source",
+    "measure_latency",
     "pressure_loss",
     "reset_flux",
     "set_pressure",
