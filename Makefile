@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/hyperflux-compile examples/digits_cnn.py --plan
+	$(VENV)/bin/hyperflux-compile examples/digits_cnn.py --out runs/demo --force
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q

@@ -1,10 +1,15 @@
-"""hyperflux-compile: the command users run.
+"""hyperflux-compile: learn what to prune with Hyperflux and hand back a verified compact model.
 
-What works today: ``--plan`` loads the model (``model.py``, ``timm:NAME`` or ``torchvision:NAME``),
-traces it, inserts gates and prints the gating report. Training, folding and export arrive with
-their issues; until then the command refuses to run without ``--plan`` rather than pretend.
+``hyperflux-compile SOURCE [flags]`` where SOURCE is ``model.py`` (``build_model()``, optional
+``example_inputs()``, ``datasets()``, ``loss_fn``), ``timm:NAME`` or ``torchvision:NAME``. The run:
+dense training (unless ``--weights``), gate insertion, Hyperflux pruning + regrowth, fold, ONNX export
+with parity check, latency, then ``--out`` receives compact.onnx, compact.pt, summary.json,
+metrics.jsonl, checkpoints/, report.html and run.log. Everything is written to ``OUT.partial`` and
+renamed to ``OUT`` at the end; an interrupted run continues with ``--resume``.
 
-Exit codes: 0 success, 2 bad input (one line on stderr).
+Exit codes: 0 success, 1 training failed (e.g. non-finite loss; the last good checkpoint is kept),
+2 bad input (one line on stderr, nothing written). Multi-GPU:
+``torchrun --nproc-per-node N -m hyperflux_fx.cli SOURCE ...``.
 """
 
 from __future__ import annotations
@@ -12,11 +17,23 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+import os
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 __all__ = ["build_parser", "main"]
+
+log = logging.getLogger("hyperflux_fx.cli")
+
+
+class UsageError(Exception):
+    """Bad input: exit code 2."""
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -29,28 +46,48 @@ def _shape(text: str) -> tuple[int, ...]:
     return dims
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="hyperflux-compile",
-        description="Learn what to prune with Hyperflux and compile a smaller model. "
-                    "Available now: --plan (trace, insert gates, print the gating plan).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument("source", help="model.py (with build_model()), timm:NAME or torchvision:NAME")
-    parser.add_argument("--plan", action="store_true", help="print the gating plan and exit without training")
-    parser.add_argument("--granularity", choices=("weight", "channel", "hybrid"), default="weight",
-                        help="gate granularity: weights, channel groups, or both")
-    parser.add_argument("--input-shape", type=_shape, default=None,
-                        help="example input shape incl. batch, e.g. 2,3,32,32 (default: from the source)")
-    parser.add_argument("--weights", default=None, help="state-dict file to load (torch.load weights_only=True)")
-    parser.add_argument("--num-classes", type=int, default=None, help="classifier width for timm/torchvision models")
-    parser.add_argument("--leaf", action="append", default=[], metavar="QUALNAME",
-                        help="keep this submodule opaque when tracing (repeatable)")
-    parser.add_argument("--exclude", action="append", default=[], metavar="GLOB",
-                        help="do not gate parameters matching this glob (repeatable)")
-    parser.add_argument("--json", action="store_true", help="print the plan as JSON instead of tables")
-    parser.add_argument("--quiet", action="store_true", help="print only errors")
-    return parser
+    p = _Parser(prog="hyperflux-compile", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                description="Learn what to prune with Hyperflux, fold it into a smaller model, export it to ONNX "
+                            "and measure it. Multi-GPU: torchrun --nproc-per-node N -m hyperflux_fx.cli SOURCE ...")
+    p.add_argument("source", help="model.py (with build_model()), timm:NAME or torchvision:NAME")
+    p.add_argument("--data", default=None, help="digits | cifar10:ROOT | cifar100:ROOT | imagefolder:ROOT | synthetic "
+                                                "(default: model.py's datasets(), else digits)")
+    p.add_argument("--target-sparsity", type=float, default=0.9, help="fraction of gated units to remove, in (0, 1)")
+    p.add_argument("--granularity", choices=("weight", "channel", "hybrid"), default="weight",
+                   help="gate weights, channel groups (channels/heads/hidden units), or both")
+    p.add_argument("--target", choices=("count", "params", "macs"), default="count",
+                   help="what the sparsity counts: gated units, or their parameters / MACs (channel gates)")
+    p.add_argument("--epochs", type=int, default=10, help="pruning-phase epochs")
+    p.add_argument("--regrowth-epochs", type=int, default=5, help="regrowth-phase epochs")
+    p.add_argument("--dense-epochs", type=int, default=10, help="dense training first, when --weights is not given")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=0.1, help="weight learning rate (pruning phase and dense training)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="output directory (default: runs/<model name>)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.add_argument("--plan", action="store_true", help="print the gating/coupling plan and exit without training")
+    p.add_argument("--no-export", action="store_true", help="skip ONNX export and latency")
+    p.add_argument("--round-to", type=int, default=1, help="keep channel counts multiples of this when folding")
+    p.add_argument("--input-shape", type=_shape, default=None, help="example input shape incl. batch, e.g. 2,3,32,32")
+    p.add_argument("--weights", default=None, help="state-dict file of trained dense weights (weights_only load)")
+    p.add_argument("--num-classes", type=int, default=None, help="classifier width for timm/torchvision models")
+    p.add_argument("--workers", type=int, default=0, help="data loader worker processes")
+    p.add_argument("--max-intervals", type=int, default=None,
+                   help="stop after this many scheduler intervals (resumable with --resume)")
+    p.add_argument("--leaf", action="append", default=[], metavar="QUALNAME", help="keep a submodule opaque")
+    p.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="do not gate matching parameters")
+    p.add_argument("--json", action="store_true", help="with --plan: print the plan as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or tables; errors only")
+    return p
 
 
 def _fail(message: str, code: int = 2) -> int:
@@ -59,44 +96,279 @@ def _fail(message: str, code: int = 2) -> int:
     return code
 
 
+def _say(args: argparse.Namespace, text: str) -> None:
+    if not args.quiet:
+        print(text)
+    log.info(text)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code."""
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if not args.quiet else logging.ERROR, format="%(levelname)s %(message)s")
-    import hyperflux_fx as hf
-
-    if not args.plan:
-        return _fail("only --plan is available in this version (training, folding and export are not built yet); "
-                     "run: hyperflux-compile SOURCE --plan")
     try:
-        config = hf.GateConfig(granularity=args.granularity, exclude=tuple(args.exclude))
-        t0 = time.perf_counter()
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    logging.basicConfig(format="%(levelname)s %(message)s")
+    for h in logging.getLogger().handlers:  # the console shows warnings (errors with --quiet); run.log has all
+        if not isinstance(h, logging.FileHandler):
+            h.setLevel(logging.ERROR if args.quiet else logging.WARNING)
+    try:
+        return _run(args)
+    except UsageError as exc:
+        return _fail(str(exc))
+
+
+def _validate(args: argparse.Namespace) -> Path | None:
+    import torch
+
+    if not 0.0 < args.target_sparsity < 1.0:
+        raise UsageError(f"--target-sparsity must be in (0, 1), got {args.target_sparsity}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available on this machine (use --device cpu or auto)")
+    for name in ("epochs", "batch_size", "round_to", "dense_epochs"):
+        if getattr(args, name) < (0 if name == "dense_epochs" else 1):
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.regrowth_epochs < 0:
+        raise UsageError(f"--regrowth-epochs must be >= 0, got {args.regrowth_epochs}")
+    if args.target != "count" and args.granularity == "weight":
+        raise UsageError("--target params|macs needs --granularity channel or hybrid (weight gates cost 1 each)")
+    if args.plan:
+        return None
+    out = Path(args.out) if args.out else Path("runs") / Path(args.source.split(":")[-1]).stem
+    if out.exists() and not (args.resume or args.force):
+        raise UsageError(f"--out {out} exists: pass --resume to continue it or --force to replace it")
+    if args.resume and not (out.with_name(out.name + ".partial").exists() or out.exists()):
+        raise UsageError(f"--resume: nothing to resume in {out} (no {out.name}.partial or {out.name})")
+    return out
+
+
+def _num_classes(model: Any, inputs: tuple[Any, ...]) -> int:
+    import torch
+
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        out = model(*inputs)
+    model.train(was)
+    if not isinstance(out, torch.Tensor) or out.dim() < 2:
+        raise UsageError("the model's output is not (batch, classes) logits: give model.py a loss_fn and datasets()")
+    return int(out.shape[-1])
+
+
+def _run(args: argparse.Namespace) -> int:
+    import torch
+
+    import hyperflux_fx as hf
+    from hyperflux_fx.data import DataError, resolve_datasets
+
+    out = _validate(args)
+    torch.manual_seed(args.seed)
+    try:
         loaded = hf.load_source(args.source, input_shape=args.input_shape, weights=args.weights,
                                 num_classes=args.num_classes)
-        t1 = time.perf_counter()
-        gm = hf.trace(loaded.model, loaded.example_inputs, leaf_modules=tuple(args.leaf))
-        t2 = time.perf_counter()
-        result = hf.insert_gates(gm, config, example_inputs=loaded.example_inputs, inplace=True)
-        t3 = time.perf_counter()
-    except (hf.SourceError, hf.TraceError, hf.ExampleInputError, NotImplementedError, ValueError, TypeError) as exc:
-        return _fail(str(exc))
+    except hf.SourceError as exc:
+        raise UsageError(str(exc)) from exc
+    except Exception as exc:  # build_model() itself failing
+        raise UsageError(f"building the model failed: {type(exc).__name__}: {exc}") from exc
+    model, inputs = loaded.model, loaded.example_inputs
+    gate_cfg = hf.GateConfig(granularity=args.granularity, exclude=tuple(args.exclude), seed=args.seed,
+                             cost={"count": "count", "params": "params", "macs": "macs"}[args.target])
+    try:
+        gm = hf.trace(model, inputs, leaf_modules=tuple(args.leaf))
+        if args.plan:
+            t0 = time.perf_counter()
+            res = hf.insert_gates(gm, gate_cfg, example_inputs=inputs, inplace=True)
+            return _print_plan(args, loaded, res, time.perf_counter() - t0)
+        hf.insert_gates(gm, gate_cfg, example_inputs=inputs)  # validate gating before any work is done
+    except (hf.TraceError, hf.ExampleInputError, ValueError, NotImplementedError) as exc:
+        raise UsageError(str(exc)) from exc
+    # data
+    sample_shape = tuple(inputs[0].shape[1:])
+    try:
+        if args.data is None and loaded.datasets is not None:
+            train_set, val_set = loaded.datasets()
+            data_name = f"{args.source}:datasets()"
+        else:
+            data_name = args.data or "digits"
+            train_set, val_set = resolve_datasets(data_name, sample_shape=sample_shape,
+                                                  num_classes=_num_classes(model, inputs), seed=args.seed)
+    except DataError as exc:
+        raise UsageError(str(exc)) from exc
+    got = tuple(train_set[0][0].shape)
+    if got != sample_shape:
+        raise UsageError(f"the data's inputs have shape {got} but the model's example input is {sample_shape}")
+    assert out is not None
+    return _compile(args, out, loaded, train_set, val_set, data_name, gate_cfg)
+
+
+def _print_plan(args: argparse.Namespace, loaded: Any, res: Any, seconds: float) -> int:
+    report = res.report
     if args.quiet:
         return 0
-    report = result.report
     if args.json:
-        out = report.to_dict()
-        out["source"] = args.source
-        out["seconds"] = {"load": t1 - t0, "trace": t2 - t1, "insert_gates": t3 - t2}
-        print(json.dumps(out, indent=2))
+        data = report.to_dict()
+        data["source"] = args.source
+        data["seconds"] = {"insert_gates": seconds}
+        print(json.dumps(data, indent=2))
         return 0
     total = sum(p.numel() for p in loaded.model.parameters())
     print(f"source: {args.source}  example input: {[tuple(x.shape) for x in loaded.example_inputs]}")
-    print(f"parameters: {total:,}  gated elements: {report.gated_elements:,} "
-          f"({100.0 * report.gated_elements / max(total, 1):.1f}% of all parameters)")
-    print(f"time: load {t1 - t0:.2f}s  trace {t2 - t1:.2f}s  insert_gates {t3 - t2:.2f}s")
+    print(f"parameters: {total:,}  gated units: {report.gated_elements:,}  insert_gates: {seconds:.2f}s")
     print()
     print(report)
     return 0
+
+
+def _compile(args: argparse.Namespace, out: Path, loaded: Any, train_set: Any, val_set: Any, data_name: str,
+             gate_cfg: Any) -> int:
+    import torch
+    from torch.utils.data import DataLoader
+
+    import hyperflux_fx as hf
+
+    t_start = time.perf_counter()
+    if args.force and out.exists() and not args.resume:
+        shutil.rmtree(out)
+    partial = out.with_name(out.name + ".partial")
+    if args.resume and out.exists() and not partial.exists():
+        out.rename(partial)  # a finished run resumed: re-run its tail from the checkpoint
+    if not args.resume and partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(partial / "run.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("hyperflux_fx")
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        return _pipeline(args, out, partial, loaded, train_set, val_set, data_name, gate_cfg, t_start,
+                         DataLoader, torch, hf)
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+
+
+def _pipeline(args, out, partial, loaded, train_set, val_set, data_name, gate_cfg, t_start, DataLoader, torch, hf):
+    model, inputs = loaded.model, loaded.example_inputs
+    train_loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, num_workers=args.workers)
+    val_loader = DataLoader(val_set, batch_size=max(args.batch_size, 256), num_workers=args.workers)
+    loss_fn = loaded.loss_fn
+    device = "cuda" if (args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())) else "cpu"
+    _say(args, f"hyperflux-compile {args.source} -> {out}  (data: {data_name}, device: {device})")
+
+    # 1. dense model
+    dense_file = partial / "dense.pt"
+    if args.weights:
+        dense_note = f"loaded from {args.weights}"
+    elif args.resume and dense_file.exists():
+        model.load_state_dict(torch.load(dense_file, map_location="cpu", weights_only=True))
+        dense_note = "loaded from the interrupted run"
+    elif args.dense_epochs > 0:
+        _say(args, f"[1/5] dense training: {args.dense_epochs} epochs")
+        hf.train_dense(model, train_loader, epochs=args.dense_epochs, lr=args.lr, seed=args.seed, device=device,
+                       loss_fn=loss_fn)
+        model.cpu()
+        torch.save(model.state_dict(), dense_file)
+        dense_note = f"trained {args.dense_epochs} epochs"
+    else:
+        dense_note = "random init (--dense-epochs 0)"
+    dense_acc = hf.evaluate(model.to(device), val_loader)
+    model.cpu()
+    _say(args, f"      dense model ({dense_note}): val accuracy {dense_acc:.4f}")
+
+    # 2. gates + Hyperflux
+    res = hf.insert_gates(model, gate_cfg, example_inputs=inputs)
+    gated = res.graph_module
+    _say(args, f"[2/5] Hyperflux: target sparsity {args.target_sparsity} ({args.target}), granularity "
+               f"{args.granularity}, {args.epochs} pruning + {args.regrowth_epochs} regrowth epochs")
+    cfg = hf.TrainConfig(target_sparsity=args.target_sparsity, epochs=args.epochs, regrowth_epochs=args.regrowth_epochs,
+                         lr=args.lr, seed=args.seed, device=args.device, out_dir=str(partial), resume=args.resume,
+                         progress=not args.quiet, max_intervals=args.max_intervals,
+                         target_measure="cost" if args.target != "count" else "count")
+    try:
+        result = hf.train(gated, train_loader, val_loader, cfg, loss_fn=loss_fn)
+    except hf.TrainingError as exc:
+        log.error("%s", exc)
+        return _fail(f"training failed: {exc} (resume with --resume after fixing the cause)", code=1)
+    except ValueError as exc:  # a checkpoint that does not match
+        return _fail(str(exc))
+    if not result.completed:
+        _say(args, f"stopped after {result.intervals} intervals (--max-intervals); continue with --resume. "
+                   f"Partial run in {partial}")
+        return 0
+    gated.cpu()
+    pruned_acc = hf.evaluate(gated, val_loader)
+
+    # 3. fold
+    _say(args, "[3/5] fold_masks")
+    folded = hf.fold_masks(gated, hf.FoldConfig(round_to=args.round_to))
+    compact = folded.graph_module.eval()
+    compact_acc = hf.evaluate(compact, val_loader)
+    params_dense, macs_dense = hf.count_params_and_macs(model, inputs)
+    params_stored, macs_compact = hf.count_params_and_macs(compact, inputs)
+    params_nonzero = sum(int((p != 0).sum()) for p in compact.parameters())
+
+    # 4. export and measure
+    summary: dict[str, Any] = {
+        "source": args.source, "data": data_name, "target_sparsity": args.target_sparsity,
+        "achieved_sparsity": result.sparsity, "target_measure": args.target, "granularity": args.granularity,
+        "dense_accuracy": dense_acc, "pruned_accuracy": pruned_acc, "compact_accuracy": compact_acc,
+        "params_dense": params_dense, "params_compact": params_nonzero, "params_compact_stored": params_stored,
+        "macs_dense": macs_dense, "macs_compact": macs_compact,
+        "onnx_parity_max_abs_diff": None, "ort_latency_ms_dense": None, "ort_latency_ms_compact": None,
+        "deleted_units": folded.report.deleted_units, "closed_units": folded.report.closed_units,
+    }
+    if not args.no_export:
+        _say(args, "[4/5] ONNX export, parity check, latency")
+        try:
+            rep = hf.export_onnx(compact, inputs, partial / "compact.onnx")
+            with tempfile.TemporaryDirectory() as tmp:
+                hf.export_onnx(model.eval(), inputs, Path(tmp) / "dense.onnx")
+                batch = int(inputs[0].shape[0])
+                lat_d = hf.measure_latency(Path(tmp) / "dense.onnx", batch_sizes=(batch,), repeats=10)[batch]
+            lat_c = hf.measure_latency(partial / "compact.onnx", batch_sizes=(batch,), repeats=10)[batch]
+        except (hf.ExportError, hf.ExportCheckError) as exc:
+            return _fail(f"export failed: {exc}", code=1)
+        summary.update(onnx_parity_max_abs_diff=rep.max_abs_diff, ort_latency_ms_dense=lat_d["median_ms"],
+                       ort_latency_ms_compact=lat_c["median_ms"], onnx_file_bytes=rep.file_bytes,
+                       latency_batch=batch)
+    torch.save({"state_dict": compact.state_dict(), "code": compact.code,
+                "example_input_shapes": [list(x.shape) for x in inputs]}, partial / "compact.pt")
+    summary["wall_seconds"] = time.perf_counter() - t_start
+
+    # 5. report
+    _say(args, "[5/5] report")
+    from hyperflux_fx.report.html import render_report
+
+    law = result.law.to_dict() if result.law is not None else None
+    summary["law"] = law
+    (partial / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    page = render_report(summary, result.history, res.report.to_dict(), folded.report.to_dict(), law)
+    (partial / "report.html").write_text(page, encoding="utf-8")
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(partial, out)
+    if not args.quiet:
+        _print_summary(summary, out)
+    return 0
+
+
+def _print_summary(summary: dict[str, Any], out: Path) -> None:
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}" if not math.isnan(v) else "nan"
+        if isinstance(v, int):
+            return f"{v:,}"
+        return str(v)
+
+    keys = ["achieved_sparsity", "dense_accuracy", "pruned_accuracy", "compact_accuracy", "params_dense",
+            "params_compact", "macs_dense", "macs_compact", "onnx_parity_max_abs_diff", "ort_latency_ms_dense",
+            "ort_latency_ms_compact", "wall_seconds"]
+    width = max(len(k) for k in keys)
+    print()
+    for k in keys:
+        print(f"  {k:<{width}}  {fmt(summary.get(k))}")
+    print(f"\n  written to {out}/ (compact.onnx, compact.pt, summary.json, metrics.jsonl, report.html, run.log)")
 
 
 if __name__ == "__main__":  # pragma: no cover - `python -m hyperflux_fx.cli`

@@ -1,66 +1,188 @@
-"""hyperflux-compile --plan: the one thing the command does until training lands; bad input exits 2."""
+"""hyperflux-compile end to end on digits, --plan, --resume, the report, and bad input.
+
+Runs are short (2 dense + 2 pruning + 1 regrowth epochs) so the suite stays fast; they check that
+the outputs are consistent, not that the model is good (bench_sparsity does that).
+"""
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import subprocess
 import sys
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+import torch
 
 from hyperflux_fx.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = str(ROOT / "examples" / "digits_cnn.py")
+FAST = ["--dense-epochs", "2", "--epochs", "2", "--regrowth-epochs", "1", "--quiet"]
 
 
 def test_plan_on_the_embedded_example(capsys):
-    assert main([str(ROOT / "examples" / "digits_cnn.py"), "--plan"]) == 0
+    assert main([EXAMPLE, "--plan"]) == 0
     out = capsys.readouterr().out
     assert "10 tensors gated" in out and "layer3.conv2.weight" in out and "bn1.weight" in out
 
 
 def test_plan_channel_granularity_lists_groups(capsys):
-    assert main([str(ROOT / "examples" / "digits_cnn.py"), "--plan", "--granularity", "channel"]) == 0
+    assert main([EXAMPLE, "--plan", "--granularity", "channel"]) == 0
     out = capsys.readouterr().out
     assert "channel groups" in out and "consumed by the graph output" in out
 
 
 def test_plan_json(capsys):
-    assert main([str(ROOT / "examples" / "digits_cnn.py"), "--plan", "--json", "--exclude", "fc.*"]) == 0
+    assert main([EXAMPLE, "--plan", "--json", "--exclude", "fc.*"]) == 0
     data = json.loads(capsys.readouterr().out)
     names = [g["name"] for g in data["gated"]]
     assert len(names) == 9 and "fc.weight" not in names
-    assert data["gated_elements"] == sum(g["numel"] for g in data["gated"])
+
+
+@pytest.mark.parametrize("granularity", ["weight", "channel"])
+def test_end_to_end_on_digits(tmp_path, granularity):
+    out = tmp_path / "run"
+    assert main([EXAMPLE, "--out", str(out), "--granularity", granularity, "--target-sparsity", "0.7", *FAST]) == 0
+    for name in ("compact.onnx", "compact.pt", "summary.json", "metrics.jsonl", "report.html", "run.log",
+                 "checkpoints/last.pt"):
+        assert (out / name).exists(), name
+    assert not out.with_name("run.partial").exists()
+    s = json.loads((out / "summary.json").read_text())
+    for field in ("source", "target_sparsity", "achieved_sparsity", "granularity", "dense_accuracy", "pruned_accuracy",
+                  "compact_accuracy", "params_dense", "params_compact", "macs_dense", "macs_compact",
+                  "onnx_parity_max_abs_diff", "ort_latency_ms_dense", "ort_latency_ms_compact", "wall_seconds"):
+        assert field in s and s[field] is not None, field
+    assert abs(s["achieved_sparsity"] - 0.7) <= 0.005
+    assert s["params_compact"] < s["params_dense"]
+    assert s["onnx_parity_max_abs_diff"] < 1e-3
+    assert abs(s["compact_accuracy"] - s["pruned_accuracy"]) <= 1 / 360 + 1e-9  # at most one image flips
+    if granularity == "channel":
+        assert s["macs_compact"] < s["macs_dense"] and s["deleted_units"] > 0
+    saved = torch.load(out / "compact.pt", weights_only=True)
+    assert "def forward" in saved["code"] and saved["state_dict"]
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(lines[-1])["phase"] == "regrow"
+    _check_report(out / "report.html")
+
+
+class _Collect(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.imgs: list[str] = []
+        self.tables = 0
+        self.rows_per_table: list[int] = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.imgs.append(dict(attrs)["src"])
+        elif tag == "table":
+            self.tables += 1
+            self.rows_per_table.append(0)
+        elif tag == "tr" and self.rows_per_table:
+            self.rows_per_table[-1] += 1
+
+
+def _check_report(path: Path) -> None:
+    from PIL import Image
+
+    parser = _Collect()
+    parser.feed(path.read_text(encoding="utf-8"))
+    assert len(parser.imgs) >= 6
+    for src in parser.imgs:
+        assert src.startswith("data:image/png;base64,")
+        img = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))
+        img.verify()
+        assert img.format == "PNG"
+    assert parser.tables >= 4 and all(rows >= 2 for rows in parser.rows_per_table)  # header + at least one row
+
+
+def test_resume_after_an_interrupted_run(tmp_path):
+    out = tmp_path / "run"
+    assert main([EXAMPLE, "--out", str(out), "--max-intervals", "5", *FAST]) == 0
+    partial = out.with_name("run.partial")
+    assert partial.exists() and not out.exists()
+    assert torch.load(partial / "checkpoints" / "last.pt", weights_only=True)["intervals"] == 5
+    assert main([EXAMPLE, "--out", str(out), "--resume", *FAST]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert abs(s["achieved_sparsity"] - 0.9) <= 0.005 and not partial.exists()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["interval"] for r in records] == list(range(1, len(records) + 1))
+
+
+BAD_FILES = {
+    "syntax.py": ("def build_model(:\n", "syntax error"),
+    "nobuild.py": ("x = 1\n", "build_model"),
+    "untraceable.py": (("import torch\nclass M(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+                       "        self.fc = torch.nn.Linear(3, 3)\n    def forward(self, x):\n"
+                       "        return self.fc(x) if x.sum() > 0 else x\n"
+                       "def build_model():\n    return M()\ndef example_inputs():\n    return torch.ones(2, 3)\n"),
+                       "cannot trace"),
+}
 
 
 @pytest.mark.parametrize(("args", "match"), [
-    (["missing_model.py", "--plan"], "not found"),
-    (["timm:resnet_18", "--plan"], "did you mean"),
-    (["EXAMPLE", "--plan", "--input-shape", "2,3,9,9"], "does not run on example inputs"),
-    (["EXAMPLE"], "only --plan"),
+    (["missing_model.py"], "not found"),
+    (["FILE:syntax.py"], "syntax error"),
+    (["FILE:nobuild.py"], "build_model"),
+    (["FILE:untraceable.py"], "cannot trace"),
+    ([EXAMPLE, "--input-shape", "2,3,9,9"], "does not run on example inputs"),
+    ([EXAMPLE, "--target-sparsity", "1.5"], "--target-sparsity must be in (0, 1)"),
+    ([EXAMPLE, "--target-sparsity", "0"], "--target-sparsity must be in (0, 1)"),
+    (["torchvision:resnet18", "--num-classes", "10", "--input-shape", "2,3,32,32", "--data", "cifar10:/nonexistent"],
+     "cifar-10-batches-py"),
+    ([EXAMPLE, "--data", "imagenet"], "unknown dataset"),
+    (["timm:resnet_18"], "did you mean"),
 ])
-def test_bad_input_is_one_line_and_exit_2(capsys, args, match):
-    args = [str(ROOT / "examples" / "digits_cnn.py") if a == "EXAMPLE" else a for a in args]
-    assert main(args) == 2
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, args, match):
+    for name, (text, _) in BAD_FILES.items():
+        (tmp_path / name).write_text(text)
+    args = [str(tmp_path / a[5:]) if a.startswith("FILE:") else a for a in args]
+    out = tmp_path / "out"
+    assert main([*args, "--out", str(out), *FAST]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("hyperflux-compile: error:") and match in err and "\n" not in err
+    assert err.startswith("hyperflux-compile: error:") and match in err and "\n" not in err, err
+    assert not out.exists() and not out.with_name("out.partial").exists()
 
 
-def test_untraceable_model_file(tmp_path, capsys):
-    f = tmp_path / "model.py"
-    f.write_text("import torch\n"
-                 "class M(torch.nn.Module):\n"
-                 "    def __init__(self):\n        super().__init__()\n        self.fc = torch.nn.Linear(3, 3)\n"
-                 "    def forward(self, x):\n        return self.fc(x) if x.sum() > 0 else x\n"
-                 "def build_model():\n    return M()\n"
-                 "def example_inputs():\n    return torch.ones(2, 3)\n")
-    assert main([str(f), "--plan"]) == 2
+def test_existing_out_needs_resume_or_force(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main([EXAMPLE, "--out", str(out), *FAST]) == 2
+    assert "--resume" in capsys.readouterr().err and (out / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
+def test_device_cuda_without_gpu(tmp_path, capsys):
+    assert main([EXAMPLE, "--device", "cuda", "--out", str(tmp_path / "o"), *FAST]) == 2
+    assert "no CUDA device" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_nan_loss_exits_1_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+    model_py = tmp_path / "nan_model.py"
+    model_py.write_text(
+        "import sys, torch\n"
+        f"sys.path.insert(0, {str(ROOT / 'examples')!r})\n"
+        "from digits_cnn import build_model, example_inputs, datasets\n"
+        "calls = [0]\n"
+        "def loss_fn(out, y):\n"
+        "    calls[0] += 1\n"
+        "    loss = torch.nn.functional.cross_entropy(out, y)\n"
+        "    return loss * float('nan') if calls[0] > 60 else loss\n")
+    out = tmp_path / "out"
+    assert main([str(model_py), "--out", str(out), *FAST]) == 1
     err = capsys.readouterr().err
-    assert "cannot trace" in err and "leaf_modules" in err
+    assert "loss became nan" in err and "--resume" in err
+    ckpt = torch.load(out.with_name("out.partial") / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["intervals"] >= 1 and not out.exists()
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
 
 def test_console_script_runs_as_module():
     proc = subprocess.run([sys.executable, "-m", "hyperflux_fx.cli", "--help"], capture_output=True, text=True,
                           check=False, timeout=120)
-    assert proc.returncode == 0 and "--plan" in proc.stdout and "--input-shape" in proc.stdout
+    assert proc.returncode == 0 and "--plan" in proc.stdout and "--target-sparsity" in proc.stdout

@@ -1,0 +1,153 @@
+"""The self-contained HTML report of a hyperflux-compile run: figures (matplotlib, embedded PNG) and
+the gating and folding reports as tables."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+from typing import Any
+
+__all__ = ["figures", "render_report"]
+
+
+def _png(fig: Any) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def figures(history: list[dict[str, Any]], summary: dict[str, Any], fold_groups: list[dict[str, Any]],
+            law: dict[str, float] | None) -> list[tuple[str, str]]:
+    """(title, base64 PNG) for each figure the run has data for."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out: list[tuple[str, str]] = []
+    if history:
+        x = [r["step"] for r in history]
+        fig, ax = plt.subplots(figsize=(6.4, 3.6))
+        ax.plot(x, [r["measured_density"] for r in history], label="measured density", lw=2)
+        planned = [(r["step"], r["planned"]) for r in history if r.get("planned") is not None]
+        if planned:
+            ax.plot(*zip(*planned, strict=True), "--", label="planned R(e) (pruning phase)")
+        ax.axhline(history[-1]["target_density"], color="k", lw=0.8, ls=":", label="target")
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_ylabel("density")
+        ax.legend()
+        ax.set_title("Density trajectory vs plan")
+        out.append(("Density trajectory vs planned", _png(fig)))
+
+        fig, ax = plt.subplots(figsize=(6.4, 3.0))
+        ax.step(x, [r["gamma"] for r in history], where="post")
+        ax.set_xlabel("step")
+        ax.set_ylabel("gamma")
+        ax.set_title("Pressure over time")
+        out.append(("Pressure over time", _png(fig)))
+
+        fig, ax = plt.subplots(figsize=(6.4, 3.0))
+        ax.bar(x, [r["regrown"] for r in history], width=max(1, (x[-1] - x[0]) / max(len(x), 1) * 0.4),
+               label="pruned -> active (regrowth)")
+        ax.bar(x, [-r["pruned"] for r in history], width=max(1, (x[-1] - x[0]) / max(len(x), 1) * 0.4),
+               label="active -> pruned")
+        ax.set_xlabel("step")
+        ax.set_ylabel("flips per interval")
+        ax.legend()
+        ax.set_title("Regrowth and pruning flips")
+        out.append(("Regrowth / prune flips over time", _png(fig)))
+
+        layers = history[-1].get("layers", {})
+        if layers:
+            names = list(layers)
+            fig, ax = plt.subplots(figsize=(6.4, max(2.5, 0.18 * len(names) + 1)))
+            ax.barh(range(len(names)), [layers[n]["density"] for n in names])
+            ax.set_yticks(range(len(names)))
+            ax.set_yticklabels(names, fontsize=6)
+            ax.invert_yaxis()
+            ax.set_xlabel("final density")
+            ax.set_title("Per-layer density")
+            out.append(("Per-layer density", _png(fig)))
+
+        pts = [(r["gamma"], r["measured_density"]) for r in history if r["phase"] == "prune" and r["gamma"] > 0]
+        if pts:
+            fig, ax = plt.subplots(figsize=(5.0, 3.6))
+            ax.loglog(*zip(*pts, strict=True), "o", ms=4, label="(gamma, density) per interval")
+            if law:
+                gs = sorted(p[0] for p in pts)
+                grid = [gs[0] * (gs[-1] / gs[0]) ** (i / 50) for i in range(51)] if gs[-1] > gs[0] else gs
+                ax.loglog(grid, [law["c"] * math.exp(-(law["a0"] * math.log(g) + law["a1"] * math.log(g) ** 2))
+                                 for g in grid], "-", label=f"fit: R²={law['r2']:.2f}")
+            ax.set_xlabel("gamma")
+            ax.set_ylabel("density")
+            ax.legend(fontsize=7)
+            ax.set_title("Density vs pressure")
+            out.append(("Density vs pressure (log-log) with the fitted law", _png(fig)))
+    if fold_groups:
+        groups = [g for g in fold_groups if g["before"] > 0][:60]
+        fig, ax = plt.subplots(figsize=(6.4, max(2.5, 0.18 * len(groups) + 1)))
+        ax.barh(range(len(groups)), [g["before"] for g in groups], color="#ccc", label="before")
+        ax.barh(range(len(groups)), [g["after"] for g in groups], label="after fold")
+        ax.set_yticks(range(len(groups)))
+        ax.set_yticklabels([g["name"][:40] for g in groups], fontsize=6)
+        ax.invert_yaxis()
+        ax.set_xlabel("channels / units")
+        ax.legend()
+        ax.set_title("Surviving channels per group")
+        out.append(("Surviving channels per layer", _png(fig)))
+    if summary.get("ort_latency_ms_dense") and summary.get("ort_latency_ms_compact"):
+        fig, ax = plt.subplots(figsize=(4.0, 3.0))
+        ax.bar(["dense", "compact"], [summary["ort_latency_ms_dense"], summary["ort_latency_ms_compact"]],
+               color=["#999", "#2a7"])
+        ax.set_ylabel("ms (ONNX Runtime, median)")
+        ax.set_title("Dense vs compact latency")
+        out.append(("Dense vs compact latency", _png(fig)))
+    return out
+
+
+def _table(headers: list[str], rows: list[list[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    if not rows:
+        body = f"<tr><td colspan='{len(headers)}'>(none)</td></tr>"
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def render_report(summary: dict[str, Any], history: list[dict[str, Any]], gate_report: dict[str, Any],
+                  fold_report: dict[str, Any] | None, law: dict[str, float] | None) -> str:
+    """The whole report as one HTML string."""
+    figs = figures(history, summary, (fold_report or {}).get("groups", []), law)
+    fig_html = "".join(f"<figure><img alt='{html.escape(t)}' src='data:image/png;base64,{b}'/>"
+                       f"<figcaption>{html.escape(t)}</figcaption></figure>" for t, b in figs)
+    summary_rows = [[k, v] for k, v in summary.items()]
+    gated_rows = [[g["name"], "x".join(map(str, g["shape"])), g["numel"], g["level"]] for g in gate_report["gated"]]
+    group_rows = [[g["name"], g["size"], "yes" if g["gated"] else "no", "; ".join(g["blocked"])[:200]]
+                  for g in gate_report.get("channel_groups", [])]
+    skipped_rows = [[s["name"], s["kind"], s["reason"][:200]] for s in gate_report["skipped"]]
+    fold_rows = [[g["name"], g["before"], g["after"], g["closed"], g["deleted"], g["reason"][:200]]
+                 for g in (fold_report or {}).get("groups", [])]
+    style = ("body{font-family:sans-serif;margin:2em;max-width:1100px;color:#222}"
+             "table{border-collapse:collapse;margin:0.5em 0 1.5em;font-size:13px}"
+             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}th{background:#f3f3f3}"
+             "figure{display:inline-block;margin:0.5em;vertical-align:top}figcaption{font-size:12px;color:#555}"
+             "img{max-width:520px;border:1px solid #eee}")
+    sections = [
+        f"<h1>hyperflux-compile: {html.escape(str(summary.get('source', '')))}</h1>",
+        "<h2>Summary</h2>", _table(["field", "value"], summary_rows),
+        "<h2>Figures</h2>", fig_html or "<p>(no figures)</p>",
+        "<h2>Gated tensors</h2>", _table(["tensor", "shape", "elements", "level"], gated_rows),
+    ]
+    if group_rows:
+        sections += ["<h2>Channel groups</h2>", _table(["group", "size", "gated", "why not"], group_rows)]
+    sections += ["<h2>Skipped parameters and ops</h2>", _table(["name", "kind", "reason"], skipped_rows)]
+    if fold_report is not None:
+        sections += ["<h2>Folding</h2>",
+                     _table(["group", "before", "after", "closed", "deleted", "note"], fold_rows)]
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>hyperflux report</title>"
+            f"<style>{style}</style></head><body>{''.join(sections)}</body></html>")
