@@ -266,7 +266,7 @@ def _pipeline(args, out, partial, loaded, train_set, val_set, data_name, gate_cf
     elif args.dense_epochs > 0:
         _say(args, f"[1/5] dense training: {args.dense_epochs} epochs")
         hf.train_dense(model, train_loader, epochs=args.dense_epochs, lr=args.lr, seed=args.seed, device=device,
-                       loss_fn=loss_fn)
+                       loss_fn=loss_fn, progress=not args.quiet)
         model.cpu()
         torch.save(model.state_dict(), dense_file)
         dense_note = f"trained {args.dense_epochs} epochs"

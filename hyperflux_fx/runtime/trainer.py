@@ -586,7 +586,7 @@ def train(gated: nn.Module, train_loader: DataLoader, val_loader: Iterable[Any] 
 
 def train_dense(model: nn.Module, train_loader: Iterable[Any], *, epochs: int, lr: float = 0.1,
                 momentum: float = 0.9, weight_decay: float = 5e-4, label_smoothing: float = 0.1, seed: int = 0,
-                device: str = "cpu", loss_fn: LossFn | None = None) -> nn.Module:
+                device: str = "cpu", loss_fn: LossFn | None = None, progress: bool = False) -> nn.Module:
     """Plain dense training (SGD, cosine LR to 0, label smoothing): the start the paper prunes from."""
     torch.manual_seed(seed)
     dev = _resolve_device(device)
@@ -599,6 +599,11 @@ def train_dense(model: nn.Module, train_loader: Iterable[Any], *, epochs: int, l
                           lr=lr, momentum=momentum)
     steps = epochs * len(train_loader)  # type: ignore[arg-type]
     i = 0
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, desc="dense", dynamic_ncols=True)
     for _ in range(epochs):
         for batch in train_loader:
             for group in opt.param_groups:
@@ -609,6 +614,12 @@ def train_dense(model: nn.Module, train_loader: Iterable[Any], *, epochs: int, l
             loss.backward()
             opt.step()
             i += 1
+            if bar is not None:
+                bar.update(1)
+                if i % 10 == 0:
+                    bar.set_postfix(loss=f"{loss.item():.3f}")
+    if bar is not None:
+        bar.close()
     return model
 
 
