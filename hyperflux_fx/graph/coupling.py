@@ -258,18 +258,34 @@ def _weight_op(gm: fx.GraphModule, node: fx.Node, c: Coupling, labels: dict[fx.N
                 c.revived.add(sid)
         c.rule_counts["depthwise"] += 1
         return in_label
+    w_in, w_out = (1, 0) if kind in ("conv", "linear") else (0, 1)
     if groups > 1:
-        c.block(in_label, f"grouped conv (groups={groups}) is not sliced yet: {node.format_node()}")
-        sid = c.new_space(Producer(node.name, -1, wt, bt, 0 if kind == "conv" else 1), out_ch)
-        c.blocks[sid].append(f"output of a grouped conv (groups={groups}): {node.format_node()}")
-        return Label(ch_dim, (Seg(sid, out_ch),))
+        return _blocked_output(c, node, in_label, wt, bt, w_out, out_ch, ch_dim,
+                               f"grouped conv (groups={groups}) is not sliced yet: {node.format_node()}")
+    return _consume_produce(c, node, x, in_label, kind=kind, wt=wt, bt=bt, in_ch=in_ch, out_ch=out_ch,
+                            ch_dim=ch_dim, w_in=w_in, w_out=w_out)
+
+
+def _blocked_output(c: Coupling, node: fx.Node, in_label: Label | None, wt: str, bt: str | None, w_out: int,
+                    out_ch: int, ch_dim: int, reason: str) -> Label:
+    """A weight op we cannot slice: block what it reads, and give its output a blocked space."""
+    c.block(in_label, reason)
+    sid = c.new_space(Producer(node.name, -1, wt, bt, w_out), out_ch)
+    c.blocks[sid].append(f"output of: {reason}")
+    return Label(ch_dim, (Seg(sid, out_ch),))
+
+
+def _consume_produce(c: Coupling, node: fx.Node, x: Any, in_label: Label | None, *, kind: str, wt: str,
+                     bt: str | None, in_ch: int, out_ch: int, ch_dim: int, w_in: int, w_out: int) -> Label:
+    """conv / linear: record the input as consumed (weight dim ``w_in``) and the output as a new space
+    (weight dim ``w_out``)."""
     if in_label is not None:
         in_dim = len(_shape(x) or ()) - 1 if kind == "linear" else 1
         if in_label.dim != in_dim or in_label.width != in_ch:
             c.block(in_label, f"{kind} reads channels on another dim: {node.format_node()}")
         else:
-            c.consumers.append(Consumer(node.name, in_label, wt, 1 if kind in ("conv", "linear") else 0))
-    sid = c.new_space(Producer(node.name, -1, wt, bt, 0 if kind in ("conv", "linear") else 1), out_ch)
+            c.consumers.append(Consumer(node.name, in_label, wt, w_in))
+    sid = c.new_space(Producer(node.name, -1, wt, bt, w_out), out_ch)
     if bt is not None:
         c.revived.add(sid)
     c.rule_counts[kind] += 1
@@ -752,27 +768,12 @@ def _module_weight(gm, node, c, labels, mod, path, kind):
     groups = getattr(mod, "groups", 1)
     in_ch, out_ch = (mod.in_channels, mod.out_channels) if kind == "conv" else (mod.in_features, mod.out_features)
     ch_dim = len(out_shape) - 1 if kind == "linear" else 1
-    if kind == "conv" and groups > 1 and groups == in_ch == out_ch:
-        c.block(in_label, f"depthwise conv module {path} (functionalise it with insert_gates first)")
-        sid = c.new_space(Producer(node.name, -1, wt, bt, 0), out_ch)
-        c.blocks[sid].append(f"depthwise conv module {path}")
-        return Label(ch_dim, (Seg(sid, out_ch),))
-    if groups > 1:
-        c.block(in_label, f"grouped conv module {path} is not sliced yet")
-        sid = c.new_space(Producer(node.name, -1, wt, bt, 0), out_ch)
-        c.blocks[sid].append(f"grouped conv module {path}")
-        return Label(ch_dim, (Seg(sid, out_ch),))
-    if in_label is not None:
-        in_dim = len(_shape(x) or ()) - 1 if kind == "linear" else 1
-        if in_label.dim != in_dim or in_label.width != in_ch:
-            c.block(in_label, f"{kind} reads channels on another dim: {node.format_node()}")
-        else:
-            c.consumers.append(Consumer(node.name, in_label, wt, 1))
-    sid = c.new_space(Producer(node.name, -1, wt, bt, 0), out_ch)
-    if bt is not None:
-        c.revived.add(sid)
-    c.rule_counts[kind] += 1
-    return Label(ch_dim, (Seg(sid, out_ch),))
+    if kind == "conv" and groups > 1:
+        what = "depthwise conv module (functionalise it with insert_gates first)" if groups == in_ch == out_ch \
+            else f"grouped conv module (groups={groups}), not sliced yet"
+        return _blocked_output(c, node, in_label, wt, bt, 0, out_ch, ch_dim, f"{what}: {path}")
+    return _consume_produce(c, node, x, in_label, kind=kind, wt=wt, bt=bt, in_ch=in_ch, out_ch=out_ch, ch_dim=ch_dim,
+                            w_in=1, w_out=0)
 
 
 def analyze_channels(gm: fx.GraphModule) -> Coupling:
