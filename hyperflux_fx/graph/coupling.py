@@ -319,25 +319,33 @@ def _channelwise(zero_ok: bool) -> Rule:
     return rule
 
 
-def _f_batch_norm(gm, node, c, labels):  # F.batch_norm(x, running_mean, running_var, weight, bias, ...)
-    lab = _only_label(node, labels)
+def _batch_norm(c: Coupling, node: fx.Node, lab: Label | None, tensors: list[tuple[str, str | None]],
+                module: str | None = None) -> Label | None:
+    """Per-channel affine with statistics: pass-through; ``tensors`` = (name, target or None) to slice
+    (a None target for a tensor that is present but not a parameter/buffer blocks the group)."""
     if lab is None:
         return None
     if lab.dim != 1 or len(lab.segs) != 1 or lab.segs[0].expand != 1:
-        c.block(lab, f"batch_norm over a non-channel or concatenated dim: {node.format_node()}")
+        c.block(lab, f"batch norm over a non-channel or concatenated dim: {node.format_node()}")
         return lab
     sid = lab.segs[0].space
     if sid is None:
         return lab
-    for i, name in ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias")):
-        t = _param_target(gm, _arg(node, i, name))
-        if t is not None:
-            c.params.append(ChannelParam(t, 0, sid))
-        elif isinstance(_arg(node, i, name), fx.Node):
-            c.block(lab, f"batch_norm {name} is not a parameter/buffer: {node.format_node()}")
-    c.revived.add(sid)
+    for name, target in tensors:
+        if target is None:
+            c.block(lab, f"batch norm {name} is not a parameter/buffer: {node.format_node()}")
+        else:
+            c.params.append(ChannelParam(target, 0, sid, module=module))
+    c.revived.add(sid)  # beta - mean * gamma / sigma turns a zero into a constant
     c.rule_counts["batch_norm"] += 1
     return lab
+
+
+def _f_batch_norm(gm, node, c, labels):  # F.batch_norm(x, running_mean, running_var, weight, bias, ...)
+    tensors = [(name, _param_target(gm, _arg(node, i, name)))
+               for i, name in ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias"))
+               if isinstance(_arg(node, i, name), fx.Node)]
+    return _batch_norm(c, node, _only_label(node, labels), tensors)
 
 
 def _broadcast_operand(gm: fx.GraphModule, c: Coupling, node: fx.Node, lab: Label, other: Any) -> bool:
@@ -728,20 +736,9 @@ def _module_rule(gm: fx.GraphModule, node: fx.Node, c: Coupling, labels: dict[fx
     if kind is nn.Linear and len(node.args) == 1:
         return _module_weight(gm, node, c, labels, mod, path, "linear")
     if isinstance(mod, nn.modules.batchnorm._BatchNorm):
-        lab = labels.get(x) if isinstance(x, fx.Node) else None
-        if lab is None:
-            return None
-        if lab.dim != 1 or len(lab.segs) != 1 or lab.segs[0].expand != 1:
-            c.block(lab, f"BatchNorm over concatenated groups: {node.format_node()}")
-            return lab
-        sid = lab.segs[0].space
-        if sid is not None:
-            for name in ("weight", "bias", "running_mean", "running_var"):
-                if getattr(mod, name, None) is not None:
-                    c.params.append(ChannelParam(f"{path}.{name}", 0, sid, module=path))
-            c.revived.add(sid)
-        c.rule_counts["batch_norm"] += 1
-        return lab
+        tensors = [(name, f"{path}.{name}") for name in ("weight", "bias", "running_mean", "running_var")
+                   if getattr(mod, name, None) is not None]
+        return _batch_norm(c, node, labels.get(x) if isinstance(x, fx.Node) else None, tensors, module=path)
     if isinstance(mod, (_ZERO_ACT_MODULES, _POOL_MODULES)):
         return _only_label(node, labels)
     if isinstance(mod, _NONZERO_ACT_MODULES):
