@@ -64,15 +64,15 @@ class Producer:
     weight_dim: int
     replicas: int = 1  # heads: q/k/v replicas of every unit along weight_dim
     unit_rows: int = 1  # heads: rows (head_dim) per unit within a replica
+    units: int = 0  # heads: units (heads) per replica
     parent: int | None = None  # heads: the space split into this one
 
     def rows(self, keep: torch.Tensor) -> torch.Tensor:
         """Indices along weight_dim of the kept units (heads: every replica's rows of each kept head)."""
         if self.replicas == 1 and self.unit_rows == 1:
             return keep
-        units = self.__dict__.get("_units")
         per = (keep[:, None] * self.unit_rows + torch.arange(self.unit_rows)[None, :]).flatten()
-        return torch.cat([per + r * units * self.unit_rows for r in range(self.replicas)])
+        return torch.cat([per + r * self.units * self.unit_rows for r in range(self.replicas)])
 
 
 @dataclass
@@ -516,8 +516,7 @@ def _split_heads(c: Coupling, node: fx.Node, lab: Label, dims: tuple[int, ...], 
     replicas = math.prod(dims[:-2])
     src = c.producers[parent]
     prod = Producer(src.node, -1, src.weight, src.bias, src.weight_dim, replicas=replicas, unit_rows=feat,
-                    parent=parent)
-    prod.__dict__["_units"] = units
+                    units=units, parent=parent)
     sid = c.new_space(prod, units)
     if parent in c.revived:
         c.revived.add(sid)
