@@ -180,7 +180,7 @@ def _run(args: argparse.Namespace) -> int:
             res = hf.insert_gates(gm, gate_cfg, example_inputs=inputs, inplace=True)
             return _print_plan(args, loaded, res, time.perf_counter() - t0)
         hf.insert_gates(gm, gate_cfg, example_inputs=inputs)  # validate gating before any work is done
-    except (hf.TraceError, hf.ExampleInputError, ValueError, NotImplementedError) as exc:
+    except (hf.TraceError, hf.ExampleInputError, ValueError) as exc:
         raise UsageError(str(exc)) from exc
     # data
     sample_shape = tuple(inputs[0].shape[1:])

@@ -9,10 +9,6 @@ __all__ = ["GateConfig", "Granularity", "TrainConfig"]
 
 Granularity = Literal["weight", "channel", "hybrid"]
 
-#: Granularities whose gates the current ``insert_gates`` can place. ``"channel"`` and ``"hybrid"``
-#: need the channel-coupling analysis of the fold pass; asking for them raises a clear error.
-IMPLEMENTED_GRANULARITIES: tuple[str, ...] = ("weight", "channel", "hybrid")
-
 
 @dataclass(frozen=True)
 class GateConfig:
@@ -24,7 +20,7 @@ class GateConfig:
     ViT-like models (the graph contains attention) the patch embedding and the head stay dense.
     """
 
-    granularity: Granularity = "weight"  # "weight" now; "channel"/"hybrid" arrive with fold_masks
+    granularity: Granularity = "weight"  # "weight", "channel" (groups: channels/heads/units) or "hybrid" (both)
     include: tuple[str, ...] = ("*",)  # fnmatch globs over qualified parameter names to consider
     exclude: tuple[str, ...] = ()  # globs removed after include (e.g. "head.*")
     min_numel: int = 0  # tensors with fewer elements stay dense

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from hyperflux_fx.config import IMPLEMENTED_GRANULARITIES, GateConfig
+from hyperflux_fx.config import GateConfig
 from hyperflux_fx.graph.weight_ops import (
     PASSTHROUGH_FUNCTIONS,
     PASSTHROUGH_METHODS,
@@ -276,7 +276,7 @@ def _sanitize(name: str, taken: set[str]) -> str:
 def insert_gates(model_or_gm: nn.Module, config: GateConfig | None = None, *, example_inputs: Any = None,
                  inplace: bool = False, leaf_modules: tuple[type | str, ...] = (),
                  concrete_args: dict[str, Any] | None = None) -> PassResult:
-    """Trace ``model_or_gm`` (if needed) and insert gates on its weights.
+    """Trace ``model_or_gm`` (if needed) and insert gates on its weights and/or channel groups.
 
     Args:
         model_or_gm: an ``nn.Module`` (traced with :func:`hyperflux_fx.trace`) or a GraphModule.
@@ -293,8 +293,7 @@ def insert_gates(model_or_gm: nn.Module, config: GateConfig | None = None, *, ex
 
     Raises:
         TypeError: ``model_or_gm`` is not an ``nn.Module``.
-        NotImplementedError: ``granularity`` other than ``"weight"`` (arrives with the fold pass).
-        ValueError: the model is already gated.
+        ValueError: the model is already gated, or channel/hybrid granularity without example_inputs.
         TraceError / ExampleInputError: from tracing.
     """
     config = config or GateConfig()
@@ -306,9 +305,6 @@ def insert_gates(model_or_gm: nn.Module, config: GateConfig | None = None, *, ex
     if config.granularity in ("channel", "hybrid") and example_inputs is None:
         raise ValueError(f"granularity={config.granularity!r} needs example_inputs: the tensor shapes decide how "
                          "channels flow through the graph")
-    if config.granularity not in IMPLEMENTED_GRANULARITIES:
-        raise NotImplementedError(f"granularity={config.granularity!r} needs the channel-coupling analysis of the "
-                                  "fold pass, which is not built yet; use granularity='weight'")
     if gates(model_or_gm):
         raise ValueError("the model is already gated (it contains hyperflux gate modules)")
 
