@@ -9,9 +9,14 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-__all__ = ["count_params_and_macs"]
+from hyperflux_fx.runtime.pressure import STATE_ATTRS
 
-_HYPERFLUX = ("hyperflux_gates", "hyperflux_masks", "hyperflux_calls", "hyperflux_pressure")
+__all__ = ["count_params", "count_params_and_macs"]
+
+
+def count_params(model: nn.Module) -> int:
+    """Parameters of the model, without hyperflux's own state (flow parameters)."""
+    return sum(p.numel() for n, p in model.named_parameters() if not n.startswith(STATE_ATTRS))
 
 
 def _conv_macs(out: torch.Tensor, weight: torch.Tensor, groups: int, transposed: bool, x: torch.Tensor) -> int:
@@ -74,7 +79,7 @@ def count_params_and_macs(model: nn.Module, example_inputs: Any) -> tuple[int, i
     from hyperflux_fx.trace import normalize_inputs
 
     inputs = normalize_inputs(example_inputs)
-    params = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(_HYPERFLUX))
+    params = count_params(model)
     was_training = model.training
     model.eval()
     total = [0]

@@ -22,18 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from hyperflux_fx.passes._attrs import fetch_attr, owner_of, replace_tensor
 from hyperflux_fx.passes._result import PassResult
 
 __all__ = ["fold_batchnorm"]
 
 _CONVS = (torch.conv1d, torch.conv2d, torch.conv3d)
-
-
-def _attr(gm: nn.Module, target: str) -> torch.Tensor:
-    obj = gm
-    for atom in target.split("."):
-        obj = getattr(obj, atom)
-    return obj
 
 
 def _bn_tensors(gm: fx.GraphModule, bn: fx.Node) -> tuple[torch.Tensor, ...] | None:
@@ -52,7 +46,7 @@ def _bn_tensors(gm: fx.GraphModule, bn: fx.Node) -> tuple[torch.Tensor, ...] | N
         training, eps = kw.get("training", args[5] or False), kw.get("eps", args[7] if args[7] is not None else 1e-5)
         if training or not all(isinstance(t, fx.Node) and t.op == "get_attr" for t in (mean, var)):
             return None
-        get = (lambda n: _attr(gm, str(n.target)) if isinstance(n, fx.Node) and n.op == "get_attr" else None)
+        get = (lambda n: fetch_attr(gm, str(n.target)) if isinstance(n, fx.Node) and n.op == "get_attr" else None)
         if (weight is not None and get(weight) is None) or (bias is not None and get(bias) is None):
             return None
         return get(mean), get(var), get(weight), get(bias), eps
@@ -94,20 +88,16 @@ def fold_batchnorm(gm: fx.GraphModule, *, inplace: bool = False) -> PassResult:
             scale = (gamma if gamma is not None else torch.ones_like(var)) / torch.sqrt(var + eps)
             shift = (beta if beta is not None else torch.zeros_like(mean)) - mean * scale
             w_target = str(w_node.target)
-            owner_path, _, w_attr = w_target.rpartition(".")
-            owner = gm.get_submodule(owner_path) if owner_path else gm
-            weight = getattr(owner, w_attr)
-            new_w = weight * scale.reshape(-1, *([1] * (weight.dim() - 1))).to(weight.dtype)
-            setattr(owner, w_attr, nn.Parameter(new_w, requires_grad=weight.requires_grad))
+            weight = fetch_attr(gm, w_target)
+            replace_tensor(gm, w_target, weight * scale.reshape(-1, *([1] * (weight.dim() - 1))).to(weight.dtype))
             if b_node is not None:
-                b_target = str(b_node.target)
-                b_path, _, b_attr = b_target.rpartition(".")
-                b_owner = gm.get_submodule(b_path) if b_path else gm
-                bias = getattr(b_owner, b_attr)
-                setattr(b_owner, b_attr, nn.Parameter(bias * scale + shift, requires_grad=bias.requires_grad))
+                bias = fetch_attr(gm, str(b_node.target))
+                replace_tensor(gm, str(b_node.target), bias * scale + shift)
             else:
+                owner, _ = owner_of(gm, w_target)
                 name = "bias" if getattr(owner, "bias", None) is None else "folded_bn_bias"
                 setattr(owner, name, nn.Parameter(shift.to(weight.dtype).clone()))
+                owner_path = w_target.rpartition(".")[0]
                 with graph.inserting_before(conv):
                     new_b = graph.get_attr(f"{owner_path}.{name}" if owner_path else name)
                 args = list(conv.args) + [None] * max(0, 3 - len(conv.args))

@@ -31,18 +31,19 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from hyperflux_fx.graph.cost import count_params
 from hyperflux_fx.graph.coupling import Coupling, Label, analyze_channels
+from hyperflux_fx.passes._attrs import fetch_attr, owner_of, replace_tensor
 from hyperflux_fx.passes._result import PassResult
+from hyperflux_fx.passes.insert_gates import INPUTS_META
 from hyperflux_fx.runtime.gates import ChannelGate, ChannelMask, Gate, GatedModuleCall, WeightGate, gates
-from hyperflux_fx.runtime.pressure import PRESSURE_ATTR
+from hyperflux_fx.runtime.pressure import STATE_ATTRS
 from hyperflux_fx.trace import normalize_inputs, propagate_shapes
 
 __all__ = ["FoldConfig", "FoldReport", "fold_masks"]
 
 log = logging.getLogger(__name__)
 
-_CONTAINERS = ("hyperflux_gates", "hyperflux_masks", "hyperflux_calls", PRESSURE_ATTR)
-INPUTS_META = "hyperflux.example_inputs"
 FOLD_META = "hyperflux.fold_report"
 
 
@@ -97,25 +98,6 @@ class FoldReport:
         return "\n".join(lines)
 
 
-def _owner(gm: nn.Module, target: str) -> tuple[nn.Module, str]:
-    path, _, attr = target.rpartition(".")
-    return (gm.get_submodule(path) if path else gm), attr
-
-
-def _get(gm: nn.Module, target: str) -> torch.Tensor:
-    owner, attr = _owner(gm, target)
-    return getattr(owner, attr)
-
-
-def _set(gm: nn.Module, target: str, value: torch.Tensor) -> None:
-    owner, attr = _owner(gm, target)
-    old = getattr(owner, attr)
-    if isinstance(old, nn.Parameter):
-        setattr(owner, attr, nn.Parameter(value, requires_grad=old.requires_grad))
-    else:
-        owner._buffers[attr] = value
-
-
 def _label_keep(label: Label, keep: dict[int, torch.Tensor], group_of: dict[int, int]) -> torch.Tensor | None:
     """Kept feature positions along a label's dim (None when nothing is deleted there)."""
     parts, offset, changed = [], 0, False
@@ -158,7 +140,7 @@ def fold_masks(gm: fx.GraphModule, config: FoldConfig | None = None, *, example_
     graph = gm.graph
     report = FoldReport()
     rules: dict[str, int] = defaultdict(int)
-    report.params_before = _count_params(gm)
+    report.params_before = count_params(gm)
 
     with torch.no_grad():
         # 1. weight masks -> weights; module-level gated calls -> plain module calls
@@ -168,7 +150,7 @@ def fold_masks(gm: fx.GraphModule, config: FoldConfig | None = None, *, example_
             mod = gm.get_submodule(str(node.target))
             if isinstance(mod, WeightGate):
                 src = node.args[0]
-                weight = _get(gm, str(src.target))
+                weight = fetch_attr(gm, str(src.target))
                 weight.mul_(mod.mask().to(weight.dtype))
                 node.replace_all_uses_with(src)
                 graph.erase_node(node)
@@ -205,7 +187,7 @@ def fold_masks(gm: fx.GraphModule, config: FoldConfig | None = None, *, example_
                 if not node.users:
                     graph.erase_node(node)
         graph.eliminate_dead_code()
-        for name in _CONTAINERS:
+        for name in STATE_ATTRS:
             if hasattr(gm, name):
                 delattr(gm, name)
         graph.lint()
@@ -224,16 +206,12 @@ def fold_masks(gm: fx.GraphModule, config: FoldConfig | None = None, *, example_
     assert not leftovers, f"fold_masks left gates in the graph: {leftovers}"
     if inputs is not None:
         propagate_shapes(gm, inputs)  # postcondition: the compact model runs
-    report.params_after = _count_params(gm)
+    report.params_after = count_params(gm)
     report.rule_counts = dict(rules)
     gm.meta[FOLD_META] = report
     gm.meta.pop("hyperflux.gate_report", None)
     log.info("%s", report)
     return PassResult(gm, True, report)
-
-
-def _count_params(gm: nn.Module) -> int:
-    return sum(p.numel() for n, p in gm.named_parameters() if not n.startswith(_CONTAINERS))
 
 
 def _fold_channels(gm: fx.GraphModule, coupling: Coupling, config: FoldConfig, report: FoldReport,
@@ -254,7 +232,7 @@ def _fold_channels(gm: fx.GraphModule, coupling: Coupling, config: FoldConfig, r
         consumer = next((c for c in coupling.consumers if any(a is node for a in nodes[c.node].args[:1])), None)
         if consumer is None:
             raise RuntimeError(f"fold_masks: channel mask {node.name} does not feed a known conv/linear")
-        w = _get(gm, consumer.weight)
+        w = fetch_attr(gm, consumer.weight)
         shape = [1] * w.dim()
         shape[consumer.weight_dim] = full.numel()
         w.mul_(full.to(w.dtype).view(shape))
@@ -340,8 +318,8 @@ def _fold_channels(gm: fx.GraphModule, coupling: Coupling, config: FoldConfig, r
         if idx is not None:
             add_slice(cons.weight, cons.weight_dim, idx)
     for (target, dim), idx in slices.items():
-        t = _get(gm, target)
-        _set(gm, target, t.detach().index_select(dim, idx.to(t.device)).clone())
+        t = fetch_attr(gm, target)
+        replace_tensor(gm, target, t.detach().index_select(dim, idx.to(t.device)).clone())
         rules["sliced_tensors"] += 1
     for path, n in modules_to_resize.items():
         mod = gm.get_submodule(path)
@@ -360,7 +338,7 @@ def _fold_channels(gm: fx.GraphModule, coupling: Coupling, config: FoldConfig, r
         rules["depthwise_groups_updated"] += 1
     # modules whose weights were sliced keep stale size attributes; refresh the common ones
     for target, dim in slices:
-        owner, attr = _owner(gm, target)
+        owner, attr = owner_of(gm, target)
         if attr != "weight":
             continue
         w = getattr(owner, attr)

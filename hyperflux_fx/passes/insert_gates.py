@@ -50,8 +50,19 @@ from hyperflux_fx.graph.weight_ops import (
     slot_value,
     weight_slots,
 )
+from hyperflux_fx.passes._attrs import fetch_attr
 from hyperflux_fx.passes._result import PassResult
-from hyperflux_fx.runtime.gates import ChannelGate, ChannelMask, GatedModuleCall, WeightGate, gates, is_gate_module
+from hyperflux_fx.runtime.gates import (
+    CALLS_ATTR,
+    GATES_ATTR,
+    MASKS_ATTR,
+    ChannelGate,
+    ChannelMask,
+    GatedModuleCall,
+    WeightGate,
+    gates,
+    is_gate_module,
+)
 from hyperflux_fx.runtime.pressure import PRESSURE_ATTR, PressureState
 from hyperflux_fx.trace import OPAQUE_META, normalize_inputs, propagate_shapes, trace
 
@@ -59,10 +70,7 @@ __all__ = ["CALLS_ATTR", "GATES_ATTR", "REPORT_META", "GateReport", "GatedTensor
 
 log = logging.getLogger(__name__)
 
-GATES_ATTR = "hyperflux_gates"  # container of the gate modules on the gated GraphModule
-MASKS_ATTR = "hyperflux_masks"  # container of the ChannelMask modules (channel/hybrid granularity)
 INPUTS_META = "hyperflux.example_inputs"  # gm.meta key: example inputs kept for later passes
-CALLS_ATTR = "hyperflux_calls"  # container of the module-level gated calls
 REPORT_META = "hyperflux.gate_report"  # gm.meta key holding the GateReport
 
 
@@ -158,13 +166,6 @@ class _Use:
     head: fx.Node | None = None  # slot: node whose input is the get_attr
     getattr_node: fx.Node | None = None  # slot: the get_attr node feeding the chain
     rel_name: str = ""  # module: parameter name relative to the called module
-
-
-def _fetch_attr(gm: nn.Module, target: str) -> Any:
-    obj: Any = gm
-    for atom in target.split("."):
-        obj = getattr(obj, atom)
-    return obj
 
 
 def _op_name(node: fx.Node, gm: fx.GraphModule) -> str:
@@ -327,7 +328,7 @@ def insert_gates(model_or_gm: nn.Module, config: GateConfig | None = None, *, ex
 
     def param_of(target: str) -> nn.Parameter | None:
         try:
-            obj = _fetch_attr(gm, target)
+            obj = fetch_attr(gm, target)
         except AttributeError:
             return None
         return obj if isinstance(obj, nn.Parameter) else None
@@ -366,7 +367,7 @@ def insert_gates(model_or_gm: nn.Module, config: GateConfig | None = None, *, ex
                 uses.append(_Use(node, canonical[id(module.weight)], "functionalize"))
             else:
                 for rel in names:
-                    p = _fetch_attr(module, rel)
+                    p = fetch_attr(module, rel)
                     uses.append(_Use(node, canonical[id(p)], "module", rel_name=rel))
             for rel, p in module.named_parameters():
                 leaf_params.setdefault(canonical[id(p)], f"{node.target} ({type(module).__name__})")

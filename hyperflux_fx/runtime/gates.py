@@ -24,6 +24,9 @@ if TYPE_CHECKING:
     from hyperflux_fx.runtime.pressure import PressureState
 
 __all__ = [
+    "CALLS_ATTR",
+    "GATES_ATTR",
+    "MASKS_ATTR",
     "ChannelGate",
     "ChannelMask",
     "Gate",
@@ -38,6 +41,12 @@ __all__ = [
     "reset_flux",
     "track_flux",
 ]
+
+
+# Where insert_gates keeps its modules on a gated GraphModule.
+GATES_ATTR = "hyperflux_gates"  # the gate modules
+MASKS_ATTR = "hyperflux_masks"  # ChannelMask modules (channel/hybrid granularity)
+CALLS_ATTR = "hyperflux_calls"  # module-level gated calls
 
 
 class _HardMaskSTE(torch.autograd.Function):

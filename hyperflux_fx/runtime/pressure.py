@@ -13,12 +13,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from hyperflux_fx.runtime.gates import gates
+from hyperflux_fx.runtime.gates import CALLS_ATTR, GATES_ATTR, MASKS_ATTR, gates
 
-__all__ = ["PRESSURE_ATTR", "PressureState", "get_pressure", "pressure_loss", "pressure_state", "set_pressure"]
+__all__ = ["PRESSURE_ATTR", "STATE_ATTRS", "PressureState", "get_pressure", "pressure_loss", "pressure_state", "set_pressure"]
 
 #: Attribute name of the shared pressure state on a gated model.
 PRESSURE_ATTR = "hyperflux_pressure"
+#: Every attribute hyperflux adds to a gated model (fold_masks removes them; parameter counts skip them).
+STATE_ATTRS = (GATES_ATTR, MASKS_ATTR, CALLS_ATTR, PRESSURE_ATTR)
 
 
 class PressureState(nn.Module):
