@@ -592,7 +592,7 @@ def train_dense(model: nn.Module, train_loader: Iterable[Any], *, epochs: int, l
     dev = _resolve_device(device)
     model.to(dev).train()
     loss_fn = loss_fn or (lambda out, y: F.cross_entropy(out, y, label_smoothing=label_smoothing))
-    decay = _decayed_plain(model)
+    decay = _decayed(model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD([{"params": [p for p in params if id(p) in decay], "weight_decay": weight_decay},
                            {"params": [p for p in params if id(p) not in decay], "weight_decay": 0.0}],
@@ -621,8 +621,3 @@ def train_dense(model: nn.Module, train_loader: Iterable[Any], *, epochs: int, l
     if bar is not None:
         bar.close()
     return model
-
-
-def _decayed_plain(model: nn.Module) -> set[int]:
-    return {id(m.weight) for m in model.modules()
-            if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) and isinstance(m.weight, nn.Parameter)}
