@@ -33,13 +33,25 @@ def digits_mlp(size: int = 16) -> nn.Module:
                          nn.Linear(256, 10))
 
 
-ARCHS = {"digits_cnn": digits_cnn, "digits_mlp": digits_mlp}
+def resnet18_digits() -> nn.Module:
+    """torchvision's ResNet-18 with a CIFAR-style stem (3x3 stride 1, no max-pool) on 1-channel digits."""
+    import torchvision
+
+    model = torchvision.models.resnet18(num_classes=10)
+    model.conv1 = nn.Conv2d(1, 64, 3, 1, 1, bias=False)
+    model.maxpool = nn.Identity()
+    return model
 
 
-def machine() -> str:
+ARCHS = {"digits_cnn": digits_cnn, "digits_mlp": digits_mlp, "resnet18": resnet18_digits}
+
+
+def machine(device: str = "cpu") -> str:
     import os
     import platform
 
+    if device.startswith("cuda"):
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
     return f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, 1 thread"
 
 

@@ -14,9 +14,11 @@ For each architecture (examples/digits_cnn.py and a 3-layer MLP) a dense model i
 Baselines use SGD (momentum 0.9, weight decay 5e-4) with cosine LR; each is run at every LR in
 ``--baseline-lrs`` and the best test accuracy is reported (this favours the baselines). Sparsity is
 measured over the gated weights (every conv/linear weight). Accuracies are on the fixed 360-image
-test split, mean over ``--seeds``.
+test split, mean over ``--seeds``. The last column is each method's training wall time per step
+(for Hyperflux including its interval bookkeeping and val evaluation); on CUDA (``--device cuda``)
+every method runs with the same ``--amp`` (bf16 by default there).
 
-Usage: python tools/bench_sparsity.py [--write docs/BENCHMARKS.md] [--quick]
+Usage: python tools/bench_sparsity.py [--write docs/BENCHMARKS.md] [--quick] [--device cuda --archs resnet18]
 """
 
 from __future__ import annotations
@@ -57,6 +59,15 @@ def _sgd(model: nn.Module, lr: float) -> torch.optim.Optimizer:
                            lr=lr, momentum=0.9)
 
 
+DEVICE = torch.device("cpu")
+AMP: torch.dtype | None = None
+
+
+def _sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def _run_epochs(model, loader, epochs, lr, step_hook=None):
     opt = _sgd(model, lr)
     total = epochs * len(loader)
@@ -64,10 +75,13 @@ def _run_epochs(model, loader, epochs, lr, step_hook=None):
     model.train()
     for _ in range(epochs):
         for x, y in loader:
+            x, y = x.to(DEVICE, non_blocking=True), y.to(DEVICE, non_blocking=True)
             for g in opt.param_groups:
                 g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * i / total))
             opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y, label_smoothing=0.1).backward()
+            with torch.autocast(DEVICE.type, dtype=AMP, enabled=AMP is not None):
+                loss = F.cross_entropy(model(x), y, label_smoothing=0.1)
+            loss.backward()  # bf16 autocast: no loss scaling needed
             opt.step()
             if step_hook is not None:
                 step_hook(i, total)
@@ -112,11 +126,20 @@ def gradual(dense, loader, target, epochs, lr, every):
     return model
 
 
-def hyperflux(dense, train_loader, test_loader, target, prune_epochs, regrowth_epochs, seed):
-    gated = hf.insert_gates(dense, hf.GateConfig(seed=seed)).graph_module
+def _timed(steps, fn, *args, **kwargs):
+    """(result, ms per step) of ``fn(*args, **kwargs)``, synchronised on CUDA."""
+    _sync()
+    t0 = time.perf_counter()
+    out = fn(*args, **kwargs)
+    _sync()
+    return out, 1000 * (time.perf_counter() - t0) / steps
+
+
+def hyperflux(dense, train_loader, test_loader, target, prune_epochs, regrowth_epochs, seed, amp="off"):
+    gated = hf.insert_gates(dense.cpu(), hf.GateConfig(seed=seed)).graph_module
     res = hf.train(gated, train_loader, test_loader,
                    hf.TrainConfig(target_sparsity=target, epochs=prune_epochs, regrowth_epochs=regrowth_epochs,
-                                  seed=seed))
+                                  seed=seed, device=str(DEVICE), amp=amp))
     before = next((r["landing"]["density_before"] for r in res.history if r.get("landing")), None)
     return gated, res, before
 
@@ -133,7 +156,16 @@ def main() -> None:
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--write", default=None, help="also write the table into this markdown file")
     parser.add_argument("--quick", action="store_true", help="one target, one arch, short: a smoke run")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "off"],
+                        help="autocast for every method on CUDA (auto: bf16); ignored on the CPU")
     args = parser.parse_args()
+    global DEVICE, AMP
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available on this machine")
+    amp = args.amp if DEVICE.type == "cuda" else "off"
+    AMP = torch.bfloat16 if amp in ("auto", "bf16") else None
     torch.set_num_threads(1)
     if args.quick:
         args.targets, args.archs, args.dense_epochs, args.prune_epochs, args.regrowth_epochs = "0.9", "digits_mlp", 3, 2, 1
@@ -145,42 +177,49 @@ def main() -> None:
     train_loader, test_loader = common.digits_loaders()
     rows = []
     t0 = time.time()
+    steps = budget * len(train_loader)
     for arch in args.archs.split(","):
         for seed in seeds:
             torch.manual_seed(seed)
             dense = common.ARCHS[arch]()
-            hf.train_dense(dense, train_loader, epochs=args.dense_epochs, seed=seed)
+            _, ms = _timed(args.dense_epochs * len(train_loader), hf.train_dense, dense, train_loader,
+                           epochs=args.dense_epochs, seed=seed, device=str(DEVICE), amp=amp)
             dense_acc = hf.evaluate(dense, test_loader)
-            rows.append((arch, seed, "-", "dense", 0.0, dense_acc, None))
+            rows.append((arch, seed, "-", "dense", 0.0, dense_acc, None, ms))
             for target in targets:
-                _, res, before = hyperflux(dense, train_loader, test_loader, target, args.prune_epochs,
-                                           args.regrowth_epochs, seed)
+                (_, res, before), ms = _timed(steps, hyperflux, dense, train_loader, test_loader, target,
+                                              args.prune_epochs, args.regrowth_epochs, seed, amp)
                 rows.append((arch, seed, target, "hyperflux", res.sparsity, res.val_accuracy,
-                             None if before is None else 1 - before))
-                best = max((hf.evaluate(m, test_loader), _sparsity(m))
-                            for lr in lrs for m in [one_shot(dense, train_loader, target, budget, lr)])
-                rows.append((arch, seed, target, "one-shot magnitude + FT", best[1], best[0], None))
-                best = max((hf.evaluate(m, test_loader), _sparsity(m))
-                            for lr in lrs for m in [gradual(dense, train_loader, target, budget, lr, args.gmp_every)])
-                rows.append((arch, seed, target, "gradual magnitude (cubic)", best[1], best[0], None))
+                             None if before is None else 1 - before, ms))
+                dense.to(DEVICE)
+                runs = [_timed(steps, one_shot, dense, train_loader, target, budget, lr) for lr in lrs]
+                best = max((hf.evaluate(m, test_loader), _sparsity(m)) for m, _ in runs)
+                rows.append((arch, seed, target, "one-shot magnitude + FT", best[1], best[0], None,
+                             statistics.mean(t for _, t in runs)))
+                runs = [_timed(steps, gradual, dense, train_loader, target, budget, lr, args.gmp_every) for lr in lrs]
+                best = max((hf.evaluate(m, test_loader), _sparsity(m)) for m, _ in runs)
+                rows.append((arch, seed, target, "gradual magnitude (cubic)", best[1], best[0], None,
+                             statistics.mean(t for _, t in runs)))
                 print(f"  {arch} seed {seed} target {target}: done ({time.time() - t0:.0f}s)", file=sys.stderr)
 
     # aggregate over seeds
     table = {}
-    for arch, _seed, target, method, sp, acc, pre in rows:
-        table.setdefault((arch, target, method), []).append((sp, acc, pre))
+    for arch, _seed, target, method, sp, acc, pre, ms in rows:
+        table.setdefault((arch, target, method), []).append((sp, acc, pre, ms))
     lines = [(f"Digits (1437 train / 360 test, 16x16), dense {args.dense_epochs} epochs, then {budget} epochs "
              f"per method ({args.prune_epochs} pruning + {args.regrowth_epochs} regrowth for Hyperflux); "
-             f"seeds {args.seeds}; baselines best of LR {args.baseline_lrs}. Machine: {common.machine()}."),
+             f"seeds {args.seeds}; baselines best of LR {args.baseline_lrs}. Machine: {common.machine(args.device)}"
+             f"{', AMP bf16' if AMP is not None else ''}."),
              "",
-             "| arch | target | method | achieved sparsity | test acc % | before landing |",
-             "|---|---|---|---|---|---|"]
+             "| arch | target | method | achieved sparsity | test acc % | before landing | ms/step |",
+             "|---|---|---|---|---|---|---|"]
     for (arch, target, method), vals in table.items():
         sp = statistics.mean(v[0] for v in vals)
         acc = statistics.mean(v[1] for v in vals)
         pre = [v[2] for v in vals if v[2] is not None]
         pre_s = f"{statistics.mean(pre):.4f}" if pre else ""
-        lines.append(f"| {arch} | {target} | {method} | {sp:.4f} | {100 * acc:.2f} | {pre_s} |")
+        ms = statistics.mean(v[3] for v in vals)
+        lines.append(f"| {arch} | {target} | {method} | {sp:.4f} | {100 * acc:.2f} | {pre_s} | {ms:.1f} |")
     text = "\n".join(lines)
     print(text)
     print(f"\n(total {time.time() - t0:.0f} s)")

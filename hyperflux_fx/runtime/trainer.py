@@ -353,6 +353,8 @@ def train(gated: nn.Module, train_loader: DataLoader, val_loader: Iterable[Any] 
     device = _resolve_device(cfg.device)
     if distributed and device.type == "cuda" and device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank % max(torch.cuda.device_count(), 1))))
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # set_device needs an index
     if device.type == "cuda":
         torch.cuda.set_device(device)
     amp_dtype = _amp_dtype(cfg.amp, device)
@@ -586,10 +588,18 @@ def train(gated: nn.Module, train_loader: DataLoader, val_loader: Iterable[Any] 
 
 def train_dense(model: nn.Module, train_loader: Iterable[Any], *, epochs: int, lr: float = 0.1,
                 momentum: float = 0.9, weight_decay: float = 5e-4, label_smoothing: float = 0.1, seed: int = 0,
-                device: str = "cpu", loss_fn: LossFn | None = None, progress: bool = False) -> nn.Module:
-    """Plain dense training (SGD, cosine LR to 0, label smoothing): the start the paper prunes from."""
+                device: str = "cpu", amp: str = "off", loss_fn: LossFn | None = None,
+                progress: bool = False) -> nn.Module:
+    """Plain dense training (SGD, cosine LR to 0, label smoothing): the start the paper prunes from.
+
+    ``amp`` takes TrainConfig's values ("auto", "bf16", "fp16" with a GradScaler, "off").
+    """
+    if amp not in ("auto", "bf16", "fp16", "off"):
+        raise ValueError(f"amp must be 'auto', 'bf16', 'fp16' or 'off', got {amp!r}")
     torch.manual_seed(seed)
     dev = _resolve_device(device)
+    amp_dtype = _amp_dtype(amp, dev)
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     model.to(dev).train()
     loss_fn = loss_fn or (lambda out, y: F.cross_entropy(out, y, label_smoothing=label_smoothing))
     decay = _decayed(model)
@@ -610,9 +620,15 @@ def train_dense(model: nn.Module, train_loader: Iterable[Any], *, epochs: int, l
                 group["lr"] = _cosine(lr, 0.0, i, steps)
             inputs, targets = _split(_to(batch, dev))
             opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model(*inputs), targets)
-            loss.backward()
-            opt.step()
+            with torch.autocast(dev.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext():
+                loss = loss_fn(model(*inputs), targets)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            else:
+                loss.backward()
+                opt.step()
             i += 1
             if bar is not None:
                 bar.update(1)

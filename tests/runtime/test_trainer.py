@@ -147,6 +147,20 @@ def test_amp_on_cuda_lands_on_target():  # pragma: no cover - runs on the GPU ma
         gated = _gated()
         res = hf.train(gated, train_loader, val_loader, _cfg(device="cuda", amp=amp))
         assert abs(res.sparsity - 0.8) < 0.01 and res.val_accuracy > 0.5
+        torch.manual_seed(0)
+        dense = hf.train_dense(nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 4)), train_loader,
+                               epochs=3, lr=0.05, device="cuda", amp=amp)
+        assert hf.evaluate(dense, val_loader) > 0.5
+
+
+def test_train_dense_bf16_autocast_on_cpu_and_bad_amp():
+    train_loader, val_loader = _loaders()
+    torch.manual_seed(0)
+    dense = hf.train_dense(nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 4)), train_loader,
+                           epochs=3, lr=0.05, amp="bf16")
+    assert dense[0].weight.dtype == torch.float32 and hf.evaluate(dense, val_loader) > 0.5
+    with pytest.raises(ValueError, match="amp"):
+        hf.train_dense(nn.Linear(10, 4), train_loader, epochs=1, amp="fp8")
 
 
 def test_channel_gates_with_cost_target_land_on_the_parameter_budget():
