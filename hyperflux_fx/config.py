@@ -79,6 +79,7 @@ class TrainConfig:
     interval_steps: int | None = None  # scheduler interval in steps; None = 1 epoch, or pruning/20 if shorter
     min_intervals: int = 20  # the automatic interval keeps at least this many in the pruning phase
     warmup_intervals: int = 1  # gamma = 0 during the first interval(s)
+    controller_lookahead: int = 2  # judge the density extrapolated this many intervals ahead (0 = the paper's)
     device: str = "auto"  # "auto" (CUDA when available), "cpu", "cuda", "cuda:N"
     amp: str = "auto"  # "auto" (bf16 if supported else fp16 on CUDA; off on CPU), "bf16", "fp16", "off"
     compile: bool = False  # torch.compile the gated model

@@ -43,38 +43,53 @@ class Recorder:
 
     def record(self, model: nn.Module, **fields: Any) -> dict[str, Any]:
         """Measure the model now, merge ``fields`` (interval, epoch, gamma, ...), store and write."""
+        # Every statistic is computed on the model's device and copied to the host once (one
+        # synchronisation per interval, not several per gate).
+        all_gates = gates(model)
+        rows = []
+        for g in all_gates:
+            mask = g.flow.detach() >= 0
+            prev = self._prev.get(g.target)
+            prev = torch.ones_like(mask) if prev is None else prev.to(mask.device)
+            f32 = mask.new_zeros((), dtype=torch.float32)
+            row = [mask.sum(), (mask & ~prev).sum(), (prev & ~mask).sum()]
+            tracked = g.flux_sum is not None
+            if tracked:
+                flux = g.flux_sum.float() / g.flux_steps.clamp(min=1).float()
+                row += [torch.where(mask, flux, 0.0).sum(), torch.where(mask, 0.0, flux).sum(),
+                        torch.where(mask, flux, math.inf).min(), g.flux_steps.float()]
+                g.reset_flux()
+            else:
+                row += [f32, f32, f32 + math.inf, f32]
+            rows.append(torch.stack([v.to(torch.float64) for v in row]))
+            self._prev[g.target] = mask
+        table = torch.stack(rows).cpu().tolist() if rows else []
+
         layers: dict[str, dict[str, Any]] = {}
         kept_total = units_total = regrown_total = pruned_total = 0
         surv_sum = pruned_sum = 0.0
         surv_n = pruned_n = 0
         surv_min = math.inf
-        for g in gates(model):
-            mask = g.flow.detach() >= 0
-            prev = self._prev.get(g.target, torch.ones_like(mask))
-            kept = int(mask.sum())
-            regrown = int((mask & ~prev).sum())
-            pruned = int((prev & ~mask).sum())
+        for g, (kept_f, regrown_f, pruned_f, fs_sum, fp_sum, fs_min, steps) in zip(all_gates, table, strict=True):
+            kept, regrown, pruned = int(kept_f), int(regrown_f), int(pruned_f)
             layer: dict[str, Any] = {"density": kept / g.numel, "kept": kept, "units": g.numel,
                                      "regrown": regrown, "pruned": pruned}
-            flux = g.mean_flux()
-            if flux is not None and int(g.flux_steps) > 0:
-                fs, fp = flux[mask], flux[~mask]
-                layer["flux_survivors_mean"] = float(fs.mean()) if fs.numel() else math.nan
-                layer["flux_pruned_mean"] = float(fp.mean()) if fp.numel() else math.nan
-                if fs.numel():
-                    surv_sum += float(fs.sum())
-                    surv_n += fs.numel()
-                    surv_min = min(surv_min, float(fs.min()))
-                if fp.numel():
-                    pruned_sum += float(fp.sum())
-                    pruned_n += fp.numel()
-                g.reset_flux()
+            if g.flux_sum is not None and steps > 0:
+                n_pruned = g.numel - kept
+                layer["flux_survivors_mean"] = fs_sum / kept if kept else math.nan
+                layer["flux_pruned_mean"] = fp_sum / n_pruned if n_pruned else math.nan
+                if kept:
+                    surv_sum += fs_sum
+                    surv_n += kept
+                    surv_min = min(surv_min, fs_min)
+                if n_pruned:
+                    pruned_sum += fp_sum
+                    pruned_n += n_pruned
             layers[g.target] = layer
             kept_total += kept
             units_total += g.numel
             regrown_total += regrown
             pruned_total += pruned
-            self._prev[g.target] = mask
         rec: dict[str, Any] = dict(fields)
         rec["density"] = kept_total / max(units_total, 1)
         rec["sparsity"] = 1.0 - rec["density"]

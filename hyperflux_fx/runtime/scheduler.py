@@ -92,7 +92,8 @@ class PressureController:
     """
 
     def __init__(self, final_remaining: float, intervals: int, *, step: float = 0.2,
-                 regrowth_compensation: float = 11.5 / 13, warmup_intervals: int = 1) -> None:
+                 regrowth_compensation: float = 11.5 / 13, warmup_intervals: int = 1,
+                 lookahead: int = 0) -> None:
         if not 0.0 < final_remaining < 1.0:
             raise ValueError(f"final remaining fraction must be in (0, 1), got {final_remaining}")
         if step <= 0:
@@ -104,6 +105,10 @@ class PressureController:
         self.intervals = int(intervals)
         self.step = float(step)
         self.warmup_intervals = int(warmup_intervals)
+        if lookahead < 0:
+            raise ValueError(f"lookahead must be >= 0, got {lookahead}")
+        self.lookahead = int(lookahead)
+        self.previous = 1.0  # measured remaining fraction at the previous update
         self.d0 = find_d0(self.prune_target, self.intervals)
         self.g = 0.0
         self.up = 0.0
@@ -119,11 +124,16 @@ class PressureController:
     def update(self, remaining: float) -> float:
         """Controller step at the end of an interval; returns gamma for the next interval."""
         self.completed += 1
+        previous, self.previous = self.previous, remaining
         if self.completed < self.warmup_intervals:
             self.gamma = 0.0
             return self.gamma
         s = self.step
-        if remaining > self.planned(self.completed):  # behind plan: push harder, accelerating
+        judged, e = remaining, self.completed
+        if self.lookahead:
+            rate = min(1.0, remaining / previous) if previous > 0 else 1.0
+            judged, e = remaining * rate ** self.lookahead, e + self.lookahead
+        if judged > self.planned(e):  # behind plan: push harder, accelerating
             self.g += s + self.up
             self.up += s / 4
             self.down = 0.0
@@ -136,10 +146,12 @@ class PressureController:
 
     def state_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in ("final_remaining", "prune_target", "intervals", "step",
-                                                "warmup_intervals", "d0", "g", "up", "down", "gamma", "completed")}
+                                                "warmup_intervals", "lookahead", "previous", "d0", "g", "up", "down", "gamma",
+                                                "completed")}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for k in ("final_remaining", "intervals", "step", "warmup_intervals"):
+        state = {"lookahead": 0, "previous": 1.0, **state}  # states saved before lookahead existed
+        for k in ("final_remaining", "intervals", "step", "warmup_intervals", "lookahead"):
             if state[k] != getattr(self, k):
                 raise ValueError(f"controller state was saved with {k}={state[k]}, this run has {getattr(self, k)}")
         for k, v in state.items():

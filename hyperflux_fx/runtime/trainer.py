@@ -339,6 +339,7 @@ def train(gated: nn.Module, train_loader: DataLoader, val_loader: Iterable[Any] 
     if not all_gates:
         raise ValueError("the model has no gates: run hyperflux_fx.insert_gates first")
     loss_fn = loss_fn or (lambda out, y: F.cross_entropy(out, y, label_smoothing=cfg.label_smoothing))
+    on_device_accuracy = metric_fn is None  # the default metric is summed on the device: no sync per step
     metric_fn = metric_fn or accuracy
     t_start = time.perf_counter()
 
@@ -373,7 +374,7 @@ def train(gated: nn.Module, train_loader: DataLoader, val_loader: Iterable[Any] 
     flow_lr = _flow_lr(cfg, prune_steps)
     controller = PressureController(1.0 - cfg.target_sparsity, prune_intervals, step=cfg.pressure_step,
                                     regrowth_compensation=cfg.regrowth_compensation,
-                                    warmup_intervals=cfg.warmup_intervals)
+                                    warmup_intervals=cfg.warmup_intervals, lookahead=cfg.controller_lookahead)
     target_density = 1.0 - cfg.target_sparsity
     weighted = cfg.target_measure == "cost"  # density as the kept fraction of unit cost (params/MACs)
     # the landing happens at the first interval end at or after this step
@@ -447,6 +448,7 @@ def train(gated: nn.Module, train_loader: DataLoader, val_loader: Iterable[Any] 
         bar = tqdm(total=total_steps, initial=step, desc="hyperflux", dynamic_ncols=True)
 
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.float64, device=device)
     metric_sum, seen = 0.0, 0
     iterator = None
     current_epoch = -1
@@ -498,7 +500,10 @@ def train(gated: nn.Module, train_loader: DataLoader, val_loader: Iterable[Any] 
                     opt_t.step()
             n = int(targets.shape[0]) if isinstance(targets, torch.Tensor) else 1
             loss_sum += loss.detach().double() * n
-            metric_sum += metric_fn(out.detach().float(), targets) * n
+            if on_device_accuracy:
+                correct += (out.detach().argmax(dim=-1) == targets).sum()
+            else:
+                metric_sum += metric_fn(out.detach().float(), targets) * n
             seen += n
             step += 1
             if bar is not None:
@@ -510,6 +515,7 @@ def train(gated: nn.Module, train_loader: DataLoader, val_loader: Iterable[Any] 
             if (step - phase_start) % ivl != 0 and step != phase_end:
                 continue
             train_loss = float(loss_sum) / max(seen, 1)
+            metric_sum += float(correct)
             if not math.isfinite(train_loss):
                 where = f"{ckpt_path} (interval {last_good})" if last_good is not None else "none written"
                 raise TrainingError(f"loss became {train_loss} in interval {intervals_done + 1} (step {step}); "
@@ -541,6 +547,7 @@ def train(gated: nn.Module, train_loader: DataLoader, val_loader: Iterable[Any] 
                 val_metric=val_acc if due else None, lr=lr_w, flow_lr=lr_t, flows_frozen=frozen, landing=landing,
                 seconds=time.perf_counter() - t_start)
             loss_sum.zero_()
+            correct.zero_()
             metric_sum, seen = 0.0, 0
             if distributed:
                 _check_masks_equal(gated, world, device if device.type == "cuda" else torch.device("cpu"))

@@ -65,9 +65,49 @@ def test_controller_warmup_and_state_roundtrip():
     assert c.update(1.0) > 0
     c2 = PressureController(0.05, 10, warmup_intervals=3)
     c2.load_state_dict(c.state_dict())
+    assert c2.previous == 1.0 and c2.lookahead == 0
     assert c2.update(0.9) == c.update(0.9)
     with pytest.raises(ValueError, match="intervals"):
         PressureController(0.05, 11, warmup_intervals=3).load_state_dict(c.state_dict())
+
+
+def test_lookahead_eases_off_a_fast_fall_the_paper_controller_keeps_pushing():
+    paper, ahead = PressureController(0.1, 20), PressureController(0.1, 20, lookahead=2)
+    for c in (paper, ahead):
+        c.update(1.0)
+        c.update(0.95)
+    # still above the plan now, but falling fast: extrapolated two intervals it is below the plan
+    r = 0.6
+    assert r > paper.planned(3)
+    g_paper, g_ahead = paper.g, ahead.g
+    paper.update(r)
+    ahead.update(r)
+    assert paper.g > g_paper and ahead.g < g_ahead
+    with pytest.raises(ValueError, match="lookahead"):
+        PressureController(0.1, 20, lookahead=-1)
+
+
+def _lagged_plant(lookahead: int, gain: float, delay: int, intervals: int = 20) -> tuple[float, float]:
+    """A toy plant with the shape seen in short runs: density keeps falling while pressure is on
+    (d *= exp(-gain * gamma)) and reacts to gamma ``delay`` intervals late. Returns (lowest
+    density / plan, end density / pruning-phase aim)."""
+    c = PressureController(0.05, intervals, lookahead=lookahead)
+    d, applied, worst = 1.0, [0.0] * (delay + 1), math.inf
+    for e in range(1, intervals + 1):
+        d *= math.exp(-gain * applied[-1 - delay])
+        applied.append(c.update(d))
+        worst = min(worst, d / c.planned(e))
+    return worst, d / c.prune_target
+
+
+@pytest.mark.parametrize("delay", [0, 1])
+def test_lookahead_reduces_the_undershoot_of_a_lagged_plant(delay):
+    better = 0
+    for gain in (0.3, 1.0, 3.0):
+        paper, ahead = _lagged_plant(0, gain, delay), _lagged_plant(2, gain, delay)
+        assert ahead[0] >= paper[0] and ahead[1] >= paper[1]
+        better += ahead[0] > 1.5 * paper[0]
+    assert better >= 2
 
 
 def test_interval_resolution():
