@@ -50,6 +50,41 @@ def amp_checks() -> list[str]:
     return lines
 
 
+def train_overhead(n: int = 5120) -> list[str]:
+    """Where hf.train's time goes beyond the training step: its fixed setup (1 vs 2 epochs), the
+    per-interval bookkeeping (20 intervals vs 1 per epoch) and flux tracking (on vs off)."""
+    import torchvision
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 3, 32, 32, generator=g)
+    y = torch.randint(0, 10, (n,), generator=g)
+    loader = DataLoader(TensorDataset(x, y), batch_size=128, shuffle=True)
+    spe = len(loader)
+    amp = "bf16" if DEV == "cuda" else "off"
+    lines = []
+    runs = [("1 epoch, 20 intervals, flux on", 1, None, True), ("1 epoch, 1 interval, flux on", 1, spe, True),
+            ("1 epoch, 1 interval, flux off", 1, spe, False), ("2 epochs, 1 interval/epoch, flux on", 2, spe, True)]
+    for name, epochs, ivl, flux in [runs[0], *runs]:  # the first run again, as warm-up
+        torch.manual_seed(0)
+        gated = hf.insert_gates(torchvision.models.resnet18(num_classes=10), hf.GateConfig(seed=0)).graph_module
+        _sync()
+        t0 = time.perf_counter()
+        hf.train(gated, loader, None, hf.TrainConfig(target_sparsity=0.9, epochs=epochs, regrowth_epochs=0,
+                                                     interval_steps=ivl, device=DEV, amp=amp, track_flux=flux))
+        _sync()
+        lines.append(f"  hf.train {name}: {time.perf_counter() - t0:.2f} s for {epochs * spe} steps")
+    for i in range(2):  # warm-up, then timed
+        torch.manual_seed(0)
+        dense = torchvision.models.resnet18(num_classes=10)
+        _sync()
+        t0 = time.perf_counter()
+        hf.train_dense(dense, loader, epochs=1, device=DEV, amp=amp)
+        _sync()
+        if i:
+            lines.append(f"  train_dense 1 epoch: {time.perf_counter() - t0:.2f} s for {spe} steps")
+    return ["hf.train overhead (resnet18, batch 128):", *lines[1:]]
+
+
 def compile_check() -> str:
     """The trainer with ``compile=True`` (torch.compile of the gated model) on a small CNN."""
     g = torch.Generator().manual_seed(0)
@@ -134,7 +169,7 @@ def hyperflux_epoch(n: int = 5000) -> str:
     _sync()
     dt = time.perf_counter() - t0
     return (f"resnet18 epoch of {len(loader)} steps (batch 128, AMP {amp}): train_dense {1000 * td / len(loader):.1f} "
-            f"ms/step, hf.train {1000 * dt / len(loader):.1f} ms/step (ratio {dt / td:.2f}; includes insert-time "
+            f"ms/step, hf.train {1000 * dt / len(loader):.1f} ms/step (ratio {dt / td:.2f}; includes hf.train's own "
             f"setup, {res.history[-1]['interval']} intervals of bookkeeping, flux tracking), density {res.density:.3f}")
 
 
@@ -147,16 +182,21 @@ def main() -> int:
             print(line)
         print(step_time(steps=2, batch=8))
         print(hyperflux_epoch(n=64))
+        print("\n".join(train_overhead(n=256)))
         return 0
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA device", file=sys.stderr)
         return 2
     torch.backends.cudnn.benchmark = True
     print(f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
+    if "--overhead-only" in sys.argv:
+        print("\n".join(train_overhead()))
+        return 0
     for line in amp_checks():
         print(line)
     print(step_time())
     print(hyperflux_epoch())
+    print("\n".join(train_overhead()))
     print(compile_check())
     return 0
 
