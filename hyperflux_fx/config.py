@@ -79,7 +79,9 @@ class TrainConfig:
     interval_steps: int | None = None  # scheduler interval in steps; None = 1 epoch, or pruning/20 if shorter
     min_intervals: int = 20  # the automatic interval keeps at least this many in the pruning phase
     warmup_intervals: int = 1  # gamma = 0 during the first interval(s)
-    controller_lookahead: int = 2  # judge the density extrapolated this many intervals ahead (0 = the paper's)
+    controller_lookahead: int | None = None  # judge the density extrapolated L intervals ahead; None = the
+    #   flows' response lag in intervals (scheduler.response_lag_intervals); 0 = the paper's controller
+    controller_scale_down: bool = True  # ahead of plan: scale g by judged/planned first (False = the paper's)
     device: str = "auto"  # "auto" (CUDA when available), "cpu", "cuda", "cuda:N"
     amp: str = "auto"  # "auto" (bf16 if supported else fp16 on CUDA; off on CPU), "bf16", "fp16", "off"
     compile: bool = False  # torch.compile the gated model
@@ -101,6 +103,8 @@ class TrainConfig:
         for name in ("lr", "regrowth_lr", "regrowth_lr_final", "pressure_step", "flow_travel"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"TrainConfig.{name} must be > 0, got {getattr(self, name)}")
+        if self.controller_lookahead is not None and self.controller_lookahead < 0:
+            raise ValueError(f"TrainConfig.controller_lookahead must be >= 0 or None, got {self.controller_lookahead}")
         if self.flow_lr is not None and not self.flow_lr > 0:
             raise ValueError(f"TrainConfig.flow_lr must be > 0 or None, got {self.flow_lr}")
         if self.amp not in ("auto", "bf16", "fp16", "off"):

@@ -20,6 +20,7 @@ __all__ = [
     "fit_scaling_law",
     "planned_remaining",
     "resolve_interval_steps",
+    "response_lag_intervals",
 ]
 
 D_MAX = 0.999  # the per-interval decay the curve approaches at the end (pruning nearly stops)
@@ -82,6 +83,22 @@ def resolve_interval_steps(interval_steps: int | None, steps_per_epoch: int, pru
     return max(1, (steps_per_epoch * pruning_epochs) // min_intervals)
 
 
+def response_lag_intervals(flow_lr: float, interval_steps: int, intervals: int, *, distance: float = 0.35,
+                           beta1: float = 0.9) -> int:
+    """How many intervals the density lags behind a pressure change, for the controller's look-ahead.
+
+    Adam moves a flow about ``flow_lr`` per step once pressure dominates its gradient, so a flow
+    ``distance`` above the threshold needs ``distance / flow_lr`` steps to cross it, and Adam's
+    first moment keeps it moving ``1 / (1 - beta1)`` steps after the pressure drops. The lag, in
+    intervals, rounded, at least 1 and at most a quarter of the pruning phase's intervals (an
+    extrapolation further ahead than that is noise).
+    """
+    if flow_lr <= 0 or interval_steps < 1 or intervals < 1:
+        raise ValueError("flow_lr must be > 0, interval_steps and intervals >= 1")
+    lag_steps = distance / flow_lr + 1.0 / (1.0 - beta1)
+    return max(1, min(round(lag_steps / interval_steps), max(1, intervals // 4)))
+
+
 class PressureController:
     """The controller of HYPERFLUX.md §6, with inertia, acting once per interval.
 
@@ -89,11 +106,20 @@ class PressureController:
     back afterwards). Call :meth:`update` with the measured remaining fraction at the end of each
     interval; it returns the gamma for the next interval. Gamma stays 0 through the first
     ``warmup_intervals`` - 1 updates (so with the default 1, gamma is 0 during the first interval).
+
+    Two extensions for runs whose density answers pressure late relative to the interval (both off
+    by default, which is the paper's controller; docs/training.md has the measurements):
+
+    * ``lookahead = L``: judge ``r * (r / r_prev)**L``, the density extrapolated ``L`` intervals at
+      its current rate, against the plan ``L`` intervals ahead;
+    * ``scale_down``: when that judged density is below the plan, ``g`` is first multiplied by
+      judged / planned, then eased as usual: pressure falls in proportion to the overshoot, since
+      density that pressure removed does not come back by itself during pruning.
     """
 
     def __init__(self, final_remaining: float, intervals: int, *, step: float = 0.2,
                  regrowth_compensation: float = 11.5 / 13, warmup_intervals: int = 1,
-                 lookahead: int = 0) -> None:
+                 lookahead: int = 0, scale_down: bool = False) -> None:
         if not 0.0 < final_remaining < 1.0:
             raise ValueError(f"final remaining fraction must be in (0, 1), got {final_remaining}")
         if step <= 0:
@@ -108,6 +134,7 @@ class PressureController:
         if lookahead < 0:
             raise ValueError(f"lookahead must be >= 0, got {lookahead}")
         self.lookahead = int(lookahead)
+        self.scale_down = bool(scale_down)
         self.previous = 1.0  # measured remaining fraction at the previous update
         self.d0 = find_d0(self.prune_target, self.intervals)
         self.g = 0.0
@@ -133,11 +160,14 @@ class PressureController:
         if self.lookahead:
             rate = min(1.0, remaining / previous) if previous > 0 else 1.0
             judged, e = remaining * rate ** self.lookahead, e + self.lookahead
-        if judged > self.planned(e):  # behind plan: push harder, accelerating
+        planned = self.planned(e)
+        if judged > planned:  # behind plan: push harder, accelerating
             self.g += s + self.up
             self.up += s / 4
             self.down = 0.0
         else:  # ahead of plan: ease off, accelerating
+            if self.scale_down:
+                self.g *= judged / planned
             self.g = max(0.0, self.g - s - self.down)
             self.down += s / 4
             self.up = 0.0
@@ -146,12 +176,12 @@ class PressureController:
 
     def state_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in ("final_remaining", "prune_target", "intervals", "step",
-                                                "warmup_intervals", "lookahead", "previous", "d0", "g", "up", "down", "gamma",
-                                                "completed")}
+                                                "warmup_intervals", "lookahead", "scale_down", "previous", "d0",
+                                                "g", "up", "down", "gamma", "completed")}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        state = {"lookahead": 0, "previous": 1.0, **state}  # states saved before lookahead existed
-        for k in ("final_remaining", "intervals", "step", "warmup_intervals", "lookahead"):
+        state = {"lookahead": 0, "scale_down": False, "previous": 1.0, **state}  # saved before these existed
+        for k in ("final_remaining", "intervals", "step", "warmup_intervals", "lookahead", "scale_down"):
             if state[k] != getattr(self, k):
                 raise ValueError(f"controller state was saved with {k}={state[k]}, this run has {getattr(self, k)}")
         for k, v in state.items():

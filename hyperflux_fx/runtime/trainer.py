@@ -44,7 +44,13 @@ from hyperflux_fx.config import TrainConfig
 from hyperflux_fx.runtime.gates import density, gates, track_flux
 from hyperflux_fx.runtime.pressure import pressure_state, set_pressure
 from hyperflux_fx.runtime.recorder import Recorder
-from hyperflux_fx.runtime.scheduler import PressureController, ScalingLaw, fit_scaling_law, resolve_interval_steps
+from hyperflux_fx.runtime.scheduler import (
+    PressureController,
+    ScalingLaw,
+    fit_scaling_law,
+    resolve_interval_steps,
+    response_lag_intervals,
+)
 
 __all__ = ["TrainResult", "TrainingError", "accuracy", "evaluate", "land_on_density", "train", "train_dense"]
 
@@ -76,6 +82,7 @@ class TrainResult:
     completed: bool = True  # False when stopped early by max_intervals (resumable)
     law: ScalingLaw | None = None  # pressure/density law fitted to this run's pruning phase
     checkpoint: str | None = None  # path of the last checkpoint
+    controller_lookahead: int = 0  # the look-ahead the pressure controller used (resolved when auto)
 
 
 def accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> float:
@@ -275,6 +282,20 @@ def _flow_lr(cfg: TrainConfig, pruning_steps: int) -> float:
     return max(1e-3, cfg.flow_travel / max(pruning_steps, 1))
 
 
+@torch.no_grad()
+def _open_flow_distance(all_gates: list[Any], default: float = 0.35) -> float:
+    """Mean value of the open flows (their distance above the threshold); ``default`` (the mean of
+    the default init U(0.2, 0.5)) when none is open."""
+    total = torch.zeros((), dtype=torch.float64, device=all_gates[0].flow.device)
+    count = torch.zeros((), dtype=torch.float64, device=total.device)
+    for g in all_gates:
+        f = g.flow.detach()
+        total += torch.where(f >= 0, f, 0.0).sum(dtype=torch.float64)
+        count += (f >= 0).sum()
+    n = float(count)
+    return float(total) / n if n > 0 else default
+
+
 def _cosine(start: float, end: float, i: int, n: int) -> float:
     if n <= 1:
         return start
@@ -372,9 +393,13 @@ def train(gated: nn.Module, train_loader: DataLoader, val_loader: Iterable[Any] 
     ivl = resolve_interval_steps(cfg.interval_steps, spe, cfg.epochs, cfg.min_intervals)
     prune_intervals = math.ceil(prune_steps / ivl)
     flow_lr = _flow_lr(cfg, prune_steps)
+    lookahead = cfg.controller_lookahead
+    if lookahead is None:  # the flows' response lag: their mean distance above the threshold now
+        lookahead = response_lag_intervals(flow_lr, ivl, prune_intervals, distance=_open_flow_distance(all_gates))
     controller = PressureController(1.0 - cfg.target_sparsity, prune_intervals, step=cfg.pressure_step,
                                     regrowth_compensation=cfg.regrowth_compensation,
-                                    warmup_intervals=cfg.warmup_intervals, lookahead=cfg.controller_lookahead)
+                                    warmup_intervals=cfg.warmup_intervals, lookahead=lookahead,
+                                    scale_down=cfg.controller_scale_down)
     target_density = 1.0 - cfg.target_sparsity
     weighted = cfg.target_measure == "cost"  # density as the kept fraction of unit cost (params/MACs)
     # the landing happens at the first interval end at or after this step
@@ -414,6 +439,8 @@ def train(gated: nn.Module, train_loader: DataLoader, val_loader: Iterable[Any] 
         opt_t.load_state_dict(ckpt["opt_t"])
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
+        if cfg.controller_lookahead is None:  # measured at the fresh start; the flows have moved since
+            controller.lookahead = int(ckpt["controller"].get("lookahead", 0))
         controller.load_state_dict(ckpt["controller"])
         recorder.load_state_dict(ckpt["recorder"])
         if writer:
@@ -590,7 +617,8 @@ def train(gated: nn.Module, train_loader: DataLoader, val_loader: Iterable[Any] 
     return TrainResult(density=final_density, sparsity=1.0 - final_density, target_sparsity=cfg.target_sparsity,
                        val_accuracy=val_acc, history=list(recorder.records), steps=step, intervals=intervals_done,
                        seconds=time.perf_counter() - t_start, completed=not stopped_early, law=law,
-                       checkpoint=str(ckpt_path) if ckpt_path is not None and ckpt_path.exists() else None)
+                       checkpoint=str(ckpt_path) if ckpt_path is not None and ckpt_path.exists() else None,
+                       controller_lookahead=controller.lookahead)
 
 
 def train_dense(model: nn.Module, train_loader: Iterable[Any], *, epochs: int, lr: float = 0.1,

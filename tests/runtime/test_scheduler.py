@@ -16,6 +16,7 @@ from hyperflux_fx.runtime.scheduler import (
     fit_scaling_law,
     planned_remaining,
     resolve_interval_steps,
+    response_lag_intervals,
 )
 
 
@@ -87,11 +88,40 @@ def test_lookahead_eases_off_a_fast_fall_the_paper_controller_keeps_pushing():
         PressureController(0.1, 20, lookahead=-1)
 
 
-def _lagged_plant(lookahead: int, gain: float, delay: int, intervals: int = 20) -> tuple[float, float]:
+def test_scale_down_cuts_pressure_in_proportion_to_the_overshoot():
+    plain, scaled = PressureController(0.1, 20), PressureController(0.1, 20, scale_down=True)
+    for c in (plain, scaled):
+        for _ in range(5):
+            c.update(1.0)  # far behind: g builds up
+    assert plain.g == scaled.g
+    g = plain.g
+    half = 0.5 * plain.planned(6)
+    plain.update(half)
+    scaled.update(half)
+    assert plain.g == pytest.approx(g - 0.2)
+    assert scaled.g == pytest.approx(0.5 * g - 0.2)  # halved (judged = half the plan), then eased
+    with pytest.raises(ValueError, match="scale_down"):
+        PressureController(0.1, 20).load_state_dict(scaled.state_dict())
+
+
+def test_response_lag_in_intervals():
+    # the paper's regime: flow LR 1e-3, one epoch of 391 steps per interval: the flows answer within it
+    assert response_lag_intervals(1e-3, 391, 100) == 1
+    # digits, 10 epochs of 23 steps: travel rule 5/230 per step, 11-step intervals -> about 2.4
+    assert response_lag_intervals(5 / 230, 11, 21) == 2
+    # two-step intervals: the lag would be 7 intervals, capped at a quarter of the phase
+    assert response_lag_intervals(5 / 48, 2, 24) == 6
+    assert response_lag_intervals(5 / 48, 2, 200) == 7
+    with pytest.raises(ValueError):
+        response_lag_intervals(0.0, 2, 24)
+
+
+def _lagged_plant(lookahead: int, gain: float, delay: int, intervals: int = 20, scale_down: bool = False
+                  ) -> tuple[float, float]:
     """A toy plant with the shape seen in short runs: density keeps falling while pressure is on
     (d *= exp(-gain * gamma)) and reacts to gamma ``delay`` intervals late. Returns (lowest
     density / plan, end density / pruning-phase aim)."""
-    c = PressureController(0.05, intervals, lookahead=lookahead)
+    c = PressureController(0.05, intervals, lookahead=lookahead, scale_down=scale_down)
     d, applied, worst = 1.0, [0.0] * (delay + 1), math.inf
     for e in range(1, intervals + 1):
         d *= math.exp(-gain * applied[-1 - delay])
@@ -105,7 +135,9 @@ def test_lookahead_reduces_the_undershoot_of_a_lagged_plant(delay):
     better = 0
     for gain in (0.3, 1.0, 3.0):
         paper, ahead = _lagged_plant(0, gain, delay), _lagged_plant(2, gain, delay)
+        ours = _lagged_plant(2, gain, delay, scale_down=True)
         assert ahead[0] >= paper[0] and ahead[1] >= paper[1]
+        assert ours[0] >= paper[0] and ours[1] >= paper[1]
         better += ahead[0] > 1.5 * paper[0]
     assert better >= 2
 
