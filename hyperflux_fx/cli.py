@@ -317,6 +317,10 @@ def _pipeline(args, out, partial, loaded, train_set, val_set, data_name, gate_cf
         "macs_dense": macs_dense, "macs_compact": macs_compact,
         "onnx_parity_max_abs_diff": None, "ort_latency_ms_dense": None, "ort_latency_ms_compact": None,
         "deleted_units": folded.report.deleted_units, "closed_units": folded.report.closed_units,
+        # what the dynamics reached before the landing put the density on the target (docs/training.md)
+        "sparsity_before_landing": next((1.0 - r["landing"]["density_before"] for r in result.history
+                                         if r.get("landing")), None),
+        "controller_lookahead": result.controller_lookahead,
     }
     if not args.no_export:
         _say(args, "[4/5] ONNX export, parity check, latency")

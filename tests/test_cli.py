@@ -54,9 +54,11 @@ def test_end_to_end_on_digits(tmp_path, granularity):
     s = json.loads((out / "summary.json").read_text())
     for field in ("source", "target_sparsity", "achieved_sparsity", "granularity", "dense_accuracy", "pruned_accuracy",
                   "compact_accuracy", "params_dense", "params_compact", "macs_dense", "macs_compact",
-                  "onnx_parity_max_abs_diff", "ort_latency_ms_dense", "ort_latency_ms_compact", "wall_seconds"):
+                  "onnx_parity_max_abs_diff", "ort_latency_ms_dense", "ort_latency_ms_compact", "wall_seconds",
+                  "sparsity_before_landing", "controller_lookahead"):
         assert field in s and s[field] is not None, field
     assert abs(s["achieved_sparsity"] - 0.7) <= 0.005
+    assert 0.0 < s["sparsity_before_landing"] < 1.0 and s["controller_lookahead"] >= 1
     assert s["params_compact"] < s["params_dense"]
     assert s["onnx_parity_max_abs_diff"] < 1e-3
     assert abs(s["compact_accuracy"] - s["pruned_accuracy"]) <= 1 / 360 + 1e-9  # at most one image flips

@@ -36,6 +36,22 @@ def _loaders():
     return DataLoader(_data(), batch_size=32, shuffle=True), DataLoader(_data(64, seed=1), batch_size=64)
 
 
+def _lowest_density_over_plan(res):
+    return min(r["density"] / r["planned"] for r in res.history if r["phase"] == "prune" and r["planned"])
+
+
+def test_short_run_controller_tracks_the_plan_better_than_the_papers():
+    # 48 pruning steps in 2-step intervals: the density answers pressure ~7 intervals late. The
+    # paper's controller collapses to a quarter of its plan here; look-ahead + scale-down do not.
+    train_loader, val_loader = _loaders()
+    ours = hf.train(_gated(), train_loader, val_loader, _cfg(epochs=6, land=False))
+    paper = hf.train(_gated(), train_loader, val_loader,
+                     _cfg(epochs=6, land=False, controller_lookahead=0, controller_scale_down=False))
+    assert ours.controller_lookahead == 6 and paper.controller_lookahead == 0
+    assert _lowest_density_over_plan(ours) > 0.6
+    assert _lowest_density_over_plan(paper) < 0.5 * _lowest_density_over_plan(ours)
+
+
 def test_fresh_gates_are_all_open_and_zero_pressure_keeps_them():
     gated = _gated()
     assert hf.density(gated) == 1.0 and hf.get_pressure(gated) == 0.0
