@@ -365,9 +365,9 @@ def _print_summary(summary: dict[str, Any], out: Path) -> None:
             return f"{v:,}"
         return str(v)
 
-    keys = ["achieved_sparsity", "dense_accuracy", "pruned_accuracy", "compact_accuracy", "params_dense",
-            "params_compact", "macs_dense", "macs_compact", "onnx_parity_max_abs_diff", "ort_latency_ms_dense",
-            "ort_latency_ms_compact", "wall_seconds"]
+    keys = ["achieved_sparsity", "sparsity_before_landing", "dense_accuracy", "pruned_accuracy", "compact_accuracy",
+            "params_dense", "params_compact", "macs_dense", "macs_compact", "onnx_parity_max_abs_diff",
+            "ort_latency_ms_dense", "ort_latency_ms_compact", "wall_seconds"]
     width = max(len(k) for k in keys)
     print()
     for k in keys:
