@@ -172,8 +172,7 @@ class Gate(nn.Module):
         """Mean flux per unit over the backward passes since the last reset; None if not tracking."""
         if self.flux_sum is None:
             return None
-        steps = max(int(self.flux_steps.item()), 1)
-        return self.flux_sum / steps
+        return self.flux_sum / self.flux_steps.clamp(min=1)  # stays on the device: no host sync
 
     def extra_repr(self) -> str:
         return f"target={self.target!r}, shape={tuple(self.flow.shape)}, kappa={self.kappa}"

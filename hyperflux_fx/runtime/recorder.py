@@ -51,16 +51,15 @@ class Recorder:
             mask = g.flow.detach() >= 0
             prev = self._prev.get(g.target)
             prev = torch.ones_like(mask) if prev is None else prev.to(mask.device)
-            f32 = mask.new_zeros((), dtype=torch.float32)
             row = [mask.sum(), (mask & ~prev).sum(), (prev & ~mask).sum()]
-            tracked = g.flux_sum is not None
-            if tracked:
-                flux = g.flux_sum.float() / g.flux_steps.clamp(min=1).float()
+            flux = g.mean_flux()
+            if flux is not None:
                 row += [torch.where(mask, flux, 0.0).sum(), torch.where(mask, 0.0, flux).sum(),
-                        torch.where(mask, flux, math.inf).min(), g.flux_steps.float()]
+                        torch.where(mask, flux, math.inf).min(), g.flux_steps]
                 g.reset_flux()
             else:
-                row += [f32, f32, f32 + math.inf, f32]
+                zero = mask.new_zeros((), dtype=torch.float64)
+                row += [zero, zero, zero + math.inf, zero]
             rows.append(torch.stack([v.to(torch.float64) for v in row]))
             self._prev[g.target] = mask
         table = torch.stack(rows).cpu().tolist() if rows else []

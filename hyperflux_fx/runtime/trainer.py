@@ -117,6 +117,8 @@ def _resolve_device(spec: str) -> torch.device:
 
 
 def _amp_dtype(spec: str, device: torch.device) -> torch.dtype | None:
+    if spec not in ("auto", "bf16", "fp16", "off"):
+        raise ValueError(f"amp must be 'auto', 'bf16', 'fp16' or 'off', got {spec!r}")
     if spec == "off":
         return None
     if device.type != "cuda":
@@ -629,8 +631,6 @@ def train_dense(model: nn.Module, train_loader: Iterable[Any], *, epochs: int, l
 
     ``amp`` takes TrainConfig's values ("auto", "bf16", "fp16" with a GradScaler, "off").
     """
-    if amp not in ("auto", "bf16", "fp16", "off"):
-        raise ValueError(f"amp must be 'auto', 'bf16', 'fp16' or 'off', got {amp!r}")
     torch.manual_seed(seed)
     dev = _resolve_device(device)
     amp_dtype = _amp_dtype(amp, dev)
