@@ -318,8 +318,8 @@ def _pipeline(args, out, partial, loaded, train_set, val_set, data_name, gate_cf
         "onnx_parity_max_abs_diff": None, "ort_latency_ms_dense": None, "ort_latency_ms_compact": None,
         "deleted_units": folded.report.deleted_units, "closed_units": folded.report.closed_units,
         # what the dynamics reached before the landing put the density on the target (docs/training.md)
-        "sparsity_before_landing": next((1.0 - r["landing"]["density_before"] for r in result.history
-                                         if r.get("landing")), None),
+        "sparsity_before_landing": (None if result.density_before_landing is None
+                                    else 1.0 - result.density_before_landing),
         "controller_lookahead": result.controller_lookahead,
     }
     if not args.no_export:

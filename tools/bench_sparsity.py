@@ -140,8 +140,7 @@ def hyperflux(dense, train_loader, test_loader, target, prune_epochs, regrowth_e
     res = hf.train(gated, train_loader, test_loader,
                    hf.TrainConfig(target_sparsity=target, epochs=prune_epochs, regrowth_epochs=regrowth_epochs,
                                   seed=seed, device=str(DEVICE), amp=amp))
-    before = next((r["landing"]["density_before"] for r in res.history if r.get("landing")), None)
-    return gated, res, before
+    return gated, res, res.density_before_landing
 
 
 def main() -> None:

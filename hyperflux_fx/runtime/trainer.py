@@ -84,6 +84,12 @@ class TrainResult:
     checkpoint: str | None = None  # path of the last checkpoint
     controller_lookahead: int = 0  # the look-ahead the pressure controller used (resolved when auto)
 
+    @property
+    def density_before_landing(self) -> float | None:
+        """Density the dynamics alone had reached when the landing moved it to the target (None
+        when no landing happened: ``land=False`` or a run stopped before it)."""
+        return next((r["landing"]["density_before"] for r in self.history if r.get("landing")), None)
+
 
 def accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> float:
     """Top-1 accuracy of classification logits."""

@@ -71,6 +71,7 @@ def test_train_lands_on_target_and_records_every_interval(tmp_path):
     assert any(r["gamma"] > 0 for r in prune) and prune[-1]["density"] < 0.5
     landing = [r["landing"] for r in res.history if r["landing"]]
     assert len(landing) == 1 and landing[0]["density_after"] == pytest.approx(0.2, abs=1e-3)
+    assert res.density_before_landing == landing[0]["density_before"]
     rec = res.history[-1]
     assert rec["phase"] == "regrow" and rec["flows_frozen"] and set(rec["layers"]) == {"0.weight", "2.weight",
                                                                                        "4.weight"}
