@@ -59,6 +59,6 @@ def example_inputs() -> tuple[torch.Tensor, ...]:
 
 def datasets() -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset]:
     """scikit-learn's bundled digits (no download), upsampled to IMAGE_SIZE, fixed split."""
-    from hyperflux_fx.data import digits_datasets
+    from hyperflux_fx.frontend.data import digits_datasets
 
     return digits_datasets(size=IMAGE_SIZE)

@@ -10,19 +10,14 @@ Public API (see docs/ and ../shared/DESIGN.md)::
 
 from __future__ import annotations
 
-from hyperflux_fx.config import GateConfig, TrainConfig
-from hyperflux_fx.graph.cost import count_params_and_macs
-from hyperflux_fx.passes import FoldConfig, FoldReport, GateReport, PassResult, fold_batchnorm, fold_masks, insert_gates
-from hyperflux_fx.runtime import (
+from hyperflux_fx.analysis.cost import count_params_and_macs
+from hyperflux_fx.config import FoldConfig, GateConfig, TrainConfig
+from hyperflux_fx.export import ExportCheckError, ExportError, ExportReport, export_onnx, measure_latency
+from hyperflux_fx.frontend import ExampleInputError, SourceError, TraceError, load_source, trace
+from hyperflux_fx.ir import (
     Gate,
-    PressureController,
-    ScalingLaw,
-    TrainingError,
-    TrainResult,
     WeightGate,
     density,
-    evaluate,
-    fit_scaling_law,
     flux,
     gates,
     get_pressure,
@@ -31,11 +26,18 @@ from hyperflux_fx.runtime import (
     reset_flux,
     set_pressure,
     track_flux,
+)
+from hyperflux_fx.passes import FoldReport, GateReport, PassResult, fold_batchnorm, fold_masks, insert_gates
+from hyperflux_fx.train import (
+    PressureController,
+    ScalingLaw,
+    TrainingError,
+    TrainResult,
+    evaluate,
+    fit_scaling_law,
     train,
     train_dense,
 )
-from hyperflux_fx.runtime.onnx_export import ExportCheckError, ExportError, ExportReport, export_onnx, measure_latency
-from hyperflux_fx.trace import ExampleInputError, SourceError, TraceError, load_source, trace
 
 __version__ = "0.1.0"
 

@@ -24,8 +24,26 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from hyperflux_fx.analysis.cost import count_params_and_macs
+from hyperflux_fx.config import FoldConfig, GateConfig, TrainConfig
+from hyperflux_fx.export.latency import measure_latency
+from hyperflux_fx.export.onnx import ExportCheckError, ExportError, export_onnx
+from hyperflux_fx.frontend.data import DataError, resolve_datasets
+from hyperflux_fx.frontend.sources import LoadedModel, SourceError, load_source
+from hyperflux_fx.frontend.trace import ExampleInputError, TraceError, trace
+from hyperflux_fx.passes import PassResult, fold_masks, insert_gates
+from hyperflux_fx.report.html import render_report
+from hyperflux_fx.train.dense import train_dense
+from hyperflux_fx.train.distributed import TrainingError
+from hyperflux_fx.train.evaluate import evaluate
+from hyperflux_fx.train.loop import TrainResult, train
 
 __all__ = ["build_parser", "main"]
 
@@ -119,8 +137,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _validate(args: argparse.Namespace) -> Path | None:
-    import torch
-
     if not 0.0 < args.target_sparsity < 1.0:
         raise UsageError(f"--target-sparsity must be in (0, 1), got {args.target_sparsity}")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -143,8 +159,6 @@ def _validate(args: argparse.Namespace) -> Path | None:
 
 
 def _num_classes(model: Any, inputs: tuple[Any, ...]) -> int:
-    import torch
-
     was = model.training
     model.eval()
     with torch.no_grad():
@@ -155,34 +169,58 @@ def _num_classes(model: Any, inputs: tuple[Any, ...]) -> int:
     return int(out.shape[-1])
 
 
+@dataclass
+class _Job:
+    """What every stage of a compile run reads: the arguments, where to write, the model and data."""
+
+    args: argparse.Namespace
+    out: Path  # the finished run's directory
+    partial: Path  # where the run writes until it is finished
+    loaded: LoadedModel
+    train_loader: DataLoader
+    val_loader: DataLoader
+    data_name: str
+    gate_cfg: GateConfig
+    device: str  # "cuda" or "cpu"
+    t_start: float
+
+    @property
+    def inputs(self) -> tuple[Any, ...]:
+        return self.loaded.example_inputs
+
+
 def _run(args: argparse.Namespace) -> int:
-    import torch
-
-    import hyperflux_fx as hf
-    from hyperflux_fx.data import DataError, resolve_datasets
-
     out = _validate(args)
     torch.manual_seed(args.seed)
+    loaded = _load(args)
+    gate_cfg = GateConfig(granularity=args.granularity, exclude=tuple(args.exclude), seed=args.seed, cost=args.target)
     try:
-        loaded = hf.load_source(args.source, input_shape=args.input_shape, weights=args.weights,
-                                num_classes=args.num_classes)
-    except hf.SourceError as exc:
+        gm = trace(loaded.model, loaded.example_inputs, leaf_modules=tuple(args.leaf))
+        if args.plan:
+            t0 = time.perf_counter()
+            res = insert_gates(gm, gate_cfg, example_inputs=loaded.example_inputs, inplace=True)
+            return _print_plan(args, loaded, res, time.perf_counter() - t0)
+        insert_gates(gm, gate_cfg, example_inputs=loaded.example_inputs)  # validate gating before any work is done
+    except (TraceError, ExampleInputError, ValueError) as exc:
+        raise UsageError(str(exc)) from exc
+    train_set, val_set, data_name = _datasets(args, loaded)
+    assert out is not None
+    return _compile(args, out, loaded, train_set, val_set, data_name, gate_cfg)
+
+
+def _load(args: argparse.Namespace) -> LoadedModel:
+    try:
+        return load_source(args.source, input_shape=args.input_shape, weights=args.weights,
+                           num_classes=args.num_classes)
+    except SourceError as exc:
         raise UsageError(str(exc)) from exc
     except Exception as exc:  # build_model() itself failing
         raise UsageError(f"building the model failed: {type(exc).__name__}: {exc}") from exc
-    model, inputs = loaded.model, loaded.example_inputs
-    gate_cfg = hf.GateConfig(granularity=args.granularity, exclude=tuple(args.exclude), seed=args.seed,
-                             cost={"count": "count", "params": "params", "macs": "macs"}[args.target])
-    try:
-        gm = hf.trace(model, inputs, leaf_modules=tuple(args.leaf))
-        if args.plan:
-            t0 = time.perf_counter()
-            res = hf.insert_gates(gm, gate_cfg, example_inputs=inputs, inplace=True)
-            return _print_plan(args, loaded, res, time.perf_counter() - t0)
-        hf.insert_gates(gm, gate_cfg, example_inputs=inputs)  # validate gating before any work is done
-    except (hf.TraceError, hf.ExampleInputError, ValueError) as exc:
-        raise UsageError(str(exc)) from exc
-    # data
+
+
+def _datasets(args: argparse.Namespace, loaded: LoadedModel) -> tuple[Dataset, Dataset, str]:
+    """(train, val, name) from model.py's datasets() or --data (digits by default)."""
+    inputs = loaded.example_inputs
     sample_shape = tuple(inputs[0].shape[1:])
     try:
         if args.data is None and loaded.datasets is not None:
@@ -191,17 +229,16 @@ def _run(args: argparse.Namespace) -> int:
         else:
             data_name = args.data or "digits"
             train_set, val_set = resolve_datasets(data_name, sample_shape=sample_shape,
-                                                  num_classes=_num_classes(model, inputs), seed=args.seed)
+                                                  num_classes=_num_classes(loaded.model, inputs), seed=args.seed)
     except DataError as exc:
         raise UsageError(str(exc)) from exc
     got = tuple(train_set[0][0].shape)
     if got != sample_shape:
         raise UsageError(f"the data's inputs have shape {got} but the model's example input is {sample_shape}")
-    assert out is not None
-    return _compile(args, out, loaded, train_set, val_set, data_name, gate_cfg)
+    return train_set, val_set, data_name
 
 
-def _print_plan(args: argparse.Namespace, loaded: Any, res: Any, seconds: float) -> int:
+def _print_plan(args: argparse.Namespace, loaded: LoadedModel, res: PassResult, seconds: float) -> int:
     report = res.report
     if args.quiet:
         return 0
@@ -219,13 +256,9 @@ def _print_plan(args: argparse.Namespace, loaded: Any, res: Any, seconds: float)
     return 0
 
 
-def _compile(args: argparse.Namespace, out: Path, loaded: Any, train_set: Any, val_set: Any, data_name: str,
-             gate_cfg: Any) -> int:
-    import torch
-    from torch.utils.data import DataLoader
-
-    import hyperflux_fx as hf
-
+def _compile(args: argparse.Namespace, out: Path, loaded: LoadedModel, train_set: Dataset, val_set: Dataset,
+             data_name: str, gate_cfg: GateConfig) -> int:
+    """Prepare OUT.partial and its run.log, then run the stages."""
     t_start = time.perf_counter()
     if args.force and out.exists() and not args.resume:
         shutil.rmtree(out)
@@ -240,81 +273,102 @@ def _compile(args: argparse.Namespace, out: Path, loaded: Any, train_set: Any, v
     root = logging.getLogger("hyperflux_fx")
     root.addHandler(handler)
     root.setLevel(logging.INFO)
+    device = "cuda" if (args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())) else "cpu"
+    job = _Job(args=args, out=out, partial=partial, loaded=loaded,
+               train_loader=DataLoader(train_set, batch_size=args.batch_size, shuffle=True, num_workers=args.workers),
+               val_loader=DataLoader(val_set, batch_size=max(args.batch_size, 256), num_workers=args.workers),
+               data_name=data_name, gate_cfg=gate_cfg, device=device, t_start=t_start)
     try:
-        return _pipeline(args, out, partial, loaded, train_set, val_set, data_name, gate_cfg, t_start,
-                         DataLoader, torch, hf)
+        return _pipeline(job)
     finally:
         root.removeHandler(handler)
         handler.close()
 
 
-def _pipeline(args, out, partial, loaded, train_set, val_set, data_name, gate_cfg, t_start, DataLoader, torch, hf):
-    model, inputs = loaded.model, loaded.example_inputs
-    train_loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, num_workers=args.workers)
-    val_loader = DataLoader(val_set, batch_size=max(args.batch_size, 256), num_workers=args.workers)
-    loss_fn = loaded.loss_fn
-    device = "cuda" if (args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())) else "cpu"
-    _say(args, f"hyperflux-compile {args.source} -> {out}  (data: {data_name}, device: {device})")
+def _pipeline(job: _Job) -> int:
+    """dense -> Hyperflux -> fold -> export -> report; returns the exit code."""
+    args = job.args
+    _say(args, f"hyperflux-compile {args.source} -> {job.out}  (data: {job.data_name}, device: {job.device})")
+    dense_acc = _dense_stage(job)
+    gated_res, result, code = _hyperflux_stage(job)
+    if result is None:
+        return code
+    gated = gated_res.graph_module.cpu()
+    folded, summary = _fold_stage(job, gated, result, dense_acc)
+    if not args.no_export:
+        failure = _export_stage(job, folded.graph_module, summary)
+        if failure is not None:
+            return failure
+    _save_compact(job, folded.graph_module)
+    summary["wall_seconds"] = time.perf_counter() - job.t_start
+    _report_stage(job, summary, result, gated_res, folded)
+    return 0
 
-    # 1. dense model
-    dense_file = partial / "dense.pt"
+
+def _dense_stage(job: _Job) -> float:
+    """[1/5] the dense model: --weights, the interrupted run's, trained here, or random init."""
+    args, model = job.args, job.loaded.model
+    dense_file = job.partial / "dense.pt"
     if args.weights:
-        dense_note = f"loaded from {args.weights}"
+        note = f"loaded from {args.weights}"
     elif args.resume and dense_file.exists():
         model.load_state_dict(torch.load(dense_file, map_location="cpu", weights_only=True))
-        dense_note = "loaded from the interrupted run"
+        note = "loaded from the interrupted run"
     elif args.dense_epochs > 0:
         _say(args, f"[1/5] dense training: {args.dense_epochs} epochs")
-        hf.train_dense(model, train_loader, epochs=args.dense_epochs, lr=args.lr, seed=args.seed, device=device,
-                       loss_fn=loss_fn, progress=not args.quiet)
+        train_dense(model, job.train_loader, epochs=args.dense_epochs, lr=args.lr, seed=args.seed, device=job.device,
+                    loss_fn=job.loaded.loss_fn, progress=not args.quiet)
         model.cpu()
         torch.save(model.state_dict(), dense_file)
-        dense_note = f"trained {args.dense_epochs} epochs"
+        note = f"trained {args.dense_epochs} epochs"
     else:
-        dense_note = "random init (--dense-epochs 0)"
-    dense_acc = hf.evaluate(model.to(device), val_loader)
+        note = "random init (--dense-epochs 0)"
+    acc = evaluate(model.to(job.device), job.val_loader)
     model.cpu()
-    _say(args, f"      dense model ({dense_note}): val accuracy {dense_acc:.4f}")
+    _say(args, f"      dense model ({note}): val accuracy {acc:.4f}")
+    return acc
 
-    # 2. gates + Hyperflux
-    res = hf.insert_gates(model, gate_cfg, example_inputs=inputs)
-    gated = res.graph_module
+
+def _hyperflux_stage(job: _Job) -> tuple[PassResult, TrainResult | None, int]:
+    """[2/5] gates + Hyperflux training; (gate result, train result or None to stop, exit code)."""
+    args = job.args
+    res = insert_gates(job.loaded.model, job.gate_cfg, example_inputs=job.inputs)
     _say(args, f"[2/5] Hyperflux: target sparsity {args.target_sparsity} ({args.target}), granularity "
                f"{args.granularity}, {args.epochs} pruning + {args.regrowth_epochs} regrowth epochs")
-    cfg = hf.TrainConfig(target_sparsity=args.target_sparsity, epochs=args.epochs, regrowth_epochs=args.regrowth_epochs,
-                         lr=args.lr, seed=args.seed, device=args.device, out_dir=str(partial), resume=args.resume,
-                         progress=not args.quiet, max_intervals=args.max_intervals,
-                         target_measure="cost" if args.target != "count" else "count")
+    cfg = TrainConfig(target_sparsity=args.target_sparsity, epochs=args.epochs, regrowth_epochs=args.regrowth_epochs,
+                      lr=args.lr, seed=args.seed, device=args.device, out_dir=str(job.partial), resume=args.resume,
+                      progress=not args.quiet, max_intervals=args.max_intervals,
+                      target_measure="cost" if args.target != "count" else "count")
     try:
-        result = hf.train(gated, train_loader, val_loader, cfg, loss_fn=loss_fn)
-    except hf.TrainingError as exc:
+        result = train(res.graph_module, job.train_loader, job.val_loader, cfg, loss_fn=job.loaded.loss_fn)
+    except TrainingError as exc:
         log.error("%s", exc)
-        return _fail(f"training failed: {exc} (resume with --resume after fixing the cause)", code=1)
+        return res, None, _fail(f"training failed: {exc} (resume with --resume after fixing the cause)", code=1)
     except ValueError as exc:  # a checkpoint that does not match
-        return _fail(str(exc))
+        return res, None, _fail(str(exc))
     if not result.completed:
         _say(args, f"stopped after {result.intervals} intervals (--max-intervals); continue with --resume. "
-                   f"Partial run in {partial}")
-        return 0
-    gated.cpu()
-    pruned_acc = hf.evaluate(gated, val_loader)
+                   f"Partial run in {job.partial}")
+        return res, None, 0
+    return res, result, 0
 
-    # 3. fold
+
+def _fold_stage(job: _Job, gated: Any, result: TrainResult, dense_acc: float) -> tuple[PassResult, dict[str, Any]]:
+    """[3/5] fold_masks; (its result, the summary with the accuracy, size and MAC figures)."""
+    args, model, inputs = job.args, job.loaded.model, job.inputs
+    pruned_acc = evaluate(gated, job.val_loader)
     _say(args, "[3/5] fold_masks")
-    folded = hf.fold_masks(gated, hf.FoldConfig(round_to=args.round_to))
+    folded = fold_masks(gated, FoldConfig(round_to=args.round_to))
     compact = folded.graph_module.eval()
-    compact_acc = hf.evaluate(compact, val_loader)
-    params_dense, macs_dense = hf.count_params_and_macs(model, inputs)
-    params_stored, macs_compact = hf.count_params_and_macs(compact, inputs)
-    params_nonzero = sum(int((p != 0).sum()) for p in compact.parameters())
-
-    # 4. export and measure
-    summary: dict[str, Any] = {
-        "source": args.source, "data": data_name, "target_sparsity": args.target_sparsity,
+    params_dense, macs_dense = count_params_and_macs(model, inputs)
+    params_stored, macs_compact = count_params_and_macs(compact, inputs)
+    return folded, {
+        "source": args.source, "data": job.data_name, "target_sparsity": args.target_sparsity,
         "achieved_sparsity": result.sparsity, "target_measure": args.target, "granularity": args.granularity,
-        "dense_accuracy": dense_acc, "pruned_accuracy": pruned_acc, "compact_accuracy": compact_acc,
-        "params_dense": params_dense, "params_compact": params_nonzero, "params_compact_stored": params_stored,
-        "macs_dense": macs_dense, "macs_compact": macs_compact,
+        "dense_accuracy": dense_acc, "pruned_accuracy": pruned_acc,
+        "compact_accuracy": evaluate(compact, job.val_loader),
+        "params_dense": params_dense, "params_compact": sum(int((p != 0).sum()) for p in compact.parameters()),
+        "params_compact_stored": params_stored, "macs_dense": macs_dense, "macs_compact": macs_compact,
         "onnx_parity_max_abs_diff": None, "ort_latency_ms_dense": None, "ort_latency_ms_compact": None,
         "deleted_units": folded.report.deleted_units, "closed_units": folded.report.closed_units,
         # what the dynamics reached before the landing put the density on the target (docs/training.md)
@@ -322,39 +376,45 @@ def _pipeline(args, out, partial, loaded, train_set, val_set, data_name, gate_cf
                                     else 1.0 - result.density_before_landing),
         "controller_lookahead": result.controller_lookahead,
     }
-    if not args.no_export:
-        _say(args, "[4/5] ONNX export, parity check, latency")
-        try:
-            rep = hf.export_onnx(compact, inputs, partial / "compact.onnx")
-            with tempfile.TemporaryDirectory() as tmp:
-                hf.export_onnx(model.eval(), inputs, Path(tmp) / "dense.onnx")
-                batch = int(inputs[0].shape[0])
-                lat_d = hf.measure_latency(Path(tmp) / "dense.onnx", batch_sizes=(batch,), repeats=10)[batch]
-            lat_c = hf.measure_latency(partial / "compact.onnx", batch_sizes=(batch,), repeats=10)[batch]
-        except (hf.ExportError, hf.ExportCheckError) as exc:
-            return _fail(f"export failed: {exc}", code=1)
-        summary.update(onnx_parity_max_abs_diff=rep.max_abs_diff, ort_latency_ms_dense=lat_d["median_ms"],
-                       ort_latency_ms_compact=lat_c["median_ms"], onnx_file_bytes=rep.file_bytes,
-                       latency_batch=batch)
+
+
+def _export_stage(job: _Job, compact: Any, summary: dict[str, Any]) -> int | None:
+    """[4/5] ONNX export with the parity check, dense and compact latency; an exit code on failure."""
+    _say(job.args, "[4/5] ONNX export, parity check, latency")
+    inputs = job.inputs
+    try:
+        rep = export_onnx(compact, inputs, job.partial / "compact.onnx")
+        with tempfile.TemporaryDirectory() as tmp:
+            export_onnx(job.loaded.model.eval(), inputs, Path(tmp) / "dense.onnx")
+            batch = int(inputs[0].shape[0])
+            lat_d = measure_latency(Path(tmp) / "dense.onnx", batch_sizes=(batch,), repeats=10)[batch]
+        lat_c = measure_latency(job.partial / "compact.onnx", batch_sizes=(batch,), repeats=10)[batch]
+    except (ExportError, ExportCheckError) as exc:
+        return _fail(f"export failed: {exc}", code=1)
+    summary.update(onnx_parity_max_abs_diff=rep.max_abs_diff, ort_latency_ms_dense=lat_d["median_ms"],
+                   ort_latency_ms_compact=lat_c["median_ms"], onnx_file_bytes=rep.file_bytes, latency_batch=batch)
+    return None
+
+
+def _save_compact(job: _Job, compact: Any) -> None:
     torch.save({"state_dict": compact.state_dict(), "code": compact.code,
-                "example_input_shapes": [list(x.shape) for x in inputs]}, partial / "compact.pt")
-    summary["wall_seconds"] = time.perf_counter() - t_start
+                "example_input_shapes": [list(x.shape) for x in job.inputs]}, job.partial / "compact.pt")
 
-    # 5. report
-    _say(args, "[5/5] report")
-    from hyperflux_fx.report.html import render_report
 
+def _report_stage(job: _Job, summary: dict[str, Any], result: TrainResult, gated: PassResult,
+                  folded: PassResult) -> None:
+    """[5/5] summary.json and report.html; OUT.partial becomes OUT."""
+    _say(job.args, "[5/5] report")
     law = result.law.to_dict() if result.law is not None else None
     summary["law"] = law
-    (partial / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
-    page = render_report(summary, result.history, res.report.to_dict(), folded.report.to_dict(), law)
-    (partial / "report.html").write_text(page, encoding="utf-8")
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(partial, out)
-    if not args.quiet:
-        _print_summary(summary, out)
-    return 0
+    (job.partial / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    page = render_report(summary, result.history, gated.report.to_dict(), folded.report.to_dict(), law)
+    (job.partial / "report.html").write_text(page, encoding="utf-8")
+    if job.out.exists():
+        shutil.rmtree(job.out)
+    os.replace(job.partial, job.out)
+    if not job.args.quiet:
+        _print_summary(summary, job.out)
 
 
 def _print_summary(summary: dict[str, Any], out: Path) -> None:

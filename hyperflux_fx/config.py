@@ -1,11 +1,11 @@
-"""Frozen configuration dataclasses shared by the passes and the runtime."""
+"""Every frozen configuration dataclass: GateConfig (insert_gates), FoldConfig (fold_masks), TrainConfig (train)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["GateConfig", "Granularity", "TrainConfig"]
+__all__ = ["FoldConfig", "GateConfig", "Granularity", "TrainConfig"]
 
 Granularity = Literal["weight", "channel", "hybrid"]
 
@@ -46,6 +46,20 @@ class GateConfig:
             value = getattr(self, field_name)
             if isinstance(value, str):
                 raise TypeError(f"{field_name} takes a tuple of globs, e.g. ({value!r},), not a bare string")
+
+
+@dataclass(frozen=True)
+class FoldConfig:
+    """How ``fold_masks`` compacts."""
+
+    round_to: int = 1  # keep channel counts multiples of this (8 suits most CPU kernels); extra = strongest closed
+    min_channels: int = 1  # never delete a group down to fewer channels
+    delete_dead: bool = True  # also delete channels whose weights and bias are all zero (weight masks alone)
+    fold_batchnorm: bool = False  # merge inference BatchNorms into their convs (the result is for inference)
+
+    def __post_init__(self) -> None:
+        if self.round_to < 1 or self.min_channels < 1:
+            raise ValueError(f"round_to and min_channels must be >= 1, got {self.round_to}, {self.min_channels}")
 
 
 @dataclass(frozen=True)

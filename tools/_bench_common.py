@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def digits_loaders(batch_size: int = 64, size: int = 16) -> tuple[DataLoader, DataLoader]:
-    from hyperflux_fx.data import digits_datasets
+    from hyperflux_fx.frontend.data import digits_datasets
 
     train, test = digits_datasets(size=size)
     return DataLoader(train, batch_size=batch_size, shuffle=True), DataLoader(test, batch_size=512)

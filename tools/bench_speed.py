@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _bench_common as common
 
 import hyperflux_fx as hf
-from hyperflux_fx.runtime.onnx_export import _session
+from hyperflux_fx.export.latency import session as _session
 
 MODELS = [("torchvision", "resnet18", 32), ("torchvision", "resnet50", 32), ("torchvision", "mobilenet_v2", 32),
           ("timm", "deit_tiny_patch16_224", 224)]

@@ -21,9 +21,10 @@ def _png(fig: Any) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def figures(history: list[dict[str, Any]], summary: dict[str, Any], fold_groups: list[dict[str, Any]],
+def figures(history: list[Any], summary: dict[str, Any], fold_groups: list[dict[str, Any]],
             law: dict[str, float] | None) -> list[tuple[str, str]]:
-    """(title, base64 PNG) for each figure the run has data for."""
+    """(title, base64 PNG) for each figure the run has data for (``history``: the run's interval
+    records, read by name)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -31,76 +32,10 @@ def figures(history: list[dict[str, Any]], summary: dict[str, Any], fold_groups:
 
     out: list[tuple[str, str]] = []
     if history:
-        x = [r["step"] for r in history]
-        fig, ax = plt.subplots(figsize=(6.4, 3.6))
-        ax.plot(x, [r["measured_density"] for r in history], label="measured density", lw=2)
-        planned = [(r["step"], r["planned"]) for r in history if r.get("planned") is not None]
-        if planned:
-            ax.plot(*zip(*planned, strict=True), "--", label="planned R(e) (pruning phase)")
-        ax.axhline(history[-1]["target_density"], color="k", lw=0.8, ls=":", label="target")
-        ax.set_yscale("log")
-        ax.set_xlabel("step")
-        ax.set_ylabel("density")
-        ax.legend()
-        ax.set_title("Density trajectory vs plan")
-        out.append(("Density trajectory vs planned", _png(fig)))
-
-        fig, ax = plt.subplots(figsize=(6.4, 3.0))
-        ax.step(x, [r["gamma"] for r in history], where="post")
-        ax.set_xlabel("step")
-        ax.set_ylabel("gamma")
-        ax.set_title("Pressure over time")
-        out.append(("Pressure over time", _png(fig)))
-
-        fig, ax = plt.subplots(figsize=(6.4, 3.0))
-        ax.bar(x, [r["regrown"] for r in history], width=max(1, (x[-1] - x[0]) / max(len(x), 1) * 0.4),
-               label="pruned -> active (regrowth)")
-        ax.bar(x, [-r["pruned"] for r in history], width=max(1, (x[-1] - x[0]) / max(len(x), 1) * 0.4),
-               label="active -> pruned")
-        ax.set_xlabel("step")
-        ax.set_ylabel("flips per interval")
-        ax.legend()
-        ax.set_title("Regrowth and pruning flips")
-        out.append(("Regrowth / prune flips over time", _png(fig)))
-
-        layers = history[-1].get("layers", {})
-        if layers:
-            names = list(layers)
-            fig, ax = plt.subplots(figsize=(6.4, max(2.5, 0.18 * len(names) + 1)))
-            ax.barh(range(len(names)), [layers[n]["density"] for n in names])
-            ax.set_yticks(range(len(names)))
-            ax.set_yticklabels(names, fontsize=6)
-            ax.invert_yaxis()
-            ax.set_xlabel("final density")
-            ax.set_title("Per-layer density")
-            out.append(("Per-layer density", _png(fig)))
-
-        pts = [(r["gamma"], r["measured_density"]) for r in history if r["phase"] == "prune" and r["gamma"] > 0]
-        if pts:
-            fig, ax = plt.subplots(figsize=(5.0, 3.6))
-            ax.loglog(*zip(*pts, strict=True), "o", ms=4, label="(gamma, density) per interval")
-            if law:
-                gs = sorted(p[0] for p in pts)
-                grid = [gs[0] * (gs[-1] / gs[0]) ** (i / 50) for i in range(51)] if gs[-1] > gs[0] else gs
-                ax.loglog(grid, [law["c"] * math.exp(-(law["a0"] * math.log(g) + law["a1"] * math.log(g) ** 2))
-                                 for g in grid], "-", label=f"fit: R²={law['r2']:.2f}")
-            ax.set_xlabel("gamma")
-            ax.set_ylabel("density")
-            ax.legend(fontsize=7)
-            ax.set_title("Density vs pressure")
-            out.append(("Density vs pressure (log-log) with the fitted law", _png(fig)))
+        out += [_density_figure(plt, history), _pressure_figure(plt, history), _flips_figure(plt, history)]
+        out += _layer_figure(plt, history) + _law_figure(plt, history, law)
     if fold_groups:
-        groups = [g for g in fold_groups if g["before"] > 0][:60]
-        fig, ax = plt.subplots(figsize=(6.4, max(2.5, 0.18 * len(groups) + 1)))
-        ax.barh(range(len(groups)), [g["before"] for g in groups], color="#ccc", label="before")
-        ax.barh(range(len(groups)), [g["after"] for g in groups], label="after fold")
-        ax.set_yticks(range(len(groups)))
-        ax.set_yticklabels([g["name"][:40] for g in groups], fontsize=6)
-        ax.invert_yaxis()
-        ax.set_xlabel("channels / units")
-        ax.legend()
-        ax.set_title("Surviving channels per group")
-        out.append(("Surviving channels per layer", _png(fig)))
+        out.append(_fold_figure(plt, fold_groups))
     if summary.get("ort_latency_ms_dense") and summary.get("ort_latency_ms_compact"):
         fig, ax = plt.subplots(figsize=(4.0, 3.0))
         ax.bar(["dense", "compact"], [summary["ort_latency_ms_dense"], summary["ort_latency_ms_compact"]],
@@ -111,6 +46,91 @@ def figures(history: list[dict[str, Any]], summary: dict[str, Any], fold_groups:
     return out
 
 
+def _density_figure(plt: Any, history: list[Any]) -> tuple[str, str]:
+    x = [r["step"] for r in history]
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    ax.plot(x, [r["measured_density"] for r in history], label="measured density", lw=2)
+    planned = [(r["step"], r["planned"]) for r in history if r.get("planned") is not None]
+    if planned:
+        ax.plot(*zip(*planned, strict=True), "--", label="planned R(e) (pruning phase)")
+    ax.axhline(history[-1]["target_density"], color="k", lw=0.8, ls=":", label="target")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("density")
+    ax.legend()
+    ax.set_title("Density trajectory vs plan")
+    return "Density trajectory vs planned", _png(fig)
+
+
+def _pressure_figure(plt: Any, history: list[Any]) -> tuple[str, str]:
+    fig, ax = plt.subplots(figsize=(6.4, 3.0))
+    ax.step([r["step"] for r in history], [r["gamma"] for r in history], where="post")
+    ax.set_xlabel("step")
+    ax.set_ylabel("gamma")
+    ax.set_title("Pressure over time")
+    return "Pressure over time", _png(fig)
+
+
+def _flips_figure(plt: Any, history: list[Any]) -> tuple[str, str]:
+    x = [r["step"] for r in history]
+    width = max(1, (x[-1] - x[0]) / max(len(x), 1) * 0.4)
+    fig, ax = plt.subplots(figsize=(6.4, 3.0))
+    ax.bar(x, [r["regrown"] for r in history], width=width, label="pruned -> active (regrowth)")
+    ax.bar(x, [-r["pruned"] for r in history], width=width, label="active -> pruned")
+    ax.set_xlabel("step")
+    ax.set_ylabel("flips per interval")
+    ax.legend()
+    ax.set_title("Regrowth and pruning flips")
+    return "Regrowth / prune flips over time", _png(fig)
+
+
+def _layer_figure(plt: Any, history: list[Any]) -> list[tuple[str, str]]:
+    layers = history[-1].get("layers", {})
+    if not layers:
+        return []
+    names = list(layers)
+    fig, ax = plt.subplots(figsize=(6.4, max(2.5, 0.18 * len(names) + 1)))
+    ax.barh(range(len(names)), [layers[n]["density"] for n in names])
+    ax.set_yticks(range(len(names)))
+    ax.set_yticklabels(names, fontsize=6)
+    ax.invert_yaxis()
+    ax.set_xlabel("final density")
+    ax.set_title("Per-layer density")
+    return [("Per-layer density", _png(fig))]
+
+
+def _law_figure(plt: Any, history: list[Any], law: dict[str, float] | None) -> list[tuple[str, str]]:
+    pts = [(r["gamma"], r["measured_density"]) for r in history if r["phase"] == "prune" and r["gamma"] > 0]
+    if not pts:
+        return []
+    fig, ax = plt.subplots(figsize=(5.0, 3.6))
+    ax.loglog(*zip(*pts, strict=True), "o", ms=4, label="(gamma, density) per interval")
+    if law:
+        gs = sorted(p[0] for p in pts)
+        grid = [gs[0] * (gs[-1] / gs[0]) ** (i / 50) for i in range(51)] if gs[-1] > gs[0] else gs
+        ax.loglog(grid, [law["c"] * math.exp(-(law["a0"] * math.log(g) + law["a1"] * math.log(g) ** 2))
+                         for g in grid], "-", label=f"fit: R²={law['r2']:.2f}")
+    ax.set_xlabel("gamma")
+    ax.set_ylabel("density")
+    ax.legend(fontsize=7)
+    ax.set_title("Density vs pressure")
+    return [("Density vs pressure (log-log) with the fitted law", _png(fig))]
+
+
+def _fold_figure(plt: Any, fold_groups: list[dict[str, Any]]) -> tuple[str, str]:
+    groups = [g for g in fold_groups if g["before"] > 0][:60]
+    fig, ax = plt.subplots(figsize=(6.4, max(2.5, 0.18 * len(groups) + 1)))
+    ax.barh(range(len(groups)), [g["before"] for g in groups], color="#ccc", label="before")
+    ax.barh(range(len(groups)), [g["after"] for g in groups], label="after fold")
+    ax.set_yticks(range(len(groups)))
+    ax.set_yticklabels([g["name"][:40] for g in groups], fontsize=6)
+    ax.invert_yaxis()
+    ax.set_xlabel("channels / units")
+    ax.legend()
+    ax.set_title("Surviving channels per group")
+    return "Surviving channels per layer", _png(fig)
+
+
 def _table(headers: list[str], rows: list[list[Any]]) -> str:
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
@@ -119,7 +139,7 @@ def _table(headers: list[str], rows: list[list[Any]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def render_report(summary: dict[str, Any], history: list[dict[str, Any]], gate_report: dict[str, Any],
+def render_report(summary: dict[str, Any], history: list[Any], gate_report: dict[str, Any],
                   fold_report: dict[str, Any] | None, law: dict[str, float] | None) -> str:
     """The whole report as one HTML string."""
     figs = figures(history, summary, (fold_report or {}).get("groups", []), law)

@@ -52,7 +52,7 @@ def test_fold_is_exact_on_the_fixture_zoo(name, granularity):
     assert not hf.gates(compact) and not any(n.startswith("hyperflux") for n, _ in compact.named_modules())
     compact.graph.lint()
     rep = folded.report
-    if any(g["gated"] for g in res.report.channel_groups):  # closed channels were deleted
+    if any(g.gated for g in res.report.channel_groups):  # closed channels were deleted
         assert rep.params_after < rep.params_before and 0 < rep.deleted_units <= rep.closed_units
     else:  # nothing deletable: same size, masks folded into weights
         assert rep.params_after <= rep.params_before
@@ -106,9 +106,9 @@ def test_unsupported_op_blocks_only_its_group_and_is_reported():
     model = RollBranch().eval()
     x = torch.randn(2, 3, 6, 6)
     res = hf.insert_gates(model, hf.GateConfig(granularity="channel", seed=0), example_inputs=x)
-    groups = {g["producers"][0]: g for g in res.report.channel_groups}
-    assert not groups["conv2d"]["gated"] and "roll" in groups["conv2d"]["blocked"][0]
-    assert groups["conv2d_1"]["gated"]
+    groups = {g.producers[0]: g for g in res.report.channel_groups}
+    assert not groups["conv2d"].gated and "roll" in groups["conv2d"].blocked[0]
+    assert groups["conv2d_1"].gated
     gated = res.graph_module.eval()
     _set_flows(gated, 0.5)
     folded = hf.fold_masks(gated)

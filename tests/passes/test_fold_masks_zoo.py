@@ -24,8 +24,8 @@ def test_zoo_fold_is_exact_and_deletes(lib, name, size):
     groups = res.report.channel_groups
     transformer = res.report.model_kind == "transformer"
     if transformer:  # heads and MLP hidden units are gated; the LayerNorm'd residual stream is not
-        assert any(g["gated"] and g["producers"][0].endswith("#heads") for g in groups)
-        assert any(g["gated"] and not g["producers"][0].endswith("#heads") for g in groups)
+        assert any(g.gated and g.unit == "head" for g in groups)
+        assert any(g.gated and g.unit == "channel" for g in groups)
     params_dense, macs_dense = hf.count_params_and_macs(model, x)
     for closed_fraction in (0.3, 0.5, 0.9):
         gen = torch.Generator().manual_seed(int(closed_fraction * 10))
@@ -40,9 +40,9 @@ def test_zoo_fold_is_exact_and_deletes(lib, name, size):
         assert params < params_dense and macs < macs_dense
         assert rep.params_after == params
         if transformer:
-            heads = [g for g in rep.groups if g["name"].endswith("#heads") and g["closed"]]
-            assert heads and all(g["deleted"] > 0 or g["after"] == 1 for g in heads)
-            assert sum(g["deleted"] for g in rep.groups if not g["name"].endswith("#heads")) > 0
+            heads = [g for g in rep.groups if g.unit == "head" and g.closed]
+            assert heads and all(g.deleted > 0 or g.after == 1 for g in heads)
+            assert sum(g.deleted for g in rep.groups if g.unit == "channel") > 0
         else:
             assert rep.deleted_units >= 0.9 * rep.closed_units, str(rep)
 

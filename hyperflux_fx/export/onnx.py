@@ -9,17 +9,17 @@ passed, so a failed export leaves nothing behind.
 Sparse storage (``sparse_storage=True``) stores initializers with enough zeros in ONNX's sparse
 tensor format (values + int64 indices: 12 bytes per kept value against 4 per dense value, so it
 pays above ~67% zeros), as ``Constant`` nodes with a ``sparse_value`` — the form the checker accepts
-for tensors that ops read densely (a bare ``sparse_initializer`` is typed as a sparse tensor). It makes the *file* smaller; ONNX Runtime densifies such weights when
-it loads them, so it does not make inference faster — deleting channels (``fold_masks``) does.
+for tensors that ops read densely (a bare ``sparse_initializer`` is typed as a sparse tensor). It
+makes the *file* smaller; ONNX Runtime densifies such weights when it loads them, so it does not
+make inference faster — deleting channels (``fold_masks``) does. Latency is measured by
+:mod:`hyperflux_fx.export.latency`.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
-import statistics
 import tempfile
 import time
 import warnings
@@ -31,7 +31,11 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-__all__ = ["ExportCheckError", "ExportError", "ExportReport", "export_onnx", "measure_latency"]
+from hyperflux_fx.export.latency import session
+from hyperflux_fx.frontend.trace import normalize_inputs
+from hyperflux_fx.ir import gates
+
+__all__ = ["ExportCheckError", "ExportError", "ExportReport", "export_onnx"]
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +85,8 @@ def _op_counts(model: Any) -> dict[str, int]:
 
 
 def _to_sparse(model: Any, min_zero_fraction: float) -> list[str]:
-    """Move float initializers whose sparse form is smaller into graph.sparse_initializer."""
+    """Replace float initializers whose sparse form is smaller by ``Constant`` nodes holding a
+    ``sparse_value``; returns their names."""
     import numpy as np
     from onnx import helper, numpy_helper
 
@@ -119,19 +124,6 @@ def _to_sparse(model: Any, min_zero_fraction: float) -> list[str]:
         del coll[:]
         coll.extend(kept_vi)
     return moved
-
-
-def _session(path: str, threads: int = 1, optimize: bool = True) -> Any:
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
-                                   else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    so.log_severity_level = 3
-    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
 
 
 def _flatten_outputs(out: Any) -> list[torch.Tensor]:
@@ -208,9 +200,6 @@ def export_onnx(gm: nn.Module, example_inputs: Any, path: str | Path, *, opset: 
     """
     import onnx
 
-    from hyperflux_fx.runtime.gates import gates
-    from hyperflux_fx.trace import normalize_inputs
-
     t0 = time.perf_counter()
     path = Path(path)
     inputs = normalize_inputs(example_inputs)
@@ -224,6 +213,29 @@ def export_onnx(gm: nn.Module, example_inputs: Any, path: str | Path, *, opset: 
         msg = "the model still has gates: exporting the masked model (masks as ops), not a compact one; run fold_masks"
         warnings.warn(msg, stacklevel=2)
         report.warnings.append(msg)
+    model = _run_exporter(gm, inputs, opset, dynamic_batch)
+    if sparse_storage:
+        report.dense_bytes = model.ByteSize()
+        report.sparse_initializers = _to_sparse(model, sparse_min_zero_fraction)
+    report.op_counts = _op_counts(model)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        onnx.save_model(model, str(tmp))
+        report.file_bytes = tmp.stat().st_size
+        if check:
+            _check(gm, tmp, inputs, dynamic_batch, rtol, atol, report)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _run_exporter(gm: nn.Module, inputs: tuple[torch.Tensor, ...], opset: int, dynamic_batch: bool) -> Any:
+    """The torch.onnx dynamo exporter's ModelProto (eval mode, no grad); ExportError naming the node."""
     was_training = gm.training
     gm.eval()
     dynamic_shapes = tuple({0: "batch"} for _ in inputs) if dynamic_batch else None
@@ -240,34 +252,24 @@ def export_onnx(gm: nn.Module, example_inputs: Any, path: str | Path, *, opset: 
         raise ExportError(f"ONNX export failed{where}{ops}: {type(exc).__name__}: {first}") from exc
     finally:
         gm.train(was_training)
-    model = program.model_proto
-    if sparse_storage:
-        report.dense_bytes = model.ByteSize()
-        report.sparse_initializers = _to_sparse(model, sparse_min_zero_fraction)
-    report.op_counts = _op_counts(model)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    return program.model_proto
+
+
+def _check(gm: nn.Module, file: Path, inputs: tuple[torch.Tensor, ...], dynamic_batch: bool, rtol: float,
+           atol: float, report: ExportReport) -> None:
+    """onnx.checker (full) and ORT parity; ExportCheckError when either fails."""
+    import onnx
+
     try:
-        onnx.save_model(model, str(tmp))
-        report.file_bytes = tmp.stat().st_size
-        if check:
-            try:
-                onnx.checker.check_model(str(tmp), full_check=True)
-            except Exception as exc:
-                raise ExportCheckError(f"onnx.checker rejected the exported model: {exc}", report) from exc
-            _parity(gm, tmp, inputs, dynamic_batch, rtol, atol, report)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    report.seconds = time.perf_counter() - t0
-    return report
+        onnx.checker.check_model(str(file), full_check=True)
+    except Exception as exc:
+        raise ExportCheckError(f"onnx.checker rejected the exported model: {exc}", report) from exc
+    _parity(gm, file, inputs, dynamic_batch, rtol, atol, report)
 
 
 def _parity(gm: nn.Module, file: Path, inputs: tuple[torch.Tensor, ...], dynamic_batch: bool, rtol: float,
             atol: float, report: ExportReport) -> None:
-    sess = _session(str(file))
+    sess = session(str(file))
     names = [i.name for i in sess.get_inputs()]
     worst_abs, worst_rel = 0.0, 0.0
     was_training = gm.training
@@ -294,32 +296,3 @@ def _parity(gm: nn.Module, file: Path, inputs: tuple[torch.Tensor, ...], dynamic
     finally:
         gm.train(was_training)
     report.max_abs_diff, report.max_rel_diff = worst_abs, worst_rel
-
-
-def measure_latency(onnx_path: str | Path, *, batch_sizes: tuple[int, ...] = (1, 64), threads: int = 1,
-                    warmup: int = 5, repeats: int = 20) -> dict[int, dict[str, float]]:
-    """Median and p90 latency (ms) of ONNX Runtime (CPU) per batch size, fixed session options
-    (``threads`` intra-op threads, 1 inter-op, sequential, all graph optimisations). Inputs are
-    random with the file's shapes (dim 0 set to the batch size)."""
-    sess = _session(str(onnx_path), threads=threads)
-    feeds_by_batch = {}
-    for b in batch_sizes:
-        feeds = {}
-        for i in sess.get_inputs():
-            shape = [b if k == 0 else (d if isinstance(d, int) else 1) for k, d in enumerate(i.shape)]
-            dtype = {"tensor(float)": torch.float32, "tensor(int64)": torch.int64}.get(i.type, torch.float32)
-            t = torch.randn(shape) if dtype == torch.float32 else torch.zeros(shape, dtype=dtype)
-            feeds[i.name] = t.numpy()
-        feeds_by_batch[b] = feeds
-    out: dict[int, dict[str, float]] = {}
-    for b, feeds in feeds_by_batch.items():
-        for _ in range(warmup):
-            sess.run(None, feeds)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            sess.run(None, feeds)
-            times.append((time.perf_counter() - t0) * 1000)
-        times.sort()
-        out[b] = {"median_ms": statistics.median(times), "p90_ms": times[min(len(times) - 1, math.ceil(0.9 * len(times)) - 1)]}
-    return out

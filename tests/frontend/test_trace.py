@@ -8,7 +8,7 @@ from models import ZOO, DataDependentBlock, UntraceableRoot, WithOpaqueBlock
 from torch import fx, nn
 
 import hyperflux_fx as hf
-from hyperflux_fx.trace import OPAQUE_META
+from hyperflux_fx.ir import OPAQUE_META
 
 
 @pytest.mark.parametrize("name", sorted(ZOO))
@@ -26,8 +26,8 @@ def test_untraceable_submodule_becomes_an_opaque_leaf():
     x = torch.randn(2, 3, 8, 8)
     gm = hf.trace(model, x)
     opaque = gm.meta[OPAQUE_META]
-    assert [o["path"] for o in opaque] == ["block"]
-    assert "control flow" in opaque[0]["error"] and opaque[0]["type"].endswith("DataDependentBlock")
+    assert [o.path for o in opaque] == ["block"]
+    assert "control flow" in opaque[0].error and opaque[0].type.endswith("DataDependentBlock")
     assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["stem", "block", "fc"]
     assert torch.equal(gm(x), model(x))
     assert torch.equal(gm(-x.abs()), model(-x.abs()))  # the other branch still runs inside the leaf

@@ -1,4 +1,5 @@
-"""Gate modules: flow parameters, the hard mask and its scaled straight-through gradient.
+"""The vocabulary of a gated graph: gate modules, masks, the pressure state, and every attribute
+name and meta key a gated GraphModule carries. The bottom layer: it imports nothing of hyperflux.
 
 A gate holds the flow parameters ``t`` of HYPERFLUX.md §1. Forward computes ``W * 1[t >= 0]``; the
 backward pass gives the weight the masked gradient and the flow parameters the straight-through
@@ -8,45 +9,73 @@ regrowth possible.
 
 Gates are torch.fx leaves (see :func:`is_gate_module`), so graph passes find them as ``call_module``
 nodes by type. Every gate also carries a gradient hook on its flow parameters that adds the pressure
-gradient ``gamma * scale / N`` read from the shared :class:`~hyperflux_fx.runtime.pressure.PressureState`
-(§3): a plain training loop gets the Hyperflux dynamics without touching its loss.
+gradient ``gamma * scale / N`` read from the shared :class:`PressureState` (§3): a plain training
+loop gets the Hyperflux dynamics without touching its loss. :func:`pressure_loss` is the explicit
+form of the same term, for loops that prefer it — use one or the other (keep the state's gamma at 0
+with the explicit loss).
 """
+
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from hyperflux_fx.runtime.pressure import PressureState
-
 __all__ = [
     "CALLS_ATTR",
+    "FOLD_REPORT_META",
     "GATES_ATTR",
+    "GATE_NODE_META",
+    "GATE_REPORT_META",
+    "INPUTS_META",
     "MASKS_ATTR",
+    "MASK_NODE_META",
+    "MODULE_NODE_META",
+    "OPAQUE_META",
+    "PRESSURE_ATTR",
+    "STATE_ATTRS",
     "ChannelGate",
     "ChannelMask",
     "Gate",
     "GatedModuleCall",
+    "PressureState",
     "WeightGate",
     "density",
     "flux",
     "gates",
+    "get_pressure",
     "is_gate_module",
     "layer_density",
     "named_gates",
+    "pressure_loss",
+    "pressure_state",
     "reset_flux",
+    "set_pressure",
     "track_flux",
 ]
 
 
-# Where insert_gates keeps its modules on a gated GraphModule.
-GATES_ATTR = "hyperflux_gates"  # the gate modules
-MASKS_ATTR = "hyperflux_masks"  # ChannelMask modules (channel/hybrid granularity)
-CALLS_ATTR = "hyperflux_calls"  # module-level gated calls
+# -- names: every attribute and meta key of a gated model has its one home here ---------------------
+# Attributes insert_gates adds to a gated GraphModule.
+GATES_ATTR = "hyperflux_gates"  # ModuleDict of the gate modules
+MASKS_ATTR = "hyperflux_masks"  # ModuleDict of ChannelMask modules (channel/hybrid granularity)
+CALLS_ATTR = "hyperflux_calls"  # ModuleDict of module-level gated calls
+PRESSURE_ATTR = "hyperflux_pressure"  # the shared PressureState
+STATE_ATTRS = (GATES_ATTR, MASKS_ATTR, CALLS_ATTR, PRESSURE_ATTR)  # all of them (fold removes them; counts skip them)
+
+# GraphModule.meta keys.
+OPAQUE_META = "hyperflux.opaque"  # list of OpaqueModule: submodules the trace fallback made leaves
+INPUTS_META = "hyperflux.example_inputs"  # example inputs kept for later passes' shape propagation
+GATE_REPORT_META = "hyperflux.gate_report"  # the GateReport of insert_gates
+FOLD_REPORT_META = "hyperflux.fold_report"  # the FoldReport of fold_masks
+
+# Node.meta keys.
+GATE_NODE_META = "hyperflux.gate"  # on gate nodes: the gated parameter's or group's name
+MODULE_NODE_META = "hyperflux.module"  # on rewritten ops: the module path they came from
+MASK_NODE_META = "hyperflux.mask"  # on ChannelMask nodes: the consumer node they feed
 
 
 class _HardMaskSTE(torch.autograd.Function):
@@ -308,14 +337,17 @@ class ChannelGate(Gate):
 
     ``forward()`` takes no input and returns the 0/1 mask vector (straight-through gradient);
     :class:`ChannelMask` nodes apply it where the group's channels are consumed. ``target`` names the
-    group; ``producers`` lists the graph nodes whose outputs form it; ``unit_cost`` is what one unit
-    costs (parameters or MACs) for cost-weighted pressure and density.
+    group; ``producers`` lists the graph nodes whose outputs form it; ``unit`` says whether its units
+    are channels or attention heads; ``unit_cost`` is what one unit costs (parameters or MACs) for
+    cost-weighted pressure and density.
     """
 
-    def __init__(self, size: int, *, target: str, producers: tuple[str, ...], unit_cost: float = 1.0,
-                 init_a: float = 0.2, kappa: float = 0.25, generator: torch.Generator | None = None) -> None:
+    def __init__(self, size: int, *, target: str, producers: tuple[str, ...], unit: str = "channel",
+                 unit_cost: float = 1.0, init_a: float = 0.2, kappa: float = 0.25,
+                 generator: torch.Generator | None = None) -> None:
         super().__init__((size,), target=target, init_a=init_a, kappa=kappa, generator=generator)
         self.producers = tuple(producers)
+        self.unit = unit  # "channel" (channels, hidden units) or "head" (attention heads)
         self.unit_cost = float(unit_cost)
 
     def forward(self) -> torch.Tensor:
@@ -352,3 +384,56 @@ class ChannelMask(nn.Module):
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, layout={list(self.layout)}"
+
+
+class PressureState(nn.Module):
+    """Shared pressure state of one gated model: ``gamma`` (a buffer, so it follows ``.to()`` and is
+    saved in checkpoints) and ``total_elements`` N, the number of gated units the mean runs over."""
+
+    def __init__(self, total_elements: int) -> None:
+        super().__init__()
+        if total_elements <= 0:
+            raise ValueError(f"total_elements must be > 0, got {total_elements}")
+        self.register_buffer("gamma", torch.zeros((), dtype=torch.float32))
+        # Loss scale of fp16 AMP: the hooks see scaled gradients, so the pressure is scaled alike.
+        self.register_buffer("grad_scale", torch.ones((), dtype=torch.float32), persistent=False)
+        self.total_elements = int(total_elements)
+
+    def extra_repr(self) -> str:
+        return f"gamma={float(self.gamma):.6g}, total_elements={self.total_elements}"
+
+
+def pressure_state(module: nn.Module) -> PressureState:
+    """The pressure state of a gated model.
+
+    Raises:
+        ValueError: when ``module`` was not produced by ``insert_gates``.
+    """
+    state = getattr(module, PRESSURE_ATTR, None)
+    if not isinstance(state, PressureState):
+        # ValueError, not TypeError: any module is the right type, an ungated one the wrong value
+        raise ValueError("the model has no pressure state: run hyperflux_fx.insert_gates first")  # noqa: TRY004
+    return state
+
+
+def set_pressure(module: nn.Module, gamma: float) -> None:
+    """Set gamma for the gradient hooks of every gate of ``module``."""
+    if not gamma >= 0:  # also rejects NaN
+        raise ValueError(f"pressure gamma must be >= 0, got {gamma}")
+    pressure_state(module).gamma.fill_(float(gamma))
+
+
+def get_pressure(module: nn.Module) -> float:
+    """Current gamma of the gradient hooks."""
+    return float(pressure_state(module).gamma.item())
+
+
+def pressure_loss(module: nn.Module, gamma: float | torch.Tensor) -> torch.Tensor:
+    """Explicit pressure term ``gamma * mean(t)`` over all gated units (scaled per gate by its
+    ``pressure_scale``); its gradient equals what the hooks add when the state's gamma is ``gamma``."""
+    all_gates = gates(module)
+    if not all_gates:
+        raise ValueError("the model has no gates: run hyperflux_fx.insert_gates first")
+    total = sum(g.numel for g in all_gates)
+    weighted = torch.stack([g.flow.sum() * g.pressure_scale for g in all_gates]).sum()
+    return gamma * weighted / total

@@ -1,8 +1,9 @@
 """Channel-coupling analysis: which channels of which ops must be deleted together.
 
 Every conv / linear output creates a *channel space* (its output channels). Labels describing which
-space owns which channels of a tensor are propagated forward through the graph by a support table
-(:data:`RULES`): one entry per op with a one-line comment. Elementwise ops between two labelled
+space owns which channels of a tensor are propagated forward through the graph: each op's entry in
+the op table (:mod:`hyperflux_fx.ops`) names its :class:`~hyperflux_fx.ops.ChannelRule`, and
+:data:`RULES` maps every rule to its code here. Elementwise ops between two labelled
 tensors *tie* their spaces; the connected components of the tie graph (networkx) are the *groups*
 deleted together. Conv / linear inputs are *consumers* (their weight's input dimension is sliced).
 An op that is not in the table, or that mixes channels (LayerNorm over them, softmax, a reshape
@@ -15,18 +16,22 @@ input of an unblocked group, and ``fold_masks`` slices what this analysis lists.
 from __future__ import annotations
 
 import math
-import operator
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import networkx as nx
 import torch
-import torch.nn.functional as F
-from torch import fx, nn
+from torch import fx
 
-__all__ = ["ChannelParam", "Consumer", "Coupling", "Group", "Label", "Producer", "Seg", "ShapeArg", "analyze_channels"]
+from hyperflux_fx.ir import WeightGate
+from hyperflux_fx.ops import ChannelRule, OpSpec, node_spec
+
+__all__ = ["RULES", "ChannelParam", "Consumer", "Coupling", "Group", "Label", "Producer", "Seg", "ShapeArg",
+           "Unit", "analyze_channels", "dead_units", "group_consumers", "label_keep", "shape_of"]
+
+Unit = Literal["channel", "head"]  # what one unit of a group is: a channel (hidden unit), or an attention head
 
 
 @dataclass(frozen=True)
@@ -113,6 +118,7 @@ class Group:
     spaces: list[int]
     size: int
     producers: list[str]  # producer node names (stable ids for gates)
+    unit: Unit = "channel"  # "head": the group's units are attention heads split off a producer's rows
     blocked: list[str] = field(default_factory=list)
     zero_preserving: bool = True  # every path producer -> consumer keeps an exact zero exactly zero
 
@@ -132,9 +138,8 @@ class Coupling:
     ties: nx.Graph = field(default_factory=nx.Graph)
     blocks: dict[int, list[str]] = field(default_factory=lambda: defaultdict(list))
     revived: set[int] = field(default_factory=set)  # spaces whose zeros some op turns into non-zeros
-    labels: dict[str, Label] = field(default_factory=dict)  # node name -> label of its output
     shape_args: list[ShapeArg] = field(default_factory=list)
-    rule_counts: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    split_parents: dict[int, str] = field(default_factory=dict)  # space -> why it is deleted only through its heads
 
     def new_space(self, producer: Producer, size: int) -> int:
         sid = len(self.sizes)
@@ -156,11 +161,12 @@ class Coupling:
         for gid, comp in enumerate(sorted((sorted(c) for c in nx.connected_components(self.ties)), key=lambda c: c[0])):
             sizes = {self.sizes[s] for s in comp}
             blocked = [r for s in comp for r in self.blocks.get(s, [])]
+            blocked += [self.split_parents[s] for s in comp if s in self.split_parents]
             if len(sizes) != 1:
                 blocked.append(f"tied spaces have different sizes {sorted(sizes)}")
-            names = [self.producers[s].node + ("#heads" if self.producers[s].parent is not None else "") for s in comp]
-            out.append(Group(id=gid, spaces=comp, size=min(sizes), producers=names,
-                             blocked=list(dict.fromkeys(blocked)),
+            heads = any(self.producers[s].parent is not None for s in comp)
+            out.append(Group(id=gid, spaces=comp, size=min(sizes), producers=[self.producers[s].node for s in comp],
+                             unit="head" if heads else "channel", blocked=list(dict.fromkeys(blocked)),
                              zero_preserving=not any(s in self.revived for s in comp)))
         return out
 
@@ -170,7 +176,8 @@ class Coupling:
 
 # -- helpers ----------------------------------------------------------------------------------------
 
-def _shape(node: Any) -> tuple[int, ...] | None:
+def shape_of(node: Any) -> tuple[int, ...] | None:
+    """The static shape propagate_shapes recorded for a node (None when unknown or not a tensor)."""
     if not isinstance(node, fx.Node):
         return None
     tm = node.meta.get("tensor_meta")
@@ -185,16 +192,8 @@ def _tuple_valued(node: Any) -> bool:
     return isinstance(tm, (tuple, list)) and not hasattr(tm, "shape")
 
 
-def _arg(node: fx.Node, i: int, name: str, default: Any = None) -> Any:
-    if i < len(node.args):
-        return node.args[i]
-    return node.kwargs.get(name, default)
-
-
 def _param_target(gm: fx.GraphModule, value: Any) -> str | None:
     """The parameter target behind a weight operand: a get_attr, possibly through a weight gate."""
-    from hyperflux_fx.runtime.gates import WeightGate
-
     if not isinstance(value, fx.Node):
         return None
     if value.op == "call_module" and isinstance(gm.get_submodule(str(value.target)), WeightGate):
@@ -209,10 +208,11 @@ def _norm_dim(d: int, rank: int) -> int:
 
 
 # -- rules ------------------------------------------------------------------------------------------
-# A rule gets (gm, node, coupling, in_labels) where in_labels maps input nodes to their labels, and
-# returns the label of the node's output (or None). It may create spaces, tie, block, record slices.
+# A rule gets (gm, node, coupling, in_labels, spec) where in_labels maps input nodes to their labels
+# and spec is the op's entry in the op table, and returns the label of the node's output (or None).
+# It may create spaces, tie, block, record slices.
 
-Rule = Callable[[fx.GraphModule, fx.Node, Coupling, dict[fx.Node, Label]], Label | None]
+Rule = Callable[[fx.GraphModule, fx.Node, Coupling, dict[fx.Node, Label], OpSpec], Label | None]
 
 
 def _only_label(node: fx.Node, labels: dict[fx.Node, Label]) -> Label | None:
@@ -232,7 +232,7 @@ def _weight_op(gm: fx.GraphModule, node: fx.Node, c: Coupling, labels: dict[fx.N
     wt = _param_target(gm, weight)
     bt = _param_target(gm, bias) if bias is not None else None
     in_label = labels.get(x) if isinstance(x, fx.Node) else None
-    out_shape = _shape(node)
+    out_shape = shape_of(node)
     if wt is None or out_shape is None or (bias is not None and bt is None):
         c.block(in_label, f"{kind} whose weight/bias is not a parameter: {node.format_node()}")
         return None
@@ -256,7 +256,6 @@ def _weight_op(gm: fx.GraphModule, node: fx.Node, c: Coupling, labels: dict[fx.N
             if bt is not None:
                 c.params.append(ChannelParam(bt, 0, sid))
                 c.revived.add(sid)
-        c.rule_counts["depthwise"] += 1
         return in_label
     w_in, w_out = (1, 0) if kind in ("conv", "linear") else (0, 1)
     if groups > 1:
@@ -280,7 +279,7 @@ def _consume_produce(c: Coupling, node: fx.Node, x: Any, in_label: Label | None,
     """conv / linear: record the input as consumed (weight dim ``w_in``) and the output as a new space
     (weight dim ``w_out``)."""
     if in_label is not None:
-        in_dim = len(_shape(x) or ()) - 1 if kind == "linear" else 1
+        in_dim = len(shape_of(x) or ()) - 1 if kind == "linear" else 1
         if in_label.dim != in_dim or in_label.width != in_ch:
             c.block(in_label, f"{kind} reads channels on another dim: {node.format_node()}")
         else:
@@ -288,35 +287,31 @@ def _consume_produce(c: Coupling, node: fx.Node, x: Any, in_label: Label | None,
     sid = c.new_space(Producer(node.name, -1, wt, bt, w_out), out_ch)
     if bt is not None:
         c.revived.add(sid)
-    c.rule_counts[kind] += 1
     return Label(ch_dim, (Seg(sid, out_ch),))
 
 
-def _f_conv(gm, node, c, labels):  # torch.convNd(x, w, b, stride, padding, dilation, groups)
-    groups = _arg(node, 6, "groups", 1)
-    return _weight_op(gm, node, c, labels, kind="conv", x=node.args[0], weight=_arg(node, 1, "weight"),
-                      bias=_arg(node, 2, "bias"), groups=groups, groups_pos=6 if len(node.args) > 6 else None)
+def _f_conv(gm, node, c, labels, spec):  # torch.convNd(x, w, b, stride, padding, dilation, groups)
+    pos = spec.signature.index("groups")
+    return _weight_op(gm, node, c, labels, kind="conv", x=node.args[0], weight=spec.arg(node, "weight"),
+                      bias=spec.arg(node, "bias"), groups=spec.arg(node, "groups", 1),
+                      groups_pos=pos if len(node.args) > pos else None)
 
 
-def _f_conv_t(gm, node, c, labels):  # torch.conv_transposeNd(x, w, b, stride, padding, output_padding, groups, ...)
-    return _weight_op(gm, node, c, labels, kind="conv_transpose", x=node.args[0], weight=_arg(node, 1, "weight"),
-                      bias=_arg(node, 2, "bias"), groups=_arg(node, 6, "groups", 1), groups_pos=None)
+def _f_conv_t(gm, node, c, labels, spec):  # torch.conv_transposeNd(x, w, b, stride, padding, output_padding, groups)
+    return _weight_op(gm, node, c, labels, kind="conv_transpose", x=node.args[0], weight=spec.arg(node, "weight"),
+                      bias=spec.arg(node, "bias"), groups=spec.arg(node, "groups", 1), groups_pos=None)
 
 
-def _f_linear(gm, node, c, labels):  # F.linear(x, w, b)
-    return _weight_op(gm, node, c, labels, kind="linear", x=node.args[0], weight=_arg(node, 1, "weight"),
-                      bias=_arg(node, 2, "bias"), groups=1, groups_pos=None)
+def _f_linear(gm, node, c, labels, spec):  # F.linear(x, w, b)
+    return _weight_op(gm, node, c, labels, kind="linear", x=node.args[0], weight=spec.arg(node, "weight"),
+                      bias=spec.arg(node, "bias"), groups=1, groups_pos=None)
 
 
-def _channelwise(zero_ok: bool) -> Rule:
-    """Elementwise per-channel op; ``zero_ok``: f(0) == 0."""
-    def rule(gm, node, c, labels):
-        lab = _only_label(node, labels)
-        if lab is not None and not zero_ok:
-            c.revived.update(lab.spaces())
-        c.rule_counts["channelwise"] += 1
-        return lab
-    return rule
+def _elementwise(gm, node, c, labels, spec):  # per element: f(0) != 0 revives zeros
+    lab = _only_label(node, labels)
+    if lab is not None and not spec.zero_preserving:
+        c.revived.update(lab.spaces())
+    return lab
 
 
 def _batch_norm(c: Coupling, node: fx.Node, lab: Label | None, tensors: list[tuple[str, str | None]],
@@ -337,14 +332,13 @@ def _batch_norm(c: Coupling, node: fx.Node, lab: Label | None, tensors: list[tup
         else:
             c.params.append(ChannelParam(target, 0, sid, module=module))
     c.revived.add(sid)  # beta - mean * gamma / sigma turns a zero into a constant
-    c.rule_counts["batch_norm"] += 1
     return lab
 
 
-def _f_batch_norm(gm, node, c, labels):  # F.batch_norm(x, running_mean, running_var, weight, bias, ...)
-    tensors = [(name, _param_target(gm, _arg(node, i, name)))
-               for i, name in ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias"))
-               if isinstance(_arg(node, i, name), fx.Node)]
+def _f_batch_norm(gm, node, c, labels, spec):  # F.batch_norm(x, running_mean, running_var, weight, bias, ...)
+    tensors = [(name, _param_target(gm, spec.arg(node, name)))
+               for name in ("running_mean", "running_var", "weight", "bias")
+               if isinstance(spec.arg(node, name), fx.Node)]
     return _batch_norm(c, node, _only_label(node, labels), tensors)
 
 
@@ -353,8 +347,8 @@ def _broadcast_operand(gm: fx.GraphModule, c: Coupling, node: fx.Node, lab: Labe
     exactly (scalars, size-1 on the channel dim, or a per-channel parameter we can slice)."""
     if not isinstance(other, fx.Node):
         return True
-    shape = _shape(other)
-    out_shape = _shape(node)
+    shape = shape_of(other)
+    out_shape = shape_of(node)
     if shape is None or out_shape is None:
         return False
     rank = len(out_shape)
@@ -363,8 +357,7 @@ def _broadcast_operand(gm: fx.GraphModule, c: Coupling, node: fx.Node, lab: Labe
         return True
     # a per-channel parameter (possibly reshaped/viewed): slice it along its only non-1 dim
     src = other
-    while src.op in ("call_method", "call_function") and (
-            src.target in ("reshape", "view", "unsqueeze", "squeeze") or src.target in (torch.reshape,)):
+    while (spec := node_spec(gm, src)) is not None and spec.moves_elements and isinstance(src.args[0], fx.Node):
         src = src.args[0]
     t = _param_target(gm, src)
     if t is None or len(lab.segs) != 1 or lab.segs[0].expand != 1 or lab.segs[0].space is None:
@@ -381,15 +374,15 @@ def _broadcast_operand(gm: fx.GraphModule, c: Coupling, node: fx.Node, lab: Labe
 
 def _binary(kind: str) -> Rule:
     """add/sub/mul/div: two labelled operands are tied; one labelled with a scalar or broadcast passes."""
-    def rule(gm, node, c, labels):
-        a, b = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
+    def rule(gm, node, c, labels, spec):
+        a, b = node.args[0], spec.arg(node, spec.signature[1])
         la = labels.get(a) if isinstance(a, fx.Node) else None
         lb = labels.get(b) if isinstance(b, fx.Node) else None
         if la is None and lb is None:
             return None
         if la is not None and lb is not None:
             if la.dim != lb.dim or [(s.length, s.expand) for s in la.segs] != [(s.length, s.expand) for s in lb.segs]:
-                sa, sb = _shape(a), _shape(b)
+                sa, sb = shape_of(a), shape_of(b)
                 # broadcasting against a size-1 channel dim keeps the other label
                 if sb is not None and len(sb) > la.dim and sb[la.dim] == 1:
                     return la
@@ -404,7 +397,6 @@ def _binary(kind: str) -> Rule:
                 elif sa_.space is not None or sb_.space is not None:
                     c.block(la, f"{kind} ties channels to ones that cannot be deleted: {node.format_node()}")
                     c.block(lb, f"{kind} ties channels to ones that cannot be deleted: {node.format_node()}")
-            c.rule_counts[f"tie:{kind}"] += 1
             return la
         lab, other = (la, b) if la is not None else (lb, a)
         if not _broadcast_operand(gm, c, node, lab, other):
@@ -413,15 +405,14 @@ def _binary(kind: str) -> Rule:
             c.revived.update(lab.spaces())
         if kind == "div" and lab is lb:
             c.block(lab, f"division by channels: {node.format_node()}")
-        c.rule_counts[f"broadcast:{kind}"] += 1
         return lab
     return rule
 
 
-def _cat(gm, node, c, labels):  # torch.cat(tensors, dim)
+def _cat(gm, node, c, labels, spec):  # torch.cat(tensors, dim)
     tensors = node.args[0]
-    dim = _arg(node, 1, "dim", 0)
-    out_shape = _shape(node)
+    dim = spec.arg(node, "dim", 0)
+    out_shape = shape_of(node)
     if out_shape is None:
         for t in tensors:
             c.block(labels.get(t), f"cat without shape information: {node.format_node()}")
@@ -445,23 +436,22 @@ def _cat(gm, node, c, labels):  # torch.cat(tensors, dim)
     segs: list[Seg] = []
     for t, lab in zip(tensors, labs, strict=True):
         if lab is None:
-            shape = _shape(t)
+            shape = shape_of(t)
             if shape is None:
                 return None
             segs.append(Seg(None, shape[dim]))
         else:
             segs.extend(lab.segs)
-    c.rule_counts["cat"] += 1
     return Label(dim, tuple(segs))
 
 
-def _reshape_like(gm, node, c, labels):
+def _reshape_like(gm, node, c, labels, spec):
     """flatten / view / reshape: keep the label when the channel dim survives, or when it is the first
     of the dims merged into one (C, H, W -> C*H*W: each channel owns H*W consecutive features)."""
     lab = _only_label(node, labels)
     if lab is None:
         return None
-    ins, outs = _shape(node.args[0]), _shape(node)
+    ins, outs = shape_of(node.args[0]), shape_of(node)
     if ins is None or outs is None:
         c.block(lab, f"reshape without shape information: {node.format_node()}")
         return None
@@ -479,18 +469,16 @@ def _reshape_like(gm, node, c, labels):
                 pj *= outs[j]
         if i0 <= lab.dim <= i:
             if i == i0 and j == j0:  # the channel dim maps to one output dim unchanged
-                c.rule_counts["reshape:keep"] += 1
                 out = Label(j0, lab.segs)
             elif j == j0 and lab.dim == i0:  # merged, channel dim first: expand
                 inner = math.prod(ins[i0 + 1:i + 1])
-                c.rule_counts["reshape:flatten"] += 1
                 out = Label(j0, tuple(Seg(s.space, s.length, s.expand * inner) for s in lab.segs))
             elif i == i0 and j - j0 >= 1 and _is_head_split(c, lab):
                 out = _split_heads(c, node, lab, outs[j0:j + 1], j0)
             else:
                 c.block(lab, f"reshape splits or reorders the channels: {node.format_node()}")
                 return None
-            if node.target in ("reshape", "view", torch.reshape):  # explicit sizes follow the width
+            if spec.explicit_sizes:  # reshape/view sizes follow the width
                 c.shape_args.append(ShapeArg(node.name, out.dim, out))
             return out
         i += 1
@@ -520,17 +508,16 @@ def _split_heads(c: Coupling, node: fx.Node, lab: Label, dims: tuple[int, ...], 
     sid = c.new_space(prod, units)
     if parent in c.revived:
         c.revived.add(sid)
-    c.blocks[parent].append(f"split into units of {units} x {feat} by {node.name}: deleted through that group")
-    c.rule_counts["reshape:heads"] += 1
+    c.split_parents[parent] = f"split into units of {units} x {feat} by {node.name}: deleted through that group"
     return Label(j0 + len(dims) - 2, (Seg(sid, units),))
 
 
-def _unbind(gm, node, c, labels):  # unbind(x, dim) -> tuple; items keep the label (dim shifted)
+def _unbind(gm, node, c, labels, spec):  # unbind(x, dim) -> tuple; items keep the label (dim shifted)
     lab = _only_label(node, labels)
     if lab is None:
         return None
-    rank = len(_shape(node.args[0]) or ())
-    dim = _norm_dim(_arg(node, 1, "dim", 0), rank)
+    rank = len(shape_of(node.args[0]) or ())
+    dim = _norm_dim(spec.arg(node, "dim", 0), rank)
     if dim == lab.dim:
         c.block(lab, f"unbind over the channels: {node.format_node()}")
         return None
@@ -541,68 +528,66 @@ def _same_label(labs: list[Label | None]) -> bool:
     return all(lab is not None for lab in labs) and len({(lab.dim, lab.segs) for lab in labs}) == 1
 
 
-def _sdpa(gm, node, c, labels):  # F.scaled_dot_product_attention(q, k, v): heads are independent
-    q, k, v = (node.args[i] if i < len(node.args) else node.kwargs.get(n) for i, n in enumerate(("query", "key",
-                                                                                                  "value")))
+def _sdpa(gm, node, c, labels, spec):  # F.scaled_dot_product_attention(q, k, v): heads are independent
+    q, k, v = (spec.arg(node, name) for name in ("query", "key", "value"))
     labs = [labels.get(t) if isinstance(t, fx.Node) else None for t in (q, k, v)]
-    rank = len(_shape(node) or ())
+    rank = len(shape_of(node) or ())
     if _same_label(labs) and labs[0].dim < rank - 2:
-        c.rule_counts["attention:heads"] += 1
         return labs[0]
     _block_inputs(c, node, labels, "attention over labels that are not one head space on a batch dim")
     return None
 
 
-def _matmul(gm, node, c, labels):  # q @ k^T, attn @ v: a head label on a batch dim passes through
+def _matmul(gm, node, c, labels, spec):  # q @ k^T, attn @ v: a head label on a batch dim passes through
     labs = [labels.get(a) if isinstance(a, fx.Node) else None for a in node.args[:2]]
-    rank = len(_shape(node) or ())
+    rank = len(shape_of(node) or ())
     if _same_label(labs) and labs[0].dim < rank - 2:
         return labs[0]
     _block_inputs(c, node, labels, "matmul over the channels")
     return None
 
 
-def _softmax(gm, node, c, labels):  # softmax over a dim other than the channels: pass-through
+def _softmax(gm, node, c, labels, spec):  # softmax over a dim other than the channels: pass-through
     lab = _only_label(node, labels)
     if lab is None:
         return None
-    rank = len(_shape(node) or ())
-    dim = _arg(node, 1, "dim")
+    rank = len(shape_of(node) or ())
+    dim = spec.arg(node, "dim")
     if dim is None or _norm_dim(dim, rank) == lab.dim:
         c.block(lab, f"softmax over the channels: {node.format_node()}")
         return None
     return lab
 
 
-def _permute(gm, node, c, labels):  # permute(x, dims) / x.permute(*dims)
+def _permute(gm, node, c, labels, spec):  # permute(x, dims) / x.permute(*dims)
     lab = _only_label(node, labels)
     if lab is None:
         return None
-    dims = node.args[1:] if node.op == "call_method" else (_arg(node, 1, "dims"),)
+    dims = node.args[1:] if node.op == "call_method" else (spec.arg(node, "dims"),)
     if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
         dims = tuple(dims[0])
-    rank = len(_shape(node) or ())
+    rank = len(shape_of(node) or ())
     dims = [_norm_dim(d, rank) for d in dims]
     return Label(dims.index(lab.dim), lab.segs)
 
 
-def _transpose(gm, node, c, labels):  # transpose(x, d0, d1)
+def _transpose(gm, node, c, labels, spec):  # transpose(x, d0, d1)
     lab = _only_label(node, labels)
     if lab is None:
         return None
-    rank = len(_shape(node) or ())
+    rank = len(shape_of(node) or ())
     d0, d1 = (_norm_dim(d, rank) for d in node.args[1:3])
     dim = d1 if lab.dim == d0 else d0 if lab.dim == d1 else lab.dim
     return Label(dim, lab.segs)
 
 
-def _reduce(gm, node, c, labels):  # mean/sum/amax over dims: fine unless the channel dim is reduced
+def _reduce(gm, node, c, labels, spec):  # mean/sum/amax over dims: fine unless the channel dim is reduced
     lab = _only_label(node, labels)
     if lab is None:
         return None
-    ins = _shape(node.args[0])
-    dims = _arg(node, 1, "dim")
-    keep = _arg(node, 2, "keepdim", False)
+    ins = shape_of(node.args[0])
+    dims = spec.arg(node, "dim")
+    keep = spec.arg(node, "keepdim", False)
     if ins is None or dims is None:
         c.block(lab, f"reduction over all dims: {node.format_node()}")
         return None
@@ -615,11 +600,11 @@ def _reduce(gm, node, c, labels):  # mean/sum/amax over dims: fine unless the ch
     return Label(new_dim, lab.segs)
 
 
-def _pool(gm, node, c, labels):  # spatial pooling / interpolation: channels untouched
+def _pool(gm, node, c, labels, spec):  # spatial pooling / interpolation: channels untouched
     return _only_label(node, labels)
 
 
-def _getitem(gm, node, c, labels):  # x[idx] on a tensor: the channel dim must be taken whole
+def _getitem(gm, node, c, labels, spec):  # x[idx] on a tensor: the channel dim must be taken whole
     lab = _only_label(node, labels)
     if lab is None:
         return None
@@ -651,112 +636,89 @@ def _getitem(gm, node, c, labels):  # x[idx] on a tensor: the channel dim must b
     return Label(lab.dim - dim_in + dim_out, lab.segs)
 
 
-def _flatten(gm, node, c, labels):
-    return _reshape_like(gm, node, c, labels)
+def _block(gm, node, c, labels, spec):  # an op that mixes the channels (e.g. layer_norm over them)
+    _block_inputs(c, node, labels, spec.block_reason)
 
 
-def _blocker(reason: str) -> Rule:
-    def rule(gm, node, c, labels):
-        _block_inputs(c, node, labels, reason)
-    return rule
-
-
-_ZERO_ACTS = {F.relu, torch.relu, F.relu6, F.gelu, F.silu, F.hardswish, F.hardtanh, F.leaky_relu, F.elu, F.mish,
-              torch.tanh, F.tanh, F.dropout, F.dropout2d, torch.nn.functional.celu, F.selu}
-_NONZERO_ACTS = {torch.sigmoid, F.sigmoid, F.hardsigmoid, F.softplus}
-
-#: call_function target -> rule.
-FUNCTION_RULES: dict[Any, Rule] = {
-    torch.conv1d: _f_conv, torch.conv2d: _f_conv, torch.conv3d: _f_conv,  # new space; input consumed
-    torch.conv_transpose1d: _f_conv_t, torch.conv_transpose2d: _f_conv_t,  # new space (weight dim 1)
-    torch.conv_transpose3d: _f_conv_t,
-    F.linear: _f_linear,  # new space on the last dim; input consumed
-    F.batch_norm: _f_batch_norm,  # per-channel affine: pass-through, slice its statistics
-    operator.add: _binary("add"), torch.add: _binary("add"),  # tie
-    operator.sub: _binary("sub"), torch.sub: _binary("sub"),  # tie
-    operator.mul: _binary("mul"), torch.mul: _binary("mul"),  # tie (x * s(x) keeps zeros of x)
-    operator.truediv: _binary("div"), torch.div: _binary("div"),  # tie
-    torch.cat: _cat, torch.concat: _cat,  # offsets along the channel dim, or tie along another
-    torch.flatten: _flatten, torch.reshape: _reshape_like,  # flatten C*H*W: each channel owns H*W features
-    torch.permute: _permute, torch.transpose: _transpose,  # move the channel dim
-    torch.mean: _reduce, torch.sum: _reduce, torch.amax: _reduce,  # fine unless over the channels
-    F.adaptive_avg_pool1d: _pool, F.adaptive_avg_pool2d: _pool, F.adaptive_avg_pool3d: _pool,  # spatial
-    F.avg_pool1d: _pool, F.avg_pool2d: _pool, F.avg_pool3d: _pool,  # spatial
-    F.max_pool1d: _pool, F.max_pool2d: _pool, F.max_pool3d: _pool,  # spatial
-    F.adaptive_max_pool2d: _pool, F.interpolate: _pool,  # spatial
-    operator.getitem: _getitem,  # whole channel dim kept
-    F.layer_norm: _blocker("layer_norm normalises over the channels (deleting changes the statistics)"),
-    F.group_norm: _blocker("group_norm normalises over channel groups"),
-    F.softmax: _softmax, torch.softmax: _softmax,  # blocks only a softmax over the channels
-    F.scaled_dot_product_attention: _sdpa,  # a head label on q, k, v passes to the output
-    torch.unbind: _unbind,  # items keep the label
-    torch.matmul: _matmul, operator.matmul: _matmul,  # q @ k^T / attn @ v: head label on a batch dim
-}
-for _f in _ZERO_ACTS:
-    FUNCTION_RULES[_f] = _channelwise(True)  # activation with f(0) = 0
-for _f in _NONZERO_ACTS:
-    FUNCTION_RULES[_f] = _channelwise(False)  # activation with f(0) != 0: pass-through, zeros revived
-
-#: call_method name -> rule.
-METHOD_RULES: dict[str, Rule] = {
-    "relu": _channelwise(True), "relu_": _channelwise(True), "tanh": _channelwise(True),  # f(0) = 0
-    "sigmoid": _channelwise(False), "exp": _channelwise(False),  # f(0) != 0
-    "add": _binary("add"), "sub": _binary("sub"), "mul": _binary("mul"), "div": _binary("div"),  # tie
-    "flatten": _flatten, "view": _reshape_like, "reshape": _reshape_like,  # see _reshape_like
-    "permute": _permute, "transpose": _transpose,  # move the channel dim
-    "mean": _reduce, "sum": _reduce, "amax": _reduce,  # fine unless over the channels
-    "contiguous": _channelwise(True), "clone": _channelwise(True), "float": _channelwise(True),  # same values
-    "softmax": _softmax,  # blocks only a softmax over the channels
-    "unbind": _unbind,  # items keep the label
-    "matmul": _matmul,  # head label on a batch dim
-}
-
-_POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-                 nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool2d, nn.Upsample)
-_ZERO_ACT_MODULES = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardtanh, nn.LeakyReLU, nn.ELU, nn.Mish,
-                     nn.Tanh, nn.Dropout, nn.Dropout2d, nn.Dropout1d, nn.Identity, nn.CELU, nn.SELU)
-_NONZERO_ACT_MODULES = (nn.Sigmoid, nn.Hardsigmoid, nn.Softplus)
-
-
-def _module_rule(gm: fx.GraphModule, node: fx.Node, c: Coupling, labels: dict[fx.Node, Label]) -> Label | None:
-    """Leaf modules: the torch.nn ones that map onto a functional rule, hyperflux's own, or block."""
-    from hyperflux_fx.runtime.gates import ChannelMask, Gate
-
-    mod = gm.get_submodule(str(node.target))
-    path = str(node.target)
-    x = node.args[0] if node.args else None
-    if isinstance(mod, Gate):
-        return None  # weight gates carry weights; channel gates produce masks
-    if isinstance(mod, ChannelMask):
-        return _only_label(node, labels)  # the mask application itself: pass-through
-    kind = type(mod)
-    if kind in (nn.Conv1d, nn.Conv2d, nn.Conv3d) and mod.padding_mode == "zeros" and len(node.args) == 1:
-        return _module_weight(gm, node, c, labels, mod, path, "conv")
-    if kind is nn.Linear and len(node.args) == 1:
-        return _module_weight(gm, node, c, labels, mod, path, "linear")
-    if isinstance(mod, nn.modules.batchnorm._BatchNorm):
-        tensors = [(name, f"{path}.{name}") for name in ("weight", "bias", "running_mean", "running_var")
-                   if getattr(mod, name, None) is not None]
-        return _batch_norm(c, node, labels.get(x) if isinstance(x, fx.Node) else None, tensors, module=path)
-    if isinstance(mod, (_ZERO_ACT_MODULES, _POOL_MODULES)):
-        return _only_label(node, labels)
-    if isinstance(mod, _NONZERO_ACT_MODULES):
-        lab = _only_label(node, labels)
-        if lab is not None:
-            c.revived.update(lab.spaces())
-        return lab
-    if isinstance(mod, nn.Flatten):
-        return _reshape_like(gm, node, c, labels)
-    _block_inputs(c, node, labels, f"leaf module {path} ({type(mod).__name__}) is not in the support table")
-    # its output, if it has conv/linear weights inside, is not a space we can slice
+def _no_channels(gm, node, c, labels, spec):  # shape reads (read at run time, so deletions are seen), gates
     return None
+
+
+def _plain_module_call(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A conv/linear leaf called on one positional input, with zeros padding: like its functional op."""
+    mod = gm.get_submodule(str(node.target))
+    return len(node.args) == 1 and not node.kwargs and getattr(mod, "padding_mode", "zeros") == "zeros"
+
+
+def _conv_module(gm, node, c, labels, spec):  # a plain nn.ConvNd leaf: as the functional conv
+    if not _plain_module_call(gm, node):
+        return _unsupported_module(gm, node, c, labels, spec)
+    return _module_weight(gm, node, c, labels, gm.get_submodule(str(node.target)), str(node.target), "conv")
+
+
+def _linear_module(gm, node, c, labels, spec):  # a plain nn.Linear leaf: as F.linear
+    if not _plain_module_call(gm, node):
+        return _unsupported_module(gm, node, c, labels, spec)
+    return _module_weight(gm, node, c, labels, gm.get_submodule(str(node.target)), str(node.target), "linear")
+
+
+def _batch_norm_module(gm, node, c, labels, spec):  # a BatchNorm leaf: its parameters and statistics are sliced
+    path = str(node.target)
+    mod = gm.get_submodule(path)
+    x = node.args[0] if node.args else None
+    tensors = [(name, f"{path}.{name}") for name in ("weight", "bias", "running_mean", "running_var")
+               if getattr(mod, name, None) is not None]
+    return _batch_norm(c, node, labels.get(x) if isinstance(x, fx.Node) else None, tensors, module=path)
+
+
+def _unsupported_module(gm, node, c, labels, spec):
+    mod = gm.get_submodule(str(node.target))
+    _block_inputs(c, node, labels, f"leaf module {node.target} ({type(mod).__name__}) is not in the support table")
+
+
+def _unsupported(gm, node, c, labels, spec):
+    if node.op == "call_module":
+        return _unsupported_module(gm, node, c, labels, spec)
+    name = getattr(node.target, "__name__", str(node.target))
+    _block_inputs(c, node, labels, f"{name} is not in the channel support table")
+    return None
+
+
+#: ChannelRule (named by each op's entry in hyperflux_fx.ops) -> its code.
+RULES: dict[ChannelRule, Rule] = {
+    ChannelRule.CONV: _f_conv,
+    ChannelRule.CONV_TRANSPOSE: _f_conv_t,
+    ChannelRule.LINEAR: _f_linear,
+    ChannelRule.CONV_MODULE: _conv_module,
+    ChannelRule.LINEAR_MODULE: _linear_module,
+    ChannelRule.BATCH_NORM: _f_batch_norm,
+    ChannelRule.BATCH_NORM_MODULE: _batch_norm_module,
+    ChannelRule.ELEMENTWISE: _elementwise,
+    ChannelRule.ADD: _binary("add"),
+    ChannelRule.SUB: _binary("sub"),
+    ChannelRule.MUL: _binary("mul"),
+    ChannelRule.DIV: _binary("div"),
+    ChannelRule.CAT: _cat,
+    ChannelRule.RESHAPE: _reshape_like,
+    ChannelRule.PERMUTE: _permute,
+    ChannelRule.TRANSPOSE: _transpose,
+    ChannelRule.REDUCE: _reduce,
+    ChannelRule.SPATIAL: _pool,
+    ChannelRule.GETITEM: _getitem,
+    ChannelRule.SOFTMAX: _softmax,
+    ChannelRule.ATTENTION: _sdpa,
+    ChannelRule.MATMUL: _matmul,
+    ChannelRule.UNBIND: _unbind,
+    ChannelRule.BLOCK: _block,
+    ChannelRule.NO_CHANNELS: _no_channels,
+}
 
 
 def _module_weight(gm, node, c, labels, mod, path, kind):
     """A conv/linear leaf module: as the functional op, parameters under the module's path."""
     x = node.args[0]
     in_label = labels.get(x) if isinstance(x, fx.Node) else None
-    out_shape = _shape(node)
+    out_shape = shape_of(node)
     if out_shape is None:
         c.block(in_label, f"{kind} without shape information: {node.format_node()}")
         return None
@@ -774,7 +736,7 @@ def _module_weight(gm, node, c, labels, mod, path, kind):
 
 def analyze_channels(gm: fx.GraphModule) -> Coupling:
     """Propagate channel labels through ``gm`` (which must carry ``tensor_meta``, see
-    :func:`hyperflux_fx.trace.propagate_shapes`) and return spaces, ties, consumers and blocks."""
+    :func:`hyperflux_fx.frontend.trace.propagate_shapes`) and return spaces, ties, consumers and blocks."""
     c = Coupling()
     labels: dict[fx.Node, Label] = {}
     for node in gm.graph.nodes:
@@ -784,43 +746,43 @@ def analyze_channels(gm: fx.GraphModule) -> Coupling:
             for n in node.all_input_nodes:
                 c.block(labels.get(n), "consumed by the graph output")
             continue
-        if node.op == "call_module":
-            out = _module_rule(gm, node, c, labels)
-        elif node.op == "call_function" and node.target is getattr:
-            out = None  # x.shape and friends: read at run time, so deletions are seen
-        elif node.op == "call_method" and node.target in ("size", "dim"):
-            out = None
-        else:
-            table = FUNCTION_RULES if node.op == "call_function" else METHOD_RULES
-            rule = table.get(node.target if node.op == "call_function" else str(node.target))
-            if rule is None:
-                name = getattr(node.target, "__name__", str(node.target))
-                _block_inputs(c, node, labels, f"{name} is not in the channel support table")
-                out = None
-            else:
-                out = rule(gm, node, c, labels)
-        if out is not None and _tuple_valued(node):
-            labels[node] = out  # a tuple of tensors (unbind/split): checked where its items are taken
-            continue
-        if out is not None:
-            shape = _shape(node)
-            if shape is None or out.dim >= len(shape) or shape[out.dim] != out.width:
-                c.block(out, f"channel bookkeeping lost track (shape {shape}, label width {out.width}): "
-                             f"{node.format_node()}")
-            else:
-                labels[node] = out
-                c.labels[node.name] = out
-    # a head space deletes rows of its parent's producer: only if nothing else uses the parent space
+        spec = node_spec(gm, node)
+        rule = RULES[spec.channel_rule] if spec is not None and spec.channel_rule is not None else _unsupported
+        _keep_label(c, labels, node, rule(gm, node, c, labels, spec))
+    _check_head_splits(c)
+    _block_shared_weights(c)
+    return c
+
+
+def _keep_label(c: Coupling, labels: dict[fx.Node, Label], node: fx.Node, out: Label | None) -> None:
+    """Record a node's output label after checking it against the node's shape."""
+    if out is None:
+        return
+    if _tuple_valued(node):
+        labels[node] = out  # a tuple of tensors (unbind/split): checked where its items are taken
+        return
+    shape = shape_of(node)
+    if shape is None or out.dim >= len(shape) or shape[out.dim] != out.width:
+        c.block(out, f"channel bookkeeping lost track (shape {shape}, label width {out.width}): {node.format_node()}")
+    else:
+        labels[node] = out
+
+
+def _check_head_splits(c: Coupling) -> None:
+    """A head space deletes rows of its parent's producer: only if nothing else uses the parent space."""
     for sid, prod in c.producers.items():
         if prod.parent is None:
             continue
         parent = prod.parent
-        others = [r for r in c.blocks[parent] if not r.startswith("split into units")]
+        others = c.blocks[parent]
         used = any(parent in cons.label.spaces() for cons in c.consumers) or any(
             cp.space == parent for cp in c.params) or c.ties.degree(parent) > 0
         if others or used:
             c.blocks[sid].append(f"the split space is also used elsewhere: {'; '.join(others) or 'consumed/tied'}")
-    # a weight shared by several ops would have to be sliced the same way for all of them
+
+
+def _block_shared_weights(c: Coupling) -> None:
+    """A weight shared by several ops would have to be sliced the same way for all of them."""
     users: dict[str, set[str]] = defaultdict(set)
     for prod in c.producers.values():
         users[prod.weight].add(prod.node)
@@ -835,4 +797,44 @@ def analyze_channels(gm: fx.GraphModule) -> Coupling:
             for cons in c.consumers:
                 if cons.weight == target:
                     c.block(cons.label, reason)
-    return c
+
+
+def group_consumers(c: Coupling, group: Group) -> list[Consumer]:
+    """The consumers that read some of ``group``'s channels."""
+    spaces = set(group.spaces)
+    return [cons for cons in c.consumers if any(s in spaces for s in cons.label.spaces())]
+
+
+def label_keep(label: Label, keep: dict[int, torch.Tensor], group_of: dict[int, int]) -> torch.Tensor | None:
+    """Kept feature positions along a label's dim, given the kept units of each group (None when
+    nothing is deleted there)."""
+    parts, offset, changed = [], 0, False
+    for seg in label.segs:
+        gid = group_of.get(seg.space) if seg.space is not None else None
+        width = seg.length * seg.expand
+        if gid is not None and gid in keep:
+            idx = keep[gid]
+            changed = changed or idx.numel() != seg.length
+            pos = (idx[:, None] * seg.expand + torch.arange(seg.expand)[None, :]).flatten() + offset
+        else:
+            pos = torch.arange(offset, offset + width)
+        parts.append(pos)
+        offset += width
+    return torch.cat(parts) if changed else None
+
+
+def dead_units(gm: fx.GraphModule, c: Coupling, group: Group) -> torch.Tensor:
+    """Units of ``group`` whose producer rows (and biases) are all exactly zero in every producer
+    (a bool per unit): zeroed by weight masks alone. Heads own several rows each."""
+    params = dict(gm.named_parameters())
+    dead = torch.ones(group.size, dtype=torch.bool)
+    for sid in group.spaces:
+        prod = c.producers[sid]
+        w = params[prod.weight].detach()
+        rows = w.movedim(prod.weight_dim, 0).reshape(w.shape[prod.weight_dim], -1)
+        zero_rows = (rows == 0).all(dim=1).cpu()
+        if prod.bias is not None:
+            zero_rows &= (params[prod.bias].detach() == 0).cpu()
+        unit_rows = torch.stack([prod.rows(torch.tensor([u])) for u in range(group.size)])
+        dead &= zero_rows[unit_rows].all(dim=1)
+    return dead

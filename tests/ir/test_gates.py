@@ -9,8 +9,7 @@ import pytest
 import torch
 
 import hyperflux_fx as hf
-from hyperflux_fx.runtime.gates import WeightGate
-from hyperflux_fx.runtime.pressure import PressureState
+from hyperflux_fx.ir import PressureState, WeightGate
 
 
 def _gate(shape=(4, 3), kappa=0.25) -> WeightGate:

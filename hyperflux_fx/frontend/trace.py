@@ -1,4 +1,4 @@
-"""Tracing with leaf-module fallback, and loading models from ``model.py`` / ``timm:`` / ``torchvision:``.
+"""Tracing with leaf-module fallback, and shape propagation.
 
 :func:`trace` runs torch.fx symbolic tracing with gate modules and timm's no-trace layers as leaves.
 When tracing fails it finds the innermost submodule whose ``forward`` was running when the error
@@ -10,34 +10,37 @@ before the module runs), never inside. A model whose own ``forward`` cannot be t
 
 from __future__ import annotations
 
-import difflib
-import importlib.util
 import logging
 import sys
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import fx, nn
 
-from hyperflux_fx.runtime.gates import is_gate_module
+from hyperflux_fx.ir import OPAQUE_META, is_gate_module
 
 __all__ = [
     "ExampleInputError",
-    "LoadedModel",
-    "SourceError",
+    "OpaqueModule",
     "TraceError",
-    "load_source",
     "normalize_inputs",
+    "propagate_shapes",
+    "short_error",
     "trace",
 ]
 
 log = logging.getLogger(__name__)
 
-#: ``gm.meta`` key holding the list of opaque submodules (dicts: path, type, error).
-OPAQUE_META = "hyperflux.opaque"
+
+@dataclass(frozen=True)
+class OpaqueModule:
+    """A submodule the trace fallback kept as a leaf (listed in ``gm.meta[OPAQUE_META]``)."""
+
+    path: str  # qualified name
+    type: str  # module.qualname of its class
+    error: str  # why torch.fx could not trace it (first line)
 
 
 class TraceError(RuntimeError):
@@ -56,10 +59,6 @@ class TraceError(RuntimeError):
 
 class ExampleInputError(ValueError):
     """The traced model could not run on the example inputs given."""
-
-
-class SourceError(ValueError):
-    """A model source (``model.py``, ``timm:NAME``, ``torchvision:NAME``) could not be loaded."""
 
 
 def normalize_inputs(example_inputs: Any) -> tuple[Any, ...]:
@@ -119,7 +118,8 @@ def _culprit(exc: BaseException, names: dict[int, str]) -> str | None:
     return found
 
 
-def _short(exc: BaseException) -> str:
+def short_error(exc: BaseException) -> str:
+    """First line of ``type: message``, at most 300 characters."""
     text = f"{type(exc).__name__}: {exc}".strip()
     first = text.splitlines()[0] if text else type(exc).__name__
     return first if len(first) <= 300 else first[:297] + "..."
@@ -175,7 +175,7 @@ def _trace_with_fallback(model: nn.Module, leaf_modules: Iterable[type | str],
     names = {}
     for name, sub in model.named_modules(remove_duplicate=False):
         names.setdefault(id(sub), name)
-    opaque: list[dict[str, str]] = []
+    opaque: list[OpaqueModule] = []
     while True:
         try:
             graph = tracer.trace(model, concrete_args=concrete_args)
@@ -187,19 +187,18 @@ def _trace_with_fallback(model: nn.Module, leaf_modules: Iterable[type | str],
                 if path and len(opaque) >= max_fallbacks:
                     where += f" after {max_fallbacks} leaf fallbacks"
                 raise TraceError(
-                    f"torch.fx cannot trace {where}: {_short(exc)}. Hint: pass leaf_modules=(...) with the "
+                    f"torch.fx cannot trace {where}: {short_error(exc)}. Hint: pass leaf_modules=(...) with the "
                     "module types or qualified names to keep opaque, or concrete_args={...} to fix the "
                     "arguments that steer Python control flow.",
                     module_path=path or "", fx_error=exc) from exc
             sub = model.get_submodule(path)
             if id(sub) in tracer.opaque_ids:  # already a leaf and still failing: give up
-                raise TraceError(f"torch.fx cannot trace around module {path!r}: {_short(exc)}",
+                raise TraceError(f"torch.fx cannot trace around module {path!r}: {short_error(exc)}",
                                  module_path=path, fx_error=exc) from exc
             log.info("trace: %s (%s) is not traceable (%s); keeping it as an opaque leaf",
-                     path, type(sub).__qualname__, _short(exc))
+                     path, type(sub).__qualname__, short_error(exc))
             tracer.opaque_ids.add(id(sub))
-            opaque.append({"path": path, "type": f"{type(sub).__module__}.{type(sub).__qualname__}",
-                           "error": _short(exc)})
+            opaque.append(OpaqueModule(path, f"{type(sub).__module__}.{type(sub).__qualname__}", short_error(exc)))
     name = type(model).__name__
     gm = fx.GraphModule(tracer.root, graph, name)
     gm.meta[OPAQUE_META] = opaque
@@ -209,7 +208,7 @@ def _trace_with_fallback(model: nn.Module, leaf_modules: Iterable[type | str],
 
 class _NodeFailure(RuntimeError):
     def __init__(self, node: fx.Node, exc: BaseException) -> None:
-        super().__init__(f"at node {node.name} ({node.op} {_target_str(node)}): {_short(exc)}")
+        super().__init__(f"at node {node.name} ({node.op} {_target_str(node)}): {short_error(exc)}")
 
 
 def _target_str(node: fx.Node) -> str:
@@ -249,114 +248,9 @@ def propagate_shapes(gm: fx.GraphModule, inputs: Sequence[Any]) -> None:
     except Exception as exc:
         shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in inputs]
         # (fx.Interpreter appends a multi-line "While executing ..." note: keep the first line)
-        why = str(exc).splitlines()[0] if isinstance(exc, _NodeFailure) else _short(exc)
+        why = str(exc).splitlines()[0] if isinstance(exc, _NodeFailure) else short_error(exc)
         raise ExampleInputError(f"the model does not run on example inputs {shapes}: {why}. "
                                 "Pass inputs of the shape the model expects (e.g. --input-shape 1,3,32,32).") from exc
     finally:
         for m, mode in modes.items():
             m.training = mode
-
-
-# -- loading model sources ------------------------------------------------------------------------
-
-@dataclass
-class LoadedModel:
-    """A model and what its source says about it."""
-
-    model: nn.Module
-    example_inputs: tuple[Any, ...]  # positional example inputs (batch of 2 by default)
-    source: str  # what the user passed
-    datasets: Callable[..., Any] | None = None  # model.py's datasets(), if any
-    loss_fn: Callable[..., Any] | None = None  # model.py's loss_fn, if any
-    extras: dict[str, Any] = field(default_factory=dict)
-
-
-def _inputs_from_shape(shape: Sequence[int]) -> tuple[torch.Tensor, ...]:
-    gen = torch.Generator().manual_seed(0)
-    return (torch.randn(*shape, generator=gen),)
-
-
-def _load_model_py(path: Path) -> tuple[nn.Module, tuple[Any, ...] | None, Any, Any]:
-    if not path.is_file():
-        raise SourceError(f"model file not found: {path}")
-    mod_name = f"hyperflux_user_model_{abs(hash(str(path.resolve())))}"
-    spec = importlib.util.spec_from_file_location(mod_name, path)
-    if spec is None or spec.loader is None:
-        raise SourceError(f"cannot import {path}: not a Python file")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[mod_name] = module
-    try:
-        spec.loader.exec_module(module)
-    except SyntaxError as exc:
-        raise SourceError(f"{path}:{exc.lineno}: syntax error: {exc.msg}") from exc
-    except Exception as exc:
-        raise SourceError(f"importing {path} failed: {_short(exc)}") from exc
-    build = getattr(module, "build_model", None)
-    if not callable(build):
-        raise SourceError(f"{path} defines no build_model(): add `def build_model() -> torch.nn.Module`")
-    model = build()
-    if not isinstance(model, nn.Module):
-        raise SourceError(f"{path}: build_model() returned {type(model).__name__}, not a torch.nn.Module")
-    inputs = None
-    if callable(getattr(module, "example_inputs", None)):
-        inputs = normalize_inputs(module.example_inputs())
-    return model, inputs, getattr(module, "datasets", None), getattr(module, "loss_fn", None)
-
-
-def load_source(source: str, *, input_shape: Sequence[int] | None = None, weights: str | Path | None = None,
-                num_classes: int | None = None) -> LoadedModel:
-    """Load ``model.py`` (``build_model()``, optional ``example_inputs()``, ``datasets()``, ``loss_fn``),
-    ``timm:NAME`` or ``torchvision:NAME`` (random init; nothing is downloaded).
-
-    Args:
-        source: the source string.
-        input_shape: overrides the example input shape (including batch).
-        weights: a state-dict file loaded with ``torch.load(weights_only=True)``.
-        num_classes: classifier width for timm/torchvision models (their default when None).
-
-    Raises:
-        SourceError: with what to fix.
-    """
-    datasets = loss_fn = None
-    if source.startswith("timm:"):
-        import timm
-
-        name = source.split(":", 1)[1]
-        if name not in timm.list_models():
-            close = difflib.get_close_matches(name, timm.list_models(), n=3)
-            raise SourceError(f"unknown timm model {name!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
-        kwargs = {} if num_classes is None else {"num_classes": num_classes}
-        model = timm.create_model(name, pretrained=False, **kwargs)
-        size = tuple(model.pretrained_cfg.get("input_size", (3, 224, 224)))
-        inputs = _inputs_from_shape((2, *size))
-    elif source.startswith("torchvision:"):
-        import torchvision
-
-        name = source.split(":", 1)[1]
-        available = torchvision.models.list_models()
-        if name not in available:
-            close = difflib.get_close_matches(name, available, n=3)
-            raise SourceError(f"unknown torchvision model {name!r}"
-                              + (f"; did you mean {', '.join(close)}?" if close else ""))
-        kwargs = {} if num_classes is None else {"num_classes": num_classes}
-        model = torchvision.models.get_model(name, weights=None, **kwargs)
-        inputs = _inputs_from_shape((2, 3, 299, 299) if name.startswith("inception") else (2, 3, 224, 224))
-    else:
-        model, inputs, datasets, loss_fn = _load_model_py(Path(source))
-        if inputs is None and input_shape is None:
-            raise SourceError(f"{source} has no example_inputs(): add one, or pass --input-shape (e.g. 2,3,32,32)")
-    if input_shape is not None:
-        if not all(isinstance(d, int) and d > 0 for d in input_shape):
-            raise SourceError(f"input shape must be positive integers, got {tuple(input_shape)}")
-        inputs = _inputs_from_shape(tuple(input_shape))
-    if weights is not None:
-        wpath = Path(weights)
-        if not wpath.is_file():
-            raise SourceError(f"weights file not found: {wpath}")
-        try:
-            state = torch.load(wpath, map_location="cpu", weights_only=True)
-            model.load_state_dict(state)
-        except Exception as exc:
-            raise SourceError(f"cannot load weights from {wpath}: {_short(exc)}") from exc
-    assert inputs is not None
-    return LoadedModel(model=model, example_inputs=inputs, source=source, datasets=datasets, loss_fn=loss_fn)

@@ -4,12 +4,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
-__all__ = ["DataError", "resolve_datasets"]
+from hyperflux_fx.frontend.digits import digits_datasets
+
+__all__ = ["DataError", "digits_datasets", "resolve_datasets"]
 
 _MEAN = (0.485, 0.456, 0.406)
 _STD = (0.229, 0.224, 0.225)
@@ -86,8 +87,6 @@ def resolve_datasets(spec: str, *, sample_shape: tuple[int, ...], num_classes: i
     kind, _, root = spec.partition(":")
     size = sample_shape[-1] if len(sample_shape) == 3 else 32
     if kind == "digits":
-        from hyperflux_fx.data.digits import digits_datasets
-
         if len(sample_shape) != 3 or sample_shape[0] != 1 or sample_shape[1] != sample_shape[2]:
             raise DataError(f"digits are 1-channel square images; the model's example input is {sample_shape} "
                             "(use --data synthetic, or a model for 1xNxN inputs)")
@@ -102,7 +101,3 @@ def resolve_datasets(spec: str, *, sample_shape: tuple[int, ...], num_classes: i
         return _synthetic(tuple(sample_shape), num_classes, seed=seed)
     raise DataError(f"unknown dataset {spec!r}: use digits, cifar10:ROOT, cifar100:ROOT, imagefolder:ROOT or synthetic")
 
-
-def first_sample_shape(dataset: Any) -> tuple[int, ...]:
-    x = dataset[0][0]
-    return tuple(x.shape) if isinstance(x, torch.Tensor) else ()

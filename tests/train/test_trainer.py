@@ -10,6 +10,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import hyperflux_fx as hf
+from hyperflux_fx.train.loop import _flow_lr
+from hyperflux_fx.train.optim import decayed
 
 
 def _data(n=256, seed=0):
@@ -147,14 +149,12 @@ def test_bad_config_and_inputs():
 
 
 def test_flow_lr_rule_and_weight_decay_groups():
-    from hyperflux_fx.runtime.trainer import _decayed, _flow_lr
-
     assert _flow_lr(hf.TrainConfig(), 100_000) == 1e-3  # the paper's value for long runs
     assert _flow_lr(hf.TrainConfig(), 100) == pytest.approx(0.05)  # short run: travel budget kept
     assert _flow_lr(hf.TrainConfig(flow_lr=0.3), 100) == 0.3
     gated = hf.insert_gates(nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2))).graph_module
     names = {id(p): n for n, p in gated.named_parameters()}
-    assert sorted(names[i] for i in _decayed(gated)) == ["0.weight", "2.weight"]
+    assert sorted(names[i] for i in decayed(gated)) == ["0.weight", "2.weight"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import hyperflux_fx as hf
-from hyperflux_fx.graph.coupling import analyze_channels
+from hyperflux_fx.analysis.coupling import analyze_channels
 
 
 class Net(nn.Module):
@@ -122,10 +122,10 @@ def test_depthwise_passes_through_and_grouped_blocks():
 
     x = torch.randn(2, 3, 4, 4)
     res = hf.insert_gates(DW(4), hf.GateConfig(granularity="channel"), example_inputs=x)
-    assert res.report.channel_groups[0]["gated"]  # a -> depthwise -> c: one group
+    assert res.report.channel_groups[0].gated  # a -> depthwise -> c: one group
     res = hf.insert_gates(DW(2), hf.GateConfig(granularity="channel"), example_inputs=x)
-    assert not res.report.channel_groups[0]["gated"]
-    assert "grouped conv" in res.report.channel_groups[0]["blocked"][0]
+    assert not res.report.channel_groups[0].gated
+    assert "grouped conv" in res.report.channel_groups[0].blocked[0]
 
 
 def test_heads_rule_matches_sdpa_and_blocks_a_reused_projection():
@@ -133,8 +133,8 @@ def test_heads_rule_matches_sdpa_and_blocks_a_reused_projection():
 
     x = torch.randn(2, 5, 16)
     res = hf.insert_gates(SDPAAttention(), hf.GateConfig(granularity="channel"), example_inputs=x)
-    heads = [g for g in res.report.channel_groups if g["producers"][0].endswith("#heads")]
-    assert len(heads) == 1 and heads[0]["gated"] and heads[0]["size"] == 2
+    heads = [g for g in res.report.channel_groups if g.unit == "head"]
+    assert len(heads) == 1 and heads[0].gated and heads[0].size == 2
 
     class Reused(SDPAAttention):
         def forward(self, x):
@@ -145,5 +145,5 @@ def test_heads_rule_matches_sdpa_and_blocks_a_reused_projection():
             return x + self.proj(ctx) + qkv[..., :c]  # the projection's output is also used directly
 
     res = hf.insert_gates(Reused(), hf.GateConfig(granularity="channel"), example_inputs=x)
-    heads = [g for g in res.report.channel_groups if g["producers"][0].endswith("#heads")]
-    assert len(heads) == 1 and not heads[0]["gated"] and "also used elsewhere" in heads[0]["blocked"][0]
+    heads = [g for g in res.report.channel_groups if g.unit == "head"]
+    assert len(heads) == 1 and not heads[0].gated and "also used elsewhere" in heads[0].blocked[0]

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hyperflux_fx.runtime.scheduler import (
+from hyperflux_fx.train.scheduler import (
     PressureController,
     decay_factor,
     find_d0,

@@ -1,0 +1,8 @@
+"""What leaves the compiler: ONNX export checked against ONNX Runtime, and latency measurement."""
+
+from __future__ import annotations
+
+from hyperflux_fx.export.latency import measure_latency
+from hyperflux_fx.export.onnx import ExportCheckError, ExportError, ExportReport, export_onnx
+
+__all__ = ["ExportCheckError", "ExportError", "ExportReport", "export_onnx", "measure_latency"]

@@ -1,0 +1,56 @@
+"""Latency of an ONNX file in ONNX Runtime (CPU), with fixed session options."""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["measure_latency", "session"]
+
+
+def session(path: str, threads: int = 1, optimize: bool = True) -> Any:
+    """An ONNX Runtime CPU session: ``threads`` intra-op threads, 1 inter-op, sequential."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                   else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    so.log_severity_level = 3
+    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+
+
+def measure_latency(onnx_path: str | Path, *, batch_sizes: tuple[int, ...] = (1, 64), threads: int = 1,
+                    warmup: int = 5, repeats: int = 20) -> dict[int, dict[str, float]]:
+    """Median and p90 latency (ms) of ONNX Runtime (CPU) per batch size, fixed session options
+    (``threads`` intra-op threads, 1 inter-op, sequential, all graph optimisations). Inputs are
+    random with the file's shapes (dim 0 set to the batch size)."""
+    sess = session(str(onnx_path), threads=threads)
+    feeds_by_batch = {}
+    for b in batch_sizes:
+        feeds = {}
+        for i in sess.get_inputs():
+            shape = [b if k == 0 else (d if isinstance(d, int) else 1) for k, d in enumerate(i.shape)]
+            dtype = {"tensor(float)": torch.float32, "tensor(int64)": torch.int64}.get(i.type, torch.float32)
+            t = torch.randn(shape) if dtype == torch.float32 else torch.zeros(shape, dtype=dtype)
+            feeds[i.name] = t.numpy()
+        feeds_by_batch[b] = feeds
+    out: dict[int, dict[str, float]] = {}
+    for b, feeds in feeds_by_batch.items():
+        for _ in range(warmup):
+            sess.run(None, feeds)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            sess.run(None, feeds)
+            times.append((time.perf_counter() - t0) * 1000)
+        times.sort()
+        out[b] = {"median_ms": statistics.median(times), "p90_ms": times[min(len(times) - 1, math.ceil(0.9 * len(times)) - 1)]}
+    return out

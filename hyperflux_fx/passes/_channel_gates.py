@@ -1,0 +1,120 @@
+"""Channel gates: one ChannelGate per deletable channel group, and a ChannelMask at every consumer
+input that reads a gated group (channel and hybrid granularity).
+
+Before (``x`` carries group 0's channels)::
+
+    y = torch.conv2d(x, self.conv2.weight, ...)
+
+After::
+
+    group0 = self.hyperflux_gates.group0_conv2d()
+    x_m = self.hyperflux_masks.conv2d_1_in(x, group0)
+    y = torch.conv2d(x_m, self.conv2.weight, ...)
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from hyperflux_fx.analysis.cost import unit_costs
+from hyperflux_fx.analysis.coupling import Coupling, Group, analyze_channels, group_consumers
+from hyperflux_fx.config import GateConfig
+from hyperflux_fx.frontend.trace import propagate_shapes
+from hyperflux_fx.ir import GATE_NODE_META, GATES_ATTR, MASK_NODE_META, MASKS_ATTR, ChannelGate, ChannelMask
+from hyperflux_fx.passes._gate_report import ChannelGroupReport, GateReport
+from hyperflux_fx.passes._weight_gates import gate_container, unique_key
+
+__all__ = ["group_name", "insert_channel_gates"]
+
+
+def group_name(group: Group) -> str:
+    """The display name of a group (the target of its gate)."""
+    return f"group{group.id}:{group.producers[0]}"
+
+
+def insert_channel_gates(gm: fx.GraphModule, config: GateConfig, inputs: tuple[Any, ...], report: GateReport,
+                         rules: Counter[str], generator: torch.Generator | None) -> None:
+    """Gate every deletable group of ``gm`` and mask its consumers' inputs."""
+    propagate_shapes(gm, inputs)
+    coupling = analyze_channels(gm)
+    anchor = next(n for n in gm.graph.nodes if n.op != "placeholder")
+    group_gate: dict[int, fx.Node] = {}
+    for group in coupling.groups():
+        blocked = _why_not_gated(coupling, group)
+        report.channel_groups.append(ChannelGroupReport(
+            name=group_name(group), size=group.size, unit=group.unit, producers=list(group.producers),
+            consumers=len(group_consumers(coupling, group)), gated=not blocked, blocked=blocked))
+        if not blocked:
+            group_gate[group.id] = _add_gate(gm, coupling, group, anchor, config, generator)
+    if group_gate:
+        rules["channel_gate"] += len(group_gate)
+    if group_gate and config.cost != "count":
+        _scale_pressure(gm, group_gate)
+    _mask_consumers(gm, coupling, group_gate, rules)
+    gm.graph.lint()
+    gm.recompile()
+
+
+def _why_not_gated(coupling: Coupling, group: Group) -> list[str]:
+    blocked = list(group.blocked)
+    if not group_consumers(coupling, group) and not blocked:
+        blocked.append("no conv/linear consumes it")
+    if group.size < 2 and not blocked:
+        blocked.append("a single channel")
+    return blocked
+
+
+def _add_gate(gm: fx.GraphModule, coupling: Coupling, group: Group, anchor: fx.Node, config: GateConfig,
+              generator: torch.Generator | None) -> fx.Node:
+    container = gate_container(gm)
+    p_cost, m_cost = unit_costs(gm, coupling, group)
+    cost = {"count": 1.0, "params": p_cost, "macs": m_cost}[config.cost]
+    name = group_name(group)
+    key = unique_key(name.replace(":", "_"), set(container.keys()))
+    gate = ChannelGate(group.size, target=name, producers=tuple(group.producers), unit=group.unit, unit_cost=cost,
+                       init_a=config.init_a, kappa=config.kappa, generator=generator)
+    gate.to(next(gm.parameters()).device)
+    container.add_module(key, gate)
+    with gm.graph.inserting_before(anchor):
+        gn = gm.graph.call_module(f"{GATES_ATTR}.{key}", ())
+    gn.meta[GATE_NODE_META] = name
+    return gn
+
+
+def _scale_pressure(gm: fx.GraphModule, group_gate: dict[int, fx.Node]) -> None:
+    """Cost-weighted pressure: each gate's pressure scaled by its unit cost over the mean unit cost."""
+    gate_mods = [gm.get_submodule(str(gn.target)) for gn in group_gate.values()]
+    mean_cost = sum(g.unit_cost * g.numel for g in gate_mods) / sum(g.numel for g in gate_mods)
+    for g in gate_mods:
+        g.pressure_scale = g.unit_cost / mean_cost
+
+
+def _mask_consumers(gm: fx.GraphModule, coupling: Coupling, group_gate: dict[int, fx.Node],
+                    rules: Counter[str]) -> None:
+    """A ChannelMask before every consumer input that reads a gated group."""
+    masks = nn.ModuleDict()
+    gm.add_module(MASKS_ATTR, masks)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    group_of = coupling.group_of()
+    for cons in coupling.consumers:
+        gids = [group_of.get(sg.space) if sg.space is not None else None for sg in cons.label.segs]
+        used = [g for g in dict.fromkeys(gids) if g in group_gate]
+        if not used:
+            continue
+        layout = tuple((used.index(g) if g in group_gate else -1, sg.length, sg.expand)
+                       for g, sg in zip(gids, cons.label.segs, strict=True))
+        node = nodes[cons.node]
+        x = node.args[0]
+        key = unique_key(f"{cons.node}_in", set(masks.keys()))
+        masks.add_module(key, ChannelMask(cons.label.dim, layout))
+        with gm.graph.inserting_before(node):
+            mn = gm.graph.call_module(f"{MASKS_ATTR}.{key}", (x, *(group_gate[g] for g in used)))
+        mn.meta[MASK_NODE_META] = cons.node
+        node.replace_input_with(x, mn)
+        rules["channel_mask"] += 1
+    if not len(masks):
+        delattr(gm, MASKS_ATTR)

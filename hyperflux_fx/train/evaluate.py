@@ -1,0 +1,62 @@
+"""Batches and evaluation: moving ``(inputs, targets)`` batches to a device, the default metric."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from hyperflux_fx.train.optim import autocast
+
+__all__ = ["LossFn", "MetricFn", "accuracy", "evaluate", "move_to", "split_batch"]
+
+LossFn = Callable[[Any, Any], torch.Tensor]
+MetricFn = Callable[[Any, Any], float]
+
+
+def accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> float:
+    """Top-1 accuracy of classification logits."""
+    return float((outputs.argmax(dim=-1) == targets).float().mean())
+
+
+def move_to(batch: Any, device: torch.device) -> Any:
+    """A batch (tensors, nested in lists/tuples/dicts) on ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_to(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: move_to(v, device) for k, v in batch.items()}
+    return batch
+
+
+def split_batch(batch: Any) -> tuple[tuple[Any, ...], Any]:
+    """``(positional inputs, targets)`` of an ``(inputs, targets)`` batch."""
+    if not isinstance(batch, (list, tuple)) or len(batch) < 2:
+        raise TypeError("batches must be (inputs, targets) pairs; got " + type(batch).__name__)
+    inputs, targets = batch[0], batch[1]
+    return (tuple(inputs) if isinstance(inputs, (list, tuple)) else (inputs,)), targets
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable[Any], *, metric_fn: MetricFn | None = None,
+             device: torch.device | str | None = None, amp_dtype: torch.dtype | None = None) -> float:
+    """Mean of ``metric_fn`` (accuracy by default) over ``loader``, weighted by batch size, eval mode."""
+    metric_fn = metric_fn or accuracy
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for batch in loader:
+            inputs, targets = split_batch(move_to(batch, device))
+            with autocast(device, amp_dtype):
+                out = model(*inputs)
+            n = int(targets.shape[0]) if isinstance(targets, torch.Tensor) else 1
+            total += metric_fn(out.float(), targets) * n
+            count += n
+    finally:
+        model.train(was_training)
+    return total / max(count, 1)

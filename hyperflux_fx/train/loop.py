@@ -1,0 +1,498 @@
+"""Hyperflux training: pruning phase then regrowth phase (HYPERFLUX.md §4-§5), checkpoints, DDP.
+
+``train(gated, train_loader, val_loader, TrainConfig(...))`` runs the method on a model gated by
+``insert_gates``:
+
+* two optimisers: SGD (momentum, weight decay on conv/linear weights only) for the weights, Adam
+  (no decay) for the flow parameters; cosine LR; label-smoothed cross-entropy by default;
+* pruning phase: gamma from the :class:`~hyperflux_fx.train.scheduler.PressureController`, updated
+  at the end of every scheduler interval; regrowth phase: gamma 0, LRs reset, the flow LR decayed by
+  ``decay**k`` per regrowth epoch; halfway through regrowth (``land_at``) all flows are shifted by one
+  constant so the density is exactly the target, then frozen while the weights fine-tune (``land``);
+* at every interval: a recorder entry (metrics.jsonl) and an atomic checkpoint (``resume=True``
+  continues from it; on CPU with ``num_workers=0`` a resumed run ends bit-identical to an
+  uninterrupted one);
+* CUDA with AMP (bf16, or fp16 with a GradScaler) when available, CPU otherwise; under ``torchrun``
+  the model is wrapped in DDP and each rank reads its shard of every epoch; masks are checked to be
+  identical across ranks at every interval; only rank 0 writes files.
+
+The stages are functions over two small records: :class:`_Run` (what is fixed for the run: schedule,
+device, optimisers, recorder) and :class:`_Progress` (what advances: step, interval, running sums).
+``train`` is setup -> restore -> loop (step, interval end: controller, landing, record, checkpoint)
+-> result.
+
+The training loader is used for its dataset, batch size, workers and collate function: the trainer
+builds each epoch's order itself (seeded by ``TrainConfig.seed`` and the epoch) so a run can resume
+in the middle of an epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from hyperflux_fx.config import TrainConfig
+from hyperflux_fx.ir import Gate, PressureState, density, gates, pressure_state, set_pressure, track_flux
+from hyperflux_fx.train.checkpoint import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_NAME,
+    atomic_save,
+    fingerprint,
+    load_checkpoint,
+    rng_state,
+    set_rng_state,
+)
+from hyperflux_fx.train.distributed import (
+    TrainingError,
+    check_masks_equal,
+    epoch_loader,
+    setup_distributed,
+    steps_per_epoch,
+)
+from hyperflux_fx.train.evaluate import LossFn, MetricFn, accuracy, evaluate, move_to, split_batch
+from hyperflux_fx.train.landing import land_on_density, open_flow_distance
+from hyperflux_fx.train.optim import amp_dtype, autocast, cosine, grad_scaler, progress_bar, weight_optimizer
+from hyperflux_fx.train.recorder import IntervalRecord, Landing, Recorder
+from hyperflux_fx.train.scheduler import (
+    PressureController,
+    ScalingLaw,
+    fit_scaling_law,
+    resolve_interval_steps,
+    response_lag_intervals,
+)
+
+__all__ = ["TrainResult", "TrainingError", "train"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    """What ``train`` returns."""
+
+    density: float  # kept fraction of gated units at the end
+    sparsity: float  # 1 - density
+    target_sparsity: float
+    val_accuracy: float | None  # metric on the validation loader at the end (None without one)
+    history: list[IntervalRecord] = field(default_factory=list)  # the recorder's entries
+    steps: int = 0  # optimizer steps taken in total (including before a resume)
+    intervals: int = 0  # scheduler intervals completed
+    seconds: float = 0.0  # wall time of this call
+    completed: bool = True  # False when stopped early by max_intervals (resumable)
+    law: ScalingLaw | None = None  # pressure/density law fitted to this run's pruning phase
+    checkpoint: str | None = None  # path of the last checkpoint
+    controller_lookahead: int = 0  # the look-ahead the pressure controller used (resolved when auto)
+
+    @property
+    def density_before_landing(self) -> float | None:
+        """Density the dynamics alone had reached when the landing moved it to the target (None
+        when no landing happened: ``land=False`` or a run stopped before it)."""
+        return next((r.landing.density_before for r in self.history if r.landing is not None), None)
+
+
+@dataclass
+class _Schedule:
+    """Steps and intervals of a run."""
+
+    spe: int  # steps per epoch (per rank)
+    prune_steps: int
+    regrow_steps: int
+    interval: int  # steps per scheduler interval
+    flow_lr: float
+    land_step: int  # the landing happens at the first interval end at or after this step
+
+    @property
+    def total_steps(self) -> int:
+        return self.prune_steps + self.regrow_steps
+
+
+@dataclass
+class _Run:
+    """Everything fixed for one call of ``train``."""
+
+    cfg: TrainConfig
+    gated: nn.Module
+    model: nn.Module  # gated, or its DDP / compiled wrapper
+    gates: list[Gate]
+    pressure: PressureState
+    schedule: _Schedule
+    controller: PressureController
+    opt_w: torch.optim.Optimizer
+    opt_t: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    recorder: Recorder
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    rank: int
+    world: int
+    loss_fn: LossFn
+    metric_fn: MetricFn
+    on_device_accuracy: bool  # the default metric is summed on the device: no sync per step
+    ckpt_path: Path | None
+    fingerprint: dict[str, Any]
+    t_start: float
+
+    @property
+    def writer(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return dist.is_available() and dist.is_initialized()
+
+    @property
+    def weighted(self) -> bool:  # density as the kept fraction of unit cost (params/MACs)
+        return self.cfg.target_measure == "cost"
+
+
+@dataclass
+class _Progress:
+    """What advances during the run."""
+
+    step: int = 0
+    intervals: int = 0
+    frozen: bool = False  # flows frozen by the landing
+    last_good: int | None = None  # interval of the last checkpoint written
+    calls_intervals: int = 0  # intervals completed by this call
+    val_acc: float | None = None
+    stopped_early: bool = False
+    loss_sum: torch.Tensor | None = None  # over the current interval, on the device
+    correct: torch.Tensor | None = None
+    metric_sum: float = 0.0
+    seen: int = 0
+
+
+def train(gated: nn.Module, train_loader: DataLoader, val_loader: Iterable[Any] | None = None,
+          config: TrainConfig | None = None, *, loss_fn: LossFn | None = None,
+          metric_fn: MetricFn | None = None) -> TrainResult:
+    """Run the Hyperflux pruning and regrowth phases on a gated model.
+
+    Args:
+        gated: a model produced by ``insert_gates`` (trained dense weights are the paper's start).
+        train_loader: a ``DataLoader`` of ``(inputs, targets)``; its dataset, batch size, workers and
+            collate function are used, the order is the trainer's (seeded, resumable).
+        val_loader: any iterable of ``(inputs, targets)``; evaluated every ``eval_every`` intervals.
+        config: the schedule; ``TrainConfig()`` by default.
+        loss_fn: ``loss_fn(outputs, targets) -> scalar``; label-smoothed cross-entropy by default.
+        metric_fn: ``metric_fn(outputs, targets) -> float`` (batch mean); top-1 accuracy by default.
+
+    Returns:
+        TrainResult; the model is trained in place.
+
+    Raises:
+        ValueError: bad configuration, no gates, or a checkpoint that does not match this run.
+        TrainingError: non-finite loss (the last good checkpoint is kept) or masks diverged across ranks.
+    """
+    cfg = config or TrainConfig()
+    if not isinstance(train_loader, DataLoader):
+        raise TypeError(f"train_loader must be a torch.utils.data.DataLoader, got {type(train_loader).__name__}")
+    if not gates(gated):
+        raise ValueError("the model has no gates: run hyperflux_fx.insert_gates first")
+    t_start = time.perf_counter()
+    rank, world, we_initialised, device = setup_distributed(cfg.device)
+    try:
+        run = _setup(gated, train_loader, cfg, rank, world, device, loss_fn, metric_fn, t_start)
+        progress = _restore_or_start(run)
+        _loop(run, progress, train_loader, val_loader)
+    finally:
+        if cfg.track_flux:
+            track_flux(gated, False)
+        if we_initialised:
+            dist.destroy_process_group()
+    return _result(run, progress)
+
+
+def _setup(gated: nn.Module, loader: DataLoader, cfg: TrainConfig, rank: int, world: int, device: torch.device,
+           loss_fn: LossFn | None, metric_fn: MetricFn | None, t_start: float) -> _Run:
+    """Move the model, plan the schedule and the controller, build optimisers and the recorder."""
+    dtype = amp_dtype(cfg.amp, device)
+    gated.to(device)
+    all_gates = gates(gated)
+    schedule = _schedule(cfg, loader, world)
+    lookahead = cfg.controller_lookahead
+    if lookahead is None:  # the flows' response lag: their mean distance above the threshold now
+        lookahead = response_lag_intervals(schedule.flow_lr, schedule.interval, _prune_intervals(schedule),
+                                           distance=open_flow_distance(all_gates))
+    controller = PressureController(1.0 - cfg.target_sparsity, _prune_intervals(schedule), step=cfg.pressure_step,
+                                    regrowth_compensation=cfg.regrowth_compensation,
+                                    warmup_intervals=cfg.warmup_intervals, lookahead=lookahead,
+                                    scale_down=cfg.controller_scale_down)
+    flow_ids = {id(g.flow) for g in all_gates}
+    params = [p for p in gated.parameters() if id(p) not in flow_ids and p.requires_grad]
+    opt_w = weight_optimizer(gated, params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    opt_t = torch.optim.Adam([g.flow for g in all_gates], lr=schedule.flow_lr, weight_decay=0.0, fused=True)
+    out_dir = Path(cfg.out_dir) if cfg.out_dir is not None else None
+    return _Run(
+        cfg=cfg, gated=gated, model=gated, gates=all_gates, pressure=pressure_state(gated), schedule=schedule,
+        controller=controller, opt_w=opt_w, opt_t=opt_t, scaler=grad_scaler(dtype),
+        recorder=Recorder(gated, out_dir / "metrics.jsonl" if (out_dir is not None and rank == 0) else None),
+        device=device, amp_dtype=dtype, rank=rank, world=world,
+        loss_fn=loss_fn or (lambda out, y: F.cross_entropy(out, y, label_smoothing=cfg.label_smoothing)),
+        metric_fn=metric_fn or accuracy, on_device_accuracy=metric_fn is None,
+        ckpt_path=out_dir / "checkpoints" / CHECKPOINT_NAME if out_dir is not None else None,
+        fingerprint=fingerprint(gated, cfg, interval_steps=schedule.interval, flow_lr=schedule.flow_lr,
+                                batch_size=loader.batch_size or 1, dataset_len=len(loader.dataset),  # type: ignore
+                                world=world),
+        t_start=t_start)
+
+
+def _schedule(cfg: TrainConfig, loader: DataLoader, world: int) -> _Schedule:
+    spe = steps_per_epoch(loader, world)
+    if spe < 1:
+        raise ValueError("the training loader yields no batch per rank (dataset smaller than a batch?)")
+    prune_steps, regrow_steps = cfg.epochs * spe, cfg.regrowth_epochs * spe
+    return _Schedule(spe=spe, prune_steps=prune_steps, regrow_steps=regrow_steps,
+                     interval=resolve_interval_steps(cfg.interval_steps, spe, cfg.epochs, cfg.min_intervals),
+                     flow_lr=_flow_lr(cfg, prune_steps),
+                     land_step=prune_steps + (math.ceil(cfg.land_at * regrow_steps) if regrow_steps else 0))
+
+
+def _prune_intervals(schedule: _Schedule) -> int:
+    return math.ceil(schedule.prune_steps / schedule.interval)
+
+
+def _flow_lr(cfg: TrainConfig, pruning_steps: int) -> float:
+    if cfg.flow_lr is not None:
+        return cfg.flow_lr
+    # The paper's flows travel lr * steps ~ 39 over its pruning phase (1e-3 x 39k steps); a short
+    # run at 1e-3 could not move a flow from its init (0.2..0.5) past 0. Keep the travel budget.
+    return max(1e-3, cfg.flow_travel / max(pruning_steps, 1))
+
+
+def _restore_or_start(run: _Run) -> _Progress:
+    """Continue from the checkpoint (``resume``), or seed a fresh start; then wrap the model."""
+    cfg, progress = run.cfg, _Progress()
+    if cfg.resume and run.ckpt_path is not None and run.ckpt_path.exists():
+        _restore(run, progress, load_checkpoint(run.ckpt_path, run.fingerprint, run.device))
+    else:
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed % 2**32)
+        set_pressure(run.gated, 0.0)
+        if run.writer and run.recorder.path is not None and run.recorder.path.exists():
+            run.recorder.path.unlink()  # a fresh run starts a fresh metrics file
+    if cfg.track_flux:
+        track_flux(run.gated, True)
+    if run.distributed:
+        run.model = nn.parallel.DistributedDataParallel(
+            run.gated, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+    if cfg.compile:
+        run.model = torch.compile(run.model)  # type: ignore[assignment]
+    run.gated.train()
+    progress.loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)
+    progress.correct = torch.zeros((), dtype=torch.float64, device=run.device)
+    return progress
+
+
+def _restore(run: _Run, progress: _Progress, ckpt: dict[str, Any]) -> None:
+    run.gated.load_state_dict(ckpt["model"])
+    run.opt_w.load_state_dict(ckpt["opt_w"])
+    run.opt_t.load_state_dict(ckpt["opt_t"])
+    if run.scaler is not None and ckpt.get("scaler"):
+        run.scaler.load_state_dict(ckpt["scaler"])
+    if run.cfg.controller_lookahead is None:  # measured at the fresh start; the flows have moved since
+        run.controller.lookahead = int(ckpt["controller"].get("lookahead", 0))
+    run.controller.load_state_dict(ckpt["controller"])
+    run.recorder.load_state_dict(ckpt["recorder"])
+    if run.writer:
+        run.recorder.rewrite()
+    set_rng_state(ckpt["rng"], run.device)
+    progress.step, progress.intervals = int(ckpt["step"]), int(ckpt["intervals"])
+    progress.frozen = bool(ckpt["frozen"])
+    progress.last_good = progress.intervals
+    log.info("resumed from %s at step %d (interval %d)", run.ckpt_path, progress.step, progress.intervals)
+
+
+def _batches(run: _Run, progress: _Progress, loader: DataLoader) -> Iterator[Any]:
+    """The run's batches from the current step on, epoch by epoch (each epoch's order seeded)."""
+    while progress.step < run.schedule.total_steps:
+        epoch, batch_idx = divmod(progress.step, run.schedule.spe)
+        for batch in epoch_loader(loader, epoch=epoch, start_batch=batch_idx, seed=run.cfg.seed, rank=run.rank,
+                                  world=run.world):
+            yield batch
+            if progress.step >= run.schedule.total_steps or progress.step % run.schedule.spe == 0:
+                break  # the epoch is over (or the run): the next epoch gets a fresh order
+
+
+def _loop(run: _Run, progress: _Progress, loader: DataLoader, val_loader: Iterable[Any] | None) -> None:
+    bar = progress_bar(run.cfg.progress and run.writer, total=run.schedule.total_steps, initial=progress.step,
+                       desc="hyperflux")
+    try:
+        for batch in _batches(run, progress, loader):
+            _train_step(run, progress, batch)
+            if bar is not None:
+                bar.update(1)
+            if _interval_ends(run, progress) and _end_interval(run, progress, val_loader, bar):
+                break
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _learning_rates(run: _Run, progress: _Progress) -> tuple[float, float]:
+    """(weight LR, flow LR) for the current step."""
+    cfg, s = run.cfg, run.schedule
+    if progress.step < s.prune_steps:
+        return cosine(cfg.lr, cfg.lr * cfg.lr_final_ratio, progress.step, s.prune_steps), s.flow_lr
+    j = progress.step - s.prune_steps
+    k = j // s.spe
+    lr_t = 0.0 if (progress.frozen or k >= cfg.regrowth_flow_epochs) else (
+        s.flow_lr * cfg.regrowth_flow_scaler * cfg.regrowth_decay ** k)
+    return cosine(cfg.regrowth_lr, cfg.regrowth_lr_final, j, s.regrow_steps), lr_t
+
+
+def _train_step(run: _Run, progress: _Progress, batch: Any) -> None:
+    """One optimiser step of weights and flows; the loss and metric are summed for the interval."""
+    lr_w, lr_t = _learning_rates(run, progress)
+    for group in run.opt_w.param_groups:
+        group["lr"] = lr_w
+    for group in run.opt_t.param_groups:
+        group["lr"] = lr_t
+    inputs, targets = split_batch(move_to(batch, run.device))
+    run.opt_w.zero_grad(set_to_none=True)
+    run.opt_t.zero_grad(set_to_none=True)
+    with autocast(run.device, run.amp_dtype):
+        out = run.model(*inputs)
+        loss = run.loss_fn(out, targets)
+    if run.scaler is not None:
+        run.pressure.grad_scale.fill_(run.scaler.get_scale())  # pressure must be scaled like the loss
+        run.scaler.scale(loss).backward()
+        run.scaler.step(run.opt_w)
+        if lr_t > 0:
+            run.scaler.step(run.opt_t)
+        run.scaler.update()
+    else:
+        loss.backward()
+        run.opt_w.step()
+        if lr_t > 0:
+            run.opt_t.step()
+    n = int(targets.shape[0]) if isinstance(targets, torch.Tensor) else 1
+    progress.loss_sum += loss.detach().double() * n
+    if run.on_device_accuracy:
+        progress.correct += (out.detach().argmax(dim=-1) == targets).sum()
+    else:
+        progress.metric_sum += run.metric_fn(out.detach().float(), targets) * n
+    progress.seen += n
+    progress.step += 1
+
+
+def _interval_ends(run: _Run, progress: _Progress) -> bool:
+    """Does the step just taken end a scheduler interval (or a phase)?"""
+    s, step = run.schedule, progress.step
+    pruning = step - 1 < s.prune_steps  # the phase of the step just taken
+    phase_start, phase_end = (0, s.prune_steps) if pruning else (s.prune_steps, s.total_steps)
+    return (step - phase_start) % s.interval == 0 or step == phase_end
+
+
+def _end_interval(run: _Run, progress: _Progress, val_loader: Iterable[Any] | None, bar: Any) -> bool:
+    """Controller, landing, validation, record, checkpoint. Returns True to stop (max_intervals)."""
+    cfg, step = run.cfg, progress.step
+    pruning = step - 1 < run.schedule.prune_steps
+    train_loss = float(progress.loss_sum) / max(progress.seen, 1)
+    progress.metric_sum += float(progress.correct)
+    if not math.isfinite(train_loss):
+        where = f"{run.ckpt_path} (interval {progress.last_good})" if progress.last_good is not None else "none written"
+        raise TrainingError(f"loss became {train_loss} in interval {progress.intervals + 1} (step {step}); "
+                            f"training stopped. Last good checkpoint: {where}")
+    progress.intervals += 1
+    progress.calls_intervals += 1
+    gamma_used = float(run.pressure.gamma)
+    r = density(run.gated, weighted=run.weighted)
+    gamma_next, planned = _next_pressure(run, r, pruning, step)
+    landing = _maybe_land(run, progress)
+    if landing is not None:
+        r = landing.density_after
+    set_pressure(run.gated, gamma_next)
+    s = run.schedule
+    due = val_loader is not None and (progress.intervals % cfg.eval_every == 0 or step in (s.prune_steps,
+                                                                                         s.total_steps))
+    if due:
+        progress.val_acc = evaluate(run.gated, val_loader, metric_fn=run.metric_fn, device=run.device,
+                                    amp_dtype=run.amp_dtype)
+    rec = run.recorder.record(
+        run.gated, interval=progress.intervals, epoch=(step - 1) // s.spe, step=step,
+        phase="prune" if pruning else "regrow", gamma=gamma_used, gamma_next=gamma_next, g=run.controller.g,
+        planned=planned, target_density=1.0 - cfg.target_sparsity, measured_density=r, train_loss=train_loss,
+        train_metric=progress.metric_sum / max(progress.seen, 1), val_metric=progress.val_acc if due else None,
+        lr=run.opt_w.param_groups[0]["lr"], flow_lr=run.opt_t.param_groups[0]["lr"], flows_frozen=progress.frozen,
+        landing=landing, seconds=time.perf_counter() - run.t_start)
+    progress.loss_sum.zero_()
+    progress.correct.zero_()
+    progress.metric_sum, progress.seen = 0.0, 0
+    _after_record(run, progress, rec, bar)
+    if cfg.max_intervals is not None and progress.calls_intervals >= cfg.max_intervals and step < s.total_steps:
+        progress.stopped_early = True
+        return True
+    return False
+
+
+def _next_pressure(run: _Run, r: float, pruning: bool, step: int) -> tuple[float, float | None]:
+    """(gamma for the next interval, the plan R(e) now); gamma is 0 in regrowth."""
+    if not pruning:
+        return 0.0, None
+    gamma_next = run.controller.update(r)
+    planned = run.controller.planned(run.controller.completed)
+    if step == run.schedule.prune_steps:
+        gamma_next = 0.0  # regrowth follows, at gamma 0
+    return gamma_next, planned
+
+
+def _maybe_land(run: _Run, progress: _Progress) -> Landing | None:
+    """At the first interval end at or after land_step: land on the target and freeze the flows."""
+    if not run.cfg.land or progress.frozen or progress.step < run.schedule.land_step:
+        return None
+    progress.frozen = True
+    return land_on_density(run.gated, 1.0 - run.cfg.target_sparsity, weighted=run.weighted)
+
+
+def _after_record(run: _Run, progress: _Progress, rec: IntervalRecord, bar: Any) -> None:
+    """Rank check, progress display, log line and checkpoint at the end of an interval."""
+    if run.distributed:
+        check_masks_equal(run.gated, run.world, run.device if run.device.type == "cuda" else torch.device("cpu"))
+    if bar is not None:
+        bar.set_postfix(loss=f"{rec.train_loss:.3f}", density=f"{rec.density:.4f}", gamma=f"{rec.gamma:.3g}")
+    log.info("interval %d (%s) step %d: density %.4f planned %s gamma %.4g loss %.4f val %s", rec.interval,
+             rec.phase, rec.step, rec.density, rec.planned, rec.gamma, rec.train_loss, progress.val_acc)
+    if run.ckpt_path is not None and run.writer:
+        atomic_save({
+            "format": CHECKPOINT_FORMAT, "fingerprint": run.fingerprint, "model": run.gated.state_dict(),
+            "opt_w": run.opt_w.state_dict(), "opt_t": run.opt_t.state_dict(),
+            "scaler": run.scaler.state_dict() if run.scaler is not None else {},
+            "controller": run.controller.state_dict(), "recorder": run.recorder.state_dict(),
+            "rng": rng_state(run.device), "step": progress.step, "intervals": progress.intervals,
+            "frozen": progress.frozen, "config": asdict(run.cfg),
+        }, run.ckpt_path)
+        progress.last_good = progress.intervals
+    if run.distributed:
+        dist.barrier()
+
+
+def _result(run: _Run, progress: _Progress) -> TrainResult:
+    final_density = density(run.gated, weighted=run.weighted)
+    law = None
+    pts = [(rec.gamma, rec.measured_density) for rec in run.recorder.records if rec.phase == "prune" and rec.gamma]
+    if len(pts) >= 3:
+        try:
+            law = fit_scaling_law([p[0] for p in pts], [p[1] for p in pts])
+        except (ValueError, FloatingPointError):
+            law = None
+    ckpt = run.ckpt_path
+    return TrainResult(density=final_density, sparsity=1.0 - final_density, target_sparsity=run.cfg.target_sparsity,
+                       val_accuracy=progress.val_acc, history=list(run.recorder.records), steps=progress.step,
+                       intervals=progress.intervals, seconds=time.perf_counter() - run.t_start,
+                       completed=not progress.stopped_early, law=law,
+                       checkpoint=str(ckpt) if ckpt is not None and ckpt.exists() else None,
+                       controller_lookahead=run.controller.lookahead)

@@ -1,0 +1,89 @@
+"""What train() and train_dense() share: device and AMP resolution, the weight optimiser (weight
+decay on conv/linear weights only), autocast, the fp16 GradScaler, the cosine schedule, progress bars."""
+
+from __future__ import annotations
+
+import math
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
+
+import torch
+from torch import nn
+
+from hyperflux_fx.ir import gates
+from hyperflux_fx.ops import is_weight_module
+
+__all__ = ["amp_dtype", "autocast", "cosine", "decayed", "grad_scaler", "progress_bar", "resolve_device",
+           "weight_optimizer"]
+
+
+def resolve_device(spec: str) -> torch.device:
+    """``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {spec!r} requested but CUDA is not available on this machine")
+    return device
+
+
+def amp_dtype(spec: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for an ``amp`` setting ("auto", "bf16", "fp16", "off") on ``device``."""
+    if spec not in ("auto", "bf16", "fp16", "off"):
+        raise ValueError(f"amp must be 'auto', 'bf16', 'fp16' or 'off', got {spec!r}")
+    if spec == "off":
+        return None
+    if device.type != "cuda":
+        if spec == "fp16":
+            raise ValueError("amp='fp16' needs CUDA; use amp='bf16' or 'off' on CPU")
+        return torch.bfloat16 if spec == "bf16" else None
+    if spec == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if spec == "bf16" else torch.float16
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> AbstractContextManager[Any]:
+    """torch.autocast for ``dtype``, or a no-op without AMP."""
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def grad_scaler(dtype: torch.dtype | None) -> torch.amp.GradScaler | None:
+    """A GradScaler for fp16 AMP (bf16 and fp32 need none)."""
+    return torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+
+
+def decayed(model: nn.Module) -> set[int]:
+    """ids of the parameters that get weight decay: conv and linear weights (gated or not)."""
+    out: set[int] = set()
+    gated_names = {g.target for g in gates(model)}
+    for name, p in model.named_parameters():
+        owner_path, _, attr = name.rpartition(".")
+        owner = model.get_submodule(owner_path) if owner_path else model
+        if name in gated_names or (attr == "weight" and is_weight_module(owner)):
+            out.add(id(p))
+    return out
+
+
+def weight_optimizer(model: nn.Module, params: list[nn.Parameter], *, lr: float, momentum: float,
+                     weight_decay: float) -> torch.optim.SGD:
+    """SGD over ``params`` of ``model``, with weight decay on its conv/linear weights only."""
+    decay = decayed(model)
+    return torch.optim.SGD([{"params": [p for p in params if id(p) in decay], "weight_decay": weight_decay},
+                            {"params": [p for p in params if id(p) not in decay], "weight_decay": 0.0}],
+                           lr=lr, momentum=momentum)
+
+
+def cosine(start: float, end: float, i: int, n: int) -> float:
+    """Cosine decay from ``start`` to ``end`` over ``n`` steps, at step ``i``."""
+    if n <= 1:
+        return start
+    return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * min(i, n) / n))
+
+
+def progress_bar(enabled: bool, *, total: int, initial: int = 0, desc: str) -> Any:
+    """A tqdm bar, or None when disabled."""
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
