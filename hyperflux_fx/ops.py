@@ -47,6 +47,7 @@ __all__ = [
     "function_spec",
     "functional_module_call",
     "gateable_module_weights",
+    "is_plain_batch_norm",
     "is_weight_module",
     "method_spec",
     "module_macs",
@@ -287,7 +288,7 @@ FUNCTIONS: dict[Any, OpSpec] = {
     torch.cat: OpSpec("cat", "cat", ("tensors", "dim"), channel_rule=ChannelRule.CAT),  # offsets or tie
     torch.concat: OpSpec("cat", "cat", ("tensors", "dim"), channel_rule=ChannelRule.CAT),  # alias of cat
     torch.flatten: _moving("flatten", ChannelRule.RESHAPE),  # C*H*W: each channel owns H*W features
-    torch.reshape: _moving("reshape", ChannelRule.RESHAPE, ("input", "shape"), sizes=True),  # keep, flatten or head split
+    torch.reshape: _moving("reshape", ChannelRule.RESHAPE, ("input", "shape"), sizes=True),  # keep/flatten/heads
     torch.permute: _moving("permute", ChannelRule.PERMUTE, ("input", "dims")),  # move the channel dim
     torch.transpose: _moving("transpose", ChannelRule.TRANSPOSE, ("input", "dim0", "dim1")),  # swap two dims
     torch.t: _moving("t", None),  # transpose of a 2-D weight
@@ -392,6 +393,7 @@ class ModuleEntry:
 
 
 _NORM = "normalisation parameter ({type}): never gated"
+_BATCH_NORM_FORWARD = nn.modules.batchnorm._BatchNorm.forward
 _CONV_KW = ("stride", "padding", "dilation", "groups")
 _CONV_T_KW = ("stride", "padding", "output_padding", "groups", "dilation")
 
@@ -540,6 +542,12 @@ def gateable_module_weights(module: nn.Module) -> list[str]:
             if isinstance(value, nn.Parameter) and not isinstance(value, nn.parameter.UninitializedParameter):
                 names.append(f"{prefix}.{attr}" if prefix else attr)
     return names
+
+
+def is_plain_batch_norm(module: nn.Module) -> bool:
+    """A BatchNorm whose forward is torch's own (not one that adds more, like timm's BatchNormAct)."""
+    spec = module_spec(module)
+    return spec is not None and spec.kind == "batch_norm" and type(module).forward is _BATCH_NORM_FORWARD
 
 
 def is_weight_module(module: nn.Module) -> bool:

@@ -204,7 +204,8 @@ class StandardizedConv(nn.Module):
         self.fc = nn.Linear(4, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = (self.weight - self.weight.mean((1, 2, 3), keepdim=True)) / (self.weight.std((1, 2, 3), keepdim=True) + 1e-5)
+        w = self.weight - self.weight.mean((1, 2, 3), keepdim=True)
+        w = w / (self.weight.std((1, 2, 3), keepdim=True) + 1e-5)
         return self.fc(F.conv2d(x, w, padding=1).mean((2, 3)))
 
 

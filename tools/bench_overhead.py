@@ -50,7 +50,8 @@ def bench_training_step(steps: int, warmup: int = 2) -> dict[str, float]:
     flows = [g.flow for g in hf.gates(gated)]
     flow_ids = {id(f) for f in flows}
     weights = [p for p in gated.parameters() if id(p) not in flow_ids]
-    gated_opts = [torch.optim.SGD(weights, lr=0.01, momentum=0.9, weight_decay=5e-4), torch.optim.Adam(flows, lr=1e-3, fused=True)]
+    gated_opts = [torch.optim.SGD(weights, lr=0.01, momentum=0.9, weight_decay=5e-4),
+                  torch.optim.Adam(flows, lr=1e-3, fused=True)]
     run_dense = _step_fn(dense, [dense_opt], x, y)
     run_gated = _step_fn(gated, gated_opts, x, y)
     for _ in range(warmup):

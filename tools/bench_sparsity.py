@@ -167,7 +167,8 @@ def main() -> None:
     AMP = torch.bfloat16 if amp in ("auto", "bf16") else None
     torch.set_num_threads(1)
     if args.quick:
-        args.targets, args.archs, args.dense_epochs, args.prune_epochs, args.regrowth_epochs = "0.9", "digits_mlp", 3, 2, 1
+        args.targets, args.archs = "0.9", "digits_mlp"
+        args.dense_epochs, args.prune_epochs, args.regrowth_epochs = 3, 2, 1
         args.baseline_lrs = "0.05"
     targets = [float(t) for t in args.targets.split(",")]
     lrs = [float(x) for x in args.baseline_lrs.split(",")]

@@ -102,8 +102,9 @@ def compile_check() -> str:
     except Exception as exc:  # noqa: BLE001 - report it, do not stop the other checks
         return f"compile=True: FAIL {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
     ok = abs(res.sparsity - 0.5) < 0.01
-    return f"compile=True: sparsity {res.sparsity:.4f} val {res.val_accuracy:.3f} in {time.perf_counter() - t0:.0f} s " \
-           f"-> {'OK' if ok else 'FAIL'}"
+    seconds = time.perf_counter() - t0
+    return (f"compile=True: sparsity {res.sparsity:.4f} val {res.val_accuracy:.3f} in {seconds:.0f} s "
+            f"-> {'OK' if ok else 'FAIL'}")
 
 
 def step_time(steps: int = 30, batch: int = 256) -> str:

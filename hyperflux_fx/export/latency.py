@@ -52,5 +52,6 @@ def measure_latency(onnx_path: str | Path, *, batch_sizes: tuple[int, ...] = (1,
             sess.run(None, feeds)
             times.append((time.perf_counter() - t0) * 1000)
         times.sort()
-        out[b] = {"median_ms": statistics.median(times), "p90_ms": times[min(len(times) - 1, math.ceil(0.9 * len(times)) - 1)]}
+        p90 = times[min(len(times) - 1, math.ceil(0.9 * len(times)) - 1)]
+        out[b] = {"median_ms": statistics.median(times), "p90_ms": p90}
     return out

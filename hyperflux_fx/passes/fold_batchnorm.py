@@ -21,7 +21,7 @@ import copy
 import torch
 from torch import fx, nn
 
-from hyperflux_fx.ops import function_spec, node_spec
+from hyperflux_fx.ops import function_spec, is_plain_batch_norm, node_spec
 from hyperflux_fx.passes._attrs import fetch_attr, owner_of, replace_tensor
 from hyperflux_fx.passes._result import PassResult
 
@@ -40,8 +40,7 @@ def _bn_tensors(gm: fx.GraphModule, bn: fx.Node) -> tuple[torch.Tensor, ...] | N
         return None
     if bn.op == "call_module":
         mod = gm.get_submodule(str(bn.target))
-        plain = type(mod).forward is nn.modules.batchnorm._BatchNorm.forward  # not timm's BatchNormAct (+act)
-        if not plain or mod.training or mod.running_mean is None:
+        if not is_plain_batch_norm(mod) or mod.training or mod.running_mean is None:
             return None
         return mod.running_mean, mod.running_var, mod.weight, mod.bias, mod.eps
     mean, var = spec.arg(bn, "running_mean"), spec.arg(bn, "running_var")

@@ -40,12 +40,31 @@ def _masked_and_compact(name, granularity, closed_fraction, config=None):
     return res, gated, folded, x, y_masked, y_compact
 
 
+# Fixtures with no deletable channel group: channel granularity gates nothing there, and each
+# group's report names the blocker (the coupling tests cover the rules themselves).
+NOTHING_TO_GATE = {
+    "depthwise_grouped": "grouped conv",  # groups=2 conv: not sliced
+    "mha": "MultiheadAttention",  # an nn.MultiheadAttention leaf is not in the channel table
+    "opaque_block": "DataDependentBlock",  # an opaque leaf
+    "shared_weight": "is shared by",  # one weight used by two ops
+}
+
+
 @pytest.mark.parametrize("granularity", ["channel", "hybrid", "weight"])
 @pytest.mark.parametrize("name", sorted(FOLD_ZOO))
 def test_fold_is_exact_on_the_fixture_zoo(name, granularity):
     out = _masked_and_compact(name, granularity, 0.5)
-    if out is None:  # nothing gateable at this granularity: the report says why
+    if granularity == "channel" and name in NOTHING_TO_GATE:
+        assert out is None, f"{name}: expected no gate at channel granularity"
+        res = hf.insert_gates(FOLD_ZOO[name][0]().eval(), hf.GateConfig(granularity="channel"),
+                              example_inputs=FOLD_ZOO[name][1]())
+        groups = res.report.channel_groups
+        assert groups and not any(g.gated for g in groups) and all(g.blocked for g in groups)
+        assert any(NOTHING_TO_GATE[name] in why for g in groups for why in g.blocked)
+        with pytest.raises(ValueError, match="no gates"):
+            hf.fold_masks(res.graph_module)
         return
+    assert out is not None, f"{name} at granularity={granularity}: nothing was gated"
     res, gated, folded, x, _y_masked, _y_compact = out
     assert_fold_exact(gated, folded.graph_module, x)
     compact = folded.graph_module

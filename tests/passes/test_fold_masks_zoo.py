@@ -60,14 +60,15 @@ def test_edge_cases_on_resnet18():
     assert_fold_exact(gated, compact, (x,))
     assert compact.get_submodule("layer4.1.conv1").weight.shape[:2] == (1, 1)
     # a whole residual branch closed: the inner group of layer1.0 (conv1 -> bn1 -> relu -> conv2)
-    inner = next(g for g in all_gates if any("conv2d_1" == p for p in g.producers))
+    inner = next(g for g in all_gates if any(p == "conv2d_1" for p in g.producers))
     with torch.no_grad():
         for g in all_gates:
             g.flow.fill_(1.0)
         inner.flow.fill_(-1.0)
     folded = hf.fold_masks(gated)
     assert_fold_exact(gated, folded.graph_module, (x,))
-    assert folded.graph_module.get_submodule("layer1.0.conv1").weight.shape[0] == 1  # min_channels keeps one zero channel
+    # min_channels keeps one zero channel
+    assert folded.graph_module.get_submodule("layer1.0.conv1").weight.shape[0] == 1
 
 
 @pytest.mark.parametrize(("lib", "name"), [("torchvision", "resnet18"), ("torchvision", "mobilenet_v2"),

@@ -60,6 +60,6 @@ def test_zoo_invariant_1(lib, name, size):
         y_gated = gated(x)
         y_masked = masked(x)
         assert torch.equal(y_gated, y_masked)
-        # the masks matter (relative: torchvision's classifier init makes logits ~1e-11 here)
+        # the masks matter: the masked output moves by more than 0.1% of the output scale
         assert (y_gated - ya).abs().max() > 1e-3 * ya.abs().max()
     assert 0.45 < hf.density(gated) < 0.55

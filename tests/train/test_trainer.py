@@ -54,11 +54,36 @@ def test_short_run_controller_tracks_the_plan_better_than_the_papers():
     assert _lowest_density_over_plan(paper) < 0.5 * _lowest_density_over_plan(ours)
 
 
+def _steps(gated, n=5, seed=0, flow_lr=1e-3):
+    """n optimiser steps (SGD on weights, Adam on flows, as the trainer pairs them) on a fixed batch."""
+    flows = [g.flow for g in hf.gates(gated)]
+    weights = [p for p in gated.parameters() if all(p is not f for f in flows)]
+    opt_w, opt_t = torch.optim.SGD(weights, lr=0.05), torch.optim.Adam(flows, lr=flow_lr)
+    x, y = _data(32, seed=seed).tensors
+    for _ in range(n):
+        opt_w.zero_grad()
+        opt_t.zero_grad()
+        nn.functional.cross_entropy(gated(x), y).backward()
+        opt_w.step()
+        opt_t.step()
+
+
 def test_fresh_gates_are_all_open_and_zero_pressure_keeps_them():
     gated = _gated()
     assert hf.density(gated) == 1.0 and hf.get_pressure(gated) == 0.0
-    gated(torch.randn(8, 10)).sum().backward()  # no optimizer step: nothing moves
-    assert hf.density(gated) == 1.0
+    start = [g.flow.detach().clone() for g in hf.gates(gated)]
+    unhooked = _gated()  # the same model with no pressure state attached: data gradient only
+    for g in hf.gates(unhooked):
+        g.attach_pressure(None)
+    _steps(gated)
+    _steps(unhooked)
+    assert any(not torch.equal(g.flow, s) for g, s in zip(hf.gates(gated), start, strict=True))  # flows moved
+    assert hf.density(gated) == 1.0  # 5 Adam steps of 1e-3 cannot bring a flow from >= 0.2 below 0
+    for a, b in zip(hf.gates(gated), hf.gates(unhooked), strict=True):  # gamma = 0 adds nothing to the gradient
+        assert torch.equal(a.flow, b.flow)
+    hf.set_pressure(gated, 1e4)  # control: steps that can travel past 0 under pressure do close gates
+    _steps(gated, n=10, seed=1, flow_lr=0.1)
+    assert hf.density(gated) < 0.5
 
 
 def test_train_lands_on_target_and_records_every_interval(tmp_path):
@@ -73,7 +98,12 @@ def test_train_lands_on_target_and_records_every_interval(tmp_path):
     assert any(r["gamma"] > 0 for r in prune) and prune[-1]["density"] < 0.5
     landing = [r["landing"] for r in res.history if r["landing"]]
     assert len(landing) == 1 and landing[0]["density_after"] == pytest.approx(0.2, abs=1e-3)
-    assert res.density_before_landing == landing[0]["density_before"]
+    # The same run without the landing is identical up to it: its density at that interval's end is
+    # what the dynamics alone had reached, which is what density_before_landing must report.
+    landed_at = next(r["interval"] for r in res.history if r["landing"])
+    free = hf.train(_gated(), train_loader, val_loader, _cfg(land=False))
+    assert free.density_before_landing is None
+    assert res.density_before_landing == free.history[landed_at - 1]["measured_density"] != 0.2
     rec = res.history[-1]
     assert rec["phase"] == "regrow" and rec["flows_frozen"] and set(rec["layers"]) == {"0.weight", "2.weight",
                                                                                        "4.weight"}

@@ -1,0 +1,82 @@
+"""The layout rules of docs/ARCHITECTURE.md, checked: layers (import-linter), short functions, no
+package-internal import hidden inside a function."""
+
+from __future__ import annotations
+
+import ast
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "hyperflux_fx"
+LINT_IMPORTS = Path(sys.executable).parent / "lint-imports"
+
+
+def _modules() -> list[tuple[Path, ast.Module]]:
+    return [(p, ast.parse(p.read_text(), filename=str(p))) for p in sorted(PACKAGE.rglob("*.py"))]
+
+
+def _functions() -> list[tuple[str, ast.FunctionDef | ast.AsyncFunctionDef, bool]]:
+    """(where, function, public module-level function?) for every function of the package."""
+    out = []
+    for path, tree in _modules():
+        top = {id(n) for n in tree.body}
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                public = id(node) in top and not node.name.startswith("_") and not path.name.startswith("_")
+                out.append((f"{path.relative_to(ROOT)}:{node.lineno} {node.name}", node, public))
+    return out
+
+
+def _length(fn: ast.AST) -> int:
+    return fn.end_lineno - fn.lineno + 1
+
+
+def test_no_function_is_over_80_lines():
+    long = [(where, _length(fn)) for where, fn, _ in _functions() if _length(fn) > 80]
+    assert not long, f"functions over 80 lines (split them): {long}"
+
+
+def test_public_functions_are_short_drivers():
+    long = [(where, _length(fn)) for where, fn, public in _functions() if public and _length(fn) > 60]
+    assert not long, f"public functions over 60 lines (make them drivers of smaller steps): {long}"
+
+
+def test_no_package_internal_import_inside_a_function():
+    hidden = []
+    for where, fn, _ in _functions():
+        for node in ast.walk(fn):
+            if isinstance(node, ast.ImportFrom) and (node.level > 0 or (node.module or "").startswith("hyperflux_fx")):
+                hidden.append(f"{where}: from {node.module} import ...")
+            elif isinstance(node, ast.Import) and any(a.name.startswith("hyperflux_fx") for a in node.names):
+                hidden.append(f"{where}: import {node.names[0].name}")
+    assert not hidden, f"package-internal imports inside functions (move them to the top): {hidden}"
+
+
+def _lint_imports(cwd: Path, pythonpath: Path) -> subprocess.CompletedProcess[str]:
+    if not LINT_IMPORTS.exists():
+        pytest.fail(f"{LINT_IMPORTS} is missing: import-linter is pinned in the dev extra (make test installs it)")
+    env = dict(os.environ, PYTHONPATH=str(pythonpath))
+    return subprocess.run([str(LINT_IMPORTS), "--no-cache", "--no-logo", "pyproject.toml"], cwd=cwd, env=env,
+                          capture_output=True, text=True, check=False, timeout=300)
+
+
+def test_the_layer_contract_holds():
+    proc = _lint_imports(ROOT, ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "1 kept, 0 broken" in proc.stdout
+
+
+def test_an_upward_import_breaks_the_layer_contract(tmp_path):
+    shutil.copytree(PACKAGE, tmp_path / "hyperflux_fx", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    ops = tmp_path / "hyperflux_fx" / "ops.py"
+    ops.write_text(ops.read_text() + "\nfrom hyperflux_fx.passes import fold_masks  # noqa: E402  (upward)\n")
+    proc = _lint_imports(tmp_path, tmp_path)
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert "hyperflux_fx.ops -> hyperflux_fx.passes" in proc.stdout, proc.stdout
