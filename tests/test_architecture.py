@@ -80,3 +80,13 @@ def test_an_upward_import_breaks_the_layer_contract(tmp_path):
     proc = _lint_imports(tmp_path, tmp_path)
     assert proc.returncode != 0, proc.stdout + proc.stderr
     assert "hyperflux_fx.ops -> hyperflux_fx.passes" in proc.stdout, proc.stdout
+
+
+def test_the_printed_graphs_in_architecture_md_are_current():
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import render_architecture
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+    text = render_architecture.DOC.read_text()
+    assert render_architecture.render(text) == text, "stale: run python tools/render_architecture.py"
