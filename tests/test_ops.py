@@ -82,38 +82,35 @@ def test_weight_ops_share_one_entry_per_target():
         assert spec.kind in ("conv", "conv_transpose", "linear", "matmul", "mm")
 
 
-class _Conv(nn.Module):  # a conv module, then two functional convs: torch.conv2d's entry decides
-    def __init__(self) -> None:
+class _Three(nn.Module):
+    """A module ``pre`` that creates channels, then three weights ``w1``-``w3`` used by functional ops."""
+
+    def __init__(self, pre: nn.Module, *shapes: tuple[int, ...]) -> None:
         super().__init__()
-        self.pre = nn.Conv2d(3, 3, 1)
-        self.w1 = nn.Parameter(torch.randn(4, 3, 3, 3))
-        self.w2 = nn.Parameter(torch.randn(5, 4, 3, 3))
-        self.w3 = nn.Parameter(torch.randn(2, 5))
+        self.pre = pre
+        self.w1, self.w2, self.w3 = (nn.Parameter(torch.randn(*shape)) for shape in shapes)
+
+
+class _Conv(_Three):  # two functional convs and a head: torch.conv2d's entry decides
+    def __init__(self) -> None:
+        super().__init__(nn.Conv2d(3, 3, 1), (4, 3, 3, 3), (5, 4, 3, 3), (2, 5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.relu(torch.conv2d(F.relu(torch.conv2d(F.relu(self.pre(x)), self.w1, None, 1, 1)), self.w2, None, 1, 1))
         return F.linear(y.mean((2, 3)), self.w3)
 
 
-class _Linear(nn.Module):  # a linear module, then functional linears: F.linear's entry decides
+class _Linear(_Three):  # functional linears: F.linear's entry decides
     def __init__(self) -> None:
-        super().__init__()
-        self.pre = nn.Linear(4, 4)
-        self.w1 = nn.Parameter(torch.randn(6, 4))
-        self.w2 = nn.Parameter(torch.randn(5, 6))
-        self.w3 = nn.Parameter(torch.randn(2, 5))
+        super().__init__(nn.Linear(4, 4), (6, 4), (5, 6), (2, 5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(F.relu(F.linear(F.relu(F.linear(F.relu(self.pre(x)), self.w1)), self.w2)), self.w3)
 
 
-class _Matmul(nn.Module):  # a linear module, then x @ W: operator.matmul's entry decides
+class _Matmul(_Three):  # x @ W: operator.matmul's entry decides
     def __init__(self) -> None:
-        super().__init__()
-        self.pre = nn.Linear(4, 4)
-        self.w1 = nn.Parameter(torch.randn(4, 6))
-        self.w2 = nn.Parameter(torch.randn(6, 5))
-        self.w3 = nn.Parameter(torch.randn(2, 5))
+        super().__init__(nn.Linear(4, 4), (4, 6), (6, 5), (2, 5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(F.relu(F.relu(F.relu(self.pre(x)) @ self.w1) @ self.w2), self.w3)
