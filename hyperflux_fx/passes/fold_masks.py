@@ -57,9 +57,6 @@ __all__ = ["FoldConfig", "FoldGroup", "FoldReport", "fold_masks"]
 
 log = logging.getLogger(__name__)
 
-FOLD_META = FOLD_REPORT_META  # kept name
-
-
 @dataclass
 class FoldGroup:
     """What ``fold_masks`` did with one channel group."""

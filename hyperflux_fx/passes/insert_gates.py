@@ -56,12 +56,9 @@ from hyperflux_fx.passes._gate_report import ChannelGroupReport, GatedTensor, Ga
 from hyperflux_fx.passes._result import PassResult
 from hyperflux_fx.passes._weight_gates import insert_weight_gates
 
-__all__ = ["REPORT_META", "ChannelGroupReport", "GateReport", "GatedTensor", "SkippedItem", "insert_gates"]
+__all__ = ["ChannelGroupReport", "GateReport", "GatedTensor", "SkippedItem", "insert_gates"]
 
 log = logging.getLogger(__name__)
-
-REPORT_META = GATE_REPORT_META  # kept name: gm.meta key holding the GateReport
-
 
 def insert_gates(model_or_gm: nn.Module, config: GateConfig | None = None, *, example_inputs: Any = None,
                  inplace: bool = False, leaf_modules: tuple[type | str, ...] = (),

@@ -10,7 +10,7 @@ from models import ZOO, FunctionalOps, SharedWeight, StandardizedConv
 from torch import nn
 
 import hyperflux_fx as hf
-from hyperflux_fx.passes.insert_gates import REPORT_META
+from hyperflux_fx.ir import GATE_REPORT_META
 
 
 def _gated(name, config=None):
@@ -73,7 +73,7 @@ def test_every_parameter_is_gated_or_reported(name):
     assert len(skipped) == len(set(skipped)) and not gated & set(skipped)
     assert gated | set(skipped) == {n for n, _ in model.named_parameters()}
     assert all(s.reason for s in rep.skipped)
-    assert res.graph_module.meta[REPORT_META] is rep
+    assert res.graph_module.meta[GATE_REPORT_META] is rep
     res.graph_module.graph.lint()
 
 
