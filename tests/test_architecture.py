@@ -11,6 +11,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+import hyperflux_fx as hf
+from hyperflux_fx import ir
+from hyperflux_fx.analysis.attention import find_attention
+from hyperflux_fx.analysis.cost import count_params_and_macs, unit_costs
+from hyperflux_fx.analysis.coupling import analyze_channels, dead_units
+from hyperflux_fx.analysis.weights import find_weight_uses
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "hyperflux_fx"
@@ -90,3 +98,48 @@ def test_the_printed_graphs_in_architecture_md_are_current():
         sys.path.remove(str(ROOT / "tools"))
     text = render_architecture.DOC.read_text()
     assert render_architecture.render(text) == text, "stale: run python tools/render_architecture.py"
+
+
+def _docstrings(tree: ast.Module) -> set[int]:
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                out.add(id(first.value))
+    return out
+
+
+def test_every_gated_model_name_and_meta_key_comes_from_ir():
+    names = [v for k, v in vars(ir).items() if k.endswith(("_ATTR", "_META")) and isinstance(v, str)]
+    assert len(names) >= 11
+    spelled = []
+    for path, tree in _modules():
+        if path.name == "ir.py":
+            continue
+        docs = _docstrings(tree)
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs
+                    and any(node.value.startswith(n) for n in names)):
+                spelled.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.value!r}")
+    assert not spelled, f"attribute names / meta keys spelled outside ir.py (import them from there): {spelled}"
+
+
+def test_analysis_leaves_the_graph_as_it_found_it():
+    from models import FOLD_ZOO
+
+    build, inputs = FOLD_ZOO["residual_add"]
+    gated = hf.insert_gates(build().eval(), hf.GateConfig(granularity="hybrid", seed=0),
+                            example_inputs=inputs()).graph_module
+    code, nodes = gated.code, [(n.name, n.op, str(n.target), n.args) for n in gated.graph.nodes]
+    state = {k: v.clone() for k, v in gated.state_dict().items()}
+    coupling = analyze_channels(gated)
+    for group in coupling.groups():
+        unit_costs(gated, coupling, group)
+        dead_units(gated, coupling, group)
+    find_weight_uses(gated)
+    find_attention(gated)
+    count_params_and_macs(gated, inputs())
+    assert gated.code == code and [(n.name, n.op, str(n.target), n.args) for n in gated.graph.nodes] == nodes
+    assert all(torch.equal(v, state[k]) for k, v in gated.state_dict().items()) and set(state) == set(
+        gated.state_dict())

@@ -105,13 +105,11 @@ def _canonical_names(gm: fx.GraphModule) -> dict[int, str]:
 
 
 def _param_at(gm: fx.GraphModule, target: str) -> nn.Parameter | None:
-    owner_path, _, attr = target.rpartition(".")
+    """The parameter at a get_attr target (None for buffers, modules and missing targets)."""
     try:
-        owner = gm.get_submodule(owner_path) if owner_path else gm
+        return gm.get_parameter(target)
     except AttributeError:
         return None
-    value = getattr(owner, attr, None)
-    return value if isinstance(value, nn.Parameter) else None
 
 
 def find_weight_uses(gm: fx.GraphModule) -> WeightUses:

@@ -3,7 +3,7 @@
 :func:`trace` runs torch.fx symbolic tracing with gate modules and timm's no-trace layers as leaves.
 When tracing fails it finds the innermost submodule whose ``forward`` was running when the error
 was raised, makes that submodule a leaf and retries. Such submodules are *opaque*: they are listed in
-``gm.meta["hyperflux.opaque"]`` and gated at module level (their parameters are masked as a whole
+``gm.meta[OPAQUE_META]`` and gated at module level (their parameters are masked as a whole
 before the module runs), never inside. A model whose own ``forward`` cannot be traced raises
 :class:`TraceError`.
 """
@@ -138,7 +138,7 @@ def trace(model: nn.Module, example_inputs: Any = None, *, leaf_modules: Iterabl
         max_fallbacks: most submodules the fallback may turn into leaves before giving up.
 
     Returns:
-        The GraphModule; ``gm.meta["hyperflux.opaque"]`` lists modules made leaves by the fallback.
+        The GraphModule; ``gm.meta[OPAQUE_META]`` lists modules made leaves by the fallback.
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.

@@ -76,7 +76,7 @@ def insert_gates(model_or_gm: nn.Module, config: GateConfig | None = None, *, ex
 
     Returns:
         ``PassResult(graph_module, modified, report)``; the report is also in
-        ``graph_module.meta["hyperflux.gate_report"]``.
+        ``graph_module.meta[GATE_REPORT_META]``.
 
     Raises:
         TypeError: ``model_or_gm`` is not an ``nn.Module``.
