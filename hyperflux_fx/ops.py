@@ -23,6 +23,7 @@ Passes and analyses look ops up here (:func:`function_spec`, :func:`method_spec`
 from __future__ import annotations
 
 import enum
+import functools
 import math
 import operator
 from collections.abc import Callable
@@ -482,8 +483,14 @@ def method_spec(name: str) -> OpSpec | None:
 
 def module_spec(module: nn.Module) -> OpSpec | None:
     """The spec of a module: the first entry of :data:`MODULES` it matches (None: unknown)."""
+    return _type_spec(type(module))
+
+
+@functools.cache
+def _type_spec(cls: type) -> OpSpec | None:
+    # a module's entry depends on its type alone, and passes ask for it once per node and module
     for entry in MODULES:
-        if type(module) is entry.cls if entry.exact else isinstance(module, entry.cls):
+        if cls is entry.cls if entry.exact else issubclass(cls, entry.cls):
             return entry.spec
     return None
 

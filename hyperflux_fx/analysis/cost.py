@@ -84,7 +84,7 @@ def unit_costs(gm: fx.GraphModule, coupling: Coupling, group: Group) -> tuple[fl
     """(parameters, MACs) that one unit of ``group`` costs: its slice of every producer's weight
     and bias and of every consumer's weight, times the output positions for MACs (``gm`` must carry
     ``tensor_meta``)."""
-    params = dict(gm.named_parameters())
+    params = coupling.parameters
     nodes = {n.name: n for n in gm.graph.nodes}
     p_cost = m_cost = 0.0
     for sid in group.spaces:

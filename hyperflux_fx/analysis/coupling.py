@@ -140,6 +140,8 @@ class Coupling:
     revived: set[int] = field(default_factory=set)  # spaces whose zeros some op turns into non-zeros
     shape_args: list[ShapeArg] = field(default_factory=list)
     split_parents: dict[int, str] = field(default_factory=dict)  # space -> why it is deleted only through its heads
+    parameters: dict[str, torch.Tensor] = field(default_factory=dict)  # the graph module's, by (first) name
+    buffers: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def new_space(self, producer: Producer, size: int) -> int:
         sid = len(self.sizes)
@@ -236,7 +238,7 @@ def _weight_op(gm: fx.GraphModule, node: fx.Node, c: Coupling, labels: dict[fx.N
     if wt is None or out_shape is None or (bias is not None and bt is None):
         c.block(in_label, f"{kind} whose weight/bias is not a parameter: {node.format_node()}")
         return None
-    w = gm.get_parameter(wt) if wt in dict(gm.named_parameters()) else None
+    w = c.parameters.get(wt)
     if w is None:
         c.block(in_label, f"{kind} weight {wt} is not a parameter")
         return None
@@ -362,7 +364,7 @@ def _broadcast_operand(gm: fx.GraphModule, c: Coupling, node: fx.Node, lab: Labe
     t = _param_target(gm, src)
     if t is None or len(lab.segs) != 1 or lab.segs[0].expand != 1 or lab.segs[0].space is None:
         return False
-    p = gm.get_parameter(t) if t in dict(gm.named_parameters()) else dict(gm.named_buffers()).get(t)
+    p = c.parameters[t] if t in c.parameters else c.buffers.get(t)
     if p is None:
         return False
     big = [i for i, d in enumerate(p.shape) if d != 1]
@@ -737,7 +739,7 @@ def _module_weight(gm, node, c, labels, mod, path, kind):
 def analyze_channels(gm: fx.GraphModule) -> Coupling:
     """Propagate channel labels through ``gm`` (which must carry ``tensor_meta``, see
     :func:`hyperflux_fx.frontend.trace.propagate_shapes`) and return spaces, ties, consumers and blocks."""
-    c = Coupling()
+    c = Coupling(parameters=dict(gm.named_parameters()), buffers=dict(gm.named_buffers()))
     labels: dict[fx.Node, Label] = {}
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "get_attr"):
@@ -826,7 +828,7 @@ def label_keep(label: Label, keep: dict[int, torch.Tensor], group_of: dict[int, 
 def dead_units(gm: fx.GraphModule, c: Coupling, group: Group) -> torch.Tensor:
     """Units of ``group`` whose producer rows (and biases) are all exactly zero in every producer
     (a bool per unit): zeroed by weight masks alone. Heads own several rows each."""
-    params = dict(gm.named_parameters())
+    params = c.parameters
     dead = torch.ones(group.size, dtype=torch.bool)
     for sid in group.spaces:
         prod = c.producers[sid]
