@@ -71,8 +71,7 @@ def _why_not_gated(coupling: Coupling, group: Group) -> list[str]:
 def _add_gate(gm: fx.GraphModule, coupling: Coupling, group: Group, anchor: fx.Node, config: GateConfig,
               generator: torch.Generator | None) -> fx.Node:
     container = gate_container(gm)
-    p_cost, m_cost = unit_costs(gm, coupling, group)
-    cost = {"count": 1.0, "params": p_cost, "macs": m_cost}[config.cost]
+    cost = 1.0 if config.cost == "count" else unit_costs(gm, coupling, group)[("params", "macs").index(config.cost)]
     name = group_name(group)
     key = unique_key(name.replace(":", "_"), set(container.keys()))
     gate = ChannelGate(group.size, target=name, producers=tuple(group.producers), unit=group.unit, unit_cost=cost,

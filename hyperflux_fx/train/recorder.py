@@ -129,12 +129,13 @@ class Recorder:
         all_gates = gates(model)
         rec = IntervalRecord(**fields)
         self._measure(rec, all_gates, self._statistics(all_gates))
-        rec = IntervalRecord.from_dict(rec.to_dict())  # JSON-clean, as a resumed run reads it back
+        data = rec.to_dict()
+        rec = IntervalRecord.from_dict(data)  # JSON-clean, as a resumed run reads it back
         self.records.append(rec)
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(rec.to_dict()) + "\n")
+                fh.write(json.dumps(data) + "\n")
         return rec
 
     def _statistics(self, all_gates: list[Gate]) -> list[list[float]]:
