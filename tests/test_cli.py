@@ -9,6 +9,8 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
+import stat
 import subprocess
 import sys
 from html.parser import HTMLParser
@@ -46,10 +48,16 @@ def test_plan_json(capsys):
 @pytest.mark.parametrize("granularity", ["weight", "channel"])
 def test_end_to_end_on_digits(tmp_path, granularity):
     out = tmp_path / "run"
-    assert main([EXAMPLE, "--out", str(out), "--granularity", granularity, "--target-sparsity", "0.7", *FAST]) == 0
+    old_umask = os.umask(0o027)  # a restrictive umask: every output must follow it (0o640), none be 0o600
+    try:
+        assert main([EXAMPLE, "--out", str(out), "--granularity", granularity, "--target-sparsity", "0.7",
+                     *FAST]) == 0
+    finally:
+        os.umask(old_umask)
     for name in ("compact.onnx", "compact.pt", "summary.json", "metrics.jsonl", "report.html", "run.log",
                  "checkpoints/last.pt"):
         assert (out / name).exists(), name
+        assert stat.S_IMODE((out / name).stat().st_mode) == 0o640, name
     assert not out.with_name("run.partial").exists()
     s = json.loads((out / "summary.json").read_text())
     for field in ("source", "target_sparsity", "achieved_sparsity", "granularity", "dense_accuracy", "pruned_accuracy",

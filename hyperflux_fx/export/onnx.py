@@ -223,6 +223,7 @@ def export_onnx(gm: nn.Module, example_inputs: Any, path: str | Path, *, opset: 
     tmp = Path(tmp_name)
     try:
         onnx.save_model(model, str(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp made it 0600: follow the umask like every other output
         report.file_bytes = tmp.stat().st_size
         if check:
             _check(gm, tmp, inputs, dynamic_batch, rtol, atol, report)
@@ -232,6 +233,12 @@ def export_onnx(gm: nn.Module, example_inputs: Any, path: str | Path, *, opset: 
             tmp.unlink()
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
 
 
 def _run_exporter(gm: nn.Module, inputs: tuple[torch.Tensor, ...], opset: int, dynamic_batch: bool) -> Any:

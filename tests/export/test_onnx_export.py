@@ -6,6 +6,8 @@ ORT's fp32 kernels (fused Conv+BN, other blocking) round differently from PyTorc
 
 from __future__ import annotations
 
+import os
+import stat
 import warnings
 
 import numpy as np
@@ -128,3 +130,14 @@ def test_export_of_a_compact_model_raises_no_warning(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         hf.export_onnx(compact, x, tmp_path / "m.onnx")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_the_onnx_file_follows_the_umask(tmp_path, umask):
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3)).eval()
+    old = os.umask(umask)
+    try:
+        hf.export_onnx(model, torch.randn(2, 4), tmp_path / "m.onnx")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "m.onnx").stat().st_mode) == 0o666 & ~umask
