@@ -406,7 +406,7 @@ def _report_stage(job: _Job, summary: dict[str, Any], result: TrainResult, gated
     """[5/5] summary.json and report.html; OUT.partial becomes OUT."""
     _say(job.args, "[5/5] report")
     law = result.law.to_dict() if result.law is not None else None
-    summary["law"] = law
+    summary["law"], summary["law_note"] = law, result.law_note
     (job.partial / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     page = render_report(summary, result.history, gated.report.to_dict(), folded.report.to_dict(), law)
     (job.partial / "report.html").write_text(page, encoding="utf-8")

@@ -66,6 +66,7 @@ def test_end_to_end_on_digits(tmp_path, granularity):
                   "sparsity_before_landing", "controller_lookahead"):
         assert field in s and s[field] is not None, field
     assert abs(s["achieved_sparsity"] - 0.7) <= 0.005
+    assert s["law"] is None and s["law_note"].startswith("no law fitted")  # never a fit on a scheduled run
     assert 0.0 < s["sparsity_before_landing"] < 1.0 and s["controller_lookahead"] >= 1
     assert s["params_compact"] < s["params_dense"]
     assert s["onnx_parity_max_abs_diff"] < 1e-3

@@ -9,6 +9,8 @@ import io
 import math
 from typing import Any
 
+from hyperflux_fx.train.scheduler import equilibrium_points
+
 __all__ = ["figures", "render_report"]
 
 
@@ -100,16 +102,16 @@ def _layer_figure(plt: Any, history: list[Any]) -> list[tuple[str, str]]:
 
 
 def _law_figure(plt: Any, history: list[Any], law: dict[str, float] | None) -> list[tuple[str, str]]:
-    pts = [(r["gamma"], r["measured_density"]) for r in history if r["phase"] == "prune" and r["gamma"] > 0]
-    if not pts:
+    """The law over the run's equilibria (pressures held), only when one was fitted."""
+    if not law:
         return []
+    pts = equilibrium_points([(r["gamma"], r["measured_density"]) for r in history if r["phase"] == "prune"])
     fig, ax = plt.subplots(figsize=(5.0, 3.6))
-    ax.loglog(*zip(*pts, strict=True), "o", ms=4, label="(gamma, density) per interval")
-    if law:
-        gs = sorted(p[0] for p in pts)
-        grid = [gs[0] * (gs[-1] / gs[0]) ** (i / 50) for i in range(51)] if gs[-1] > gs[0] else gs
-        ax.loglog(grid, [law["c"] * math.exp(-(law["a0"] * math.log(g) + law["a1"] * math.log(g) ** 2))
-                         for g in grid], "-", label=f"fit: R²={law['r2']:.2f}")
+    ax.loglog(*zip(*pts, strict=True), "o", ms=4, label="equilibria (pressure held)")
+    gs = sorted(p[0] for p in pts)
+    grid = [gs[0] * (gs[-1] / gs[0]) ** (i / 50) for i in range(51)] if gs[-1] > gs[0] else gs
+    ax.loglog(grid, [law["c"] * math.exp(-(law["a0"] * math.log(g) + law["a1"] * math.log(g) ** 2))
+                     for g in grid], "-", label=f"fit: R²={law['r2']:.2f}")
     ax.set_xlabel("gamma")
     ax.set_ylabel("density")
     ax.legend(fontsize=7)

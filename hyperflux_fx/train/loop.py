@@ -69,7 +69,7 @@ from hyperflux_fx.train.recorder import IntervalRecord, Landing, Recorder
 from hyperflux_fx.train.scheduler import (
     PressureController,
     ScalingLaw,
-    fit_scaling_law,
+    fit_run_law,
     resolve_interval_steps,
     response_lag_intervals,
 )
@@ -92,7 +92,8 @@ class TrainResult:
     intervals: int = 0  # scheduler intervals completed
     seconds: float = 0.0  # wall time of this call
     completed: bool = True  # False when stopped early by max_intervals (resumable)
-    law: ScalingLaw | None = None  # pressure/density law fitted to this run's pruning phase
+    law: ScalingLaw | None = None  # pressure/density law, only when fitted on this run's equilibria (fit_run_law)
+    law_note: str = ""  # why there is no law, or what it was fitted on
     checkpoint: str | None = None  # path of the last checkpoint
     controller_lookahead: int = 0  # the look-ahead the pressure controller used (resolved when auto)
 
@@ -482,17 +483,12 @@ def _after_record(run: _Run, progress: _Progress, rec: IntervalRecord, bar: Any)
 
 def _result(run: _Run, progress: _Progress) -> TrainResult:
     final_density = density(run.gated, weighted=run.weighted)
-    law = None
-    pts = [(rec.gamma, rec.measured_density) for rec in run.recorder.records if rec.phase == "prune" and rec.gamma]
-    if len(pts) >= 3:
-        try:
-            law = fit_scaling_law([p[0] for p in pts], [p[1] for p in pts])
-        except (ValueError, FloatingPointError):
-            law = None
+    law, law_note = fit_run_law([(rec.gamma, rec.measured_density) for rec in run.recorder.records
+                                 if rec.phase == "prune"])
     ckpt = run.ckpt_path
     return TrainResult(density=final_density, sparsity=1.0 - final_density, target_sparsity=run.cfg.target_sparsity,
                        val_accuracy=progress.val_acc, history=list(run.recorder.records), steps=progress.step,
                        intervals=progress.intervals, seconds=time.perf_counter() - run.t_start,
-                       completed=not progress.stopped_early, law=law,
+                       completed=not progress.stopped_early, law=law, law_note=law_note,
                        checkpoint=str(ckpt) if ckpt is not None and ckpt.exists() else None,
                        controller_lookahead=run.controller.lookahead)

@@ -16,7 +16,9 @@ __all__ = [
     "PressureController",
     "ScalingLaw",
     "decay_factor",
+    "equilibrium_points",
     "find_d0",
+    "fit_run_law",
     "fit_scaling_law",
     "planned_remaining",
     "resolve_interval_steps",
@@ -232,3 +234,45 @@ def fit_scaling_law(gammas: Sequence[float], remaining: Sequence[float], *, quad
     r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else 1.0
     return ScalingLaw(c=float(math.exp(coef[0])), a0=float(coef[1]), a1=float(coef[2]) if quadratic else 0.0,
                       r2=r2, n_points=len(pts))
+
+
+LAW_MIN_HOLD = 3  # intervals at one gamma before the density at the end of the hold counts as an equilibrium
+LAW_MIN_POINTS = 5  # equilibria needed before a law is fitted
+LAW_MIN_R2 = 0.9  # a fit below this is not shown
+
+
+def equilibrium_points(points: Sequence[tuple[float, float]], *, min_hold: int = LAW_MIN_HOLD,
+                       ) -> list[tuple[float, float]]:
+    """``(gamma, density)`` at the end of every run of at least ``min_hold`` consecutive intervals held
+    at one gamma > 0, from a run's per-interval ``(gamma used, density at the interval's end)``.
+
+    The law describes the density a pressure converges to; a scheduled run changes gamma every
+    interval, so its points are not on the law unless the pressure was held.
+    """
+    out: list[tuple[float, float]] = []
+    i = 0
+    while i < len(points):
+        j = i
+        while j + 1 < len(points) and points[j + 1][0] == points[i][0]:
+            j += 1
+        if points[i][0] > 0 and j - i + 1 >= min_hold:
+            out.append(points[j])
+        i = j + 1
+    return out
+
+
+def fit_run_law(points: Sequence[tuple[float, float]]) -> tuple[ScalingLaw | None, str]:
+    """The scaling law of a run, only when it is fitted on equilibria and passes the validity check
+    (at least ``LAW_MIN_POINTS`` equilibria, R² >= ``LAW_MIN_R2``); else None. The note says which."""
+    eq = equilibrium_points(points)
+    if len(eq) < LAW_MIN_POINTS:
+        return None, (f"no law fitted: the run never held a pressure long enough ({len(eq)} equilibria of "
+                      f"{LAW_MIN_HOLD}+ intervals at one gamma; {LAW_MIN_POINTS} needed); tools/bench_law.py "
+                      "measures the law at fixed pressures")
+    try:
+        law = fit_scaling_law([g for g, _ in eq], [d for _, d in eq])
+    except (ValueError, FloatingPointError) as exc:
+        return None, f"no law fitted: {exc}"
+    if law.r2 < LAW_MIN_R2:
+        return None, f"no law fitted: R² {law.r2:.2f} on {law.n_points} equilibria is below {LAW_MIN_R2}"
+    return law, f"fitted on {law.n_points} equilibria, R² {law.r2:.3f}"

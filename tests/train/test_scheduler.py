@@ -12,7 +12,9 @@ from hypothesis import strategies as st
 from hyperflux_fx.train.scheduler import (
     PressureController,
     decay_factor,
+    equilibrium_points,
     find_d0,
+    fit_run_law,
     fit_scaling_law,
     planned_remaining,
     resolve_interval_steps,
@@ -163,3 +165,33 @@ def test_scaling_law_fit_recovers_known_constants():
     assert power.a0 == pytest.approx(0.5) and power.a1 == 0.0
     with pytest.raises(ValueError, match="at least 3"):
         fit_scaling_law([1.0, 2.0], [0.5, 0.3])
+
+
+def _law(g: float) -> float:
+    return 0.02 * math.exp(-(0.7 * math.log(g) - 0.04 * math.log(g) ** 2))
+
+
+def test_a_run_law_is_fitted_on_held_pressures_only():
+    held = []  # 6 pressures held 4 intervals each: the density approaches the law, the last point is on it
+    for g in (0.125, 0.25, 0.5, 1.0, 2.0, 4.0):
+        held += [(g, _law(g) * (1 + 0.5 / k)) for k in (1, 2, 4)] + [(g, _law(g))]
+    assert [p for p in equilibrium_points(held)] == [(g, _law(g)) for g in (0.125, 0.25, 0.5, 1.0, 2.0, 4.0)]
+    law, note = fit_run_law(held)
+    assert law is not None and law.r2 > 0.999 and law.n_points == 6 and "6 equilibria" in note
+    assert law.a0 == pytest.approx(0.7, abs=1e-6)
+    # a scheduled run: gamma changes every interval, so no point is an equilibrium and no law is shown
+    scheduled = [(0.1 * (1 + i % 7), _law(0.1 * (1 + i % 7)) * (1.3 if i % 2 else 0.8)) for i in range(40)]
+    law, note = fit_run_law(scheduled)
+    assert law is None and note.startswith("no law fitted: the run never held a pressure long enough")
+    # holds too short (2 intervals), gamma 0 (warm-up), or too few equilibria: none
+    assert equilibrium_points([(1.0, 0.5), (1.0, 0.4), (0.0, 1.0)] * 3) == []
+    assert fit_run_law(held[:16])[0] is None  # 4 equilibria < 5
+
+
+def test_a_poor_fit_on_equilibria_is_not_shown():
+    noisy = []
+    for i, g in enumerate((0.125, 0.25, 0.5, 1.0, 2.0, 4.0)):
+        noisy += [(g, 0.5)] * 2 + [(g, 0.05 if i % 2 else 0.5)]  # density jumps, not a law
+    law, note = fit_run_law(noisy)
+    assert law is None and "below 0.9" in note
+

@@ -111,6 +111,7 @@ def test_train_lands_on_target_and_records_every_interval(tmp_path):
                 "flux_pruned_mean", "flux_survivors_min"):
         assert key in rec
     assert res.val_accuracy is not None and res.val_accuracy > 0.5
+    assert res.law is None and res.law_note.startswith("no law fitted")  # a scheduled run has no equilibria
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == res.intervals and json.loads(lines[-1])["interval"] == res.intervals
     ckpt = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
