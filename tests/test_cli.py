@@ -147,16 +147,24 @@ BAD_FILES = {
      "cifar-10-batches-py"),
     ([EXAMPLE, "--data", "imagenet"], "unknown dataset"),
     (["timm:resnet_18"], "did you mean"),
+    # the argument parser's own paths
+    ([EXAMPLE, "--input-shape", "2,x,y"], "not a shape"),
+    ([EXAMPLE, "--input-shape", "2,0,8,8"], "positive integers"),
+    ([EXAMPLE, "--granularity", "block"], "invalid choice: 'block'"),
+    ([EXAMPLE, "--regrowth-epochs", "-1"], "--regrowth-epochs must be >= 0"),
+    ([EXAMPLE, "--batch-size", "0"], "--batch-size must be positive"),
+    ([EXAMPLE, "--target", "params"], "needs --granularity channel or hybrid"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, args, match):
     for name, (text, _) in BAD_FILES.items():
         (tmp_path / name).write_text(text)
     args = [str(tmp_path / a[5:]) if a.startswith("FILE:") else a for a in args]
     out = tmp_path / "out"
-    assert main([*args, "--out", str(out), *FAST]) == 2
+    assert main(["--out", str(out), *FAST, *args]) == 2  # the case's own flags come last and win
     err = capsys.readouterr().err.strip()
     assert err.startswith("hyperflux-compile: error:") and match in err and "\n" not in err, err
-    assert not out.exists() and not out.with_name("out.partial").exists()
+    left = sorted(p.name for p in tmp_path.iterdir() if p.name not in BAD_FILES)
+    assert not left, f"left in the parent directory: {left}"  # nothing written anywhere beside --out either
 
 
 def test_existing_out_needs_resume_or_force(tmp_path, capsys):
