@@ -124,6 +124,25 @@ def test_resume_after_an_interrupted_run(tmp_path):
     assert [r["interval"] for r in records] == list(range(1, len(records) + 1))
 
 
+def test_resume_after_the_landing_gives_the_uninterrupted_result(tmp_path):
+    full = tmp_path / "full"
+    assert main([EXAMPLE, "--out", str(full), *FAST]) == 0
+    records = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
+    landed = next(r["interval"] for r in records if r["landing"])
+    assert landed < len(records)  # there are intervals after the landing to interrupt
+    out = tmp_path / "resumed"
+    assert main([EXAMPLE, "--out", str(out), "--max-intervals", str(landed + 1), *FAST]) == 0
+    ckpt = torch.load(out.with_name("resumed.partial") / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["frozen"] and ckpt["intervals"] == landed + 1
+    assert main([EXAMPLE, "--out", str(out), "--resume", *FAST]) == 0
+    timing = {"wall_seconds", "ort_latency_ms_dense", "ort_latency_ms_compact"}
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (full, out))
+    assert {k: v for k, v in a.items() if k not in timing} == {k: v for k, v in b.items() if k not in timing}
+    ca, cb = (torch.load(d / "compact.pt", weights_only=True) for d in (full, out))
+    assert ca["code"] == cb["code"] and ca["state_dict"].keys() == cb["state_dict"].keys()
+    assert all(torch.equal(ca["state_dict"][k], cb["state_dict"][k]) for k in ca["state_dict"])
+
+
 BAD_FILES = {
     "syntax.py": ("def build_model(:\n", "syntax error"),
     "nobuild.py": ("x = 1\n", "build_model"),
