@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import shutil
 import sys
@@ -40,6 +39,7 @@ from hyperflux_fx.frontend.sources import LoadedModel, SourceError, load_source
 from hyperflux_fx.frontend.trace import ExampleInputError, TraceError, trace
 from hyperflux_fx.passes import PassResult, fold_masks, insert_gates
 from hyperflux_fx.report.html import render_report
+from hyperflux_fx.report.summary import asked_and_got, headline, slower_note
 from hyperflux_fx.train.dense import train_dense
 from hyperflux_fx.train.distributed import TrainingError
 from hyperflux_fx.train.evaluate import evaluate
@@ -418,20 +418,16 @@ def _report_stage(job: _Job, summary: dict[str, Any], result: TrainResult, gated
 
 
 def _print_summary(summary: dict[str, Any], out: Path) -> None:
-    def fmt(v: Any) -> str:
-        if isinstance(v, float):
-            return f"{v:.4g}" if not math.isnan(v) else "nan"
-        if isinstance(v, int):
-            return f"{v:,}"
-        return str(v)
-
-    keys = ["achieved_sparsity", "sparsity_before_landing", "dense_accuracy", "pruned_accuracy", "compact_accuracy",
-            "params_dense", "params_compact", "macs_dense", "macs_compact", "onnx_parity_max_abs_diff",
-            "ort_latency_ms_dense", "ort_latency_ms_compact", "wall_seconds"]
-    width = max(len(k) for k in keys)
+    rows = asked_and_got(summary)
+    width = max(len(what) for what, _, _ in rows)
+    print(f"\n  {headline(summary)}.")
+    if (warning := slower_note(summary)) is not None:
+        print(f"  WARNING: {warning}")
     print()
-    for k in keys:
-        print(f"  {k:<{width}}  {fmt(summary.get(k))}")
+    for what, asked, got in rows:
+        print(f"  {what:<{width}}  {got}" + (f"   (asked: {asked})" if asked != "-" else ""))
+    if summary.get("law_note"):
+        print(f"  {summary['law_note']}")
     print(f"\n  written to {out}/ (compact.onnx, compact.pt, summary.json, metrics.jsonl, report.html, run.log)")
 
 

@@ -9,6 +9,7 @@ import io
 import math
 from typing import Any
 
+from hyperflux_fx.report.summary import asked_and_got, fmt, headline, slower_note
 from hyperflux_fx.train.scheduler import equilibrium_points
 
 __all__ = ["figures", "render_report"]
@@ -36,7 +37,7 @@ def figures(history: list[Any], summary: dict[str, Any], fold_groups: list[dict[
     if history:
         out += [_density_figure(plt, history), _pressure_figure(plt, history), _flips_figure(plt, history)]
         out += _layer_figure(plt, history) + _law_figure(plt, history, law)
-    if fold_groups:
+    if any(g["deleted"] > 0 for g in fold_groups):  # only where something was deleted
         out.append(_fold_figure(plt, fold_groups))
     if summary.get("ort_latency_ms_dense") and summary.get("ort_latency_ms_compact"):
         fig, ax = plt.subplots(figsize=(4.0, 3.0))
@@ -147,7 +148,7 @@ def render_report(summary: dict[str, Any], history: list[Any], gate_report: dict
     figs = figures(history, summary, (fold_report or {}).get("groups", []), law)
     fig_html = "".join(f"<figure><img alt='{html.escape(t)}' src='data:image/png;base64,{b}'/>"
                        f"<figcaption>{html.escape(t)}</figcaption></figure>" for t, b in figs)
-    summary_rows = [[k, v] for k, v in summary.items()]
+    summary_rows = [[k, fmt(v)] for k, v in summary.items()]
     gated_rows = [[g["name"], "x".join(map(str, g["shape"])), g["numel"], g["level"]] for g in gate_report["gated"]]
     group_rows = [[g["name"], g["size"], "yes" if g["gated"] else "no", "; ".join(g["blocked"])[:200]]
                   for g in gate_report.get("channel_groups", [])]
@@ -158,18 +159,26 @@ def render_report(summary: dict[str, Any], history: list[Any], gate_report: dict
              "table{border-collapse:collapse;margin:0.5em 0 1.5em;font-size:13px}"
              "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}th{background:#f3f3f3}"
              "figure{display:inline-block;margin:0.5em;vertical-align:top}figcaption{font-size:12px;color:#555}"
-             "img{max-width:520px;border:1px solid #eee}")
+             "img{max-width:520px;border:1px solid #eee}.headline{font-size:1.3em;font-weight:bold}"
+             ".warning{color:#a00;font-weight:bold}")
+    warning = slower_note(summary)
     sections = [
         f"<h1>hyperflux-compile: {html.escape(str(summary.get('source', '')))}</h1>",
-        "<h2>Summary</h2>", _table(["field", "value"], summary_rows),
+        f"<p class='headline'>{html.escape(headline(summary))}.</p>",
+        f"<p class='warning'>{html.escape(warning)}</p>" if warning else "",
+        "<h2>What you asked, what you got</h2>",
+        _table(["", "asked", "got"], [list(row) for row in asked_and_got(summary)]),
+        f"<p>{html.escape(str(summary.get('law_note', '')))}</p>" if summary.get("law_note") else "",
         "<h2>Figures</h2>", fig_html or "<p>(no figures)</p>",
-        "<h2>Gated tensors</h2>", _table(["tensor", "shape", "elements", "level"], gated_rows),
     ]
+    if gated_rows:  # weight/hybrid granularity
+        sections += ["<h2>Gated tensors</h2>", _table(["tensor", "shape", "elements", "level"], gated_rows)]
     if group_rows:
         sections += ["<h2>Channel groups</h2>", _table(["group", "size", "gated", "why not"], group_rows)]
     sections += ["<h2>Skipped parameters and ops</h2>", _table(["name", "kind", "reason"], skipped_rows)]
     if fold_report is not None:
         sections += ["<h2>Folding</h2>",
                      _table(["group", "before", "after", "closed", "deleted", "note"], fold_rows)]
+    sections += ["<h2>All summary fields</h2>", _table(["field", "value"], summary_rows)]
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>hyperflux report</title>"
             f"<style>{style}</style></head><body>{''.join(sections)}</body></html>")

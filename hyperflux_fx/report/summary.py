@@ -1,0 +1,94 @@
+"""What a person reads first: a one-sentence headline and "what you asked, what you got", from a
+run's summary.json fields, with units and sensible precision. Used by report.html and the CLI."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+__all__ = ["asked_and_got", "fmt", "headline", "slower_note", "speedup"]
+
+
+def fmt(value: Any) -> str:
+    """A field value for people: 4 significant digits, thousands separators, no float noise."""
+    if isinstance(value, bool) or value is None:
+        return "-" if value is None else ("yes" if value else "no")
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4g}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {fmt(v)}" for k, v in value.items())
+    return str(value)
+
+
+def speedup(s: dict[str, Any]) -> float | None:
+    """Measured ONNX Runtime speed-up of the compact model (None without export)."""
+    dense, compact = s.get("ort_latency_ms_dense"), s.get("ort_latency_ms_compact")
+    return dense / compact if dense and compact else None
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def headline(s: dict[str, Any]) -> str:
+    """One sentence: speed, size and accuracy of the compact model against the dense one."""
+    parts = []
+    x = speedup(s)
+    if x is not None:
+        if x >= 1.05:
+            parts.append(f"{x:.1f}x faster in ONNX Runtime")
+        elif x > 0.95:
+            parts.append(f"as fast as the dense model in ONNX Runtime ({x:.2f}x)")
+        else:
+            parts.append(f"SLOWER than the dense model in ONNX Runtime ({x:.2f}x)")
+    if s.get("params_dense") and s.get("params_compact"):
+        kept = s["params_dense"] / s["params_compact"]
+        stored = s["params_dense"] / s.get("params_compact_stored", s["params_dense"])
+        parts.append(f"{kept:.1f}x fewer parameters" + ("" if stored > 1.05 else " (as zeros: stored dense)"))
+    if s.get("dense_accuracy") is not None and s.get("compact_accuracy") is not None:
+        parts.append(f"accuracy {_pct(s['dense_accuracy'])} → {_pct(s['compact_accuracy'])}")
+    text = ", ".join(parts)
+    return text[:1].upper() + text[1:] if text else "No figures"
+
+
+def slower_note(s: dict[str, Any]) -> str | None:
+    """Plain words when the compact model is not faster than the dense one, with the likely cause."""
+    x = speedup(s)
+    if x is None or x >= 0.95:  # within 5% is run-to-run noise of a latency median (the headline says "as fast")
+        return None
+    if s.get("granularity") == "weight":
+        cause = ("weight granularity removes single weights: the zeros stay in dense kernels, so nothing runs "
+                 "faster (use --granularity channel)")
+    else:
+        cause = ("channel counts that are not multiples of ONNX Runtime's blocked-kernel width fall back to "
+                 "slower kernels (try --round-to 8)")
+    return f"The compact model is slower than the dense one ({x:.2f}x). Likely cause: {cause}."
+
+
+def asked_and_got(s: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """Rows (what, asked, got) for the figures a user checks first."""
+    measure = {"count": "of the gated units", "params": "of the gated parameters",
+               "macs": "of the gated MACs"}.get(s.get("target_measure", "count"), "")
+    got = _pct(s.get("achieved_sparsity"))
+    if s.get("sparsity_before_landing") is not None:
+        got += f" (the dynamics alone: {_pct(s['sparsity_before_landing'])})"
+    rows = [("sparsity", f"{_pct(s.get('target_sparsity'))} {measure}, {s.get('granularity', '')} gates", got),
+            ("accuracy", "-", f"{_pct(s.get('dense_accuracy'))} dense → "
+                                              f"{_pct(s.get('pruned_accuracy'))} pruned → "
+                                              f"{_pct(s.get('compact_accuracy'))} compact")]
+    if s.get("params_dense"):
+        rows.append(("parameters", "-", f"{fmt(s['params_dense'])} → {fmt(s.get('params_compact'))} non-zero, "
+                                        f"{fmt(s.get('params_compact_stored'))} stored"))
+    if s.get("macs_dense"):
+        ratio = s["macs_dense"] / max(s.get("macs_compact") or 1, 1)
+        rows.append(("MACs", "-", f"{fmt(s['macs_dense'])} → {fmt(s.get('macs_compact'))} ({ratio:.2f}x fewer)"))
+    x = speedup(s)
+    if x is not None:
+        rows.append((f"ONNX Runtime latency, batch {s.get('latency_batch', '?')}", "-",
+                     f"{s['ort_latency_ms_dense']:.3f} ms → {s['ort_latency_ms_compact']:.3f} ms ({x:.2f}x)"))
+        rows.append(("ONNX parity (max |Δ|)", "≤ 1e-5 + 1e-4 × output spread", fmt(s.get("onnx_parity_max_abs_diff"))))
+    if s.get("wall_seconds") is not None:
+        rows.append(("wall time", "-", f"{s['wall_seconds']:.0f} s"))
+    return rows
