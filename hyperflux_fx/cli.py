@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from hyperflux_fx.analysis.cost import count_params_and_macs
 from hyperflux_fx.config import FoldConfig, GateConfig, TrainConfig
-from hyperflux_fx.export.latency import measure_latency
+from hyperflux_fx.export.latency import compare_latency
 from hyperflux_fx.export.onnx import ExportCheckError, ExportError, export_onnx
 from hyperflux_fx.frontend.data import DataError, resolve_datasets
 from hyperflux_fx.frontend.sources import LoadedModel, SourceError, load_source
@@ -384,11 +384,10 @@ def _export_stage(job: _Job, compact: Any, summary: dict[str, Any]) -> int | Non
     inputs = job.inputs
     try:
         rep = export_onnx(compact, inputs, job.partial / "compact.onnx")
+        batch = int(inputs[0].shape[0])
         with tempfile.TemporaryDirectory() as tmp:
             export_onnx(job.loaded.model.eval(), inputs, Path(tmp) / "dense.onnx")
-            batch = int(inputs[0].shape[0])
-            lat_d = measure_latency(Path(tmp) / "dense.onnx", batch_sizes=(batch,), repeats=10)[batch]
-        lat_c = measure_latency(job.partial / "compact.onnx", batch_sizes=(batch,), repeats=10)[batch]
+            lat_d, lat_c = compare_latency([Path(tmp) / "dense.onnx", job.partial / "compact.onnx"], batch=batch)
     except (ExportError, ExportCheckError) as exc:
         return _fail(f"export failed: {exc}", code=1)
     summary.update(onnx_parity_max_abs_diff=rep.max_abs_diff, ort_latency_ms_dense=lat_d["median_ms"],

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hyperflux_fx.export.latency import measure_latency
+from hyperflux_fx.export.latency import compare_latency, measure_latency
 from hyperflux_fx.export.onnx import ExportCheckError, ExportError, ExportReport, export_onnx
 
-__all__ = ["ExportCheckError", "ExportError", "ExportReport", "export_onnx", "measure_latency"]
+__all__ = ["ExportCheckError", "ExportError", "ExportReport", "compare_latency", "export_onnx", "measure_latency"]

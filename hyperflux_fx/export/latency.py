@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["measure_latency", "session"]
+__all__ = ["compare_latency", "measure_latency", "session"]
 
 
 def session(path: str, threads: int = 1, optimize: bool = True) -> Any:
@@ -27,31 +27,55 @@ def session(path: str, threads: int = 1, optimize: bool = True) -> Any:
     return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
 
 
+def _feeds(sess: Any, batch: int) -> dict[str, Any]:
+    """Random inputs with the file's shapes, dim 0 set to ``batch``."""
+    feeds = {}
+    for i in sess.get_inputs():
+        shape = [batch if k == 0 else (d if isinstance(d, int) else 1) for k, d in enumerate(i.shape)]
+        dtype = {"tensor(float)": torch.float32, "tensor(int64)": torch.int64}.get(i.type, torch.float32)
+        t = torch.randn(shape) if dtype == torch.float32 else torch.zeros(shape, dtype=dtype)
+        feeds[i.name] = t.numpy()
+    return feeds
+
+
+def _time_ms(sess: Any, feeds: dict[str, Any]) -> float:
+    t0 = time.perf_counter()
+    sess.run(None, feeds)
+    return (time.perf_counter() - t0) * 1000
+
+
+def _stats(times: list[float]) -> dict[str, float]:
+    times = sorted(times)
+    p90 = times[min(len(times) - 1, math.ceil(0.9 * len(times)) - 1)]
+    return {"median_ms": statistics.median(times), "p90_ms": p90}
+
+
 def measure_latency(onnx_path: str | Path, *, batch_sizes: tuple[int, ...] = (1, 64), threads: int = 1,
                     warmup: int = 5, repeats: int = 20) -> dict[int, dict[str, float]]:
     """Median and p90 latency (ms) of ONNX Runtime (CPU) per batch size, fixed session options
     (``threads`` intra-op threads, 1 inter-op, sequential, all graph optimisations). Inputs are
     random with the file's shapes (dim 0 set to the batch size)."""
     sess = session(str(onnx_path), threads=threads)
-    feeds_by_batch = {}
-    for b in batch_sizes:
-        feeds = {}
-        for i in sess.get_inputs():
-            shape = [b if k == 0 else (d if isinstance(d, int) else 1) for k, d in enumerate(i.shape)]
-            dtype = {"tensor(float)": torch.float32, "tensor(int64)": torch.int64}.get(i.type, torch.float32)
-            t = torch.randn(shape) if dtype == torch.float32 else torch.zeros(shape, dtype=dtype)
-            feeds[i.name] = t.numpy()
-        feeds_by_batch[b] = feeds
     out: dict[int, dict[str, float]] = {}
-    for b, feeds in feeds_by_batch.items():
+    for b in batch_sizes:
+        feeds = _feeds(sess, b)
         for _ in range(warmup):
             sess.run(None, feeds)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            sess.run(None, feeds)
-            times.append((time.perf_counter() - t0) * 1000)
-        times.sort()
-        p90 = times[min(len(times) - 1, math.ceil(0.9 * len(times)) - 1)]
-        out[b] = {"median_ms": statistics.median(times), "p90_ms": p90}
+        out[b] = _stats([_time_ms(sess, feeds) for _ in range(repeats)])
     return out
+
+
+def compare_latency(paths: list[str | Path], *, batch: int, threads: int = 1, warmup: int = 10,
+                    repeats: int = 60) -> list[dict[str, float]]:
+    """Median and p90 latency (ms) of several ONNX files measured side by side: the runs alternate
+    file by file, so a slow spell of the machine falls on all of them alike (what a speed-up needs)."""
+    sessions = [session(str(p), threads=threads) for p in paths]
+    feeds = [_feeds(sess, batch) for sess in sessions]
+    for sess, f in zip(sessions, feeds, strict=True):
+        for _ in range(warmup):
+            sess.run(None, f)
+    times: list[list[float]] = [[] for _ in sessions]
+    for _ in range(repeats):
+        for k, (sess, f) in enumerate(zip(sessions, feeds, strict=True)):
+            times[k].append(_time_ms(sess, f))
+    return [_stats(t) for t in times]

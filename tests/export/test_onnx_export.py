@@ -165,3 +165,15 @@ def test_parity_is_judged_on_the_input_dependent_part(tmp_path):
     with pytest.raises(hf.ExportCheckError, match="differs"):
         hf.export_onnx(_BiasHidesError().eval(), torch.randn(2, 4), tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_compare_latency_measures_files_side_by_side(tmp_path):
+    from hyperflux_fx.export import compare_latency
+
+    small, big = nn.Sequential(nn.Linear(8, 8)).eval(), nn.Sequential(nn.Linear(64, 8192), nn.Linear(8192, 8)).eval()
+    hf.export_onnx(small, torch.randn(2, 8), tmp_path / "small.onnx")
+    hf.export_onnx(big, torch.randn(2, 64), tmp_path / "big.onnx")
+    a, b, a2 = compare_latency([tmp_path / "small.onnx", tmp_path / "big.onnx", tmp_path / "small.onnx"], batch=4,
+                               repeats=20)
+    assert all(0 < r["median_ms"] <= r["p90_ms"] for r in (a, b, a2))
+    assert b["median_ms"] > 3 * max(a["median_ms"], a2["median_ms"])  # ~600k MACs per sample against 64
