@@ -44,9 +44,9 @@ def headline(s: dict[str, Any]) -> str:
         else:
             parts.append(f"SLOWER than the dense model in ONNX Runtime ({x:.2f}x)")
     if s.get("params_dense") and s.get("params_compact"):
-        kept = s["params_dense"] / s["params_compact"]
-        stored = s["params_dense"] / s.get("params_compact_stored", s["params_dense"])
-        parts.append(f"{kept:.1f}x fewer parameters" + ("" if stored > 1.05 else " (as zeros: stored dense)"))
+        parts.append(f"{s['params_dense'] / s['params_compact']:.1f}x fewer parameters")
+    if s.get("onnx_file_bytes") and s.get("onnx_file_bytes_dense"):
+        parts.append(f"{s['onnx_file_bytes_dense'] / s['onnx_file_bytes']:.1f}x smaller ONNX file")
     if s.get("dense_accuracy") is not None and s.get("compact_accuracy") is not None:
         parts.append(f"accuracy {_pct(s['dense_accuracy'])} → {_pct(s['compact_accuracy'])}")
     text = ", ".join(parts)
@@ -81,6 +81,10 @@ def asked_and_got(s: dict[str, Any]) -> list[tuple[str, str, str]]:
     if s.get("params_dense"):
         rows.append(("parameters", "-", f"{fmt(s['params_dense'])} → {fmt(s.get('params_compact'))} non-zero, "
                                         f"{fmt(s.get('params_compact_stored'))} stored"))
+    if s.get("onnx_file_bytes") and s.get("onnx_file_bytes_dense"):
+        sparse = s.get("onnx_sparse_initializers")
+        sizes = f"{s['onnx_file_bytes_dense'] / 1e6:.2f} MB → {s['onnx_file_bytes'] / 1e6:.2f} MB"
+        rows.append(("ONNX file", "-", sizes + (f" ({sparse} tensors stored sparse)" if sparse else "")))
     if s.get("macs_dense"):
         ratio = s["macs_dense"] / max(s.get("macs_compact") or 1, 1)
         rows.append(("MACs", "-", f"{fmt(s['macs_dense'])} → {fmt(s.get('macs_compact'))} ({ratio:.2f}x fewer)"))
