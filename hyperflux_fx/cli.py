@@ -39,7 +39,7 @@ from hyperflux_fx.frontend.sources import LoadedModel, SourceError, load_source
 from hyperflux_fx.frontend.trace import ExampleInputError, TraceError, trace
 from hyperflux_fx.passes import PassResult, fold_masks, insert_gates
 from hyperflux_fx.report.html import render_report
-from hyperflux_fx.report.summary import asked_and_got, headline, slower_note, speedup
+from hyperflux_fx.report.summary import FASTER, asked_and_got, headline, slower_note, speedup
 from hyperflux_fx.train.dense import train_dense
 from hyperflux_fx.train.distributed import TrainingError
 from hyperflux_fx.train.evaluate import evaluate
@@ -397,8 +397,8 @@ def _export_stage(job: _Job, compact: Any, summary: dict[str, Any]) -> int | Non
                    ort_latency_ms_compact=lat_c["median_ms"], onnx_file_bytes=rep.file_bytes,
                    onnx_file_bytes_dense=dense.file_bytes, onnx_sparse_initializers=len(rep.sparse_initializers),
                    latency_batch=batch)
-    summary.update(speedup=speedup(summary), faster_than_dense=speedup(summary) >= 1.05,
-                   latency_note=slower_note(summary))
+    x = speedup(summary)
+    summary.update(speedup=x, faster_than_dense=x >= FASTER, latency_note=slower_note(summary))
     return None
 
 

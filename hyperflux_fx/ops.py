@@ -45,6 +45,7 @@ __all__ = [
     "OpKind",
     "OpSpec",
     "WeightSlot",
+    "call_spec",
     "function_spec",
     "functional_module_call",
     "gateable_module_weights",
@@ -495,25 +496,25 @@ def _type_spec(cls: type) -> OpSpec | None:
     return None
 
 
-def node_spec(gm: fx.GraphModule, node: fx.Node) -> OpSpec | None:
-    """The spec of a call node of ``gm`` (None for placeholders, get_attr, output and unknown ops)."""
+def call_spec(node: fx.Node) -> OpSpec | None:
+    """The spec of a call_function / call_method node (None for every other node and unknown ops)."""
     if node.op == "call_function":
         return function_spec(node.target)
     if node.op == "call_method":
         return method_spec(str(node.target))
+    return None
+
+
+def node_spec(gm: fx.GraphModule, node: fx.Node) -> OpSpec | None:
+    """The spec of a call node of ``gm`` (None for placeholders, get_attr, output and unknown ops)."""
     if node.op == "call_module":
         return module_spec(gm.get_submodule(str(node.target)))
-    return None
+    return call_spec(node)
 
 
 def weight_slots(node: fx.Node) -> tuple[WeightSlot, ...]:
     """Weight slots of a call_function / call_method node (empty when the op has none)."""
-    if node.op == "call_function":
-        spec = function_spec(node.target)
-    elif node.op == "call_method":
-        spec = method_spec(str(node.target))
-    else:
-        spec = None
+    spec = call_spec(node)
     return spec.slots if spec is not None else ()
 
 
@@ -587,11 +588,10 @@ def module_macs(module: nn.Module, args: tuple[Any, ...], out: Any) -> int:
 
 def sync_module_sizes(module: nn.Module) -> None:
     """Refresh a conv/linear module's size attributes from its (sliced) weight."""
-    spec = module_spec(module)
-    if spec is None or spec.kind not in ("conv", "conv_transpose", "linear"):
+    if not is_weight_module(module):
         return
     w = module.weight
-    if spec.kind == "linear":
+    if module_spec(module).kind == "linear":
         module.out_features, module.in_features = w.shape[0], w.shape[1]
     elif module.transposed:
         module.out_channels, module.in_channels = w.shape[1] * module.groups, w.shape[0]

@@ -12,7 +12,7 @@ from torch import fx, nn
 from hyperflux_fx.analysis.coupling import Coupling, Group, group_consumers, shape_of
 from hyperflux_fx.frontend.trace import normalize_inputs
 from hyperflux_fx.ir import STATE_ATTRS
-from hyperflux_fx.ops import function_spec, method_spec, module_macs, module_spec
+from hyperflux_fx.ops import call_spec, module_macs, module_spec
 
 __all__ = ["count_params", "count_params_and_macs", "unit_costs"]
 
@@ -29,17 +29,11 @@ class _Counter(fx.Interpreter):
         super().__init__(gm)
         self.macs = 0
 
-    def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
-        out = super().call_function(target, args, kwargs)
-        spec = function_spec(target)
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        spec = call_spec(n)
         if spec is not None and spec.macs is not None:
-            self.macs += spec.macs(args, kwargs, out)
-        return out
-
-    def call_method(self, target: Any, args: Any, kwargs: Any) -> Any:
-        out = super().call_method(target, args, kwargs)
-        spec = method_spec(str(target))
-        if spec is not None and spec.macs is not None:
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
             self.macs += spec.macs(args, kwargs, out)
         return out
 

@@ -16,14 +16,7 @@ from torch import fx, nn
 
 from hyperflux_fx.analysis.attention import AttentionInfo, attention_projections, input_dependence
 from hyperflux_fx.ir import MODULE_NODE_META, is_gate_module
-from hyperflux_fx.ops import (
-    function_spec,
-    functional_module_call,
-    gateable_module_weights,
-    method_spec,
-    slot_value,
-    weight_slots,
-)
+from hyperflux_fx.ops import call_spec, functional_module_call, gateable_module_weights, slot_value, weight_slots
 
 __all__ = ["ComputedWeight", "WeightUse", "WeightUses", "end_ops", "find_weight_uses", "op_name"]
 
@@ -78,8 +71,7 @@ def op_name(node: fx.Node, gm: fx.GraphModule) -> str:
 
 
 def _moves_elements(node: fx.Node) -> bool:
-    spec = function_spec(node.target) if node.op == "call_function" else (
-        method_spec(str(node.target)) if node.op == "call_method" else None)
+    spec = call_spec(node)
     return spec is not None and spec.moves_elements
 
 
