@@ -64,6 +64,18 @@ def _shape(text: str) -> tuple[int, ...]:
     return dims
 
 
+def _round_to(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"not a channel multiple: {text!r} (expected auto or an integer >= 1)")
+    return value
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2
         print(f"{self.prog}: error: {message}", file=sys.stderr)
@@ -77,11 +89,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="model.py (with build_model()), timm:NAME or torchvision:NAME")
     p.add_argument("--data", default=None, help="digits | cifar10:ROOT | cifar100:ROOT | imagefolder:ROOT | synthetic "
                                                 "(default: model.py's datasets(), else digits)")
-    p.add_argument("--target-sparsity", type=float, default=0.9, help="fraction of gated units to remove, in (0, 1)")
-    p.add_argument("--granularity", choices=("weight", "channel", "hybrid"), default="weight",
-                   help="gate weights, channel groups (channels/heads/hidden units), or both")
-    p.add_argument("--target", choices=("count", "params", "macs"), default="count",
-                   help="what the sparsity counts: gated units, or their parameters / MACs (channel gates)")
+    p.add_argument("--target-sparsity", type=float, default=None,
+                   help="fraction of the --target measure to remove, in (0, 1) (default: 0.5 of the MACs for "
+                        "channel/hybrid gates, 0.9 of the weights for weight gates)")
+    p.add_argument("--granularity", choices=("weight", "channel", "hybrid"), default="channel",
+                   help="gate channel groups (channels/heads/hidden units: a smaller, faster model), weights "
+                        "(unstructured: a smaller file, no speed-up), or both")
+    p.add_argument("--target", choices=("count", "params", "macs"), default=None,
+                   help="what the sparsity counts: gated units, or the compact model's exact parameters / MACs "
+                        "against the dense model's (default: macs for channel/hybrid gates, count for weight gates)")
     p.add_argument("--epochs", type=int, default=10, help="pruning-phase epochs")
     p.add_argument("--regrowth-epochs", type=int, default=5, help="regrowth-phase epochs")
     p.add_argument("--dense-epochs", type=int, default=10, help="dense training first, when --weights is not given")
@@ -94,7 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.add_argument("--plan", action="store_true", help="print the gating/coupling plan and exit without training")
     p.add_argument("--no-export", action="store_true", help="skip ONNX export and latency")
-    p.add_argument("--round-to", type=int, default=1, help="keep channel counts multiples of this when folding")
+    p.add_argument("--round-to", type=_round_to, default="auto",
+                   help="keep kept channel counts multiples of this when folding; auto = the block ONNX Runtime's "
+                        "fast conv kernels need on this CPU (measured)")
     p.add_argument("--input-shape", type=_shape, default=None, help="example input shape incl. batch, e.g. 2,3,32,32")
     p.add_argument("--weights", default=None, help="state-dict file of trained dense weights (weights_only load)")
     p.add_argument("--num-classes", type=int, default=None, help="classifier width for timm/torchvision models")
@@ -137,11 +155,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _validate(args: argparse.Namespace) -> Path | None:
+    if args.target is None:
+        args.target = "count" if args.granularity == "weight" else "macs"
+    if args.target_sparsity is None:
+        args.target_sparsity = 0.9 if args.granularity == "weight" else 0.5
     if not 0.0 < args.target_sparsity < 1.0:
         raise UsageError(f"--target-sparsity must be in (0, 1), got {args.target_sparsity}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available on this machine (use --device cpu or auto)")
-    for name in ("epochs", "batch_size", "round_to", "dense_epochs"):
+    for name in ("epochs", "batch_size", "dense_epochs"):
         if getattr(args, name) < (0 if name == "dense_epochs" else 1):
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.regrowth_epochs < 0:
@@ -338,7 +360,7 @@ def _hyperflux_stage(job: _Job) -> tuple[PassResult, TrainResult | None, int]:
     cfg = TrainConfig(target_sparsity=args.target_sparsity, epochs=args.epochs, regrowth_epochs=args.regrowth_epochs,
                       lr=args.lr, seed=args.seed, device=args.device, out_dir=str(job.partial), resume=args.resume,
                       progress=not args.quiet, max_intervals=args.max_intervals,
-                      target_measure="cost" if args.target != "count" else "count")
+                      target_measure=args.target, fold=FoldConfig(round_to=args.round_to))
     try:
         result = train(res.graph_module, job.train_loader, job.val_loader, cfg, loss_fn=job.loaded.loss_fn)
     except TrainingError as exc:
@@ -358,7 +380,7 @@ def _fold_stage(job: _Job, gated: Any, result: TrainResult, dense_acc: float) ->
     args, model, inputs = job.args, job.loaded.model, job.inputs
     pruned_acc = evaluate(gated, job.val_loader)
     _say(args, "[3/5] fold_masks")
-    folded = fold_masks(gated, FoldConfig(round_to=args.round_to))
+    folded = fold_masks(gated, FoldConfig(round_to=args.round_to))  # the fold the exact targets counted
     compact = folded.graph_module.eval()
     params_dense, macs_dense = count_params_and_macs(model, inputs)
     params_stored, macs_compact = count_params_and_macs(compact, inputs)
@@ -374,7 +396,7 @@ def _fold_stage(job: _Job, gated: Any, result: TrainResult, dense_acc: float) ->
         # what the dynamics reached before the landing put the density on the target (docs/training.md)
         "sparsity_before_landing": (None if result.density_before_landing is None
                                     else 1.0 - result.density_before_landing),
-        "controller_lookahead": result.controller_lookahead,
+        "controller_lookahead": result.controller_lookahead, "round_to": folded.report.round_to,
     }
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 __all__ = ["FoldConfig", "GateConfig", "Granularity", "TrainConfig"]
@@ -52,14 +52,20 @@ class GateConfig:
 class FoldConfig:
     """How ``fold_masks`` compacts."""
 
-    round_to: int = 1  # keep channel counts multiples of this (8 suits most CPU kernels); extra = strongest closed
+    round_to: int | str = "auto"  # keep kept channel counts multiples of this (extra = strongest closed units);
+    #   "auto" = the multiple ONNX Runtime's blocked-layout kernels need on this CPU (analysis.runtime.nchwc_block)
     min_channels: int = 1  # never delete a group down to fewer channels
     delete_dead: bool = True  # also delete channels whose weights and bias are all zero (weight masks alone)
     fold_batchnorm: bool = False  # merge inference BatchNorms into their convs (the result is for inference)
 
     def __post_init__(self) -> None:
-        if self.round_to < 1 or self.min_channels < 1:
-            raise ValueError(f"round_to and min_channels must be >= 1, got {self.round_to}, {self.min_channels}")
+        if self.round_to != "auto" and not (isinstance(self.round_to, int) and self.round_to >= 1):
+            raise ValueError(f"FoldConfig.round_to must be 'auto' or an int >= 1, got {self.round_to!r}")
+        if self.min_channels < 1:
+            raise ValueError(f"FoldConfig.min_channels must be >= 1, got {self.min_channels}")
+
+
+TARGET_MEASURES = ("count", "params", "macs")
 
 
 @dataclass(frozen=True)
@@ -84,7 +90,9 @@ class TrainConfig:
     regrowth_flow_scaler: float = 1.0  # flow LR at regrowth start = flow_lr * scaler (paper: 1..5)
     regrowth_decay: float = 0.75  # flow LR multiplied by decay**k in regrowth epoch k (0.55 ImageNet)
     regrowth_flow_epochs: int = 50  # flow LR is 0 from this regrowth epoch on
-    target_measure: str = "count"  # "count": fraction of gated units; "cost": of their unit_cost (params/MACs)
+    target_measure: str = "count"  # "count": fraction of gated units; "params" / "macs": fraction of the
+    #   whole model's parameters / MACs removed, exactly as fold_masks(fold) + count_params_and_macs give them
+    fold: FoldConfig = field(default_factory=FoldConfig)  # the fold the exact measures count (pass it to fold_masks)
     land: bool = True  # at land_at of regrowth: shift all flows by one constant to hit the target, freeze them
     land_at: float = 0.5  # fraction of the regrowth phase after which the landing happens (end of pruning if none)
     label_smoothing: float = 0.1  # for the default classification loss
@@ -127,7 +135,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         if not 0.0 <= self.land_at <= 1.0:
             raise ValueError(f"TrainConfig.land_at must be in [0, 1], got {self.land_at}")
-        if self.target_measure not in ("count", "cost"):
-            raise ValueError(f"TrainConfig.target_measure must be 'count' or 'cost', got {self.target_measure!r}")
+        if self.target_measure not in TARGET_MEASURES:
+            raise ValueError(f"TrainConfig.target_measure must be one of {TARGET_MEASURES}, "
+                             f"got {self.target_measure!r}")
         if self.resume and self.out_dir is None:
             raise ValueError("TrainConfig.resume needs out_dir (where the checkpoints are)")

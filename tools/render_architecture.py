@@ -50,7 +50,7 @@ def stage_graphs() -> str:
     with torch.no_grad():  # close the first two units of every group, as training might
         for g in hf.gates(gated):
             g.flow[:2] = -1.0
-    folded = hf.fold_masks(gated).graph_module
+    folded = hf.fold_masks(gated, hf.FoldConfig(round_to=1)).graph_module
     parts = [BEGIN, "", "Traced (`hf.trace`):", "```python", _code(traced), "```", "",
              "Gated (`hf.insert_gates`, granularity=\"channel\"): one gate per channel group, a mask at each "
              "consumer input:", "```python", _code(gated), "```", "",

@@ -3,6 +3,7 @@ one unit of a channel group costs. MAC formulas come from the op table (:mod:`hy
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -10,7 +11,7 @@ import torch
 from torch import fx, nn
 
 from hyperflux_fx.analysis.coupling import Coupling, Group, group_consumers, shape_of
-from hyperflux_fx.frontend.trace import normalize_inputs
+from hyperflux_fx.frontend.trace import TraceError, normalize_inputs, trace
 from hyperflux_fx.ir import STATE_ATTRS
 from hyperflux_fx.ops import call_spec, module_macs, module_spec
 
@@ -43,12 +44,15 @@ def count_params_and_macs(model: nn.Module, example_inputs: Any) -> tuple[int, i
 
     Parameters exclude hyperflux's own state (flow parameters). MACs count every op whose entry in
     the op table has a formula (conv, conv-transpose, linear, matmul family, attention), whole batch
-    included; for a GraphModule they are read off its functional ops, for any other module off
-    forward hooks on its layers.
+    included. Any other module is traced first (so its functional ops count too); only a model that
+    cannot be traced at all is counted off forward hooks on its layers.
     """
     inputs = normalize_inputs(example_inputs)
     params = count_params(model)
-    was_training = model.training
+    original, was_training = model, model.training
+    if not isinstance(model, fx.GraphModule):
+        with contextlib.suppress(TraceError):  # untraceable: counted with hooks, layers only
+            model = trace(model)
     model.eval()
     total = [0]
 
@@ -70,7 +74,7 @@ def count_params_and_macs(model: nn.Module, example_inputs: Any) -> tuple[int, i
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
+        original.train(was_training)
     return params, int(total[0])
 
 

@@ -25,11 +25,13 @@ import networkx as nx
 import torch
 from torch import fx
 
+from hyperflux_fx.config import FoldConfig
 from hyperflux_fx.ir import WeightGate
 from hyperflux_fx.ops import ChannelRule, OpSpec, node_spec
 
 __all__ = ["RULES", "ChannelParam", "Consumer", "Coupling", "Group", "Label", "Producer", "Seg", "ShapeArg",
-           "Unit", "analyze_channels", "dead_units", "group_consumers", "label_keep", "shape_of"]
+           "Unit", "analyze_channels", "dead_units", "group_consumers", "kept_count", "label_keep", "param_target",
+           "plan_keep", "shape_of"]
 
 Unit = Literal["channel", "head"]  # what one unit of a group is: a channel (hidden unit), or an attention head
 
@@ -142,6 +144,7 @@ class Coupling:
     split_parents: dict[int, str] = field(default_factory=dict)  # space -> why it is deleted only through its heads
     parameters: dict[str, torch.Tensor] = field(default_factory=dict)  # the graph module's, by (first) name
     buffers: dict[str, torch.Tensor] = field(default_factory=dict)
+    labels: dict[str, Label] = field(default_factory=dict)  # node name -> the label of its output
 
     def new_space(self, producer: Producer, size: int) -> int:
         sid = len(self.sizes)
@@ -194,7 +197,7 @@ def _tuple_valued(node: Any) -> bool:
     return isinstance(tm, (tuple, list)) and not hasattr(tm, "shape")
 
 
-def _param_target(gm: fx.GraphModule, value: Any) -> str | None:
+def param_target(gm: fx.GraphModule, value: Any) -> str | None:
     """The parameter target behind a weight operand: a get_attr, possibly through a weight gate."""
     if not isinstance(value, fx.Node):
         return None
@@ -231,8 +234,8 @@ def _weight_op(gm: fx.GraphModule, node: fx.Node, c: Coupling, labels: dict[fx.N
                x: Any, weight: Any, bias: Any, groups: int, groups_pos: int | None,
                module: str | None = None) -> Label | None:
     """conv / conv_transpose / linear: the input is consumed, the output is a new space."""
-    wt = _param_target(gm, weight)
-    bt = _param_target(gm, bias) if bias is not None else None
+    wt = param_target(gm, weight)
+    bt = param_target(gm, bias) if bias is not None else None
     in_label = labels.get(x) if isinstance(x, fx.Node) else None
     out_shape = shape_of(node)
     if wt is None or out_shape is None or (bias is not None and bt is None):
@@ -338,7 +341,7 @@ def _batch_norm(c: Coupling, node: fx.Node, lab: Label | None, tensors: list[tup
 
 
 def _f_batch_norm(gm, node, c, labels, spec):  # F.batch_norm(x, running_mean, running_var, weight, bias, ...)
-    tensors = [(name, _param_target(gm, spec.arg(node, name)))
+    tensors = [(name, param_target(gm, spec.arg(node, name)))
                for name in ("running_mean", "running_var", "weight", "bias")
                if isinstance(spec.arg(node, name), fx.Node)]
     return _batch_norm(c, node, _only_label(node, labels), tensors)
@@ -361,7 +364,7 @@ def _broadcast_operand(gm: fx.GraphModule, c: Coupling, node: fx.Node, lab: Labe
     src = other
     while (spec := node_spec(gm, src)) is not None and spec.moves_elements and isinstance(src.args[0], fx.Node):
         src = src.args[0]
-    t = _param_target(gm, src)
+    t = param_target(gm, src)
     if t is None or len(lab.segs) != 1 or lab.segs[0].expand != 1 or lab.segs[0].space is None:
         return False
     p = c.parameters[t] if t in c.parameters else c.buffers.get(t)
@@ -768,6 +771,7 @@ def _keep_label(c: Coupling, labels: dict[fx.Node, Label], node: fx.Node, out: L
         c.block(out, f"channel bookkeeping lost track (shape {shape}, label width {out.width}): {node.format_node()}")
     else:
         labels[node] = out
+        c.labels[node.name] = out
 
 
 def _check_head_splits(c: Coupling) -> None:
@@ -825,10 +829,12 @@ def label_keep(label: Label, keep: dict[int, torch.Tensor], group_of: dict[int, 
     return torch.cat(parts) if changed else None
 
 
-def dead_units(gm: fx.GraphModule, c: Coupling, group: Group) -> torch.Tensor:
+def dead_units(gm: fx.GraphModule, c: Coupling, group: Group,
+               params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """Units of ``group`` whose producer rows (and biases) are all exactly zero in every producer
-    (a bool per unit): zeroed by weight masks alone. Heads own several rows each."""
-    params = c.parameters
+    (a bool per unit): zeroed by weight masks alone. Heads own several rows each. ``params``
+    overrides the coupling's parameters (e.g. with weight masks applied)."""
+    params = c.parameters if params is None else params
     dead = torch.ones(group.size, dtype=torch.bool)
     for sid in group.spaces:
         prod = c.producers[sid]
@@ -840,3 +846,28 @@ def dead_units(gm: fx.GraphModule, c: Coupling, group: Group) -> torch.Tensor:
         unit_rows = torch.stack([prod.rows(torch.tensor([u])) for u in range(group.size)])
         dead &= zero_rows[unit_rows].all(dim=1)
     return dead
+
+
+def kept_count(size: int, n_closed: int, config: FoldConfig) -> int:
+    """Units a deletable group of ``size`` keeps when ``n_closed`` are closed: at least
+    ``config.min_channels``, rounded up to a multiple of ``config.round_to`` (never above ``size``)."""
+    if n_closed == 0:
+        return size
+    n_keep = max(size - n_closed, config.min_channels)
+    if not isinstance(config.round_to, int):
+        raise ValueError("kept_count needs a resolved FoldConfig (analysis.runtime.resolve_fold_config)")
+    return min(size, math.ceil(n_keep / config.round_to) * config.round_to)
+
+
+def plan_keep(group: Group, closed: torch.Tensor, strength: torch.Tensor, config: FoldConfig) -> torch.Tensor | None:
+    """The units ``group`` keeps (a bool per unit; None when nothing is deleted): the open ones, plus
+    the strongest closed ones that :func:`kept_count` asks for."""
+    n_closed = int(closed.sum())
+    if not group.deletable or n_closed == 0:
+        return None
+    kept = ~closed
+    extra = kept_count(group.size, n_closed, config) - int(kept.sum())
+    if extra > 0:
+        cand = torch.nonzero(closed).flatten()
+        kept[cand[torch.argsort(strength[cand], descending=True)][:extra]] = True
+    return kept

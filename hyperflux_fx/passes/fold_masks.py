@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -32,7 +31,8 @@ import torch
 from torch import fx
 
 from hyperflux_fx.analysis.cost import count_params
-from hyperflux_fx.analysis.coupling import Coupling, Group, analyze_channels, dead_units, label_keep
+from hyperflux_fx.analysis.coupling import Coupling, Group, analyze_channels, dead_units, label_keep, plan_keep
+from hyperflux_fx.analysis.runtime import resolve_fold_config
 from hyperflux_fx.config import FoldConfig
 from hyperflux_fx.frontend.trace import normalize_inputs, propagate_shapes
 from hyperflux_fx.ir import (
@@ -80,6 +80,7 @@ class FoldReport:
     module_calls_restored: int = 0
     params_before: int = 0
     params_after: int = 0
+    round_to: int = 1  # the multiple kept channel counts were rounded to (round_to="auto" resolved)
     rule_counts: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -123,13 +124,13 @@ def fold_masks(gm: fx.GraphModule, config: FoldConfig | None = None, *, example_
     Raises:
         ValueError: ``gm`` is not a gated GraphModule, or no example inputs are known.
     """
-    config = config or FoldConfig()
+    config = resolve_fold_config(config or FoldConfig())
     if not isinstance(gm, fx.GraphModule) or not gates(gm):
         raise ValueError("fold_masks needs a GraphModule gated by hyperflux_fx.insert_gates (it has no gates)")
     if not inplace:
         gm = copy.deepcopy(gm)
     inputs = normalize_inputs(example_inputs) if example_inputs is not None else gm.meta.get(INPUTS_META)
-    report = FoldReport(params_before=count_params(gm))
+    report = FoldReport(params_before=count_params(gm), round_to=int(config.round_to))
     rules: dict[str, int] = defaultdict(int)
     with torch.no_grad():
         _fold_weight_masks(gm, report)
@@ -257,17 +258,13 @@ def _plan_group(gm: fx.GraphModule, coupling: Coupling, g: Group, gate: ChannelG
     info = FoldGroup(name=gate.target if gate is not None else group_name(g), unit=g.unit, before=g.size,
                      after=g.size, closed=n_closed, deleted=0, reason="; ".join(g.blocked))
     report.groups.append(info)
-    if not g.deletable or n_closed == 0:
-        if n_closed and not g.deletable:
-            rules["blocked_closed_units"] += n_closed
+    if n_closed and not g.deletable:
+        rules["blocked_closed_units"] += n_closed
+    kept = plan_keep(g, closed, strength, config)
+    if kept is None:
         return None
-    n_keep = max(g.size - n_closed, config.min_channels)
-    n_keep = min(g.size, math.ceil(n_keep / config.round_to) * config.round_to)
-    kept = ~closed
-    extra = n_keep - int(kept.sum())
-    if extra > 0:  # round_to / min_channels: keep the strongest closed channels (zero where consumed)
-        cand = torch.nonzero(closed).flatten()
-        kept[cand[torch.argsort(strength[cand], descending=True)][:extra]] = True
+    extra = int(kept.sum()) - (g.size - n_closed)
+    if extra > 0:
         info.reason = f"kept {extra} closed channel(s) for round_to={config.round_to}/min_channels"
     info.after = int(kept.sum())
     info.deleted = g.size - info.after

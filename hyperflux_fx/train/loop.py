@@ -45,7 +45,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from hyperflux_fx.config import TrainConfig
-from hyperflux_fx.ir import Gate, PressureState, density, gates, pressure_state, set_pressure, track_flux
+from hyperflux_fx.ir import Gate, PressureState, gates, pressure_state, set_pressure, track_flux
 from hyperflux_fx.train.checkpoint import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_NAME,
@@ -63,7 +63,8 @@ from hyperflux_fx.train.distributed import (
     steps_per_epoch,
 )
 from hyperflux_fx.train.evaluate import LossFn, MetricFn, accuracy, evaluate, move_to, split_batch
-from hyperflux_fx.train.landing import land_on_density, open_flow_distance
+from hyperflux_fx.train.landing import open_flow_distance
+from hyperflux_fx.train.measure import Measure
 from hyperflux_fx.train.optim import amp_dtype, autocast, cosine, grad_scaler, progress_bar, weight_optimizer
 from hyperflux_fx.train.recorder import IntervalRecord, Landing, Recorder
 from hyperflux_fx.train.scheduler import (
@@ -83,7 +84,7 @@ log = logging.getLogger(__name__)
 class TrainResult:
     """What ``train`` returns."""
 
-    density: float  # kept fraction of gated units at the end
+    density: float  # kept fraction at the end, in the target measure (units, or exact params / MACs)
     sparsity: float  # 1 - density
     target_sparsity: float
     val_accuracy: float | None  # metric on the validation loader at the end (None without one)
@@ -96,6 +97,7 @@ class TrainResult:
     law_note: str = ""  # why there is no law, or what it was fitted on
     checkpoint: str | None = None  # path of the last checkpoint
     controller_lookahead: int = 0  # the look-ahead the pressure controller used (resolved when auto)
+    measure: str = "count"  # what density / sparsity count (TrainConfig.target_measure)
 
     @property
     def density_before_landing(self) -> float | None:
@@ -145,6 +147,7 @@ class _Run:
     ckpt_path: Path | None
     fingerprint: dict[str, Any]
     t_start: float
+    measure: Measure
 
     @property
     def writer(self) -> bool:
@@ -154,9 +157,6 @@ class _Run:
     def distributed(self) -> bool:
         return dist.is_available() and dist.is_initialized()
 
-    @property
-    def weighted(self) -> bool:  # density as the kept fraction of unit cost (params/MACs)
-        return self.cfg.target_measure == "cost"
 
 
 @dataclass
@@ -222,6 +222,7 @@ def _setup(gated: nn.Module, loader: DataLoader, cfg: TrainConfig, rank: int, wo
     dtype = amp_dtype(cfg.amp, device)
     gated.to(device)
     all_gates = gates(gated)
+    measure = Measure(gated, cfg)
     schedule = _schedule(cfg, loader, world)
     lookahead = cfg.controller_lookahead
     if lookahead is None:  # the flows' response lag: their mean distance above the threshold now
@@ -247,7 +248,7 @@ def _setup(gated: nn.Module, loader: DataLoader, cfg: TrainConfig, rank: int, wo
         fingerprint=fingerprint(gated, cfg, interval_steps=schedule.interval, flow_lr=schedule.flow_lr,
                                 batch_size=loader.batch_size or 1, dataset_len=len(loader.dataset),  # type: ignore
                                 world=world),
-        t_start=t_start)
+        t_start=t_start, measure=measure)
 
 
 def _schedule(cfg: TrainConfig, loader: DataLoader, world: int) -> _Schedule:
@@ -285,6 +286,7 @@ def _restore_or_start(run: _Run) -> _Progress:
         set_pressure(run.gated, 0.0)
         if run.writer and run.recorder.path is not None and run.recorder.path.exists():
             run.recorder.path.unlink()  # a fresh run starts a fresh metrics file
+    run.measure.refresh_pressure()  # cost-weighted pressure follows the masks (restored or fresh)
     if cfg.track_flux:
         track_flux(run.gated, True)
     if run.distributed:
@@ -411,11 +413,11 @@ def _end_interval(run: _Run, progress: _Progress, val_loader: Iterable[Any] | No
     progress.intervals += 1
     progress.calls_intervals += 1
     gamma_used = float(run.pressure.gamma)
-    r = density(run.gated, weighted=run.weighted)
-    gamma_next, planned = _next_pressure(run, r, pruning, step)
+    gamma_next, planned = _next_pressure(run, run.measure.kept(rounded=False), pruning, step)
     landing = _maybe_land(run, progress)
-    if landing is not None:
-        r = landing.density_after
+    r = landing.density_after if landing is not None else run.measure.kept()
+    if pruning:
+        run.measure.refresh_pressure()
     set_pressure(run.gated, gamma_next)
     s = run.schedule
     due = val_loader is not None and (progress.intervals % cfg.eval_every == 0 or step in (s.prune_steps,
@@ -456,7 +458,7 @@ def _maybe_land(run: _Run, progress: _Progress) -> Landing | None:
     if not run.cfg.land or progress.frozen or progress.step < run.schedule.land_step:
         return None
     progress.frozen = True
-    return land_on_density(run.gated, 1.0 - run.cfg.target_sparsity, weighted=run.weighted)
+    return run.measure.land(1.0 - run.cfg.target_sparsity)
 
 
 def _after_record(run: _Run, progress: _Progress, rec: IntervalRecord, bar: Any) -> None:
@@ -482,7 +484,7 @@ def _after_record(run: _Run, progress: _Progress, rec: IntervalRecord, bar: Any)
 
 
 def _result(run: _Run, progress: _Progress) -> TrainResult:
-    final_density = density(run.gated, weighted=run.weighted)
+    final_density = run.measure.kept()
     law, law_note = fit_run_law([(rec.gamma, rec.measured_density) for rec in run.recorder.records
                                  if rec.phase == "prune"])
     ckpt = run.ckpt_path
@@ -491,4 +493,4 @@ def _result(run: _Run, progress: _Progress) -> TrainResult:
                        intervals=progress.intervals, seconds=time.perf_counter() - run.t_start,
                        completed=not progress.stopped_early, law=law, law_note=law_note,
                        checkpoint=str(ckpt) if ckpt is not None and ckpt.exists() else None,
-                       controller_lookahead=run.controller.lookahead)
+                       controller_lookahead=run.controller.lookahead, measure=run.measure.name)

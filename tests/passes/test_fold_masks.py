@@ -34,7 +34,7 @@ def _masked_and_compact(name, granularity, closed_fraction, config=None):
     _set_flows(gated, closed_fraction)
     with torch.no_grad():
         y_masked = gated(*x)
-    folded = hf.fold_masks(gated, config)
+    folded = hf.fold_masks(gated, config or hf.FoldConfig(round_to=1))  # fixtures are narrower than a block
     with torch.no_grad():
         y_compact = folded.graph_module(*x)
     return res, gated, folded, x, y_masked, y_compact
@@ -84,7 +84,7 @@ def test_dead_channels_from_weight_masks_alone_are_deleted():
     gate = next(g for g in hf.gates(gated) if g.target == "c1.weight")
     with torch.no_grad():
         gate.flow[[1, 4]] = -1.0  # every weight of output channels 1 and 4 closed: those channels are 0
-    folded = hf.fold_masks(gated)
+    folded = hf.fold_masks(gated, hf.FoldConfig(round_to=1))
     compact = folded.graph_module
     assert_fold_exact(gated, compact, (x,))
     assert compact.c1.weight.shape == (4, 3, 3, 3) and compact.c2.weight.shape == (6, 4, 3, 3)
@@ -116,7 +116,7 @@ def test_all_but_one_and_all_closed_groups():
         g0.flow.fill_(-1.0)
         g0.flow[2] = 1.0  # all but one closed
         g1.flow.fill_(-1.0)  # a whole group closed: one channel (zero where consumed) stays
-    compact = hf.fold_masks(gated).graph_module
+    compact = hf.fold_masks(gated, hf.FoldConfig(round_to=1)).graph_module
     assert compact.c1.weight.shape[0] == 1 and compact.c2.weight.shape == (1, 1, 3, 3)
     assert_fold_exact(gated, compact, (x,))
 
@@ -130,7 +130,7 @@ def test_unsupported_op_blocks_only_its_group_and_is_reported():
     assert groups["conv2d_1"].gated
     gated = res.graph_module.eval()
     _set_flows(gated, 0.5)
-    folded = hf.fold_masks(gated)
+    folded = hf.fold_masks(gated, hf.FoldConfig(round_to=1))
     assert_fold_exact(gated, folded.graph_module, (x,))
     assert folded.graph_module.b.weight.shape[0] < 4 and folded.graph_module.a.weight.shape[0] == 4
 

@@ -32,7 +32,7 @@ def test_zoo_fold_is_exact_and_deletes(lib, name, size):
         with torch.no_grad():
             for g in hf.gates(gated):
                 g.flow.copy_(torch.rand(g.flow.shape, generator=gen) - closed_fraction)
-        folded = hf.fold_masks(gated)
+        folded = hf.fold_masks(gated, hf.FoldConfig(round_to=1))
         compact = folded.graph_module
         assert_fold_exact(gated, compact, (x,))
         rep = folded.report
@@ -56,7 +56,7 @@ def test_edge_cases_on_resnet18():
         for g in all_gates:  # all but one channel closed, everywhere
             g.flow.fill_(-1.0)
             g.flow[0] = 1.0
-    compact = hf.fold_masks(gated).graph_module
+    compact = hf.fold_masks(gated, hf.FoldConfig(round_to=1)).graph_module
     assert_fold_exact(gated, compact, (x,))
     assert compact.get_submodule("layer4.1.conv1").weight.shape[:2] == (1, 1)
     # a whole residual branch closed: the inner group of layer1.0 (conv1 -> bn1 -> relu -> conv2)
@@ -65,7 +65,7 @@ def test_edge_cases_on_resnet18():
         for g in all_gates:
             g.flow.fill_(1.0)
         inner.flow.fill_(-1.0)
-    folded = hf.fold_masks(gated)
+    folded = hf.fold_masks(gated, hf.FoldConfig(round_to=1))
     assert_fold_exact(gated, folded.graph_module, (x,))
     # min_channels keeps one zero channel
     assert folded.graph_module.get_submodule("layer1.0.conv1").weight.shape[0] == 1
@@ -81,14 +81,14 @@ def test_fold_with_batchnorm_folding(lib, name):
     with torch.no_grad():
         for g in hf.gates(gated):
             g.flow.copy_(torch.rand(g.flow.shape, generator=gen) - 0.5)
-    folded = hf.fold_masks(gated, hf.FoldConfig(fold_batchnorm=True))
+    folded = hf.fold_masks(gated, hf.FoldConfig(round_to=1, fold_batchnorm=True))
     compact = folded.graph_module.eval()
     assert folded.report.rule_counts["batchnorm_folded"] > 0
     with torch.no_grad():  # fp32: the folded weights carry one more rounding; tolerance as in equivalence.py
         y_m = gated(x)
         torch.testing.assert_close(compact(x), y_m, rtol=0, atol=1e-5 * float(y_m.abs().max()))
     # the folding itself is exact: done in float64 on the compact model, it changes nothing
-    plain = hf.fold_masks(gated).graph_module.double().eval()
+    plain = hf.fold_masks(gated, hf.FoldConfig(round_to=1)).graph_module.double().eval()
     merged = hf.fold_batchnorm(plain).graph_module
     assert_fold_exact(plain, merged, (x.double(),))
     used = {str(n.target) for n in compact.graph.nodes if n.op == "call_module"}

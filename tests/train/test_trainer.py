@@ -211,7 +211,7 @@ def test_train_dense_bf16_autocast_on_cpu_and_bad_amp():
         hf.train_dense(nn.Linear(10, 4), train_loader, epochs=1, amp="fp8")
 
 
-def test_channel_gates_with_cost_target_land_on_the_parameter_budget():
+def test_channel_gates_with_a_params_target_land_on_the_exact_parameter_count():
     train_loader, val_loader = _loaders()
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 4))
@@ -220,8 +220,51 @@ def test_channel_gates_with_cost_target_land_on_the_parameter_budget():
                             example_inputs=x).graph_module
     costs = sorted(g.unit_cost for g in hf.gates(gated))
     assert costs == [10 + 1 + 16, 32 + 1 + 4]  # a hidden unit: its row (+bias) and the next layer's column
-    res = hf.train(gated, train_loader, val_loader, _cfg(target_sparsity=0.5, target_measure="cost"))
-    assert res.sparsity == pytest.approx(0.5, abs=0.03)  # landing in cost: within one unit's share
-    folded = hf.fold_masks(gated)
+    fold = hf.FoldConfig(round_to=1)
+    res = hf.train(gated, train_loader, val_loader, _cfg(target_sparsity=0.5, target_measure="params", fold=fold))
+    assert res.measure == "params"
+    folded = hf.fold_masks(gated, fold)
     params_dense = sum(p.numel() for p in model.parameters())
-    assert folded.report.params_after < params_dense
+    measured = 1 - folded.report.params_after / params_dense
+    assert measured == pytest.approx(res.sparsity, abs=1e-12)  # what train reports is what the fold gives
+    assert measured == pytest.approx(0.5, abs=0.03)  # within one hidden unit's share of a tiny MLP
+
+
+def _wide_mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(10, 48), nn.ReLU(), nn.Linear(48, 40), nn.ReLU(), nn.Linear(40, 4))
+
+
+@pytest.mark.parametrize("measure", ["params", "macs"])
+def test_exact_target_with_rounding_lands_on_whole_blocks(measure):
+    """round_to=8: the landing rounds every group to whole blocks (up or down, whichever lands
+    closest), the masks say so, and the fold deletes exactly the closed units."""
+    train_loader, val_loader = _loaders()
+    gated = hf.insert_gates(_wide_mlp(), hf.GateConfig(granularity="channel", seed=0),
+                            example_inputs=torch.randn(2, 10)).graph_module
+    fold = hf.FoldConfig(round_to=8)
+    res = hf.train(gated, train_loader, val_loader, _cfg(target_sparsity=0.5, target_measure=measure, fold=fold))
+    for g in hf.gates(gated):
+        kept = int(g.mask().sum())
+        assert kept % 8 == 0 or kept == g.numel, (g.target, kept)
+    folded = hf.fold_masks(gated, fold)
+    assert folded.report.deleted_units == folded.report.closed_units
+    params, macs = hf.count_params_and_macs(folded.graph_module, torch.randn(2, 10))
+    dense_params, dense_macs = hf.count_params_and_macs(_wide_mlp(), torch.randn(2, 10))
+    measured = 1 - (params / dense_params if measure == "params" else macs / dense_macs)
+    assert measured == pytest.approx(res.sparsity, abs=1e-12)
+    assert abs(measured - 0.5) <= 0.05  # blocks of 8 of a 48/40-unit MLP: ~4% per block at most
+    assert res.history[-1].measured_density == pytest.approx(1 - measured, abs=1e-12)  # the log says the same
+
+
+def test_exact_targets_refuse_what_cannot_be_reached():
+    train_loader, _ = _loaders()
+    weight_gated = hf.insert_gates(_wide_mlp(), hf.GateConfig(granularity="weight"),
+                                   example_inputs=torch.randn(2, 10)).graph_module
+    with pytest.raises(ValueError, match="needs channel gates"):
+        hf.train(weight_gated, train_loader, None, _cfg(target_measure="macs"))
+    gated = hf.insert_gates(_wide_mlp(), hf.GateConfig(granularity="channel"),
+                            example_inputs=torch.randn(2, 10)).graph_module
+    with pytest.raises(ValueError, match="out of reach"):  # the first and last layers' own weights stay
+        hf.train(gated, train_loader, None, _cfg(target_sparsity=0.99, target_measure="params",
+                                                 fold=hf.FoldConfig(round_to=8)))

@@ -1,0 +1,95 @@
+"""What the target runtime's fast kernels need, found by asking the runtime (ONNX Runtime, CPU).
+
+ONNX Runtime's CPU provider rewrites convolutions into a blocked channel layout (NCHWc: 8 channels
+per block with AVX2, 16 with AVX-512F) and keeps a chain of convs in that layout. A conv reading
+fewer channels than one block breaks the chain (the tensor is reordered back to NCHW and the conv
+takes a slow path), and widths that are not a multiple of the block are padded up to one, so the
+padding is computed anyway. :func:`nchwc_block` finds the block by letting ORT optimise
+``conv(32 -> C) -> conv(C -> 32)`` for C = 4, 8, 16, 32 and reading, in the optimised graph, the
+smallest C for which the chain stays blocked; ``FoldConfig(round_to="auto")`` keeps every deleted
+group at a multiple of it (so at least one block): what the kernels would compute anyway.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import tempfile
+from pathlib import Path
+
+from hyperflux_fx.config import FoldConfig
+
+__all__ = ["nchwc_block", "resolve_fold_config"]
+
+log = logging.getLogger(__name__)
+
+NCHWC_DOMAIN = "com.microsoft.nchwc"
+
+
+def _chain_model(channels: int) -> bytes:
+    """``conv(32 -> channels) -> conv(channels -> 32)``, 3x3, as a serialized ONNX model."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    weights = [numpy_helper.from_array(np.ones((channels, 32, 3, 3), np.float32), "w1"),
+               numpy_helper.from_array(np.ones((32, channels, 3, 3), np.float32), "w2")]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["a", "w2"], ["y"], pads=[1, 1, 1, 1])]
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 32, 8, 8]) for n in ("x", "y")]
+    graph = helper.make_graph(nodes, "nchwc_probe", io[:1], io[1:], initializer=weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def _optimized_ops(model: bytes) -> list[tuple[str, str]]:
+    """(domain, op type) of every node of ``model`` after ORT's full CPU graph optimisation."""
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "optimized.onnx"
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.optimized_model_filepath = str(out)
+        opts.intra_op_num_threads = 1
+        opts.log_severity_level = 3  # the "hardware specific optimizations" notice is the point here
+        ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+        return [(n.domain, n.op_type) for n in onnx.load(str(out)).graph.node]
+
+
+def _chain_stays_blocked(channels: int) -> bool | None:
+    """True: both convs run blocked with no reorder between them; None: ORT used no NCHWc at all."""
+    ops = _optimized_ops(_chain_model(channels))
+    blocked = [op for domain, op in ops if domain == NCHWC_DOMAIN]
+    if not blocked:
+        return None
+    return blocked.count("Conv") == 2 and blocked.count("ReorderOutput") == 1
+
+
+@functools.cache
+def nchwc_block() -> int:
+    """ONNX Runtime's NCHWc block on this CPU (8 or 16), or 0 when it does not use the blocked layout
+    (or ONNX Runtime is missing)."""
+    try:
+        for channels in (4, 8, 16, 32):
+            stays = _chain_stays_blocked(channels)
+            if stays is None:
+                log.info("ONNX Runtime rewrites no conv into NCHWc on this CPU: no rounding needed for it")
+                return 0
+            if stays:
+                log.info("ONNX Runtime's NCHWc block on this CPU: %d channels", channels)
+                return channels
+    except ImportError:
+        log.info("onnxruntime is not installed: no NCHWc block to round to")
+        return 0
+    return 0
+
+
+def resolve_fold_config(config: FoldConfig) -> FoldConfig:
+    """``config`` with ``round_to="auto"`` replaced by the multiple the runtime's kernels need (the
+    NCHWc block; 1 where there is none)."""
+    if config.round_to != "auto":
+        return config
+    return dataclasses.replace(config, round_to=nchwc_block() or 1)
