@@ -11,6 +11,7 @@ Public API (see docs/ and ../shared/DESIGN.md)::
 from __future__ import annotations
 
 from hyperflux_fx.analysis.cost import count_params_and_macs
+from hyperflux_fx.analysis.cost_model import Cost, CostModel
 from hyperflux_fx.config import FoldConfig, GateConfig, TrainConfig
 from hyperflux_fx.export import ExportCheckError, ExportError, ExportReport, export_onnx, measure_latency
 from hyperflux_fx.frontend import ExampleInputError, SourceError, TraceError, load_source, trace
@@ -42,6 +43,8 @@ from hyperflux_fx.train import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "Cost",
+    "CostModel",
     "ExampleInputError",
     "ExportCheckError",
     "ExportError",

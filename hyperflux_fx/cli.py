@@ -15,6 +15,7 @@ Exit codes: 0 success, 1 training failed (e.g. non-finite loss; the last good ch
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import os
@@ -31,12 +32,15 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from hyperflux_fx.analysis.cost import count_params_and_macs
+from hyperflux_fx.analysis.cost_model import CostModel
+from hyperflux_fx.analysis.latency_model import LatencyModel
 from hyperflux_fx.config import FoldConfig, GateConfig, TrainConfig
 from hyperflux_fx.export.latency import compare_latency
 from hyperflux_fx.export.onnx import ExportCheckError, ExportError, export_onnx
 from hyperflux_fx.frontend.data import DataError, resolve_datasets
 from hyperflux_fx.frontend.sources import LoadedModel, SourceError, load_source
 from hyperflux_fx.frontend.trace import ExampleInputError, TraceError, trace
+from hyperflux_fx.ir import gates
 from hyperflux_fx.passes import PassResult, fold_masks, insert_gates
 from hyperflux_fx.report.html import render_report
 from hyperflux_fx.report.summary import FASTER, asked_and_got, headline, slower_note, speedup
@@ -95,9 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--granularity", choices=("weight", "channel", "hybrid"), default="channel",
                    help="gate channel groups (channels/heads/hidden units: a smaller, faster model), weights "
                         "(unstructured: a smaller file, no speed-up), or both")
-    p.add_argument("--target", choices=("count", "params", "macs"), default=None,
-                   help="what the sparsity counts: gated units, or the compact model's exact parameters / MACs "
-                        "against the dense model's (default: macs for channel/hybrid gates, count for weight gates)")
+    p.add_argument("--target", choices=("count", "params", "macs", "latency"), default=None,
+                   help="what the sparsity counts: gated units, the compact model's exact parameters / MACs, or its "
+                        "ONNX Runtime latency (predicted from a per-op timing table), against the dense model's "
+                        "(default: macs for channel/hybrid gates, count for weight gates)")
+    p.add_argument("--target-speedup", type=float, default=None,
+                   help="aim at this ONNX Runtime speed-up: --target latency with --target-sparsity 1 - 1/X")
     p.add_argument("--epochs", type=int, default=10, help="pruning-phase epochs")
     p.add_argument("--regrowth-epochs", type=int, default=5, help="regrowth-phase epochs")
     p.add_argument("--dense-epochs", type=int, default=10, help="dense training first, when --weights is not given")
@@ -154,7 +161,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(exc))
 
 
+def _validate_speedup(args: argparse.Namespace) -> None:
+    """--target-speedup X is --target latency --target-sparsity 1 - 1/X."""
+    if args.target_speedup is None:
+        return
+    if args.target_sparsity is not None:
+        raise UsageError("--target-speedup and --target-sparsity both set the target: give one of them")
+    if not args.target_speedup > 1.0:
+        raise UsageError(f"--target-speedup must be > 1 (how many times faster), got {args.target_speedup}")
+    if args.target not in (None, "latency"):
+        raise UsageError(f"--target-speedup is a latency target; it cannot go with --target {args.target}")
+    args.target, args.target_sparsity = "latency", 1.0 - 1.0 / args.target_speedup
+
+
 def _validate(args: argparse.Namespace) -> Path | None:
+    _validate_speedup(args)
     if args.target is None:
         args.target = "count" if args.granularity == "weight" else "macs"
     if args.target_sparsity is None:
@@ -169,7 +190,10 @@ def _validate(args: argparse.Namespace) -> Path | None:
     if args.regrowth_epochs < 0:
         raise UsageError(f"--regrowth-epochs must be >= 0, got {args.regrowth_epochs}")
     if args.target != "count" and args.granularity == "weight":
-        raise UsageError("--target params|macs needs --granularity channel or hybrid (weight gates cost 1 each)")
+        raise UsageError(f"--target {args.target} needs --granularity channel or hybrid (weight gates delete no "
+                         f"channel, so the {args.target} do not change)")
+    if args.target == "latency" and args.no_export:
+        raise UsageError("--target latency needs ONNX Runtime to time the model: drop --no-export")
     if args.plan:
         return None
     out = Path(args.out) if args.out else Path("runs") / Path(args.source.split(":")[-1]).stem
@@ -215,7 +239,8 @@ def _run(args: argparse.Namespace) -> int:
     out = _validate(args)
     torch.manual_seed(args.seed)
     loaded = _load(args)
-    gate_cfg = GateConfig(granularity=args.granularity, exclude=tuple(args.exclude), seed=args.seed, cost=args.target)
+    gate_cfg = GateConfig(granularity=args.granularity, exclude=tuple(args.exclude), seed=args.seed,
+                          cost=args.target if args.target in ("params", "macs") else "count")  # a first guess
     try:
         gm = trace(loaded.model, loaded.example_inputs, leaf_modules=tuple(args.leaf))
         if args.plan:
@@ -362,7 +387,11 @@ def _hyperflux_stage(job: _Job) -> tuple[PassResult, TrainResult | None, int]:
                       progress=not args.quiet, max_intervals=args.max_intervals,
                       target_measure=args.target, fold=FoldConfig(round_to=args.round_to))
     try:
-        result = train(res.graph_module, job.train_loader, job.val_loader, cfg, loss_fn=job.loaded.loss_fn)
+        latency = _latency_model(job, res.graph_module, cfg) if args.target == "latency" else None
+        result = train(res.graph_module, job.train_loader, job.val_loader, cfg, loss_fn=job.loaded.loss_fn,
+                       latency_model=latency)
+        if result.completed:
+            (job.partial / "latency_dense.onnx").unlink(missing_ok=True)
     except TrainingError as exc:
         log.error("%s", exc)
         return res, None, _fail(f"training failed: {exc} (resume with --resume after fixing the cause)", code=1)
@@ -373,6 +402,72 @@ def _hyperflux_stage(job: _Job) -> tuple[PassResult, TrainResult | None, int]:
                    f"Partial run in {job.partial}")
         return res, None, 0
     return res, result, 0
+
+
+def _latency_model(job: _Job, gated: Any, cfg: TrainConfig) -> LatencyModel:
+    """The latency table (cached per machine) of the gated model, calibrated on whole models measured
+    in ONNX Runtime: the dense one and three compact ones (25/50/75% of every group's units closed at
+    random). The measurements are kept in OUT.partial, so a resumed run uses the same calibration."""
+    model = LatencyModel(CostModel(gated, cfg.fold), progress=not job.args.quiet)
+    info = f"{model.measured} op timings measured in {model.build_seconds:.1f} s" if model.measured else "cached"
+    _say(job.args, f"      latency table of {len(model.ops)} ops: {info} ({model.path})")
+    saved = job.partial / "latency_calibration.json"
+    if saved.exists():
+        points = [({int(g): n for g, n in k.items()}, ms) for k, ms in json.loads(saved.read_text())]
+    else:
+        points = _calibration_points(job, gated, model, cfg.fold)
+        saved.write_text(json.dumps(points))
+    model.calibrate(points)
+    model.measure = lambda: _measured_fraction(job, gated, cfg.fold)
+    worst = max(abs(p["predicted_ms"] / p["measured_ms"] - 1) for p in model.calibration)
+    _say(job.args, f"      calibrated on {len(points)} whole models (dense {points[0][1]:.3f} ms); "
+                   f"largest fit error {100 * worst:.1f}%")
+    return model
+
+
+def _dense_onnx(job: _Job) -> Path:
+    """The dense model's export the latency target measures against (in OUT.partial while training)."""
+    path = job.partial / "latency_dense.onnx"
+    if not path.exists():
+        export_onnx(job.loaded.model.eval(), job.inputs, path)
+    return path
+
+
+def _measured_fraction(job: _Job, gated: Any, fold: FoldConfig) -> float:
+    """Compact / dense ONNX Runtime latency of the current masks, measured side by side."""
+    compact = fold_masks(copy.deepcopy(gated).cpu(), fold, inplace=True).graph_module.eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        export_onnx(compact, job.inputs, Path(tmp) / "landing.onnx")
+        dense, mine = compare_latency([_dense_onnx(job), Path(tmp) / "landing.onnx"], batch=int(job.inputs[0].shape[0]))
+    _say(job.args, f"      landing check: compact {mine['median_ms']:.3f} ms, dense {dense['median_ms']:.3f} ms")
+    return mine["median_ms"] / dense["median_ms"]
+
+
+def _calibration_points(job: _Job, gated: Any, model: LatencyModel, fold: FoldConfig
+                        ) -> list[tuple[dict[int, int], float]]:
+    """(kept units per group, measured ms) of the dense model and of compact models with 25/50/75% of
+    each group's units closed at random (the flows are restored afterwards)."""
+    batch = int(job.inputs[0].shape[0])
+    flows = [g.flow.detach().clone() for g in gates(gated)]
+    counts, paths = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, closed in enumerate((0.0, 0.25, 0.5, 0.75)):
+            gen = torch.Generator().manual_seed(i)
+            with torch.no_grad():
+                for g, f in zip(gates(gated), flows, strict=True):
+                    g.flow.copy_(torch.rand(g.flow.shape, generator=gen) - closed if closed else f.abs() + 1e-3)
+            counts.append(model.cost_model.counts())
+            if not closed:
+                paths.append(_dense_onnx(job))
+                continue
+            paths.append(Path(tmp) / f"calibration{i}.onnx")
+            export_onnx(fold_masks(gated, fold).graph_module.eval(), job.inputs, paths[-1])
+        # side by side, as the CLI measures the final dense and compact models (the same statistic)
+        points = [(k, lat["median_ms"]) for k, lat in zip(counts, compare_latency(paths, batch=batch), strict=True)]
+    with torch.no_grad():
+        for g, f in zip(gates(gated), flows, strict=True):
+            g.flow.copy_(f)
+    return points
 
 
 def _fold_stage(job: _Job, gated: Any, result: TrainResult, dense_acc: float) -> tuple[PassResult, dict[str, Any]]:
@@ -397,6 +492,8 @@ def _fold_stage(job: _Job, gated: Any, result: TrainResult, dense_acc: float) ->
         "sparsity_before_landing": (None if result.density_before_landing is None
                                     else 1.0 - result.density_before_landing),
         "controller_lookahead": result.controller_lookahead, "round_to": folded.report.round_to,
+        "target_speedup": args.target_speedup, "latency_predicted_ms_compact": result.predicted_latency_ms,
+        "latency_table": result.latency_table,
     }
 
 

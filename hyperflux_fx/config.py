@@ -65,7 +65,7 @@ class FoldConfig:
             raise ValueError(f"FoldConfig.min_channels must be >= 1, got {self.min_channels}")
 
 
-TARGET_MEASURES = ("count", "params", "macs")
+TARGET_MEASURES = ("count", "params", "macs", "latency")
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,10 @@ class TrainConfig:
     regrowth_flow_epochs: int = 50  # flow LR is 0 from this regrowth epoch on
     target_measure: str = "count"  # "count": fraction of gated units; "params" / "macs": fraction of the
     #   whole model's parameters / MACs removed, exactly as fold_masks(fold) + count_params_and_macs give them
+    #   "latency": of the compact model's predicted ONNX Runtime CPU latency (analysis/latency_model.py)
     fold: FoldConfig = field(default_factory=FoldConfig)  # the fold the exact measures count (pass it to fold_masks)
+    latency_dense_ms: float | None = None  # "latency": the whole dense model's measured ms at the example batch
+    latency_cache: str | None = None  # "latency": the op-timing cache directory (None: $HYPERFLUX_CACHE or ~/.cache)
     land: bool = True  # at land_at of regrowth: shift all flows by one constant to hit the target, freeze them
     land_at: float = 0.5  # fraction of the regrowth phase after which the landing happens (end of pruning if none)
     label_smoothing: float = 0.1  # for the default classification loss

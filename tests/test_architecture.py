@@ -17,6 +17,7 @@ import hyperflux_fx as hf
 from hyperflux_fx import ir
 from hyperflux_fx.analysis.attention import find_attention
 from hyperflux_fx.analysis.cost import count_params_and_macs, unit_costs
+from hyperflux_fx.analysis.cost_model import CostModel
 from hyperflux_fx.analysis.coupling import analyze_channels, dead_units
 from hyperflux_fx.analysis.weights import find_weight_uses
 
@@ -140,6 +141,9 @@ def test_analysis_leaves_the_graph_as_it_found_it():
     find_weight_uses(gated)
     find_attention(gated)
     count_params_and_macs(gated, inputs())
+    model = CostModel(gated, hf.FoldConfig(round_to=1))
+    model.marginal(model.counts(rounded=False))
+    model.cost()
     assert gated.code == code and [(n.name, n.op, str(n.target), n.args) for n in gated.graph.nodes] == nodes
     assert all(torch.equal(v, state[k]) for k, v in gated.state_dict().items()) and set(state) == set(
         gated.state_dict())

@@ -40,7 +40,7 @@ def test_plan_channel_granularity_lists_groups(capsys):
 
 
 def test_plan_json(capsys):
-    assert main([EXAMPLE, "--plan", "--json", "--exclude", "fc.*"]) == 0
+    assert main([EXAMPLE, "--plan", "--json", "--granularity", "weight", "--exclude", "fc.*"]) == 0
     data = json.loads(capsys.readouterr().out)
     names = [g["name"] for g in data["gated"]]
     assert len(names) == 9 and "fc.weight" not in names
@@ -135,6 +135,24 @@ def _check_report(path: Path, summary: dict) -> None:
     assert parser.tables >= 4 and all(rows >= 2 for rows in parser.rows_per_table)  # header + at least one row
 
 
+def test_a_speedup_target_predicts_and_measures_latency(tmp_path, monkeypatch):
+    monkeypatch.setenv("HYPERFLUX_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    assert main([EXAMPLE, "--out", str(out), "--target-speedup", "1.5", *FAST]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["target_measure"] == "latency" and s["target_speedup"] == 1.5
+    assert s["target_sparsity"] == pytest.approx(1 - 1 / 1.5)
+    table = s["latency_table"]
+    assert table["measured"] > 0 and table["timed_ops"] > 0 and (tmp_path / "cache").exists()  # a cold cache
+    assert s["latency_predicted_ms_compact"] > 0 and s["ort_latency_ms_compact"] > 0 and s["speedup"] > 0
+    # what the predicted latency fraction says is what training reported (the measured one is benchmarked)
+    assert s["achieved_sparsity"] == pytest.approx(1 - s["latency_predicted_ms_compact"]
+                                                   / table["predicted_dense_ms"], abs=1e-9)
+    again = tmp_path / "again"
+    assert main([EXAMPLE, "--out", str(again), "--target-speedup", "1.5", *FAST]) == 0
+    assert json.loads((again / "summary.json").read_text())["latency_table"]["measured"] == 0  # warm: all cached
+
+
 def test_resume_after_an_interrupted_run(tmp_path):
     out = tmp_path / "run"
     assert main([EXAMPLE, "--out", str(out), "--max-intervals", "5", *FAST]) == 0
@@ -198,6 +216,11 @@ BAD_FILES = {
     ([EXAMPLE, "--regrowth-epochs", "-1"], "--regrowth-epochs must be >= 0"),
     ([EXAMPLE, "--batch-size", "0"], "--batch-size must be positive"),
     ([EXAMPLE, "--granularity", "weight", "--target", "params"], "needs --granularity channel or hybrid"),
+    ([EXAMPLE, "--target-speedup", "0.5"], "--target-speedup must be > 1"),
+    ([EXAMPLE, "--target", "latency", "--no-export"], "drop --no-export"),
+    ([EXAMPLE, "--target-speedup", "2", "--target-sparsity", "0.5"], "give one of them"),
+    ([EXAMPLE, "--target-speedup", "2", "--target", "params"], "cannot go with --target params"),
+    ([EXAMPLE, "--granularity", "weight", "--target", "latency"], "needs --granularity channel or hybrid"),
     ([EXAMPLE, "--round-to", "0"], "not a channel multiple"),
     ([EXAMPLE, "--round-to", "eight"], "not a channel multiple"),
 ])

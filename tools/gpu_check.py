@@ -2,7 +2,9 @@
 
 Runs, in one process, on the first CUDA device:
 1. the trainer on a tiny model with amp="bf16" and amp="fp16" (GradScaler, pressure scaled by the
-   loss scale): lands on the target, finite loss;
+   loss scale): lands on the target, finite loss; channel gates with exact MAC / parameter targets
+   (the cost model and the landing with the model on the GPU): the folded model measures what
+   hf.train reported;
 2. training-step time of resnet18 (10 classes, 3x32x32, batch 256) dense vs weight-gated, AMP bf16,
    alternating, medians — the ratio is the GPU counterpart of tools/bench_overhead.py;
 3. one Hyperflux epoch of resnet18 on synthetic CIFAR-shaped data through ``hf.train`` (AMP), with
@@ -47,6 +49,37 @@ def amp_checks() -> list[str]:
                                                              lr=0.05, device=DEV, amp=amp))
         ok = abs(res.sparsity - 0.8) < 0.01 and res.val_accuracy > 0.5
         lines.append(f"amp={amp}: sparsity {res.sparsity:.4f} val {res.val_accuracy:.3f} -> {'OK' if ok else 'FAIL'}")
+    return lines
+
+
+def exact_macs_check(n: int = 1024) -> list[str]:
+    """Channel gates with the exact MAC target (the CLI's default) trained on the device, AMP: the
+    fraction hf.train reports is what the folded model measures, within 1 pt of the target."""
+    import torchvision
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 3, 32, 32, generator=g)
+    y = torch.randint(0, 10, (n,), generator=g)
+    loader = DataLoader(TensorDataset(x, y), batch_size=128, shuffle=True)
+    lines = []
+    for measure in ("macs", "params"):
+        torch.manual_seed(0)
+        model = torchvision.models.resnet18(num_classes=10)
+        example = torch.randn(2, 3, 32, 32)
+        gated = hf.insert_gates(model, hf.GateConfig(granularity="channel", seed=0),
+                                example_inputs=example).graph_module
+        t0 = time.perf_counter()
+        res = hf.train(gated, loader, None, hf.TrainConfig(target_sparsity=0.5, epochs=2, regrowth_epochs=1,
+                                                           target_measure=measure, device=DEV,
+                                                           amp="bf16" if DEV == "cuda" else "off"))
+        seconds = time.perf_counter() - t0
+        compact = hf.fold_masks(gated.cpu()).graph_module
+        p, m = hf.count_params_and_macs(compact, example)
+        p0, m0 = hf.count_params_and_macs(model, example)
+        measured = 1 - (m / m0 if measure == "macs" else p / p0)
+        ok = abs(measured - res.sparsity) < 1e-9 and abs(measured - 0.5) <= 0.01
+        lines.append(f"exact {measure} target 0.5 (resnet18, channel gates, {seconds:.0f} s): reported "
+                     f"{res.sparsity:.4f}, folded model {measured:.4f} -> {'OK' if ok else 'FAIL'}")
     return lines
 
 
@@ -181,6 +214,7 @@ def main() -> int:
         torch.set_num_threads(1)
         for line in amp_checks():
             print(line)
+        print("\n".join(exact_macs_check(n=128)))
         print(step_time(steps=2, batch=8))
         print(hyperflux_epoch(n=64))
         print("\n".join(train_overhead(n=256)))
@@ -195,6 +229,7 @@ def main() -> int:
         return 0
     for line in amp_checks():
         print(line)
+    print("\n".join(exact_macs_check()))
     print(step_time())
     print(hyperflux_epoch())
     print("\n".join(train_overhead()))

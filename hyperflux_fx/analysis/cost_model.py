@@ -85,6 +85,7 @@ class _Tensor:
     numel: int
     dims: dict[int, _Width]
     dense: dict[int, int]
+    shape: tuple[int, ...] = ()
 
     def numel_at(self, k: dict[int, int]) -> int:
         rest = self.numel // math.prod(self.dense.values())
@@ -103,6 +104,7 @@ class _ScaledMacs:
 
     macs: int
     weight: _Tensor
+    node: str = ""
 
     def at(self, k: dict[int, int]) -> int:
         return self.macs * self.weight.numel_at(k) // self.weight.numel
@@ -164,6 +166,8 @@ class CostModel:
         inputs = normalize_inputs(example_inputs) if example_inputs is not None else gm.meta.get(INPUTS_META)
         if inputs is None:
             raise ValueError("CostModel needs example_inputs (none were kept by insert_gates)")
+        device = next((p.device for p in gm.parameters()), torch.device("cpu"))
+        inputs = tuple(tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, list(inputs)))
         propagate_shapes(gm, inputs)
         self.gm = gm
         self.coupling: Coupling = analyze_channels(gm)
@@ -256,7 +260,7 @@ def _sliced_tensors(gm: fx.GraphModule, c: Coupling, group_of: dict[int, int]) -
         dims[cp.target][cp.dim] = _Width(((group_of[cp.space], c.sizes[cp.space], 1),))
     for cons in c.consumers:
         dims[cons.weight][cons.weight_dim] = label_width(cons.label, group_of)
-    return {name: _Tensor(params[name].numel(), d, {i: params[name].shape[i] for i in d})
+    return {name: _Tensor(params[name].numel(), d, {i: params[name].shape[i] for i in d}, tuple(params[name].shape))
             for name, d in dims.items() if name in params}
 
 
@@ -321,7 +325,7 @@ def _mac_term(gm: fx.GraphModule, node: fx.Node, macs: int, operands: Any, c: Co
     """The term for one MAC node, or None when its MACs cannot change."""
     weight = _weight_target(gm, node)
     if weight is not None:
-        return _ScaledMacs(macs, tensors[weight]) if weight in tensors else None
+        return _ScaledMacs(macs, tensors[weight], node.name) if weight in tensors else None
     if operands is None or node.op == "call_module":
         return None
     args, kwargs, out = operands

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from hyperflux_fx.analysis.latency_model import LatencyModel
 from hyperflux_fx.config import TrainConfig
 from hyperflux_fx.ir import Gate, PressureState, gates, pressure_state, set_pressure, track_flux
 from hyperflux_fx.train.checkpoint import (
@@ -98,6 +99,8 @@ class TrainResult:
     checkpoint: str | None = None  # path of the last checkpoint
     controller_lookahead: int = 0  # the look-ahead the pressure controller used (resolved when auto)
     measure: str = "count"  # what density / sparsity count (TrainConfig.target_measure)
+    predicted_latency_ms: float | None = None  # "latency": the compact model's predicted ORT latency (ms)
+    latency_table: dict[str, Any] | None = None  # "latency": op timings measured / cached, seconds, cache file
 
     @property
     def density_before_landing(self) -> float | None:
@@ -178,7 +181,7 @@ class _Progress:
 
 def train(gated: nn.Module, train_loader: DataLoader, val_loader: Iterable[Any] | None = None,
           config: TrainConfig | None = None, *, loss_fn: LossFn | None = None,
-          metric_fn: MetricFn | None = None) -> TrainResult:
+          metric_fn: MetricFn | None = None, latency_model: LatencyModel | None = None) -> TrainResult:
     """Run the Hyperflux pruning and regrowth phases on a gated model.
 
     Args:
@@ -189,6 +192,9 @@ def train(gated: nn.Module, train_loader: DataLoader, val_loader: Iterable[Any] 
         config: the schedule; ``TrainConfig()`` by default.
         loss_fn: ``loss_fn(outputs, targets) -> scalar``; label-smoothed cross-entropy by default.
         metric_fn: ``metric_fn(outputs, targets) -> float`` (batch mean); top-1 accuracy by default.
+        latency_model: with ``target_measure="latency"``, a calibrated
+            :class:`~hyperflux_fx.analysis.latency_model.LatencyModel` of ``gated`` (else one is built,
+            calibrated on ``config.latency_dense_ms`` when given).
 
     Returns:
         TrainResult; the model is trained in place.
@@ -205,7 +211,8 @@ def train(gated: nn.Module, train_loader: DataLoader, val_loader: Iterable[Any] 
     t_start = time.perf_counter()
     rank, world, we_initialised, device = setup_distributed(cfg.device)
     try:
-        run = _setup(gated, train_loader, cfg, rank, world, device, loss_fn, metric_fn, t_start)
+        run = _setup(gated, train_loader, cfg, rank, world, device, loss_fn, metric_fn, t_start,
+                     Measure(gated, cfg, latency_model))
         progress = _restore_or_start(run)
         _loop(run, progress, train_loader, val_loader)
     finally:
@@ -217,12 +224,11 @@ def train(gated: nn.Module, train_loader: DataLoader, val_loader: Iterable[Any] 
 
 
 def _setup(gated: nn.Module, loader: DataLoader, cfg: TrainConfig, rank: int, world: int, device: torch.device,
-           loss_fn: LossFn | None, metric_fn: MetricFn | None, t_start: float) -> _Run:
+           loss_fn: LossFn | None, metric_fn: MetricFn | None, t_start: float, measure: Measure) -> _Run:
     """Move the model, plan the schedule and the controller, build optimisers and the recorder."""
     dtype = amp_dtype(cfg.amp, device)
     gated.to(device)
     all_gates = gates(gated)
-    measure = Measure(gated, cfg)
     schedule = _schedule(cfg, loader, world)
     lookahead = cfg.controller_lookahead
     if lookahead is None:  # the flows' response lag: their mean distance above the threshold now
@@ -493,4 +499,5 @@ def _result(run: _Run, progress: _Progress) -> TrainResult:
                        intervals=progress.intervals, seconds=time.perf_counter() - run.t_start,
                        completed=not progress.stopped_early, law=law, law_note=law_note,
                        checkpoint=str(ckpt) if ckpt is not None and ckpt.exists() else None,
-                       controller_lookahead=run.controller.lookahead, measure=run.measure.name)
+                       controller_lookahead=run.controller.lookahead, measure=run.measure.name,
+                       predicted_latency_ms=run.measure.predicted_ms(), latency_table=run.measure.latency_info())

@@ -3,9 +3,17 @@
 * ``"count"``: the fraction of gated units kept (the paper's density).
 * ``"params"`` / ``"macs"``: the compact model's parameters / MACs over the dense model's, exactly as
   ``fold_masks`` with the run's ``FoldConfig`` followed by ``count_params_and_macs`` would give them
-  (:class:`~hyperflux_fx.analysis.cost_model.CostModel`, rounding included). The pressure on each
-  channel group follows what closing one more of its units would save at the current masks
-  (refreshed every interval), and the landing bisects the flow threshold on the exact measure.
+  (:class:`~hyperflux_fx.analysis.cost_model.CostModel`, rounding included).
+* ``"latency"``: the compact model's predicted ONNX Runtime latency over the dense model's
+  (:class:`~hyperflux_fx.analysis.latency_model.LatencyModel`, calibrated with
+  ``TrainConfig.latency_dense_ms`` when given). When the model has a ``measure`` (the CLI gives it
+  one: fold, export and time the current masks side by side with the dense model), the landing checks
+  the real compact model and lands again on a corrected aim, up to three times, until the measured
+  fraction is within 3% of the target.
+
+For the last three the pressure on each channel group follows what closing one more of its units
+would save at the current masks (refreshed every interval), and the landing bisects the flow
+threshold on the measure, then rounds every group to whole blocks of the fold.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from torch import fx, nn
 
 from hyperflux_fx.analysis.cost_model import MEASURES, CostModel
 from hyperflux_fx.analysis.coupling import kept_count
+from hyperflux_fx.analysis.latency_model import LatencyModel
 from hyperflux_fx.config import TrainConfig
 from hyperflux_fx.ir import ChannelGate, density, gates
 from hyperflux_fx.train.landing import land_on_density
@@ -28,22 +37,33 @@ __all__ = ["Measure", "land_on_measure"]
 class Measure:
     """The run's target measure (see the module docstring)."""
 
-    def __init__(self, gated: nn.Module, cfg: TrainConfig) -> None:
+    def __init__(self, gated: nn.Module, cfg: TrainConfig, latency_model: LatencyModel | None = None) -> None:
         self.name = cfg.target_measure
         self.gated = gated
         self.cost_model: CostModel | None = None
-        if self.name in MEASURES:
+        self.latency: LatencyModel | None = None
+        self.landing_checks: list[dict[str, float]] = []  # latency: measured compact/dense at the landing
+        if self.name in (*MEASURES, "latency"):
             if not isinstance(gated, fx.GraphModule) or not any(isinstance(g, ChannelGate) for g in gates(gated)):
                 raise ValueError(f"target_measure={self.name!r} needs channel gates (granularity 'channel' or "
                                  f"'hybrid'): weight gates delete nothing, so the {self.name} do not change")
-            self.cost_model = CostModel(gated, cfg.fold)
+            if self.name == "latency" and latency_model is not None:
+                if latency_model.cost_model.gm is not gated:
+                    raise ValueError("the latency model was built for another gated model")
+                self.cost_model, self.latency = latency_model.cost_model, latency_model
+            else:
+                self.cost_model = CostModel(gated, cfg.fold)
+            if self.name == "latency" and self.latency is None:
+                self.latency = LatencyModel(self.cost_model, cache_dir=cfg.latency_cache, progress=cfg.progress)
+                if cfg.latency_dense_ms is not None:
+                    self.latency.calibrate_dense(cfg.latency_dense_ms)
             self._check_reachable(1.0 - cfg.target_sparsity)
 
     def _check_reachable(self, target_kept: float) -> None:
         cm = self.cost_model
         floor = {g.id: kept_count(g.size, g.size, cm.fold) if cm.gate_of[g.id] is not None and g.deletable
                  else g.size for g in cm.groups}
-        least = cm.cost_at(floor).of(self.name) / max(cm.dense.of(self.name), 1)
+        least = self.fraction_at(floor)
         if target_kept < least:
             raise ValueError(f"target_sparsity {1 - target_kept:.3f} of the {self.name} is out of reach: closing "
                              f"every gated unit removes {1 - least:.3f} of them (the rest is in ungated or "
@@ -54,7 +74,33 @@ class Measure:
         for the controller)."""
         if self.cost_model is None:
             return density(self.gated)
-        return self.cost_model.kept_fraction(self.name, rounded=rounded)
+        return self.fraction_at(self.cost_model.counts(rounded=rounded))
+
+    def fraction_at(self, k: dict[int, int]) -> float:
+        """The kept fraction when group ``g`` keeps ``k[g]`` units (exact measures and latency)."""
+        if self.latency is not None:
+            return self.latency.fraction(k)
+        return self.cost_model.cost_at(k).of(self.name) / max(self.cost_model.dense.of(self.name), 1)
+
+    def marginal(self, k: dict[int, int]) -> dict[int, float]:
+        """Per group: what closing one more unit saves, in this measure's own unit."""
+        if self.latency is not None:
+            return self.latency.marginal(k)
+        return {gid: float(c.of(self.name)) for gid, c in self.cost_model.marginal(k).items()}
+
+    def predicted_ms(self) -> float | None:
+        """Predicted compact latency (ms) at the current masks, rounded as the fold will (latency only)."""
+        return None if self.latency is None else self.latency.predict_ms(self.cost_model.counts())
+
+    def latency_info(self) -> dict[str, object] | None:
+        """How the latency table was obtained (latency only): op timings measured now and cached, the
+        seconds it took, the cache file, the timed ops and the predicted dense latency."""
+        lm = self.latency
+        if lm is None:
+            return None
+        return {"measured": lm.measured, "cached": len(lm.table), "seconds": lm.build_seconds, "cache": str(lm.path),
+                "timed_ops": len(lm.ops), "predicted_dense_ms": lm.dense_ms, "coefficients": list(lm.coef),
+                "calibration": lm.calibration, "landing_checks": self.landing_checks}
 
     @torch.no_grad()
     def refresh_pressure(self) -> None:
@@ -62,8 +108,8 @@ class Measure:
         cm = self.cost_model
         if cm is None:
             return
-        marginal = cm.marginal(cm.counts(rounded=False))
-        scaled = [(gate, float(marginal[gid].of(self.name))) for gid, gate in cm.gate_of.items() if gate is not None]
+        marginal = self.marginal(cm.counts(rounded=False))
+        scaled = [(gate, max(marginal[gid], 0.0)) for gid, gate in cm.gate_of.items() if gate is not None]
         units = sum(g.numel for g, _ in scaled)
         mean = sum(g.numel * m for g, m in scaled) / max(units, 1)
         for gate, m in scaled:
@@ -74,9 +120,43 @@ class Measure:
         """Shift every flow by one constant so this measure lands as close to ``target_kept`` as it can."""
         if self.cost_model is None:
             return land_on_density(self.gated, target_kept)
+        landing = self._land_predicted(target_kept)
+        if self.latency is not None and self.latency.measure is not None:
+            landing = self._land_measured(landing, target_kept, self.latency.measure)
+        return landing
+
+    @torch.no_grad()
+    def _land_measured(self, landing: Landing, target_kept: float, check: Callable[[], float]) -> Landing:
+        """Close the loop on the real runtime: measure the landed masks, land again on an aim corrected
+        by the secant through the last two (aim, measured) pairs, up to 4 times; keep the best."""
+        aims: list[float] = []
+        measured: list[float] = []
+        snapshots = []
+        aim = target_kept
+        for _ in range(4):
+            aims.append(aim)
+            measured.append(check())
+            snapshots.append([g.flow.detach().clone() for g in gates(self.gated)])
+            self.landing_checks.append({"aimed": aim, "predicted": self.kept(), "measured": measured[-1]})
+            if abs(measured[-1] / target_kept - 1) <= 0.03:
+                break
+            slope = (aims[-1] / measured[-1] if len(aims) < 2 or measured[-1] == measured[-2]
+                     else (aims[-1] - aims[-2]) / (measured[-1] - measured[-2]))
+            step = slope * (target_kept - measured[-1]) if slope > 0 else aim * (target_kept / measured[-1] - 1)
+            aim = min(max(aim + step, aim / 1.5, 1e-3), aim * 1.5, 1.0)  # a noisy secant moves at most 1.5x
+            landing = Landing(shift=landing.shift, density_before=landing.density_before,
+                              density_after=self._land_predicted(aim).density_after)
+        best = min(range(len(measured)), key=lambda i: abs(measured[i] - target_kept))
+        for g, flow in zip(gates(self.gated), snapshots[best], strict=True):
+            g.flow.copy_(flow)
+        self.landing_checks[best]["kept"] = 1.0
+        landing.density_after = self.kept()
+        return landing
+
+    def _land_predicted(self, target_kept: float) -> Landing:
         landing = land_on_measure(self.gated, lambda: self.kept(), target_kept)
         if self.cost_model.fold.round_to > 1:
-            round_groups(self.cost_model, self.name, target_kept)
+            round_groups(self.cost_model, self.fraction_at, target_kept)
             landing.density_after = self.kept()
         return landing
 
@@ -90,7 +170,8 @@ def _block_choices(size: int, kept: int, step: int, reach: int = 2) -> list[int]
 
 
 @torch.no_grad()
-def round_groups(cm: CostModel, measure: str, target_kept: float) -> dict[int, int]:
+def round_groups(cm: CostModel, fraction_at: Callable[[dict[int, int]], float], target_kept: float
+                 ) -> dict[int, int]:
     """Decide the fold's rounding per group, up or down, so the measure lands closest to the target.
 
     After the landing each group keeps some open units; the fold would round every count *up* to
@@ -101,7 +182,6 @@ def round_groups(cm: CostModel, measure: str, target_kept: float) -> dict[int, i
     the landing). The masked model then computes what the compact model will.
     """
     step = int(cm.fold.round_to)
-    dense = max(cm.dense.of(measure), 1)
     gated = {g.id: g for g in cm.groups if g.deletable and cm.gate_of[g.id] is not None}
     k = cm.counts(rounded=False)
     opened = {gid: min(k[gid], gated[gid].size) for gid in gated}
@@ -109,7 +189,7 @@ def round_groups(cm: CostModel, measure: str, target_kept: float) -> dict[int, i
     chosen = cm.counts()  # the fold's own rounding (up) is where the search starts
 
     def error(counts: dict[int, int]) -> float:
-        return abs(cm.cost_at(counts).of(measure) / dense - target_kept)
+        return abs(fraction_at(counts) - target_kept)
 
     while True:
         best, best_err = None, error(chosen)

@@ -22,7 +22,8 @@ def test_headline_says_speed_size_and_accuracy():
 def test_a_slower_compact_model_is_said_in_plain_words():
     slow = {**BASE, "ort_latency_ms_compact": 3.0}
     assert headline(slow).startswith("SLOWER than the dense model in ONNX Runtime (0.77x)")
-    assert "round-to" in slower_note(slow)
+    assert "round-to auto" in slower_note({**slow, "round_to": 1})  # odd widths: the blocked kernels
+    assert "--target-speedup" in slower_note({**slow, "round_to": 16})  # whole blocks: fixed per-op costs
     weight = {**slow, "granularity": "weight", "params_compact_stored": 1_000_000}
     assert "zeros stay in dense kernels" in slower_note(weight)
     same = {**BASE, "ort_latency_ms_compact": 2.25}  # within 5%: noise, not slower
@@ -33,6 +34,10 @@ def test_asked_and_got_rows_have_units_and_no_float_noise():
     rows = {what: (asked, got) for what, asked, got in asked_and_got(BASE)}
     assert rows["sparsity"] == ("50.0% of the gated units, channel gates", "50.0% (the dynamics alone: 48.0%)")
     assert rows["MACs"][1] == "4,000,000 → 1,000,000 (4.00x fewer)"
+    latency = {**BASE, "target_measure": "latency", "target_sparsity": 0.5, "latency_predicted_ms_compact": 1.1}
+    rows = {what: (asked, got) for what, asked, got in asked_and_got(latency)}
+    assert rows["sparsity"][0].startswith("50.0% of the ONNX Runtime latency")
+    assert rows["ONNX Runtime latency, batch 2"] == ("2.00x (predicted: 1.100 ms)", "2.300 ms → 1.000 ms (2.30x)")
     assert rows["ONNX Runtime latency, batch 2"][1] == "2.300 ms → 1.000 ms (2.30x)"
     assert rows["wall time"][1] == "36 s"
     assert fmt(0.43440999999688756) == "0.4344" and fmt(1234567) == "1,234,567" and fmt(None) == "-"

@@ -1,0 +1,56 @@
+"""The latency model: a per-op ONNX Runtime timing table, cached on disk, interpolated."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import hyperflux_fx as hf
+from hyperflux_fx.analysis.cost_model import CostModel
+from hyperflux_fx.analysis.latency_model import LatencyModel, cache_path
+
+
+def _gated():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1, groups=32),
+                        nn.ReLU(), nn.Conv2d(32, 24, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(24, 10))
+    x = torch.randn(2, 3, 8, 8)
+    return hf.insert_gates(net, hf.GateConfig(granularity="channel"), example_inputs=x).graph_module
+
+
+def test_the_table_is_measured_once_then_read_from_the_cache(tmp_path):
+    gm = _gated()
+    cost = CostModel(gm, hf.FoldConfig(round_to=8))
+    cold = LatencyModel(cost, cache_dir=tmp_path, repeats=3)
+    assert cold.measured > 0 and cache_path(tmp_path).exists()
+    kinds = sorted({op.kind for op in cold.ops})
+    assert kinds == ["conv", "dwconv", "linear"]  # every op whose widths the fold changes is timed
+    stored = json.loads(cache_path(tmp_path).read_text())
+    assert len(stored) == cold.measured
+    warm = LatencyModel(cost, cache_dir=tmp_path, repeats=3)
+    assert warm.measured == 0  # a hit: nothing timed again
+    half = {g.id: max(8, g.size // 2) if g.deletable else g.size for g in cost.groups}
+    assert warm.predict_ms(half) == pytest.approx(cold.predict_ms(half))
+
+
+def test_a_new_batch_size_misses_the_cache(tmp_path):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 8, 1))
+    for batch, expect_measured in ((2, True), (2, False), (3, True)):
+        gm = hf.insert_gates(net, hf.GateConfig(granularity="channel"),
+                             example_inputs=torch.randn(batch, 3, 8, 8)).graph_module
+        model = LatencyModel(CostModel(gm, hf.FoldConfig(round_to=8)), cache_dir=tmp_path, repeats=2)
+        assert (model.measured > 0) == expect_measured, batch
+
+
+def test_calibration_makes_the_dense_prediction_the_measurement(tmp_path):
+    model = LatencyModel(CostModel(_gated(), hf.FoldConfig(round_to=8)), cache_dir=tmp_path, repeats=3)
+    model.calibrate_dense(5.0)
+    assert model.dense_ms == pytest.approx(5.0)
+    assert model.fraction({g.id: g.size for g in model.cost_model.groups}) == pytest.approx(1.0)
+    marginal = model.marginal({g.id: g.size for g in model.cost_model.groups})
+    assert set(marginal) == {g.id for g in model.cost_model.groups}
