@@ -472,7 +472,7 @@ def _after_record(run: _Run, progress: _Progress, rec: IntervalRecord, bar: Any)
     if run.distributed:
         check_masks_equal(run.gated, run.world, run.device if run.device.type == "cuda" else torch.device("cpu"))
     if bar is not None:
-        bar.set_postfix(loss=f"{rec.train_loss:.3f}", density=f"{rec.density:.4f}", gamma=f"{rec.gamma:.3g}")
+        bar.set_postfix(loss=f"{rec.train_loss:.3f}", kept=f"{rec.measured_density:.4f}", gamma=f"{rec.gamma:.3g}")
     log.info("interval %d (%s) step %d: density %.4f planned %s gamma %.4g loss %.4f val %s", rec.interval,
              rec.phase, rec.step, rec.density, rec.planned, rec.gamma, rec.train_loss, progress.val_acc)
     if run.ckpt_path is not None and run.writer:
