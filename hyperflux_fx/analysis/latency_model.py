@@ -6,11 +6,14 @@ Runtime at the run's batch, on a grid of (input width, output width) pairs — m
 rounding between one block and the dense width, at most ``GRID`` per side — less the fixed cost of
 one ORT run on the same input (a model that only copies it), and interpolated bilinearly in between.
 Timed alone, an op also pays what it would not pay inside the model (layout reorders around it), and
-the model has costs no timed op has (elementwise ops, pooling, the ops the fold leaves alone), so the
-prediction is ``alpha * sum(op times) + beta * (folded activation volume of the timed ops / dense) +
-c``, fitted on whole models measured in ORT: ``calibrate(points)`` with (kept units, measured ms) of
-the dense model and a few compact ones (least squares), or ``calibrate_dense(ms)`` with the dense
-model alone (alpha = 1, c = 0).
+the model has costs no timed op has (elementwise ops, pooling, the ops the fold leaves alone). So the
+prediction is a non-negative combination of four features of the kept units — the sum of the table's
+op times, the MACs (exact, from the cost model), the folded activation volume of the timed ops, and a
+constant — fitted on whole models measured in ORT (``calibrate(points)``: the dense model and a few
+compact ones). Which features take part is chosen by leave-one-out error on those points: compute-
+bound models follow the op table, memory-bound ones (mobilenet_v2's depthwise/pointwise pairs at
+small sizes) follow the MACs. ``calibrate_dense(ms)`` fits the dense model alone (table + rest
+scaled by volume).
 
 Timings are cached on disk (JSON) per op signature, width pair and batch, in one file per CPU model,
 thread count and ORT version, so only the first run on a machine measures.
@@ -122,7 +125,8 @@ class LatencyModel:
         dense = {g.id: g.size for g in cost_model.groups}
         self._volume_dense = self._volume(dense)
         self.ops_dense_ms = self._ops_ms(dense)
-        self.coef = (1.0, 0.0, 0.0)  # alpha, beta, c (uncalibrated: the timed ops alone)
+        self.coef = (1.0, 0.0, 0.0, 0.0)  # per feature (ops, MACs, volume, 1); uncalibrated: the timed ops alone
+        self.form = "ops"
         self.measure: Callable[[], float] | None = None  # measured compact/dense of the current masks, if set
         self.calibration: list[dict[str, float]] = []
 
@@ -187,41 +191,43 @@ class LatencyModel:
     def _volume(self, k: dict[int, int]) -> float:
         return float(sum(op.widths(k)[1] * op.positions for op in self.ops))
 
-    def _features(self, k: dict[int, int]) -> tuple[float, float, float]:
+    def _features(self, k: dict[int, int]) -> tuple[float, float, float, float]:
+        """(table ms, MAC fraction, activation-volume fraction, 1) at ``k``."""
         volume = self._volume(k) / self._volume_dense if self._volume_dense else 1.0
-        return self._ops_ms(k), volume, 1.0
+        macs = self.cost_model.cost_at(k).macs / max(self.cost_model.dense.macs, 1)
+        return self._ops_ms(k), macs, volume, 1.0
 
     def calibrate_dense(self, dense_ms: float) -> None:
         """Fit on the whole dense model alone: the rest is its measured time less the timed ops,
         scaled by the activation volume."""
-        self.coef = (1.0, dense_ms - self.ops_dense_ms, 0.0)
+        self.coef, self.form = (1.0, 0.0, max(dense_ms - self.ops_dense_ms, 0.0), 0.0), "ops + volume"
         self.calibration = [{"measured_ms": dense_ms, "predicted_ms": self.dense_ms}]
 
     def calibrate(self, points: list[tuple[dict[int, int], float]]) -> None:
-        """Fit (alpha, beta, c) on whole models measured in ORT, ``(k, ms)`` pairs with the dense model
-        first: non-negative least squares on relative errors (every term is a cost, so none may be
-        negative — a negative one would let the landing buy latency by keeping activations). Falls
-        back to :meth:`calibrate_dense` when the fit is degenerate."""
+        """Fit the prediction on whole models measured in ORT, ``(k, ms)`` pairs with the dense model
+        first: non-negative least squares on relative errors (every term is a cost; a negative one
+        would let the landing buy latency by keeping work), over the feature set whose leave-one-out
+        error on the points is smallest. Fewer than 4 points: :meth:`calibrate_dense`."""
         import numpy as np
-        from scipy.optimize import nnls
 
-        if len(points) < 3:
+        if len(points) < 4:
             self.calibrate_dense(points[0][1])
             return
         a = np.array([self._features(k) for k, _ in points])
         b = np.array([ms for _, ms in points])
-        coef, _ = nnls(a / b[:, None], np.ones_like(b))  # relative: the small models count as much
-        if not np.all(np.isfinite(coef)) or not coef[:2].sum() > 0:
+        best = min(FORMS, key=lambda cols: (_loo_error(a[:, cols], b), len(cols)))
+        coef = np.zeros(4)
+        coef[list(best)] = _nnls_relative(a[:, best], b)
+        if not np.all(np.isfinite(coef)) or not coef[:3].sum() > 0:
             self.calibrate_dense(points[0][1])
             return
         self.coef = tuple(float(c) for c in coef)
+        self.form = " + ".join(FEATURES[i] for i in best)
         self.calibration = [{"measured_ms": ms, "predicted_ms": self.predict_ms(k)} for k, ms in points]
 
     def predict_ms(self, k: dict[int, int]) -> float:
         """Predicted latency (ms) of the compact model when group ``g`` keeps ``k[g]`` units."""
-        ops, volume, one = self._features(k)
-        alpha, beta, c = self.coef
-        return max(alpha * ops + beta * volume + c * one, 1e-6)
+        return max(sum(c * f for c, f in zip(self.coef, self._features(k), strict=True)), 1e-6)
 
     @property
     def dense_ms(self) -> float:
@@ -236,6 +242,29 @@ class LatencyModel:
         now = self.predict_ms(k)
         return {g.id: (now - self.predict_ms({**k, g.id: k[g.id] - 1})) if k[g.id] > 1 else 0.0
                 for g in self.cost_model.groups}
+
+
+FEATURES = ("ops", "macs", "volume", "constant")
+FORMS = ((0, 3), (1, 3), (0, 2, 3), (1, 2, 3))  # candidate feature sets (indices into FEATURES)
+
+
+def _nnls_relative(a: Any, b: Any) -> Any:
+    """Non-negative coefficients minimising the squared *relative* errors of ``a @ x`` against ``b``."""
+    import numpy as np
+    from scipy.optimize import nnls
+
+    coef, _ = nnls(a / b[:, None], np.ones_like(b))
+    return coef
+
+
+def _loo_error(a: Any, b: Any) -> float:
+    """Largest relative error of each point predicted by a fit on the others."""
+    worst = 0.0
+    for i in range(len(b)):
+        rest = [j for j in range(len(b)) if j != i]
+        coef = _nnls_relative(a[rest], b[rest])
+        worst = max(worst, abs(float(a[i] @ coef) / float(b[i]) - 1))
+    return worst
 
 
 def _timed_ops(cm: CostModel) -> list[_Op]:

@@ -100,7 +100,7 @@ class Measure:
             return None
         return {"measured": lm.measured, "cached": len(lm.table), "seconds": lm.build_seconds, "cache": str(lm.path),
                 "timed_ops": len(lm.ops), "predicted_dense_ms": lm.dense_ms, "coefficients": list(lm.coef),
-                "calibration": lm.calibration, "landing_checks": self.landing_checks}
+                "form": lm.form, "calibration": lm.calibration, "landing_checks": self.landing_checks}
 
     @torch.no_grad()
     def refresh_pressure(self) -> None:

@@ -54,3 +54,23 @@ def test_calibration_makes_the_dense_prediction_the_measurement(tmp_path):
     assert model.fraction({g.id: g.size for g in model.cost_model.groups}) == pytest.approx(1.0)
     marginal = model.marginal({g.id: g.size for g in model.cost_model.groups})
     assert set(marginal) == {g.id for g in model.cost_model.groups}
+
+
+def test_the_fit_picks_the_feature_set_that_predicts_held_out_models(tmp_path):
+    """Four whole-model 'measurements' that follow the MACs exactly: the leave-one-out choice is a MAC
+    form and it predicts a fifth configuration."""
+    model = LatencyModel(CostModel(_gated(), hf.FoldConfig(round_to=8)), cache_dir=tmp_path, repeats=2)
+    cm = model.cost_model
+    full = {g.id: g.size for g in cm.groups}
+
+    def k_at(frac):
+        return {g.id: max(8, int(g.size * frac) // 8 * 8) if g.deletable else g.size for g in cm.groups}
+
+    def true_ms(k):
+        return 0.05 + 2.0 * cm.cost_at(k).macs / cm.dense.macs
+
+    points = [(full, true_ms(full))] + [(k_at(f), true_ms(k_at(f))) for f in (0.75, 0.5, 0.3)]
+    model.calibrate(points)
+    assert "macs" in model.form and all(c >= 0 for c in model.coef)
+    probe = k_at(0.6)
+    assert model.predict_ms(probe) == pytest.approx(true_ms(probe), rel=0.02)
