@@ -35,7 +35,8 @@ def figures(history: list[Any], summary: dict[str, Any], fold_groups: list[dict[
 
     out: list[tuple[str, str]] = []
     if history:
-        out += [_density_figure(plt, history), _pressure_figure(plt, history), _flips_figure(plt, history)]
+        out += [_density_figure(plt, history, summary.get("target_measure", "count")), _pressure_figure(plt, history),
+                _flips_figure(plt, history)]
         out += _layer_figure(plt, history) + _law_figure(plt, history, law)
     if any(g["deleted"] > 0 for g in fold_groups):  # only where something was deleted
         out.append(_fold_figure(plt, fold_groups))
@@ -49,7 +50,11 @@ def figures(history: list[Any], summary: dict[str, Any], fold_groups: list[dict[
     return out
 
 
-def _density_figure(plt: Any, history: list[Any]) -> tuple[str, str]:
+KEPT_LABELS = {"count": "kept fraction of the gated units", "params": "kept fraction of the parameters",
+               "macs": "kept fraction of the MACs", "latency": "predicted latency / dense"}
+
+
+def _density_figure(plt: Any, history: list[Any], measure: str) -> tuple[str, str]:
     x = [r["step"] for r in history]
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
     ax.plot(x, [r["measured_density"] for r in history], label="measured density", lw=2)
@@ -59,7 +64,7 @@ def _density_figure(plt: Any, history: list[Any]) -> tuple[str, str]:
     ax.axhline(history[-1]["target_density"], color="k", lw=0.8, ls=":", label="target")
     ax.set_yscale("log")
     ax.set_xlabel("step")
-    ax.set_ylabel("density")
+    ax.set_ylabel(KEPT_LABELS.get(measure, "density"))
     ax.legend()
     ax.set_title("Density trajectory vs plan")
     return "Density trajectory vs planned", _png(fig)
