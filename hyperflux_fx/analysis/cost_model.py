@@ -46,7 +46,7 @@ from hyperflux_fx.frontend.trace import normalize_inputs, propagate_shapes
 from hyperflux_fx.ir import INPUTS_META, STATE_ATTRS, ChannelGate, WeightGate, gates
 from hyperflux_fx.ops import call_spec, module_macs, module_spec, slot_value, weight_slots
 
-__all__ = ["MEASURES", "Cost", "CostModel"]
+__all__ = ["MEASURES", "Cost", "CostModel", "Width"]
 
 MEASURES = ("params", "macs")
 
@@ -65,7 +65,7 @@ class Cost:
 
 
 @dataclass(frozen=True)
-class _Width:
+class Width:
     """A folded width: sum over parts of (k[group] or a fixed length) x multiplier."""
 
     parts: tuple[tuple[int | None, int, int], ...]  # (group id or None, dense length, multiplier)
@@ -83,7 +83,7 @@ class _Tensor:
     """A parameter and the folded width of each dim the fold slices."""
 
     numel: int
-    dims: dict[int, _Width]
+    dims: dict[int, Width]
     dense: dict[int, int]
     shape: tuple[int, ...] = ()
 
@@ -121,7 +121,7 @@ class _Ref:
     shape: tuple[int, ...]
     dtype: torch.dtype
     dim: int | None
-    width: _Width | None
+    width: Width | None
 
     def meta(self, k: dict[int, int]) -> torch.Tensor:
         shape = list(self.shape)
@@ -185,8 +185,10 @@ class CostModel:
 
     # -- counts -------------------------------------------------------------------------------------
 
-    def closed(self, group: Group, overrides: dict[ChannelGate, torch.Tensor] | None = None) -> torch.Tensor:
-        """A bool per unit of ``group``: closed by its gate (or ``overrides[gate]``), or dead."""
+    def closed(self, group: Group, overrides: dict[ChannelGate, torch.Tensor] | None = None,
+               params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """A bool per unit of ``group``: closed by its gate (or ``overrides[gate]``), or dead (judged on
+        ``params``, the weights with their masks applied; computed here when not given)."""
         gate = self.gate_of[group.id]
         if gate is None:
             closed = torch.zeros(group.size, dtype=torch.bool)
@@ -195,15 +197,17 @@ class CostModel:
         else:
             closed = (gate.mask() == 0).cpu()
         if self.fold.delete_dead and group.zero_preserving and group.deletable:
-            closed = closed | dead_units(self.gm, self.coupling, group, params=self._effective_params())
+            params = self._effective_params() if params is None else params
+            closed = closed | dead_units(self.gm, self.coupling, group, params=params)
         return closed
 
     def counts(self, overrides: dict[ChannelGate, torch.Tensor] | None = None, *, rounded: bool = True
                ) -> dict[int, int]:
         """Units each group keeps: as ``fold_masks`` would (``rounded``), or simply the open ones."""
         out = {}
+        params = self._effective_params()  # once: masking every gated weight is the costly part
         for g in self.groups:
-            n_closed = int(self.closed(g, overrides).sum()) if g.deletable else 0
+            n_closed = int(self.closed(g, overrides, params).sum()) if g.deletable else 0
             out[g.id] = kept_count(g.size, n_closed, self.fold) if rounded else max(g.size - n_closed, 1)
         return out
 
@@ -216,6 +220,10 @@ class CostModel:
                 params[target] = params[target].detach() * gate.mask().to(params[target].dtype)
         return params
 
+    def weight_ops(self) -> list[tuple[str, _Tensor]]:
+        """(node name, sliced weight) of every weight op whose MACs follow the kept units."""
+        return [(t.node, t.weight) for t in self._mac_terms if isinstance(t, _ScaledMacs)]
+
     # -- cost ---------------------------------------------------------------------------------------
 
     def cost_at(self, k: dict[int, int]) -> Cost:
@@ -227,11 +235,6 @@ class CostModel:
     def cost(self, overrides: dict[ChannelGate, torch.Tensor] | None = None) -> Cost:
         """The cost ``fold_masks`` + ``count_params_and_macs`` would give for the current masks."""
         return self.cost_at(self.counts(overrides))
-
-    def kept_fraction(self, measure: str, overrides: dict[ChannelGate, torch.Tensor] | None = None, *,
-                      rounded: bool = True) -> float:
-        """The compact model's ``measure`` ("params" or "macs") over the dense model's."""
-        return self.cost_at(self.counts(overrides, rounded=rounded)).of(measure) / max(self.dense.of(measure), 1)
 
     def marginal(self, k: dict[int, int]) -> dict[int, Cost]:
         """Per group: what closing one more of its units saves at ``k`` (cost(k) - cost(k - 1 unit))."""
@@ -250,23 +253,23 @@ class CostModel:
 def _sliced_tensors(gm: fx.GraphModule, c: Coupling, group_of: dict[int, int]) -> dict[str, _Tensor]:
     """Every parameter the fold may slice, with the folded width of each sliced dim."""
     params = {n: p for n, p in gm.named_parameters() if not n.startswith(STATE_ATTRS)}
-    dims: dict[str, dict[int, _Width]] = defaultdict(dict)
+    dims: dict[str, dict[int, Width]] = defaultdict(dict)
     for sid, prod in c.producers.items():
-        width = _Width(((group_of[sid], c.sizes[sid], prod.replicas * prod.unit_rows),))
+        width = Width(((group_of[sid], c.sizes[sid], prod.replicas * prod.unit_rows),))
         dims[prod.weight][prod.weight_dim] = width
         if prod.bias is not None:
             dims[prod.bias][0] = width
     for cp in c.params:
-        dims[cp.target][cp.dim] = _Width(((group_of[cp.space], c.sizes[cp.space], 1),))
+        dims[cp.target][cp.dim] = Width(((group_of[cp.space], c.sizes[cp.space], 1),))
     for cons in c.consumers:
         dims[cons.weight][cons.weight_dim] = label_width(cons.label, group_of)
     return {name: _Tensor(params[name].numel(), d, {i: params[name].shape[i] for i in d}, tuple(params[name].shape))
             for name, d in dims.items() if name in params}
 
 
-def label_width(label: Label, group_of: dict[int, int]) -> _Width:
+def label_width(label: Label, group_of: dict[int, int]) -> Width:
     """The folded width along a label's dim."""
-    return _Width(tuple((group_of.get(s.space) if s.space is not None else None, s.length, s.expand)
+    return Width(tuple((group_of.get(s.space) if s.space is not None else None, s.length, s.expand)
                         for s in label.segs))
 
 

@@ -78,8 +78,18 @@ class Producer:
         """Indices along weight_dim of the kept units (heads: every replica's rows of each kept head)."""
         if self.replicas == 1 and self.unit_rows == 1:
             return keep
-        per = (keep[:, None] * self.unit_rows + torch.arange(self.unit_rows)[None, :]).flatten()
-        return torch.cat([per + r * self.units * self.unit_rows for r in range(self.replicas)])
+        return self._replica_rows(keep).flatten()  # replica-major, as the weight lays them out
+
+    def rows_per_unit(self, units: torch.Tensor) -> torch.Tensor:
+        """Row indices of each of ``units`` (one row per unit: every replica's rows of that unit)."""
+        if self.replicas == 1 and self.unit_rows == 1:
+            return units[:, None]
+        return self._replica_rows(units).permute(1, 0, 2).reshape(units.numel(), -1)
+
+    def _replica_rows(self, units: torch.Tensor) -> torch.Tensor:
+        """(replicas, len(units), unit_rows) row indices."""
+        own = units[:, None] * self.unit_rows + torch.arange(self.unit_rows)[None, :]
+        return own[None] + torch.arange(self.replicas)[:, None, None] * self.units * self.unit_rows
 
 
 @dataclass
@@ -843,8 +853,7 @@ def dead_units(gm: fx.GraphModule, c: Coupling, group: Group,
         zero_rows = (rows == 0).all(dim=1).cpu()
         if prod.bias is not None:
             zero_rows &= (params[prod.bias].detach() == 0).cpu()
-        unit_rows = torch.stack([prod.rows(torch.tensor([u])) for u in range(group.size)])
-        dead &= zero_rows[unit_rows].all(dim=1)
+        dead &= zero_rows[prod.rows_per_unit(torch.arange(group.size))].all(dim=1)
     return dead
 
 

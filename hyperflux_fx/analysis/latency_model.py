@@ -38,7 +38,7 @@ from typing import Any
 
 from torch import fx
 
-from hyperflux_fx.analysis.cost_model import CostModel, _ScaledMacs, _Width
+from hyperflux_fx.analysis.cost_model import CostModel, Width
 from hyperflux_fx.analysis.coupling import shape_of
 from hyperflux_fx.ops import call_spec
 
@@ -56,14 +56,14 @@ class _Op:
     node: str
     kind: str  # "conv" (groups 1), "dwconv" (groups = channels) or "linear"
     geometry: tuple[Any, ...]  # everything but the widths: kernel, stride, padding, dilation, spatial size, rows
-    cin: _Width | int
-    cout: _Width | int
+    cin: Width | int
+    cout: Width | int
     dense_in: int
     dense_out: int
     positions: int  # output elements per output channel (batch x spatial, or rows)
 
     def widths(self, k: dict[int, int]) -> tuple[int, int]:
-        def at(w: _Width | int) -> int:
+        def at(w: Width | int) -> int:
             return w if isinstance(w, int) else w.at(k)
         return at(self.cin), at(self.cout)
 
@@ -271,20 +271,19 @@ def _timed_ops(cm: CostModel) -> list[_Op]:
     """Every conv2d / linear term of the cost model whose weight the fold slices."""
     nodes = {n.name: n for n in cm.gm.graph.nodes}
     ops = []
-    for term in cm._mac_terms:
-        if isinstance(term, _ScaledMacs) and term.node in nodes:
-            op = _op_of(nodes[term.node], term)
+    for name, weight in cm.weight_ops():
+        if name in nodes:
+            op = _op_of(nodes[name], weight)
             if op is not None:
                 ops.append(op)
     return ops
 
 
-def _op_of(node: fx.Node, term: _ScaledMacs) -> _Op | None:
+def _op_of(node: fx.Node, w: Any) -> _Op | None:
     spec = call_spec(node)
     x, out = shape_of(node.args[0]) if node.args else None, shape_of(node)
     if spec is None or x is None or out is None:
         return None
-    w = term.weight
     dims = w.dims
     if spec.kind == "linear" and len(w.dense) >= 1:
         shape = w.shape

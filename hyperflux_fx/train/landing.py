@@ -27,10 +27,10 @@ def open_flow_distance(all_gates: list[Gate], default: float = 0.35) -> float:
 
 
 @torch.no_grad()
-def land_on_density(gated: nn.Module, target_density: float, *, weighted: bool = False) -> Landing:
+def land_on_density(gated: nn.Module, target_density: float) -> Landing:
     """Shift every flow parameter by one constant so that the density is ``target_density``: the
-    largest flows stay open (``round(target_density * N)`` of them, or, ``weighted``, as many as fit
-    in that fraction of the total unit cost). The order of the flows — what the dynamics learned —
+    largest flows stay open (``round(target_density * N)`` of them; exact measures land with
+    :func:`hyperflux_fx.train.measure.land_on_measure`). The order of the flows — what the dynamics learned —
     is kept; only the threshold moves, as a pressure impulse would move it.
 
     Returns:
@@ -38,19 +38,11 @@ def land_on_density(gated: nn.Module, target_density: float, *, weighted: bool =
     """
     all_gates = gates(gated)
     flows = torch.cat([g.flow.detach().flatten().float().cpu() for g in all_gates])
-    before = density(gated, weighted=weighted)
-    if weighted:
-        cost = torch.cat([torch.full((g.numel,), g.unit_cost) for g in all_gates])
-        order = torch.argsort(flows, descending=True)
-        cum = torch.cumsum(cost[order], 0) / cost.sum()
-        keep = int(torch.searchsorted(cum, torch.tensor(target_density)).item()) + 1
-        keep = min(flows.numel(), max(1, keep))
-        kth_largest = flows[order[keep - 1]].item()
-    else:
-        n = flows.numel()
-        keep = min(n, max(1, round(target_density * n)))
-        kth_largest = torch.kthvalue(flows, n - keep + 1).values.item()
+    before = density(gated)
+    n = flows.numel()
+    keep = min(n, max(1, round(target_density * n)))
+    kth_largest = torch.kthvalue(flows, n - keep + 1).values.item()
     shift = -kth_largest
     for g in all_gates:
         g.flow.add_(shift)
-    return Landing(shift=shift, density_before=before, density_after=density(gated, weighted=weighted))
+    return Landing(shift=shift, density_before=before, density_after=density(gated))

@@ -161,7 +161,6 @@ class _Run:
         return dist.is_available() and dist.is_initialized()
 
 
-
 @dataclass
 class _Progress:
     """What advances during the run."""
