@@ -146,8 +146,12 @@ def test_a_speedup_target_predicts_and_measures_latency(tmp_path, monkeypatch):
     assert table["measured"] > 0 and table["timed_ops"] > 0 and (tmp_path / "cache").exists()  # a cold cache
     assert s["latency_predicted_ms_compact"] > 0 and s["ort_latency_ms_compact"] > 0 and s["speedup"] > 0
     # what the predicted latency fraction says is what training reported (the measured one is benchmarked)
-    assert s["achieved_sparsity"] == pytest.approx(1 - s["latency_predicted_ms_compact"]
-                                                   / table["predicted_dense_ms"], abs=1e-9)
+    assert s["achieved_sparsity"] == pytest.approx(1 - table["predicted_compact_ms"] / table["predicted_dense_ms"],
+                                                   abs=1e-9)
+    assert s["achieved_sparsity"] == pytest.approx(1 - 1 / s["latency_predicted_speedup"], abs=1e-9)
+    # in ms, the prediction is anchored on the dense model measured beside the compact one
+    assert s["latency_predicted_ms_compact"] == pytest.approx(s["ort_latency_ms_dense"] / s["latency_predicted_speedup"])
+    assert len(table["calibration"]) == 10  # the dense model and nine compact ones, each timed beside the dense
     again = tmp_path / "again"
     assert main([EXAMPLE, "--out", str(again), "--target-speedup", "1.5", *FAST]) == 0
     assert json.loads((again / "summary.json").read_text())["latency_table"]["measured"] == 0  # warm: all cached

@@ -1,0 +1,287 @@
+"""Structured pruning, head to head: hyperflux-compile (its defaults) against Torch-Pruning at equal MACs.
+
+For each architecture and seed a dense model is trained once (``hf.train_dense``, the CLI's dense
+schedule: ``--dense-epochs`` epochs, SGD LR 0.1, cosine, label smoothing 0.1). From that same start,
+for each MAC reduction (2x, 4x, 16x by default):
+
+* **hyperflux channel**: ``hyperflux-compile MODEL --weights DENSE --target-sparsity s`` run as a
+  user runs it, with every other flag at its default (channel gates, the MAC target, 10 pruning + 5
+  regrowth epochs, ``round_to="auto"``). Its compact model's own MACs set the baselines' target.
+* **Torch-Pruning 1.6.1** (``pip install .[bench]``), its documented recipes, each pruned with a
+  uniform per-layer ratio (its default, ``global_pruning=False``; the classifier left alone) that
+  is bisected so the pruned model has the MACs the Hyperflux model reached (the same counter for
+  both), then fine-tuned so that every method trains for the same number of epochs as Hyperflux:
+  - (a) ``MagnitudePruner`` with ``GroupMagnitudeImportance`` (L2), one shot, then fine-tune;
+  - (b) the same in 5 steps, an equal share of the fine-tuning after each step;
+  - (c) ``GroupNormPruner``: sparse training with its regulariser (``pruner.regularize`` after each
+    backward, its default ``reg``) for a third of the budget, then prune, then fine-tune the rest.
+  Fine-tuning is SGD (momentum 0.9, weight decay 5e-4, cosine, label smoothing 0.1), at each LR of
+  ``--baseline-lrs``; the best test accuracy counts (this favours the baselines).
+
+Every model is exported to ONNX and timed in ONNX Runtime (CPU, 1 thread, batch ``--latency-batch``)
+side by side with the dense export. Accuracies are on the fixed test split (MNIST-1D: 1000 signals;
+digits: 360 images), mean ± std over seeds. The per-layer widths each method chose go to
+``--json`` for diagnosis.
+
+Usage: python tools/bench_structured.py [--archs mnist1d_cnn,digits_cnn] [--seeds 0,1,2]
+           [--write docs/BENCHMARKS.md] [--json out.json] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _bench_common as common
+
+import hyperflux_fx as hf
+from hyperflux_fx.export.latency import compare_latency
+
+ROOT = common.ROOT
+REDUCTIONS = (2, 4, 16)
+
+
+def _example(name: str):
+    sys.path.insert(0, str(ROOT / "examples"))
+    return __import__(name)
+
+
+def _arch(name: str):
+    """(model.py path, build(), example inputs, (train, test) loaders) of an architecture."""
+    if name in ("mnist1d_cnn", "mnist1d_mlp"):
+        ex = _example(name)
+        train, test = ex.datasets()
+        return (ROOT / "examples" / f"{name}.py", ex.build_model, ex.example_inputs(),
+                DataLoader(train, batch_size=64, shuffle=True), DataLoader(test, batch_size=512))
+    if name == "digits_cnn":
+        ex = _example("digits_cnn")
+        return (ROOT / "examples" / "digits_cnn.py", ex.build_model, ex.example_inputs(), *common.digits_loaders())
+    raise SystemExit(f"unknown arch {name!r}: mnist1d_cnn, mnist1d_mlp, digits_cnn")
+
+
+def _finetune(model: nn.Module, loader: DataLoader, epochs: int, lr: float, hook=None) -> None:
+    """SGD (momentum 0.9, weight decay 5e-4 on conv/linear weights), cosine LR, label smoothing 0.1."""
+    decay = [m.weight for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))]
+    ids = {id(p) for p in decay}
+    opt = torch.optim.SGD([{"params": decay, "weight_decay": 5e-4},
+                           {"params": [p for p in model.parameters() if id(p) not in ids], "weight_decay": 0.0}],
+                          lr=lr, momentum=0.9)
+    total, i = max(epochs * len(loader), 1), 0
+    model.train()
+    for _ in range(epochs):
+        for x, y in loader:
+            for g in opt.param_groups:
+                g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * i / total))
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y, label_smoothing=0.1).backward()
+            if hook is not None:
+                hook(model)
+            opt.step()
+            i += 1
+    model.eval()
+
+
+def _macs(model: nn.Module, inputs) -> int:
+    return hf.count_params_and_macs(model.eval(), inputs)[1]
+
+
+def _widths(model: nn.Module) -> list[int]:
+    """Output widths of the conv/linear layers, in module order."""
+    return [int(m.weight.shape[0]) for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))]
+
+
+def _tp_pruner(tp, kind: str, model: nn.Module, inputs, ratio: float, steps: int = 1):
+    imp = tp.importance.GroupMagnitudeImportance(p=2)
+    classifier = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    cls = tp.pruner.GroupNormPruner if kind == "groupnorm" else tp.pruner.MagnitudePruner
+    return cls(model, inputs[0], importance=imp, pruning_ratio=ratio, iterative_steps=steps,
+               ignored_layers=[classifier])
+
+
+def _ratio_for_macs(tp, model: nn.Module, inputs, macs: int) -> float:
+    """The uniform per-layer ratio whose pruned model has the MACs closest to ``macs`` (bisection)."""
+    def macs_at(r: float) -> int:
+        m = copy.deepcopy(model)
+        _tp_pruner(tp, "magnitude", m, inputs, r).step()
+        return _macs(m, inputs)
+
+    lo, hi = 0.0, 0.99
+    for _ in range(20):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if macs_at(mid) > macs else (lo, mid)
+    return min((lo, hi), key=lambda r: abs(macs_at(r) - macs))
+
+
+def torch_pruning(tp, recipe: str, dense: nn.Module, inputs, loader: DataLoader, ratio: float, epochs: int,
+                  lr: float) -> nn.Module:
+    model = copy.deepcopy(dense)
+    if recipe == "one-shot":
+        _tp_pruner(tp, "magnitude", model, inputs, ratio).step()
+        _finetune(model, loader, epochs, lr)
+    elif recipe == "iterative":
+        pruner = _tp_pruner(tp, "magnitude", model, inputs, ratio, steps=5)
+        share = [epochs // 5 + (1 if k < epochs % 5 else 0) for k in range(5)]
+        for k in range(5):
+            pruner.step()
+            _finetune(model, loader, share[k], lr)
+    else:  # group-norm sparse training, prune, fine-tune
+        pruner = _tp_pruner(tp, "groupnorm", model, inputs, ratio)
+        sparse = max(epochs // 3, 1)
+        pruner.update_regularizer()
+        _finetune(model, loader, sparse, lr, hook=lambda m: pruner.regularize(m))
+        pruner.step()
+        _finetune(model, loader, epochs - sparse, lr)
+    return model.eval()
+
+
+def hyperflux(path: Path, weights: Path, sparsity: float, seed: int, out: Path) -> dict:
+    """hyperflux-compile with its defaults (only the target asked); its summary.json, with the widths
+    of the compact model's conv/linear layers read from compact.pt."""
+    cmd = [sys.executable, "-m", "hyperflux_fx.cli", str(path), "--weights", str(weights), "--target-sparsity",
+           str(sparsity), "--seed", str(seed), "--out", str(out), "--quiet", "--force"]
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    summary = json.loads((out / "summary.json").read_text())
+    state = torch.load(out / "compact.pt", weights_only=False)["state_dict"]
+    summary["widths"] = [int(t.shape[0]) for k, t in state.items() if k.endswith("weight") and t.dim() >= 2]
+    return summary
+
+
+def _speedups(dense: nn.Module, models: list[nn.Module | Path], inputs, batch: int, tmp: Path) -> list[float]:
+    """Dense / compact ORT latency of each model (a module, or an ONNX file with a dynamic batch),
+    each timed side by side with the dense export."""
+    x = tuple(torch.randn(batch, *t.shape[1:]) for t in inputs)
+    paths = [tmp / "dense.onnx"]
+    hf.export_onnx(dense.eval(), x, paths[0])
+    for i, m in enumerate(models):
+        if isinstance(m, Path):
+            paths.append(m)
+            continue
+        paths.append(tmp / f"m{i}.onnx")
+        hf.export_onnx(m.eval(), x, paths[-1])
+    out = []
+    for p in paths[1:]:
+        d, c = compare_latency([paths[0], p], batch=batch)
+        out.append(d["median_ms"] / c["median_ms"])
+    return out
+
+
+def run_arch(arch: str, seeds: list[int], args, tp, rows: list[dict]) -> None:
+    path, build, inputs, train_loader, test_loader = _arch(arch)
+    budget = args.prune_epochs + args.regrowth_epochs
+    lrs = [float(x) for x in args.baseline_lrs.split(",")]
+    for seed in seeds:
+        torch.manual_seed(seed)
+        dense = build()
+        hf.train_dense(dense, train_loader, epochs=args.dense_epochs, seed=seed)
+        dense.eval()
+        macs_dense = _macs(dense, inputs)
+        rows.append({"arch": arch, "seed": seed, "x": 1, "method": "dense", "macs": 1.0, "speedup": 1.0,
+                     "params": sum(p.numel() for p in dense.parameters()), "acc": hf.evaluate(dense, test_loader),
+                     "widths": _widths(dense)})
+        with tempfile.TemporaryDirectory() as tmp_name:
+            tmp = Path(tmp_name)
+            weights = tmp / "dense.pt"
+            torch.save(dense.state_dict(), weights)
+            for x in args.reductions:
+                t0 = time.time()
+                s = hyperflux(path, weights, 1 - 1 / x, seed, tmp / f"hf{x}")
+                found = [{"method": "hyperflux channel (defaults)", "model": tmp / f"hf{x}" / "compact.onnx",
+                          "acc": s["compact_accuracy"], "macs": s["macs_compact"] / s["macs_dense"],
+                          "params": s["params_compact_stored"], "widths": s["widths"]}]
+                ratio = _ratio_for_macs(tp, dense, inputs, s["macs_compact"])
+                for recipe, label in (("one-shot", "TP magnitude, one-shot + FT"),
+                                      ("iterative", "TP magnitude, iterative (5 steps)"),
+                                      ("groupnorm", "TP group-norm sparse training + FT")):
+                    best = None
+                    for lr in lrs:
+                        torch.manual_seed(seed)
+                        m = torch_pruning(tp, recipe, dense, inputs, train_loader, ratio, budget, lr)
+                        acc = hf.evaluate(m, test_loader)
+                        if best is None or acc > best["acc"]:
+                            best = {"method": label, "model": m, "acc": acc, "macs": _macs(m, inputs) / macs_dense,
+                                    "params": sum(p.numel() for p in m.parameters()), "widths": _widths(m),
+                                    "lr": lr}
+                    found.append(best)
+                speed = _speedups(dense, [f["model"] for f in found], inputs, args.latency_batch, tmp)
+                for f, sp in zip(found, speed, strict=True):
+                    rows.append({"arch": arch, "seed": seed, "x": x, "speedup": sp,
+                                 **{k: v for k, v in f.items() if k != "model"}})
+                print(f"  {arch} seed {seed} {x}x (MACs {s['macs_compact'] / s['macs_dense']:.4f}): "
+                      + ", ".join(f"{f['method']} {100 * f['acc']:.1f}" for f in found)
+                      + f" ({time.time() - t0:.0f}s)", file=sys.stderr, flush=True)
+
+
+def table(rows: list[dict], args) -> str:
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["arch"], r["x"], r["method"]), []).append(r)
+    lines = [f"Machine: {common.machine()}. Dense start: {args.dense_epochs} epochs; then "
+             f"{args.prune_epochs + args.regrowth_epochs} epochs per method; seeds {args.seeds}; Torch-Pruning best "
+             f"of fine-tune LR {args.baseline_lrs}; ORT CPU 1 thread, batch {args.latency_batch}.", "",
+             "| arch | MAC reduction asked | method | MAC fraction | ORT speed-up | params | test acc % (mean ± std) |",
+             "|---|---|---|---|---|---|---|"]
+    for (arch, x, method), rs in groups.items():
+        acc = [100 * r["acc"] for r in rs]
+        std = statistics.stdev(acc) if len(acc) > 1 else 0.0
+        lines.append(f"| {arch} | {'-' if x == 1 else f'{x}x'} | {method} | {statistics.mean(r['macs'] for r in rs):.4f} "
+                     f"| {statistics.mean(r['speedup'] for r in rs):.2f}x | "
+                     f"{statistics.mean(r['params'] for r in rs):,.0f} | {statistics.mean(acc):.2f} ± {std:.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--archs", default="mnist1d_cnn,digits_cnn")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--reductions", default="2,4,16")
+    parser.add_argument("--dense-epochs", type=int, default=10)
+    parser.add_argument("--prune-epochs", type=int, default=10, help="the CLI's default (its --epochs)")
+    parser.add_argument("--regrowth-epochs", type=int, default=5, help="the CLI's default")
+    parser.add_argument("--baseline-lrs", default="0.01,0.05")
+    parser.add_argument("--latency-batch", type=int, default=16)
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--write", default=None)
+    parser.add_argument("--quick", action="store_true", help="one arch, one seed, 4x, short: a smoke run")
+    args = parser.parse_args()
+    try:
+        import torch_pruning as tp
+    except ImportError:
+        raise SystemExit("Torch-Pruning is not installed: pip install -e .[bench]") from None
+    torch.set_num_threads(1)
+    if args.quick:
+        args.archs, args.seeds, args.reductions = "mnist1d_cnn", "0", "4"
+        args.dense_epochs, args.baseline_lrs = 2, "0.05"
+    args.reductions = [int(x) for x in str(args.reductions).split(",")]
+    rows: list[dict] = []
+    t0 = time.time()
+    for arch in args.archs.split(","):
+        run_arch(arch, [int(s) for s in args.seeds.split(",")], args, tp, rows)
+    text = table(rows, args)
+    print(text)
+    print(f"\n(total {time.time() - t0:.0f} s)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    if args.write:
+        common.write_section(Path(args.write), "bench_structured",
+                             "## Structured pruning against Torch-Pruning at equal MACs (tools/bench_structured.py)"
+                             "\n\n" + text + f"\n\nReproduce: `pip install -e .[bench] && python tools/bench_structured.py "
+                             f"--seeds {args.seeds} --write {args.write}`")
+
+
+if __name__ == "__main__":
+    main()
