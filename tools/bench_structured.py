@@ -33,7 +33,6 @@ import argparse
 import copy
 import json
 import math
-import os
 import statistics
 import subprocess
 import sys
@@ -238,7 +237,8 @@ def table(rows: list[dict], args) -> str:
     for (arch, x, method), rs in groups.items():
         acc = [100 * r["acc"] for r in rs]
         std = statistics.stdev(acc) if len(acc) > 1 else 0.0
-        lines.append(f"| {arch} | {'-' if x == 1 else f'{x}x'} | {method} | {statistics.mean(r['macs'] for r in rs):.4f} "
+        asked = "-" if x == 1 else f"{x}x"
+        lines.append(f"| {arch} | {asked} | {method} | {statistics.mean(r['macs'] for r in rs):.4f} "
                      f"| {statistics.mean(r['speedup'] for r in rs):.2f}x | "
                      f"{statistics.mean(r['params'] for r in rs):,.0f} | {statistics.mean(acc):.2f} ± {std:.2f} |")
     return "\n".join(lines)
@@ -277,10 +277,10 @@ def main() -> None:
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     if args.write:
+        how = f"--archs {args.archs} --seeds {args.seeds} --write {args.write}"
         common.write_section(Path(args.write), "bench_structured",
                              "## Structured pruning against Torch-Pruning at equal MACs (tools/bench_structured.py)"
-                             "\n\n" + text + f"\n\nReproduce: `pip install -e .[bench] && python tools/bench_structured.py "
-                             f"--seeds {args.seeds} --write {args.write}`")
+                             f"\n\n{text}\n\nReproduce: `pip install -e .[bench] && python tools/bench_structured.py {how}`")
 
 
 if __name__ == "__main__":

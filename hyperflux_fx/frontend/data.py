@@ -95,8 +95,8 @@ def resolve_datasets(spec: str, *, sample_shape: tuple[int, ...], num_classes: i
         return digits_datasets(size=sample_shape[-1], seed=seed)
     if kind == "mnist1d":
         if tuple(sample_shape) not in ((1, MNIST1D_LENGTH), (MNIST1D_LENGTH,)):
-            raise DataError(f"mnist1d signals are 1x{MNIST1D_LENGTH} (Conv1d) or {MNIST1D_LENGTH} (MLP); the model's "
-                            f"example input is {tuple(sample_shape)} (without the batch dim)")
+            raise DataError(f"mnist1d signals are 1x{MNIST1D_LENGTH} (Conv1d) or {MNIST1D_LENGTH} (MLP); the "
+                            f"model's example input is {tuple(sample_shape)} (without the batch dim)")
         return mnist1d_datasets(channels_first=len(sample_shape) == 2)
     if kind in ("cifar10", "cifar100", "imagefolder"):
         if not root:
@@ -106,5 +106,6 @@ def resolve_datasets(spec: str, *, sample_shape: tuple[int, ...], num_classes: i
         return _cifar(kind, root, size) if kind.startswith("cifar") else _imagefolder(root, size)
     if kind == "synthetic":
         return _synthetic(tuple(sample_shape), num_classes, seed=seed)
-    raise DataError(f"unknown dataset {spec!r}: use digits, mnist1d, cifar10:ROOT, cifar100:ROOT, imagefolder:ROOT or synthetic")
+    raise DataError(f"unknown dataset {spec!r}: use digits, mnist1d, cifar10:ROOT, cifar100:ROOT, imagefolder:ROOT "
+                    "or synthetic")
 
