@@ -277,10 +277,10 @@ def main() -> None:
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     if args.write:
-        how = f"--archs {args.archs} --seeds {args.seeds} --write {args.write}"
+        how = f"python tools/bench_structured.py --archs {args.archs} --seeds {args.seeds} --write {args.write}"
         common.write_section(Path(args.write), "bench_structured",
                              "## Structured pruning against Torch-Pruning at equal MACs (tools/bench_structured.py)"
-                             f"\n\n{text}\n\nReproduce: `pip install -e .[bench] && python tools/bench_structured.py {how}`")
+                             f"\n\n{text}\n\nReproduce: `pip install -e .[bench] && {how}`")
 
 
 if __name__ == "__main__":
