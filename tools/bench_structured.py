@@ -148,11 +148,13 @@ def torch_pruning(tp, recipe: str, dense: nn.Module, inputs, loader: DataLoader,
     return model.eval()
 
 
-def hyperflux(path: Path, weights: Path, sparsity: float, seed: int, out: Path) -> dict:
-    """hyperflux-compile with its defaults (only the target asked); its summary.json, with the widths
-    of the compact model's conv/linear layers read from compact.pt."""
+def hyperflux(path: Path, weights: Path, sparsity: float, seed: int, out: Path, epochs: tuple[int, int]) -> dict:
+    """hyperflux-compile with its defaults (the target asked, and the epochs, which are the CLI's
+    defaults unless --quick); its summary.json, with the widths of the compact model's conv/linear
+    layers read from compact.pt."""
     cmd = [sys.executable, "-m", "hyperflux_fx.cli", str(path), "--weights", str(weights), "--target-sparsity",
-           str(sparsity), "--seed", str(seed), "--out", str(out), "--quiet", "--force"]
+           str(sparsity), "--seed", str(seed), "--epochs", str(epochs[0]), "--regrowth-epochs", str(epochs[1]),
+           "--out", str(out), "--quiet", "--force"]
     subprocess.run(cmd, check=True, cwd=ROOT)
     summary = json.loads((out / "summary.json").read_text())
     state = torch.load(out / "compact.pt", weights_only=False)["state_dict"]
@@ -198,7 +200,7 @@ def run_arch(arch: str, seeds: list[int], args, tp, rows: list[dict]) -> None:
             torch.save(dense.state_dict(), weights)
             for x in args.reductions:
                 t0 = time.time()
-                s = hyperflux(path, weights, 1 - 1 / x, seed, tmp / f"hf{x}")
+                s = hyperflux(path, weights, 1 - 1 / x, seed, tmp / f"hf{x}", (args.prune_epochs, args.regrowth_epochs))
                 found = [{"method": "hyperflux channel (defaults)", "model": tmp / f"hf{x}" / "compact.onnx",
                           "acc": s["compact_accuracy"], "macs": s["macs_compact"] / s["macs_dense"],
                           "params": s["params_compact_stored"], "widths": s["widths"]}]
@@ -244,7 +246,7 @@ def table(rows: list[dict], args) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--archs", default="mnist1d_cnn,digits_cnn")
     parser.add_argument("--seeds", default="0,1,2")
@@ -257,7 +259,7 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     parser.add_argument("--write", default=None)
     parser.add_argument("--quick", action="store_true", help="one arch, one seed, 4x, short: a smoke run")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     try:
         import torch_pruning as tp
     except ImportError:
@@ -265,7 +267,7 @@ def main() -> None:
     torch.set_num_threads(1)
     if args.quick:
         args.archs, args.seeds, args.reductions = "mnist1d_cnn", "0", "4"
-        args.dense_epochs, args.baseline_lrs = 2, "0.05"
+        args.dense_epochs, args.prune_epochs, args.regrowth_epochs, args.baseline_lrs = 2, 1, 1, "0.05"
     args.reductions = [int(x) for x in str(args.reductions).split(",")]
     rows: list[dict] = []
     t0 = time.time()
