@@ -43,7 +43,29 @@ def resnet18_digits() -> nn.Module:
     return model
 
 
-ARCHS = {"digits_cnn": digits_cnn, "digits_mlp": digits_mlp, "resnet18": resnet18_digits}
+def _example(name: str) -> nn.Module:
+    sys.path.insert(0, str(ROOT / "examples"))
+    return __import__(name).build_model()
+
+
+def mnist1d_loaders(name: str, batch_size: int = 64) -> tuple[DataLoader, DataLoader]:
+    """MNIST-1D (4000 train / 1000 test), shaped for the example ``name`` (Conv1d: 1x40, MLP: 40)."""
+    from hyperflux_fx.frontend.data import mnist1d_datasets
+
+    train, test = mnist1d_datasets(channels_first=name != "mnist1d_mlp")
+    return DataLoader(train, batch_size=batch_size, shuffle=True), DataLoader(test, batch_size=512)
+
+
+ARCHS = {"digits_cnn": digits_cnn, "digits_mlp": digits_mlp, "resnet18": resnet18_digits,
+         "mnist1d_cnn": lambda: _example("mnist1d_cnn"), "mnist1d_mlp": lambda: _example("mnist1d_mlp")}
+
+
+def loaders(arch: str) -> tuple[DataLoader, DataLoader]:
+    """(train, test) loaders of an architecture's data set: MNIST-1D for mnist1d_*, digits otherwise."""
+    return mnist1d_loaders(arch) if arch.startswith("mnist1d") else digits_loaders()
+
+
+DATA = {"digits": "Digits (1437 train / 360 test, 16x16)", "mnist1d": "MNIST-1D (4000 train / 1000 test, 40 samples)"}
 
 
 def machine(device: str = "cpu") -> str:

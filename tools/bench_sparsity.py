@@ -1,6 +1,7 @@
 """Hyperflux vs magnitude pruning at the same epoch budget and sparsity, on digits.
 
-For each architecture (examples/digits_cnn.py and a 3-layer MLP) a dense model is trained first
+For each architecture (examples/digits_cnn.py and a 3-layer MLP on digits; examples/mnist1d_cnn.py and
+examples/mnist1d_mlp.py on MNIST-1D with ``--archs mnist1d_cnn,mnist1d_mlp``) a dense model is trained first
 (``--dense-epochs``). From it, for each target sparsity:
 
 * **Hyperflux**: ``insert_gates`` + ``train`` (``--prune-epochs`` pruning + ``--regrowth-epochs``
@@ -43,7 +44,7 @@ import hyperflux_fx as hf
 
 
 def _weights(model: nn.Module) -> list[tuple[nn.Module, str]]:
-    return [(m, "weight") for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    return [(m, "weight") for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))]
 
 
 def _sparsity(model: nn.Module) -> float:
@@ -174,11 +175,11 @@ def main() -> None:
     lrs = [float(x) for x in args.baseline_lrs.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     budget = args.prune_epochs + args.regrowth_epochs
-    train_loader, test_loader = common.digits_loaders()
     rows = []
     t0 = time.time()
-    steps = budget * len(train_loader)
     for arch in args.archs.split(","):
+        train_loader, test_loader = common.loaders(arch)
+        steps = budget * len(train_loader)
         for seed in seeds:
             torch.manual_seed(seed)
             dense = common.ARCHS[arch]()
@@ -206,7 +207,8 @@ def main() -> None:
     table = {}
     for arch, _seed, target, method, sp, acc, pre, ms in rows:
         table.setdefault((arch, target, method), []).append((sp, acc, pre, ms))
-    lines = [(f"Digits (1437 train / 360 test, 16x16), dense {args.dense_epochs} epochs, then {budget} epochs "
+    data = sorted({common.DATA["mnist1d" if a.startswith("mnist1d") else "digits"] for a in args.archs.split(",")})
+    lines = [(f"{' and '.join(data)}, dense {args.dense_epochs} epochs, then {budget} epochs "
              f"per method ({args.prune_epochs} pruning + {args.regrowth_epochs} regrowth for Hyperflux); "
              f"seeds {args.seeds}; baselines best of LR {args.baseline_lrs}. Machine: {common.machine(args.device)}"
              f"{', AMP bf16' if AMP is not None else ''}."),
@@ -223,10 +225,14 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     print(f"\n(total {time.time() - t0:.0f} s)")
-    if args.write:
-        common.write_section(Path(args.write), "bench_sparsity", "## Sparsity vs accuracy (tools/bench_sparsity.py)\n\n"
-                             + text + f"\n\nReproduce: `python tools/bench_sparsity.py --seeds {args.seeds} "
-                             f"--write {args.write}`")
+    if args.write:  # MNIST-1D runs get their own section beside the digits one
+        mnist1d = all(a.startswith("mnist1d") for a in args.archs.split(","))
+        name, title = (("bench_sparsity_mnist1d", "Sparsity vs accuracy on MNIST-1D") if mnist1d
+                       else ("bench_sparsity", "Sparsity vs accuracy"))
+        how = (f"python tools/bench_sparsity.py --archs {args.archs} --targets {args.targets} --seeds {args.seeds} "
+               f"--write {args.write}")
+        common.write_section(Path(args.write), name, f"## {title} (tools/bench_sparsity.py)\n\n{text}\n\n"
+                             f"Reproduce: `{how}`")
 
 
 if __name__ == "__main__":

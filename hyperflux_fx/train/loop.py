@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader
 
 from hyperflux_fx.analysis.latency_model import LatencyModel
 from hyperflux_fx.config import TrainConfig
-from hyperflux_fx.ir import Gate, PressureState, gates, pressure_state, set_pressure, track_flux
+from hyperflux_fx.ir import ChannelGate, Gate, PressureState, gates, pressure_state, set_pressure, track_flux
 from hyperflux_fx.train.checkpoint import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_NAME,
@@ -202,11 +202,11 @@ def train(gated: nn.Module, train_loader: DataLoader, val_loader: Iterable[Any] 
         ValueError: bad configuration, no gates, or a checkpoint that does not match this run.
         TrainingError: non-finite loss (the last good checkpoint is kept) or masks diverged across ranks.
     """
-    cfg = config or TrainConfig()
     if not isinstance(train_loader, DataLoader):
         raise TypeError(f"train_loader must be a torch.utils.data.DataLoader, got {type(train_loader).__name__}")
     if not gates(gated):
         raise ValueError("the model has no gates: run hyperflux_fx.insert_gates first")
+    cfg = (config or TrainConfig()).resolved(structured=any(isinstance(g, ChannelGate) for g in gates(gated)))
     t_start = time.perf_counter()
     rank, world, we_initialised, device = setup_distributed(cfg.device)
     try:

@@ -54,6 +54,32 @@ def test_short_run_controller_tracks_the_plan_better_than_the_papers():
     assert _lowest_density_over_plan(paper) < 0.5 * _lowest_density_over_plan(ours)
 
 
+@pytest.mark.parametrize("granularity", ["weight", "channel"])
+def test_the_controller_alone_brings_the_pruning_phase_to_its_aim(granularity):
+    # No landing: what the pruning phase ends on is the controller's doing. 80 steps in 4-step
+    # intervals, 3 seeds; a controller stalled anywhere short of the aim (or one that overshoots by
+    # a fifth) fails. Measured end / aim: weight 0.90-1.03, channel 0.88-0.97 (docs/training.md): the
+    # task's own flux keeps pulling flows down after the pressure is off, which the controller cannot
+    # undo during pruning, so single runs end up to 12% below the aim and the seeds' mean within 10%.
+    train_loader, val_loader = _loaders()
+    ratios = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(10, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
+        gated = hf.insert_gates(model, hf.GateConfig(seed=seed, granularity=granularity),
+                                example_inputs=(torch.randn(2, 10),)).graph_module
+        target = 0.5 if granularity == "channel" else 0.8
+        res = hf.train(gated, train_loader, val_loader, _cfg(target_sparsity=target, epochs=10, seed=seed,
+                                                             land=False))
+        prune = [r for r in res.history if r["phase"] == "prune"]
+        aim = (1 - target) * hf.TrainConfig().regrowth_compensation
+        assert prune[-1]["planned"] == pytest.approx(aim)
+        assert res.density_before_landing is None and prune[0]["measured_density"] > 0.9  # it starts dense
+        ratios.append(prune[-1]["measured_density"] / aim)
+    assert all(0.85 <= r <= 1.15 for r in ratios), ratios
+    assert abs(sum(ratios) / len(ratios) - 1) <= 0.10, ratios
+
+
 def _steps(gated, n=5, seed=0, flow_lr=1e-3):
     """n optimiser steps (SGD on weights, Adam on flows, as the trainer pairs them) on a fixed batch."""
     flows = [g.flow for g in hf.gates(gated)]
