@@ -200,7 +200,13 @@ def run_arch(arch: str, seeds: list[int], args, tp, rows: list[dict]) -> None:
             torch.save(dense.state_dict(), weights)
             for x in args.reductions:
                 t0 = time.time()
-                s = hyperflux(path, weights, 1 - 1 / x, seed, tmp / f"hf{x}", (args.prune_epochs, args.regrowth_epochs))
+                try:
+                    s = hyperflux(path, weights, 1 - 1 / x, seed, tmp / f"hf{x}", (args.prune_epochs,
+                                                                                    args.regrowth_epochs))
+                except subprocess.CalledProcessError:  # the CLI said why (e.g. a target out of reach)
+                    print(f"  {arch} seed {seed} {x}x: hyperflux-compile refused the target, skipped",
+                          file=sys.stderr, flush=True)
+                    continue
                 found = [{"method": "hyperflux channel (defaults)", "model": tmp / f"hf{x}" / "compact.onnx",
                           "acc": s["compact_accuracy"], "macs": s["macs_compact"] / s["macs_dense"],
                           "params": s["params_compact_stored"], "widths": s["widths"]}]
@@ -258,8 +264,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--latency-batch", type=int, default=16)
     parser.add_argument("--json", default=None)
     parser.add_argument("--write", default=None)
+    parser.add_argument("--figure", default=None, help="also plot test accuracy against ORT speed-up (PNG)")
+    parser.add_argument("--from-json", default=None,
+                        help="comma-separated --json files of earlier runs: print/write their table and figure")
     parser.add_argument("--quick", action="store_true", help="one arch, one seed, 4x, short: a smoke run")
     args = parser.parse_args(argv)
+    if args.from_json:
+        rows = [r for f in args.from_json.split(",") for r in json.loads(Path(f).read_text())]
+        args.archs = ",".join(dict.fromkeys(r["arch"] for r in rows))
+        args.seeds = ",".join(str(s) for s in sorted({r["seed"] for r in rows}))
+        _report(rows, args)
+        return
     try:
         import torch_pruning as tp
     except ImportError:
@@ -273,11 +288,50 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.time()
     for arch in args.archs.split(","):
         run_arch(arch, [int(s) for s in args.seeds.split(",")], args, tp, rows)
-    text = table(rows, args)
-    print(text)
-    print(f"\n(total {time.time() - t0:.0f} s)")
+    print(f"(total {time.time() - t0:.0f} s)")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
+    _report(rows, args)
+
+
+def figure(rows: list[dict], path: Path) -> None:
+    """Test accuracy (mean ± std over seeds) against measured ORT speed-up, one panel per arch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    archs = list(dict.fromkeys(r["arch"] for r in rows))
+    fig, axes = plt.subplots(1, len(archs), figsize=(5.5 * len(archs), 4), squeeze=False)
+    for ax, arch in zip(axes[0], archs, strict=True):
+        methods = list(dict.fromkeys(r["method"] for r in rows if r["arch"] == arch and r["x"] != 1))
+        for method in methods:
+            pts = []
+            for x in sorted({r["x"] for r in rows if r["arch"] == arch and r["x"] != 1}):
+                rs = [r for r in rows if r["arch"] == arch and r["method"] == method and r["x"] == x]
+                acc = [100 * r["acc"] for r in rs]
+                pts.append((statistics.mean(r["speedup"] for r in rs), statistics.mean(acc),
+                            statistics.stdev(acc) if len(acc) > 1 else 0.0))
+            style = dict(marker="o", lw=2.5) if method.startswith("hyperflux") else dict(marker="s", lw=1, ls="--")
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], label=method,
+                        capsize=3, **style)
+        dense = [100 * r["acc"] for r in rows if r["arch"] == arch and r["x"] == 1]
+        ax.axhline(statistics.mean(dense), color="gray", lw=0.8, ls=":", label="dense")
+        ax.set_xscale("log")
+        ax.set_xlabel("measured ONNX Runtime speed-up (CPU, 1 thread)")
+        ax.set_ylabel("test accuracy %")
+        ax.set_title(f"{arch}: 2x / 4x / 16x fewer MACs")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _report(rows: list[dict], args) -> None:
+    text = table(rows, args)
+    print(text)
+    if args.figure:
+        figure(rows, Path(args.figure))
     if args.write:
         how = f"python tools/bench_structured.py --archs {args.archs} --seeds {args.seeds} --write {args.write}"
         common.write_section(Path(args.write), "bench_structured",
