@@ -233,12 +233,19 @@ def run_arch(arch: str, seeds: list[int], args, tp, rows: list[dict]) -> None:
                       + f" ({time.time() - t0:.0f}s)", file=sys.stderr, flush=True)
 
 
+def _seeds_per_arch(rows: list[dict]) -> str:
+    archs = dict.fromkeys(r["arch"] for r in rows)
+    return ", ".join(f"{a} " + ",".join(str(s) for s in sorted({r["seed"] for r in rows if r["arch"] == a}))
+                     for a in archs)
+
+
 def table(rows: list[dict], args) -> str:
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["arch"], r["x"], r["method"]), []).append(r)
     lines = [f"Machine: {common.machine()}. Dense start: {args.dense_epochs} epochs; then "
-             f"{args.prune_epochs + args.regrowth_epochs} epochs per method; seeds {args.seeds}; Torch-Pruning best "
+             f"{args.prune_epochs + args.regrowth_epochs} epochs per method; seeds {_seeds_per_arch(rows)}; "
+             "Torch-Pruning best "
              f"of fine-tune LR {args.baseline_lrs}; ORT CPU 1 thread, batch {args.latency_batch}.", "",
              "| arch | MAC reduction asked | method | MAC fraction | ORT speed-up | params | test acc % (mean ± std) |",
              "|---|---|---|---|---|---|---|"]
