@@ -73,12 +73,14 @@ def test_end_to_end_on_digits(tmp_path, run):
     if run == "defaults":
         assert (granularity, s["target_measure"], s["target_sparsity"]) == ("channel", "macs", 0.5)
         assert s["round_to"] == (nchwc_block() or 1)
+        assert (s["land_at"], s["regrowth_lr"]) == (0.0, pytest.approx(0.3 * 0.1))  # channel gates: land, fine-tune
         # the exact cost model: what training reports is what the compact model measures, within 1 pt of the aim
         assert s["achieved_sparsity"] == pytest.approx(1 - s["macs_compact"] / s["macs_dense"], abs=1e-12)
         assert abs(s["achieved_sparsity"] - 0.5) <= 0.01
         assert s["onnx_file_bytes"] < 0.8 * s["onnx_file_bytes_dense"]  # smaller (faster: tools/bench_speed.py)
     else:
         assert abs(s["achieved_sparsity"] - 0.7) <= 0.005
+        assert (s["land_at"], s["regrowth_lr"]) == (0.5, 1e-3)  # weight gates: the paper's regrowth
     assert s["law"] is None and s["law_note"].startswith("no law fitted")  # never a fit on a scheduled run
     assert 0.0 < s["sparsity_before_landing"] < 1.0 and s["controller_lookahead"] >= 1
     assert s["params_compact"] < s["params_dense"]

@@ -101,6 +101,8 @@ class TrainResult:
     measure: str = "count"  # what density / sparsity count (TrainConfig.target_measure)
     predicted_latency_ms: float | None = None  # "latency": the compact model's predicted ORT latency (ms)
     latency_table: dict[str, Any] | None = None  # "latency": op timings measured / cached, seconds, cache file
+    land_at: float | None = None  # the landing point used (TrainConfig.land_at, resolved by the gates' kind)
+    regrowth_lr: float | None = None  # the regrowth / fine-tune weight LR used (resolved likewise)
 
     @property
     def density_before_landing(self) -> float | None:
@@ -499,4 +501,5 @@ def _result(run: _Run, progress: _Progress) -> TrainResult:
                        completed=not progress.stopped_early, law=law, law_note=law_note,
                        checkpoint=str(ckpt) if ckpt is not None and ckpt.exists() else None,
                        controller_lookahead=run.controller.lookahead, measure=run.measure.name,
-                       predicted_latency_ms=run.measure.predicted_ms(), latency_table=run.measure.latency_info())
+                       predicted_latency_ms=run.measure.predicted_ms(), latency_table=run.measure.latency_info(),
+                       land_at=run.cfg.land_at, regrowth_lr=run.cfg.regrowth_lr)
