@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
 import re
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import torch
 from torch import nn
@@ -20,11 +22,14 @@ def digits_loaders(batch_size: int = 64, size: int = 16) -> tuple[DataLoader, Da
     return DataLoader(train, batch_size=batch_size, shuffle=True), DataLoader(test, batch_size=512)
 
 
-def digits_cnn() -> nn.Module:
+def example_module(name: str) -> ModuleType:
+    """The module of ``examples/<name>.py`` (a model.py as users write them)."""
     sys.path.insert(0, str(ROOT / "examples"))
-    import digits_cnn as example
+    return importlib.import_module(name)
 
-    return example.build_model()
+
+def digits_cnn() -> nn.Module:
+    return example_module("digits_cnn").build_model()
 
 
 def digits_mlp(size: int = 16) -> nn.Module:
@@ -43,11 +48,6 @@ def resnet18_digits() -> nn.Module:
     return model
 
 
-def _example(name: str) -> nn.Module:
-    sys.path.insert(0, str(ROOT / "examples"))
-    return __import__(name).build_model()
-
-
 def mnist1d_loaders(name: str, batch_size: int = 64) -> tuple[DataLoader, DataLoader]:
     """MNIST-1D (4000 train / 1000 test), shaped for the example ``name`` (Conv1d: 1x40, MLP: 40)."""
     from hyperflux_fx.frontend.data import mnist1d_datasets
@@ -57,7 +57,8 @@ def mnist1d_loaders(name: str, batch_size: int = 64) -> tuple[DataLoader, DataLo
 
 
 ARCHS = {"digits_cnn": digits_cnn, "digits_mlp": digits_mlp, "resnet18": resnet18_digits,
-         "mnist1d_cnn": lambda: _example("mnist1d_cnn"), "mnist1d_mlp": lambda: _example("mnist1d_mlp")}
+         "mnist1d_cnn": lambda: example_module("mnist1d_cnn").build_model(),
+         "mnist1d_mlp": lambda: example_module("mnist1d_mlp").build_model()}
 
 
 def loaders(arch: str) -> tuple[DataLoader, DataLoader]:

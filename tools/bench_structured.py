@@ -55,22 +55,12 @@ ROOT = common.ROOT
 REDUCTIONS = (2, 4, 16)
 
 
-def _example(name: str):
-    sys.path.insert(0, str(ROOT / "examples"))
-    return __import__(name)
-
-
 def _arch(name: str):
-    """(model.py path, build(), example inputs, (train, test) loaders) of an architecture."""
-    if name in ("mnist1d_cnn", "mnist1d_mlp"):
-        ex = _example(name)
-        train, test = ex.datasets()
-        return (ROOT / "examples" / f"{name}.py", ex.build_model, ex.example_inputs(),
-                DataLoader(train, batch_size=64, shuffle=True), DataLoader(test, batch_size=512))
-    if name == "digits_cnn":
-        ex = _example("digits_cnn")
-        return (ROOT / "examples" / "digits_cnn.py", ex.build_model, ex.example_inputs(), *common.digits_loaders())
-    raise SystemExit(f"unknown arch {name!r}: mnist1d_cnn, mnist1d_mlp, digits_cnn")
+    """(model.py path, build(), example inputs, train loader, test loader) of an architecture."""
+    if name not in ("mnist1d_cnn", "mnist1d_mlp", "digits_cnn"):
+        raise SystemExit(f"unknown arch {name!r}: mnist1d_cnn, mnist1d_mlp, digits_cnn")
+    ex = common.example_module(name)
+    return (ROOT / "examples" / f"{name}.py", ex.build_model, ex.example_inputs(), *common.loaders(name))
 
 
 def _finetune(model: nn.Module, loader: DataLoader, epochs: int, lr: float, hook=None) -> None:
