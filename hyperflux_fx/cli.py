@@ -520,7 +520,7 @@ def _fold_stage(job: _Job, gated: Any, result: TrainResult, dense_acc: float) ->
                                     else 1.0 - result.density_before_landing),
         "controller_lookahead": result.controller_lookahead, "round_to": folded.report.round_to,
         "land_at": result.land_at, "regrowth_lr": result.regrowth_lr,
-        "target_speedup": args.target_speedup, "latency_predicted_ms_compact": result.predicted_latency_ms,
+        "target_speedup": args.target_speedup, "latency_predicted_ms_compact": None,  # set beside the measurement
         "latency_predicted_speedup": (result.latency_table["predicted_dense_ms"] / result.predicted_latency_ms
                                       if result.predicted_latency_ms else None),
         "latency_table": (None if result.latency_table is None  # the prediction in the calibration's ms
