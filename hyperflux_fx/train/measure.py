@@ -137,7 +137,8 @@ class Measure:
             aims.append(aim)
             measured.append(check())
             snapshots.append([g.flow.detach().clone() for g in gates(self.gated)])
-            self.landing_checks.append({"aimed": aim, "predicted": self.kept(), "measured": measured[-1]})
+            self.landing_checks.append({"aimed": aim, "predicted": self.kept(), "measured": measured[-1],
+                                        "counts": self.cost_model.counts()})
             if abs(measured[-1] / target_kept - 1) <= 0.03:
                 break
             slope = (aims[-1] / measured[-1] if len(aims) < 2 or measured[-1] == measured[-2]
