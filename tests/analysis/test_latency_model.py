@@ -96,7 +96,8 @@ def test_the_fit_goes_through_the_dense_model(tmp_path, monkeypatch, dense_weigh
         return 0.05 + 2.0 * cm.cost_at(k).macs / cm.dense.macs
 
     scatter = (1.25, 1.2, 1.3, 1.15)  # every compact model measured slower than the law
-    points = [(full, law(full))] + [(k_at(f), law(k_at(f)) * s) for f, s in zip((0.8, 0.6, 0.45, 0.3), scatter)]
+    fractions = (0.8, 0.6, 0.45, 0.3)
+    points = [(full, law(full))] + [(k_at(f), law(k_at(f)) * s) for f, s in zip(fractions, scatter, strict=True)]
     model.calibrate(points)
     off = abs(model.dense_ms / law(full) - 1)
     assert (off < 0.005) == anchored, off
