@@ -41,7 +41,7 @@ from hyperflux_fx.export.onnx import ExportCheckError, ExportError, export_onnx
 from hyperflux_fx.frontend.data import DataError, resolve_datasets
 from hyperflux_fx.frontend.sources import LoadedModel, SourceError, load_source
 from hyperflux_fx.frontend.trace import ExampleInputError, TraceError, trace
-from hyperflux_fx.ir import gates
+from hyperflux_fx.ir import TRAINING_ONLY_META, gates
 from hyperflux_fx.passes import PassResult, fold_masks, insert_gates
 from hyperflux_fx.report.html import render_report
 from hyperflux_fx.report.summary import FASTER, asked_and_got, headline, slower_note, speedup
@@ -248,12 +248,41 @@ def _run(args: argparse.Namespace) -> int:
             t0 = time.perf_counter()
             res = insert_gates(gm, gate_cfg, example_inputs=loaded.example_inputs, inplace=True)
             return _print_plan(args, loaded, res, time.perf_counter() - t0)
-        insert_gates(gm, gate_cfg, example_inputs=loaded.example_inputs)  # validate gating before any work is done
+        res = insert_gates(gm, gate_cfg, example_inputs=loaded.example_inputs)  # validate gating before any work
+        _check_open_gates_change_nothing(loaded, res.graph_module)
     except (TraceError, ExampleInputError, ValueError) as exc:
         raise UsageError(str(exc)) from exc
     train_set, val_set, data_name = _datasets(args, loaded)
     assert out is not None
     return _compile(args, out, loaded, train_set, val_set, data_name, gate_cfg)
+
+
+def _check_open_gates_change_nothing(loaded: LoadedModel, gated: Any) -> None:
+    """Invariant 1 on the example inputs, before any training: in eval mode the gated model gives the
+    model's outputs exactly, twice the same. ValueError (a usage error) when it does not."""
+    model = loaded.model
+    modes = {m: m.training for m in [*model.modules(), *gated.modules()]}
+    model.eval()
+    gated.eval()
+    try:
+        with torch.no_grad():
+            want = model(*loaded.example_inputs)
+            got, again = gated(*loaded.example_inputs), gated(*loaded.example_inputs)
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    want, got, again = ([y for y in torch.utils._pytree.tree_leaves(out) if isinstance(y, torch.Tensor)]
+                        for out in (want, got, again))
+    if not all(torch.equal(a, b) for a, b in zip(got, again, strict=True)):
+        raise ValueError("the model is not deterministic in eval mode (two passes of the gated model on the example "
+                         "inputs differ): a dropout called with training=True or the default, or random ops in "
+                         "forward. Pass training=self.training to them; hyperflux-compile needs an eval function")
+    if len(want) != len(got) or not all(torch.equal(a, b) for a, b in zip(want, got, strict=True)):
+        worst = max((float((a.double() - b.double()).abs().max()) for a, b in zip(want, got, strict=False)
+                     if a.shape == b.shape and a.numel()), default=float("nan"))
+        notes = "; ".join(c.message for c in gated.meta.get(TRAINING_ONLY_META, []))
+        raise ValueError(f"the gated model differs from the model in eval mode on the example inputs (max |diff| "
+                         f"{worst:.3g}){': ' + notes if notes else ''}. Its graph cannot be kept exact")
 
 
 def _load(args: argparse.Namespace) -> LoadedModel:

@@ -37,8 +37,10 @@ __all__ = [
     "OPAQUE_META",
     "PRESSURE_ATTR",
     "STATE_ATTRS",
+    "TRAINING_ONLY_META",
     "ChannelGate",
     "ChannelMask",
+    "EvalIdentity",
     "Gate",
     "GatedModuleCall",
     "PressureState",
@@ -68,6 +70,7 @@ STATE_ATTRS = (GATES_ATTR, MASKS_ATTR, CALLS_ATTR, PRESSURE_ATTR)  # all of them
 
 # GraphModule.meta keys.
 OPAQUE_META = "hyperflux.opaque"  # list of OpaqueModule: submodules the trace fallback made leaves
+TRAINING_ONLY_META = "hyperflux.training_only"  # list of TrainingOnlyCode: train-mode code the eval graph lacks
 INPUTS_META = "hyperflux.example_inputs"  # example inputs kept for later passes' shape propagation
 GATE_REPORT_META = "hyperflux.gate_report"  # the GateReport of insert_gates
 FOLD_REPORT_META = "hyperflux.fold_report"  # the FoldReport of fold_masks
@@ -384,6 +387,22 @@ class ChannelMask(nn.Module):
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, layout={list(self.layout)}"
+
+
+class EvalIdentity(nn.Module):
+    """A parameterless submodule that is the identity at eval and does something else in training
+    (drop path, stochastic depth): the trace keeps it as this leaf, so the graph is the eval function
+    and training still calls ``inner`` (docs/gating.md, "Training-mode code")."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+        return self.inner(x, *args, **kwargs) if self.training else x
+
+    def extra_repr(self) -> str:
+        return f"{type(self.inner).__module__}.{type(self.inner).__qualname__} in training"
 
 
 class PressureState(nn.Module):

@@ -10,7 +10,8 @@ Each entry (:class:`OpSpec`) says, for one function, method name or module type:
   :mod:`hyperflux_fx.analysis.coupling`); ``None`` means the op is not in the channel support table
   and blocks every channel group it touches (DESIGN.md invariant 4);
 * ``macs``: its multiply-accumulate formula;
-* ``zero_preserving``: f(0) = 0 for elementwise ops; ``identity_at_eval`` for dropout and friends;
+* ``zero_preserving``: f(0) = 0 for elementwise ops; ``identity_at_eval`` for dropout and friends
+  (``train_module``: the module a functional dropout becomes in the trace);
 * ``moves_elements`` (only moves, copies or casts elements: a weight may pass through it on its way
   to a weight operand) and ``attention_glue`` (an attention tensor may pass through it between a
   projection and the attention product);
@@ -34,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from hyperflux_fx.ir import ChannelMask, Gate
+from hyperflux_fx.ir import ChannelMask, EvalIdentity, Gate
 
 __all__ = [
     "FUNCTIONS",
@@ -135,6 +136,7 @@ class OpSpec:
     functional: Callable[..., Any] | None = None  # modules: the function computing the same thing
     functional_kwargs: tuple[str, ...] = ()  # modules: attributes passed to it after input/weight/bias
     never_gated: str | None = None  # modules: why their parameters are never gated
+    train_module: type[nn.Module] | None = None  # functional dropouts: the module doing it at the model's flag
 
     @property
     def slots(self) -> tuple[WeightSlot, ...]:
@@ -242,6 +244,17 @@ def _act(name: str, zero: bool, *, eval_identity: bool = False) -> OpSpec:
                   identity_at_eval=eval_identity, attention_glue=eval_identity)
 
 
+_DROPOUT_SIG = ("input", "p", "training", "inplace")
+
+
+def _dropout(module: type[nn.Module]) -> OpSpec:
+    """A functional dropout: zero-preserving, identity at eval, and done by ``module`` following the
+    model's train/eval flag (the trace turns ``F.dropout(x, p, training=self.training)``, traced in
+    eval mode, into a call of ``module(p)``)."""
+    return OpSpec(module.__name__.lower(), "elementwise", _DROPOUT_SIG, channel_rule=ChannelRule.ELEMENTWISE,
+                  zero_preserving=True, identity_at_eval=True, attention_glue=True, train_module=module)
+
+
 def _binary(name: str, rule: ChannelRule, signature: tuple[str, ...] = _BINARY_SIG) -> OpSpec:
     return OpSpec(name, "binary", signature, channel_rule=rule, attention_glue=rule in (ChannelRule.MUL,
                                                                                          ChannelRule.DIV))
@@ -323,7 +336,9 @@ FUNCTIONS: dict[Any, OpSpec] = {
     F.hardtanh: _act("hardtanh", True), F.leaky_relu: _act("leaky_relu", True), F.elu: _act("elu", True),
     F.mish: _act("mish", True), torch.tanh: _act("tanh", True), F.tanh: _act("tanh", True),
     F.celu: _act("celu", True), F.selu: _act("selu", True),
-    F.dropout: _act("dropout", True, eval_identity=True), F.dropout2d: _act("dropout2d", True, eval_identity=True),
+    F.dropout: _dropout(nn.Dropout), F.dropout1d: _dropout(nn.Dropout1d), F.dropout2d: _dropout(nn.Dropout2d),
+    F.dropout3d: _dropout(nn.Dropout3d), F.alpha_dropout: _dropout(nn.AlphaDropout),
+    F.feature_alpha_dropout: _dropout(nn.FeatureAlphaDropout),  # identity at eval; the trace makes them modules
     torch.sigmoid: _act("sigmoid", False), F.sigmoid: _act("sigmoid", False),
     F.hardsigmoid: _act("hardsigmoid", False), F.softplus: _act("softplus", False),
 }
@@ -454,7 +469,10 @@ MODULES: tuple[ModuleEntry, ...] = (
     _module_act(nn.Tanh, True), _module_act(nn.CELU, True), _module_act(nn.SELU, True),
     _module_act(nn.Identity, True, eval_identity=True),  # identity
     _module_act(nn.Dropout, True, eval_identity=True), _module_act(nn.Dropout1d, True, eval_identity=True),
-    _module_act(nn.Dropout2d, True, eval_identity=True),  # identity at eval
+    _module_act(nn.Dropout2d, True, eval_identity=True), _module_act(nn.Dropout3d, True, eval_identity=True),
+    _module_act(nn.AlphaDropout, True, eval_identity=True),  # identity at eval
+    _module_act(nn.FeatureAlphaDropout, True, eval_identity=True),  # identity at eval
+    _module_act(EvalIdentity, True, eval_identity=True),  # drop path, stochastic depth: kept as leaves by the trace
     _module_act(nn.Sigmoid, False), _module_act(nn.Hardsigmoid, False), _module_act(nn.Softplus, False),  # f(0) != 0
     _module_spatial(nn.MaxPool1d), _module_spatial(nn.MaxPool2d), _module_spatial(nn.MaxPool3d),
     _module_spatial(nn.AvgPool1d), _module_spatial(nn.AvgPool2d), _module_spatial(nn.AvgPool3d),

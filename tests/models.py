@@ -323,12 +323,59 @@ class RollBranch(nn.Module):
         return self.head(torch.cat([a, F.relu(self.b(x))], dim=1)).mean((2, 3))
 
 
+class DropPath(nn.Module):
+    """Stochastic depth as third-party code writes it: the identity at eval, random in training."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = (torch.rand(x.shape[0], *([1] * (x.dim() - 1)), device=x.device) >= self.p).to(x.dtype)
+        return x * keep / (1 - self.p)
+
+
+class DropoutDropPath(nn.Module):
+    """A residual block whose branch goes through a drop path, and a functional dropout before the
+    head, written with ``training=self.training``: eval is deterministic, training is not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.drop_path = DropPath(0.5)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.stem(x))
+        x = x + self.drop_path(F.relu(self.conv(x)))
+        return self.fc(F.dropout(x.mean((2, 3)), 0.3, training=self.training))
+
+
+class TrainingBranch(nn.Module):
+    """``if self.training:`` code that is neither a dropout nor a drop path."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.conv(x))
+        if self.training:
+            x = x + 0.1 * torch.randn_like(x)
+        return self.fc(x.mean((2, 3)))
+
+
 #: models the channel fold must handle exactly (channel granularity)
 FOLD_ZOO = dict(ZOO)
 FOLD_ZOO.update({
     "no_bias_chain": (_seeded(NoBiasChain), _inputs(2, 3, 6, 6)),
     "squeeze_excite": (_seeded(SqueezeExcite), _inputs(2, 3, 6, 6)),
     "roll_branch": (_seeded(RollBranch), _inputs(2, 3, 6, 6)),
+    "dropout_drop_path": (_seeded(DropoutDropPath), _inputs(2, 3, 6, 6)),
 })
 
 

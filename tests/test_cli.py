@@ -201,6 +201,11 @@ BAD_FILES = {
                        "        return self.fc(x) if x.sum() > 0 else x\n"
                        "def build_model():\n    return M()\ndef example_inputs():\n    return torch.ones(2, 3)\n"),
                        "cannot trace"),
+    "random_eval.py": (("import torch\nclass M(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+                        "        self.fc = torch.nn.Linear(3, 3)\n    def forward(self, x):\n"
+                        "        return self.fc(torch.nn.functional.dropout(x, 0.5))\n"
+                        "def build_model():\n    return M()\ndef example_inputs():\n    return torch.ones(2, 3)\n"),
+                       "not deterministic in eval mode"),
 }
 
 
@@ -209,6 +214,7 @@ BAD_FILES = {
     (["FILE:syntax.py"], "syntax error"),
     (["FILE:nobuild.py"], "build_model"),
     (["FILE:untraceable.py"], "cannot trace"),
+    (["FILE:random_eval.py", "--data", "synthetic", "--num-classes", "3"], "not deterministic in eval mode"),
     ([EXAMPLE, "--input-shape", "2,3,9,9"], "does not run on example inputs"),
     ([EXAMPLE, "--target-sparsity", "1.5"], "--target-sparsity must be in (0, 1)"),
     ([EXAMPLE, "--target-sparsity", "0"], "--target-sparsity must be in (0, 1)"),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,12 +20,14 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from hyperflux_fx.ir import OPAQUE_META, is_gate_module
+from hyperflux_fx.ir import OPAQUE_META, TRAINING_ONLY_META, EvalIdentity, is_gate_module
+from hyperflux_fx.ops import function_spec
 
 __all__ = [
     "ExampleInputError",
     "OpaqueModule",
     "TraceError",
+    "TrainingOnlyCode",
     "normalize_inputs",
     "propagate_shapes",
     "short_error",
@@ -97,13 +100,19 @@ class _Tracer(fx.Tracer):
         self.leaf_types = leaf_types
         self.leaf_names = leaf_names
         self.opaque_ids: set[int] = set()
+        self.eval_identity: dict[str, nn.Module] = {}  # leaves that are the identity at eval only
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if id(m) in self.opaque_ids or is_gate_module(m):
             return True
         if module_qualified_name in self.leaf_names or (self.leaf_types and isinstance(m, self.leaf_types)):
             return True
-        return super().is_leaf_module(m, module_qualified_name)
+        if super().is_leaf_module(m, module_qualified_name):
+            return True
+        if _identity_at_eval_only(m):
+            self.eval_identity[module_qualified_name] = m
+            return True
+        return False
 
 
 def _culprit(exc: BaseException, names: dict[int, str]) -> str | None:
@@ -176,10 +185,34 @@ def _trace_with_fallback(model: nn.Module, leaf_modules: Iterable[type | str],
     for name, sub in model.named_modules(remove_duplicate=False):
         names.setdefault(id(sub), name)
     opaque: list[OpaqueModule] = []
+    modes = {m: m.training for m in model.modules()}
+    model.eval()  # the graph is the eval function (docs/gating.md, "Training-mode code")
+    try:
+        graph = _trace_eval(model, tracer, concrete_args, max_fallbacks, names, opaque)
+        train_graph = _trace_train(model, tracer, concrete_args)
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    name = type(model).__name__
+    gm = fx.GraphModule(tracer.root, graph, name)
+    gm.training = model.training  # only its own flag: its submodules are the model's, in their own modes
+    gm.meta[OPAQUE_META] = opaque
+    gm.meta[TRAINING_ONLY_META] = [] if train_graph is None else _training_only(graph, train_graph, name)
+    _keep_eval_identity_leaves(gm, model, tracer.eval_identity)
+    _dropout_modules(gm)
+    for code in gm.meta[TRAINING_ONLY_META]:
+        log.warning("trace: %s", code.message)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _trace_eval(model: nn.Module, tracer: _Tracer, concrete_args: dict[str, Any] | None, max_fallbacks: int,
+                names: dict[int, str], opaque: list[OpaqueModule]) -> fx.Graph:
+    """Trace ``model`` (in eval mode), making the submodules that fail leaves (recorded in ``opaque``)."""
     while True:
         try:
-            graph = tracer.trace(model, concrete_args=concrete_args)
-            break
+            return tracer.trace(model, concrete_args=concrete_args)
         except Exception as exc:  # fx raises many types (TraceError, TypeError, RuntimeError, ...)
             path = _culprit(exc, names)
             if path is None or path == "" or len(opaque) >= max_fallbacks:
@@ -199,11 +232,143 @@ def _trace_with_fallback(model: nn.Module, leaf_modules: Iterable[type | str],
                      path, type(sub).__qualname__, short_error(exc))
             tracer.opaque_ids.add(id(sub))
             opaque.append(OpaqueModule(path, f"{type(sub).__module__}.{type(sub).__qualname__}", short_error(exc)))
-    name = type(model).__name__
-    gm = fx.GraphModule(tracer.root, graph, name)
-    gm.meta[OPAQUE_META] = opaque
-    gm.graph.lint()
-    return gm
+
+
+def _trace_train(model: nn.Module, tracer: _Tracer, concrete_args: dict[str, Any] | None) -> fx.Graph | None:
+    """The same trace in train mode (same leaves), to find training-only code; None if it fails."""
+    model.train()
+    try:
+        return tracer.trace(model, concrete_args=concrete_args)
+    except Exception as exc:  # noqa: BLE001 - fx raises many types; the eval graph stands on its own
+        log.info("trace: the train-mode trace failed (%s); training-only code is not checked", short_error(exc))
+        return None
+
+
+@dataclass(frozen=True)
+class TrainingOnlyCode:
+    """Code that runs differently in train mode and is not in the (eval-mode) graph, per module
+    (listed in ``gm.meta[TRAINING_ONLY_META]``)."""
+
+    path: str  # qualified name of the innermost module ("" for the root's own forward)
+    type: str  # its class
+    train_only: tuple[str, ...]  # ops the train-mode trace has and the graph lacks
+    eval_only: tuple[str, ...]  # ops the graph has and the train-mode trace lacks
+
+    @property
+    def message(self) -> str:
+        where = f"module {self.path!r} ({self.type})" if self.path else f"the root forward ({self.type})"
+        parts = [f"train mode runs {', '.join(self.train_only)}" if self.train_only else "",
+                 f"eval mode runs {', '.join(self.eval_only)}" if self.eval_only else ""]
+        return (f"training-only code in {where}: {'; '.join(p for p in parts if p)}. The graph is the eval "
+                "function, so the gated model trains without the training-only part")
+
+
+def _identity_at_eval_only(m: nn.Module) -> bool:
+    """A parameterless module whose forward returns its first input in eval mode and does something
+    else in train mode (drop path, stochastic depth)."""
+    if next(m.parameters(), None) is not None or next(m.buffers(), None) is not None:
+        return False
+    modes = {sub: sub.training for sub in m.modules()}
+    try:
+        m.eval()
+        try:
+            if not _returns_first_input(fx.Tracer().trace(m)):
+                return False
+        except Exception:  # noqa: BLE001 - not traceable alone: not one of these
+            return False
+        m.train()
+        try:
+            return not _returns_first_input(fx.Tracer().trace(m))
+        except Exception:  # noqa: BLE001 - the train-mode forward does something fx cannot trace
+            return True
+    finally:
+        for sub, mode in modes.items():
+            sub.training = mode
+
+
+def _returns_first_input(graph: fx.Graph) -> bool:
+    first = next((n for n in graph.nodes if n.op == "placeholder"), None)
+    out = next(n for n in reversed(graph.nodes) if n.op == "output")
+    return first is not None and out.args[0] is first
+
+
+def _keep_eval_identity_leaves(gm: fx.GraphModule, model: nn.Module, found: dict[str, nn.Module]) -> None:
+    """Wrap the eval-identity leaves in :class:`EvalIdentity` (the op table's entry for them)."""
+    called = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+    for path, module in found.items():
+        if path not in called:
+            continue
+        parent_path, _, field = path.rpartition(".")
+        parent = gm.get_submodule(parent_path) if parent_path else gm
+        if parent_path and parent is model.get_submodule(parent_path):  # the user's own module: left alone
+            continue
+        wrapper = EvalIdentity(module)
+        wrapper.training = module.training
+        setattr(parent, field, wrapper)
+
+
+def _dropout_modules(gm: fx.GraphModule) -> None:
+    """``F.dropout(x, p, training=self.training)`` traced in eval mode reads ``training=False``; it
+    becomes a call of the op table's module for it (``nn.Dropout(p)``), which follows the gated
+    model's train/eval flag. A call without an explicit ``training=False`` is left as it is."""
+    for node in list(gm.graph.nodes):
+        spec = function_spec(node.target) if node.op == "call_function" else None
+        if spec is None or spec.train_module is None:
+            continue
+        explicit = len(node.args) > 2 or "training" in node.kwargs
+        p, inplace = spec.arg(node, "p", 0.5), spec.arg(node, "inplace", False)
+        if not explicit or spec.arg(node, "training") is not False or not isinstance(p, (int, float)):
+            continue
+        name = node.name
+        while hasattr(gm, name):
+            name += "_"
+        gm.add_submodule(name, spec.train_module(p=float(p), inplace=bool(inplace)).train(gm.training))
+        with gm.graph.inserting_before(node):
+            call = gm.graph.call_module(name, (spec.arg(node, "input"),))
+        call.meta = dict(node.meta)
+        node.replace_all_uses_with(call)
+        gm.graph.erase_node(node)
+
+
+def _training_only(graph: fx.Graph, train_graph: fx.Graph, root: str) -> list[TrainingOnlyCode]:
+    """Per innermost module, the ops in which the eval-mode graph and the train-mode one differ
+    (a dropout's ``training`` flag aside: :func:`_dropout_modules` handles it)."""
+    mine, theirs = _op_counts(graph), _op_counts(train_graph)
+    types = {key[0]: t for key, t in (_op_types(graph) | _op_types(train_graph)).items()}
+    out = []
+    for path in sorted({k[0] for k in (mine - theirs) + (theirs - mine)}):
+        train_only = tuple(sorted({k[1] for k in theirs - mine if k[0] == path}))
+        eval_only = tuple(sorted({k[1] for k in mine - theirs if k[0] == path}))
+        out.append(TrainingOnlyCode(path, types.get(path) or root, train_only, eval_only))
+    return out
+
+
+def _innermost(node: fx.Node) -> tuple[str, str]:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return "", ""
+    path, cls = next(reversed(stack.values()))
+    return path, getattr(cls, "__qualname__", str(cls))
+
+
+def _op_counts(graph: fx.Graph) -> Counter[tuple[str, str]]:
+    """(innermost module, op with its constant operands) counted over ``graph``."""
+    out: Counter[tuple[str, str]] = Counter()
+    for n in graph.nodes:
+        if n.op in ("placeholder", "output"):
+            continue
+        spec = function_spec(n.target) if n.op == "call_function" else None
+        flag = "training" if spec is not None and spec.train_module is not None else None
+        operands = [(spec.signature[i] if spec is not None and i < len(spec.signature) else str(i), a)
+                    for i, a in enumerate(n.args)] + list(n.kwargs.items())
+        consts = [f"{k}={v!r}" for k, v in operands if isinstance(v, (bool, int, float, str)) and k != flag]
+        target = getattr(n.target, "__name__", str(n.target))
+        out[(_innermost(n)[0], f"{target}({', '.join(consts)})" if consts else target)] += 1
+    return out
+
+
+def _op_types(graph: fx.Graph) -> dict[tuple[str, str], str]:
+    return {(_innermost(n)[0], ""): _innermost(n)[1] for n in graph.nodes if n.op not in ("placeholder", "output")}
 
 
 class _NodeFailure(RuntimeError):

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from hyperflux_fx.analysis.coupling import Unit
-from hyperflux_fx.frontend.trace import OpaqueModule
+from hyperflux_fx.frontend.trace import OpaqueModule, TrainingOnlyCode
 
 __all__ = ["ChannelGroupReport", "GateReport", "GatedTensor", "SkippedItem"]
 
@@ -58,6 +58,7 @@ class GateReport:
     opaque: list[OpaqueModule] = field(default_factory=list)  # modules made leaves by the trace fallback
     rule_counts: dict[str, int] = field(default_factory=dict)  # rewrites per rule
     channel_groups: list[ChannelGroupReport] = field(default_factory=list)  # channel/hybrid: every group
+    training_only: list[TrainingOnlyCode] = field(default_factory=list)  # train-mode code the graph lacks
 
     @property
     def gated_elements(self) -> int:
@@ -79,7 +80,7 @@ class GateReport:
         if self.rule_counts:
             lines.append("rewrites: " + ", ".join(f"{k}={v}" for k, v in sorted(self.rule_counts.items())))
         return "\n".join(lines + self._gated_lines() + self._skipped_lines() + self._group_lines()
-                         + self._opaque_lines())
+                         + self._opaque_lines() + self._training_lines())
 
     def _gated_lines(self) -> list[str]:
         if not self.gated:
@@ -111,3 +112,10 @@ class GateReport:
             return []
         return ["", "opaque modules (traced as leaves; gated at module level):"] + [
             f"  {o.path} ({o.type}): {o.error}" for o in self.opaque]
+
+    def _training_lines(self) -> list[str]:
+        if not self.training_only:
+            return []
+        return ["", "training-only code (not in the graph, which is the eval function):"] + [
+            f"  {c.path or '(root)'} ({c.type}): train mode runs {', '.join(c.train_only) or '-'}; "
+            f"eval mode runs {', '.join(c.eval_only) or '-'}" for c in self.training_only]

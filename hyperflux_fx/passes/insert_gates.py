@@ -47,6 +47,7 @@ from hyperflux_fx.ir import (
     INPUTS_META,
     OPAQUE_META,
     PRESSURE_ATTR,
+    TRAINING_ONLY_META,
     PressureState,
     gates,
 )
@@ -90,7 +91,8 @@ def insert_gates(model_or_gm: nn.Module, config: GateConfig | None = None, *, ex
     report = GateReport(granularity=config.granularity, model_kind=attention.model_kind,
                         gate_first=_auto(config.gate_first, attention.model_kind),
                         gate_last=_auto(config.gate_last, attention.model_kind),
-                        opaque=list(gm.meta.get(OPAQUE_META, [])))
+                        opaque=list(gm.meta.get(OPAQUE_META, [])),
+                        training_only=list(gm.meta.get(TRAINING_ONLY_META, [])))
     found = find_weight_uses(gm)
     first, last = end_ops(gm, found.uses, attention)
     gated_names = _decide(gm, config, found, first, last, report, original)
