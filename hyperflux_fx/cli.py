@@ -130,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--leaf", action="append", default=[], metavar="QUALNAME", help="keep a submodule opaque")
     p.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="do not gate matching parameters")
     p.add_argument("--json", action="store_true", help="with --plan: print the plan as JSON")
+    p.add_argument("--verbose", action="store_true", help="with --plan: list every skipped parameter")
     p.add_argument("--quiet", action="store_true", help="no progress bars or tables; errors only")
     return p
 
@@ -249,6 +250,8 @@ def _run(args: argparse.Namespace) -> int:
             res = insert_gates(gm, gate_cfg, example_inputs=loaded.example_inputs, inplace=True)
             return _print_plan(args, loaded, res, time.perf_counter() - t0)
         res = insert_gates(gm, gate_cfg, example_inputs=loaded.example_inputs)  # validate gating before any work
+        if not gates(res.graph_module):
+            raise ValueError(f"nothing to prune at --granularity {args.granularity}: {res.report.why_nothing_gated()}")
         _check_open_gates_change_nothing(loaded, res.graph_module)
     except (TraceError, ExampleInputError, ValueError) as exc:
         raise UsageError(str(exc)) from exc
@@ -329,7 +332,7 @@ def _print_plan(args: argparse.Namespace, loaded: LoadedModel, res: PassResult, 
     print(f"source: {args.source}  example input: {[tuple(x.shape) for x in loaded.example_inputs]}")
     print(f"parameters: {total:,}  gated units: {report.gated_elements:,}  insert_gates: {seconds:.2f}s")
     print()
-    print(report)
+    print(report.text(verbose=args.verbose))
     return 0
 
 

@@ -30,13 +30,18 @@ FAST = ["--dense-epochs", "2", "--epochs", "2", "--regrowth-epochs", "1", "--qui
 def test_plan_on_the_embedded_example(capsys):
     assert main([EXAMPLE, "--plan", "--granularity", "weight"]) == 0
     out = capsys.readouterr().out
-    assert "10 tensors gated" in out and "layer3.conv2.weight" in out and "bn1.weight" in out
+    assert "10 weight tensors gated" in out and "layer3.conv2.weight" in out
+    assert "bn1.weight" not in out and "9  normalisation parameter (BatchNorm2d)" in out  # counted by reason
+    assert main([EXAMPLE, "--plan", "--granularity", "weight", "--verbose"]) == 0
+    assert "bn1.weight" in capsys.readouterr().out  # and listed one by one
 
 
-def test_plan_channel_granularity_lists_groups(capsys):
+def test_plan_channel_granularity_leads_with_the_groups(capsys):
     assert main([EXAMPLE, "--plan", "--granularity", "channel"]) == 0
     out = capsys.readouterr().out
-    assert "channel groups" in out and "consumed by the graph output" in out
+    first = out.split("\n\n")[1].splitlines()[0]
+    assert first.startswith("insert_gates: ") and "channel groups gated" in first and "0 weight tensors" not in first
+    assert "gateable channel share 1.00" in out and "consumed by the graph output" in out
 
 
 def test_plan_json(capsys):
@@ -206,6 +211,15 @@ BAD_FILES = {
                         "        return self.fc(torch.nn.functional.dropout(x, 0.5))\n"
                         "def build_model():\n    return M()\ndef example_inputs():\n    return torch.ones(2, 3)\n"),
                        "not deterministic in eval mode"),
+    "nothing_gateable.py": (("import torch\nclass M(torch.nn.Module):\n    def __init__(self):\n"
+                             "        super().__init__()\n"
+                             "        self.c = torch.nn.Conv2d(3, 8, 3)\n        self.fc = torch.nn.Linear(8, 3)\n"
+                             "    def forward(self, x):\n"
+                             "        return self.fc(torch.roll(self.c(x), 1, dims=1).mean((2, 3)))\n"
+                             "def build_model():\n    return M()\n"
+                             "def example_inputs():\n    return torch.ones(2, 3, 8, 8)\n"),
+                            "roll is not in the channel support table (8 channels in 1 group, e.g. at roll). "
+                            "Try --granularity weight"),
 }
 
 
@@ -214,7 +228,11 @@ BAD_FILES = {
     (["FILE:syntax.py"], "syntax error"),
     (["FILE:nobuild.py"], "build_model"),
     (["FILE:untraceable.py"], "cannot trace"),
-    (["FILE:random_eval.py", "--data", "synthetic", "--num-classes", "3"], "not deterministic in eval mode"),
+    (["FILE:random_eval.py", "--data", "synthetic", "--num-classes", "3", "--granularity", "weight"],
+     "not deterministic in eval mode"),
+    (["FILE:nothing_gateable.py", "--data", "synthetic", "--num-classes", "3"],
+     "nothing to prune at --granularity channel: no channel group can be gated: roll is not in the channel support "
+     "table (8 channels in 1 group, e.g. at roll). Try --granularity weight"),
     ([EXAMPLE, "--input-shape", "2,3,9,9"], "does not run on example inputs"),
     ([EXAMPLE, "--target-sparsity", "1.5"], "--target-sparsity must be in (0, 1)"),
     ([EXAMPLE, "--target-sparsity", "0"], "--target-sparsity must be in (0, 1)"),

@@ -29,9 +29,11 @@ from hyperflux_fx.config import FoldConfig
 from hyperflux_fx.ir import WeightGate
 from hyperflux_fx.ops import ChannelRule, OpSpec, node_spec
 
-__all__ = ["RULES", "ChannelParam", "Consumer", "Coupling", "Group", "Label", "Producer", "Seg", "ShapeArg",
-           "Unit", "analyze_channels", "dead_units", "group_consumers", "kept_count", "label_keep", "param_target",
-           "plan_keep", "shape_of"]
+__all__ = ["OUTPUT_REASON", "RULES", "ChannelParam", "Consumer", "Coupling", "Group", "Label", "Producer", "Seg",
+           "ShapeArg", "Unit", "analyze_channels", "dead_units", "group_consumers", "kept_count", "label_keep",
+           "param_target", "plan_keep", "shape_of"]
+
+OUTPUT_REASON = "consumed by the graph output"  # why a group the model's output reads is not gated
 
 Unit = Literal["channel", "head"]  # what one unit of a group is: a channel (hidden unit), or an attention head
 
@@ -759,7 +761,7 @@ def analyze_channels(gm: fx.GraphModule) -> Coupling:
             continue
         if node.op == "output":
             for n in node.all_input_nodes:
-                c.block(labels.get(n), "consumed by the graph output")
+                c.block(labels.get(n), OUTPUT_REASON)
             continue
         spec = node_spec(gm, node)
         rule = RULES[spec.channel_rule] if spec is not None and spec.channel_rule is not None else _unsupported

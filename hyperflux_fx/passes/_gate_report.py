@@ -5,10 +5,20 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from hyperflux_fx.analysis.coupling import Unit
+from hyperflux_fx.analysis.coupling import OUTPUT_REASON, Unit
 from hyperflux_fx.frontend.trace import OpaqueModule, TrainingOnlyCode
 
 __all__ = ["ChannelGroupReport", "GateReport", "GatedTensor", "SkippedItem"]
+
+
+def _groups(n: int) -> str:
+    return f"{n} group" if n == 1 else f"{n} groups"
+
+
+def _split_reason(reason: str) -> tuple[str, str]:
+    """(why, node name) of a blocked-group reason written as ``why: <node>``."""
+    why, _, rest = reason.partition(": %")
+    return (why, rest.split(" ", 1)[0]) if rest else (reason, "")
 
 
 @dataclass
@@ -64,23 +74,74 @@ class GateReport:
     def gated_elements(self) -> int:
         return sum(g.numel for g in self.gated) + sum(g.size for g in self.channel_groups if g.gated)
 
+    @property
+    def gateable_share(self) -> float | None:
+        """Channels in gated groups over the channels of every group the graph output does not consume
+        (channel/hybrid granularity; None when there is no such group)."""
+        groups = [g for g in self.channel_groups if g.gated or g.blocked != [OUTPUT_REASON]]
+        total = sum(g.size for g in groups)
+        return sum(g.size for g in groups if g.gated) / total if total else None
+
+    def blockers(self) -> list[tuple[str, int, int, list[str]]]:
+        """What keeps channels ungated: ``(reason, channels, groups, nodes)`` per reason, most channels
+        first; each blocked group counts once, for its first reason (the graph output's aside)."""
+        found: dict[str, tuple[int, int, list[str]]] = {}
+        for g in self.channel_groups:
+            if g.gated or g.blocked == [OUTPUT_REASON] or not g.blocked:
+                continue
+            why, node = _split_reason(next(b for b in g.blocked if b != OUTPUT_REASON))
+            channels, groups, nodes = found.get(why, (0, 0, []))
+            found[why] = (channels + g.size, groups + 1, nodes + ([node] if node and node not in nodes else []))
+        return sorted(((why, c, n, nodes) for why, (c, n, nodes) in found.items()), key=lambda r: -r[1])
+
+    def why_nothing_gated(self) -> str:
+        """One line for a model in which nothing could be gated: the top blockers, and what to try."""
+        if self.channel_groups:
+            top = self.blockers()[:3]
+            causes = "; ".join(f"{why} ({channels:,} channels in {_groups(groups)}"
+                               + (f", e.g. at {', '.join(nodes[:2])})" if nodes else ")")
+                               for why, channels, groups, nodes in top) or "every group feeds the graph output"
+            hint = " Try --granularity weight (unstructured: smaller files, no speed-up)" if (
+                self.granularity == "channel") else ""
+            return f"no channel group can be gated: {causes}.{hint}"
+        counts = self.skipped_by_reason()
+        causes = "; ".join(f"{n} parameters: {why}" for why, n in list(counts.items())[:3]) or "no parameters"
+        return f"no weight can be gated: {causes}"
+
+    def skipped_by_reason(self) -> dict[str, int]:
+        """Skipped parameters counted by reason, most first."""
+        counts: dict[str, int] = {}
+        for s in self.skipped:
+            if s.kind == "parameter":
+                counts[s.reason] = counts.get(s.reason, 0) + 1
+        return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["gated_elements"] = self.gated_elements
+        out["gateable_share"] = self.gateable_share
         return out
 
     def __str__(self) -> str:
+        return self.text()
+
+    def text(self, verbose: bool = False) -> str:
+        """The report: a summary, the channel groups (gated or blocked, and the top blockers), the
+        gated tensors, the skipped parameters counted by reason (each one listed with ``verbose``)."""
+        gated_groups = [g for g in self.channel_groups if g.gated]
+        parts = ([f"{len(gated_groups)} of {len(self.channel_groups)} channel groups gated "
+                  f"({sum(g.size for g in gated_groups):,} units)"] if self.channel_groups else [])
+        if self.gated or not self.channel_groups:
+            parts.append(f"{len(self.gated)} weight tensors gated ({sum(g.numel for g in self.gated):,} elements)")
         lines = [
-            (f"insert_gates: {len(self.gated)} tensors gated ({self.gated_elements:,} elements), "
-             f"{sum(s.kind == 'parameter' for s in self.skipped)} parameters and "
-             f"{sum(s.kind == 'op' for s in self.skipped)} ops skipped, {len(self.opaque)} opaque modules"),
+            f"insert_gates: {', '.join(parts)}, {len(self.opaque)} opaque modules",
             (f"granularity={self.granularity}  model kind={self.model_kind}  "
              f"first op gated={self.gate_first}  last op gated={self.gate_last}"),
         ]
         if self.rule_counts:
             lines.append("rewrites: " + ", ".join(f"{k}={v}" for k, v in sorted(self.rule_counts.items())))
-        return "\n".join(lines + self._gated_lines() + self._skipped_lines() + self._group_lines()
-                         + self._opaque_lines() + self._training_lines())
+        return "\n".join(lines + self._group_lines() + self._gated_lines() + self._skipped_lines(verbose)
+                          + self._opaque_lines() + self._training_lines())
 
     def _gated_lines(self) -> list[str]:
         if not self.gated:
@@ -90,9 +151,14 @@ class GateReport:
             f"{g.name:<{width}}  {list(g.shape)!s:<20} {g.numel:>12,}  {g.level:<6}  " + ", ".join(g.via)
             for g in self.gated]
 
-    def _skipped_lines(self) -> list[str]:
+    def _skipped_lines(self, verbose: bool) -> list[str]:
         if not self.skipped:
             return []
+        if not verbose:
+            ops = sum(s.kind == "op" for s in self.skipped)
+            return (["", "skipped parameters, by reason (each one: --plan --verbose or --json):"]
+                    + [f"  {n:>4}  {why}" for why, n in self.skipped_by_reason().items()]
+                    + ([f"  {ops:>4}  ops with a computed weight (listed with --verbose)"] if ops else []))
         width = max(len(s.name) for s in self.skipped)
         return ["", f"{'skipped':<{width}}  kind       reason"] + [
             f"{s.name:<{width}}  {s.kind:<9}  {s.reason}" for s in self.skipped]
@@ -100,9 +166,18 @@ class GateReport:
     def _group_lines(self) -> list[str]:
         if not self.channel_groups:
             return []
-        lines = ["", "channel groups: size  unit  gated  producers  (why not gated)"]
+        gated = [g for g in self.channel_groups if g.gated]
+        share = self.gateable_share
+        lines = ["", (f"channel groups: {len(gated)} of {len(self.channel_groups)} gated "
+                      f"({sum(g.size for g in gated):,} units); gateable channel share "
+                      f"{'-' if share is None else f'{share:.2f}'} (groups the graph output consumes aside)")]
+        lines += [f"  blocked: {why}: {channels:,} channels in {_groups(groups)}"
+                  + (f" (at {', '.join(nodes[:3])})" if nodes else "")
+                  for why, channels, groups, nodes in self.blockers()]
+        lines += ["", "channel groups: size  unit  gated  producers  (why not gated)"]
         for g in self.channel_groups:
-            why = "" if g.gated else "  -- " + "; ".join(g.blocked)[:300]
+            why = "" if g.gated else "  -- " + "; ".join(
+                f"{w} at {n}" if n else w for w, n in map(_split_reason, g.blocked))[:300]
             lines.append(f"  {g.name:<28} {g.size:>5}  {g.unit:<7} {'yes' if g.gated else 'no ':<5}  "
                          f"{', '.join(g.producers)[:80]}{why}")
         return lines

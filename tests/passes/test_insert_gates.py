@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from models import ZOO, FunctionalOps, SharedWeight, StandardizedConv
+from models import ZOO, FunctionalOps, RollBranch, SharedWeight, StandardizedConv
 from torch import nn
 
 import hyperflux_fx as hf
@@ -300,3 +300,15 @@ def test_gated_model_survives_deepcopy_and_pickle_with_pressure(tmp_path):
         (clone(*x) * 0).sum().backward()  # no data gradient: the flow gradient is pure pressure
         for g in hf.gates(clone):
             torch.testing.assert_close(g.flow.grad, torch.full_like(g.flow, 2.0 / n))
+
+
+def test_the_report_leads_with_the_blockers_and_the_gateable_share():
+    res = hf.insert_gates(RollBranch().eval(), hf.GateConfig(granularity="channel"),
+                          example_inputs=torch.randn(2, 3, 6, 6))
+    report = res.report
+    assert report.blockers() == [("roll is not in the channel support table", 4, 1, ["roll"])]
+    assert report.gateable_share == pytest.approx(0.5)  # branch b's 4 channels of a + b's 8 (the head's 2 aside)
+    text = str(report)
+    assert text.index("gateable channel share 0.50") < text.index("channel groups: size")
+    assert "blocked: roll is not in the channel support table: 4 channels in 1 group (at roll)" in text
+    assert report.to_dict()["gateable_share"] == pytest.approx(0.5)
