@@ -90,6 +90,7 @@ class ChannelRule(enum.Enum):
     DIV = "div"
     CAT = "cat"  # offsets along the channel dim, or a tie along another dim
     RESHAPE = "reshape"  # flatten C*H*W (each channel owns H*W features), or a split into heads
+    SHAPE_OF = "shape_of"  # view_as / reshape_as: the other tensor's shape; equal shapes tie the two labels
     PERMUTE = "permute"  # moves the channel dim
     TRANSPOSE = "transpose"  # swaps two dims
     REDUCE = "reduce"  # fine unless it reduces the channel dim
@@ -378,6 +379,10 @@ METHODS: dict[str, OpSpec] = {
     "flatten": _method_moving("flatten", ChannelRule.RESHAPE),  # see ChannelRule.RESHAPE
     "view": _method_moving("view", ChannelRule.RESHAPE, sizes=True),  # explicit sizes
     "reshape": _method_moving("reshape", ChannelRule.RESHAPE, sizes=True),  # explicit sizes
+    "view_as": OpSpec("view_as", "shape", ("self", "other"), channel_rule=ChannelRule.SHAPE_OF,
+                      moves_elements=True),  # the other's shape: tied to it
+    "reshape_as": OpSpec("reshape_as", "shape", ("self", "other"), channel_rule=ChannelRule.SHAPE_OF,
+                         moves_elements=True),  # as view_as
     "unflatten": _method_moving("unflatten", None), "expand": _method_moving("expand", None),  # moves (weights)
     "squeeze": _method_moving("squeeze", None), "unsqueeze": _method_moving("unsqueeze", None),  # size-1 dims
     "t": _method_moving("t", None),  # 2-D transpose of a weight

@@ -369,6 +369,22 @@ class TrainingBranch(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
+class ViewAs(nn.Module):
+    """A branch computed in flattened form and put back with ``view_as`` before a residual add: the
+    branch's channels and the stem's are one group."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.mix = nn.Conv1d(8, 8, 1)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.stem(x))
+        z = F.relu(self.mix(y.flatten(2))).view_as(y)
+        return self.head(z + y).mean((2, 3))
+
+
 #: models the channel fold must handle exactly (channel granularity)
 FOLD_ZOO = dict(ZOO)
 FOLD_ZOO.update({
@@ -376,6 +392,7 @@ FOLD_ZOO.update({
     "squeeze_excite": (_seeded(SqueezeExcite), _inputs(2, 3, 6, 6)),
     "roll_branch": (_seeded(RollBranch), _inputs(2, 3, 6, 6)),
     "dropout_drop_path": (_seeded(DropoutDropPath), _inputs(2, 3, 6, 6)),
+    "view_as": (_seeded(ViewAs), _inputs(2, 3, 6, 6)),
 })
 
 

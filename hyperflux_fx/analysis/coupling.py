@@ -408,12 +408,7 @@ def _binary(kind: str) -> Rule:
                 c.block(la, f"{kind} of differently laid out channels: {node.format_node()}")
                 c.block(lb, f"{kind} of differently laid out channels: {node.format_node()}")
                 return la
-            for sa_, sb_ in zip(la.segs, lb.segs, strict=True):
-                if sa_.space is not None and sb_.space is not None:
-                    c.ties.add_edge(sa_.space, sb_.space)
-                elif sa_.space is not None or sb_.space is not None:
-                    c.block(la, f"{kind} ties channels to ones that cannot be deleted: {node.format_node()}")
-                    c.block(lb, f"{kind} ties channels to ones that cannot be deleted: {node.format_node()}")
+            _tie(c, la, lb, kind, node)
             return la
         lab, other = (la, b) if la is not None else (lb, a)
         if not _broadcast_operand(gm, c, node, lab, other):
@@ -424,6 +419,36 @@ def _binary(kind: str) -> Rule:
             c.block(lab, f"division by channels: {node.format_node()}")
         return lab
     return rule
+
+
+def _tie(c: Coupling, la: Label, lb: Label, kind: str, node: fx.Node) -> None:
+    """Tie two labels of the same layout segment by segment (their channels go together)."""
+    for sa, sb in zip(la.segs, lb.segs, strict=True):
+        if sa.space is not None and sb.space is not None:
+            c.ties.add_edge(sa.space, sb.space)
+        elif sa.space is not None or sb.space is not None:
+            c.block(la, f"{kind} ties channels to ones that cannot be deleted: {node.format_node()}")
+            c.block(lb, f"{kind} ties channels to ones that cannot be deleted: {node.format_node()}")
+
+
+def _shape_of_other(gm, node, c, labels, spec):
+    """x.view_as(y) / x.reshape_as(y): a reshape of x (:func:`_reshape_like`) to y's shape, read from y
+    at run time. After the fold that shape is y's narrowed one, so the result's channels and y's must
+    be deleted together: tied, as an add ties them."""
+    other = spec.arg(node, "other")
+    lo = labels.get(other) if isinstance(other, fx.Node) else None
+    out = _reshape_like(gm, node, c, labels, spec) if labels.get(node.args[0]) is not None else None
+    if out is None or lo is None:
+        why = f"{spec.name} ties channels to ones that cannot be deleted: {node.format_node()}"
+        c.block(lo, why)
+        c.block(out, why)
+        return out
+    if out.dim != lo.dim or [(s.length, s.expand) for s in out.segs] != [(s.length, s.expand) for s in lo.segs]:
+        c.block(out, f"{spec.name} of differently laid out channels: {node.format_node()}")
+        c.block(lo, f"{spec.name} of differently laid out channels: {node.format_node()}")
+        return out
+    _tie(c, out, lo, spec.name, node)
+    return out
 
 
 def _cat(gm, node, c, labels, spec):  # torch.cat(tensors, dim)
@@ -717,6 +742,7 @@ RULES: dict[ChannelRule, Rule] = {
     ChannelRule.DIV: _binary("div"),
     ChannelRule.CAT: _cat,
     ChannelRule.RESHAPE: _reshape_like,
+    ChannelRule.SHAPE_OF: _shape_of_other,
     ChannelRule.PERMUTE: _permute,
     ChannelRule.TRANSPOSE: _transpose,
     ChannelRule.REDUCE: _reduce,

@@ -64,6 +64,12 @@ CASES = [
      lambda s, x: s.cons(torch.softmax(s.a(x), dim=1)).mean((2, 3)), "softmax over the channels"),
     ("per-channel scale", lambda s, x: s.cons(s.a(x) * s.bn.weight.reshape(1, -1, 1, 1)).mean((2, 3)),
      lambda s, x: s.cons(s.a(x) * x.mean(1, keepdim=True).expand(-1, 4, -1, -1)).mean((2, 3)), "varies"),
+    ("view_as", lambda s, x: (lambda b: s.cons(s.a(x).flatten(2).view_as(b) + b).mean((2, 3)))(s.b(x)),
+     lambda s, x: (lambda b: s.cons(s.a(x).flatten(2).reshape_as(b).permute(0, 3, 1, 2)).mean((2, 3)))(
+         s.b(x).permute(0, 2, 3, 1)), "reshape_as of differently laid out channels"),
+    ("view_as ties", lambda s, x: s.cons(s.a(x).view_as(s.b(x))).mean((2, 3)),
+     lambda s, x: s.cons(x[:, :1].expand(-1, 4, -1, -1).contiguous().view_as(s.a(x))).mean((2, 3)),
+     "view_as ties channels to ones that cannot be deleted"),
 ]
 
 
@@ -82,6 +88,11 @@ def test_add_ties_spaces_into_one_group_and_cat_offsets_consumer():
     c, _ = _groups(lambda s, x: s.cons_cat(torch.cat([s.a(x), s.b(x)], 1)).mean((2, 3)))
     cons = next(k for k in c.consumers if k.weight == "cons_cat.weight")
     assert [(s.length, s.expand) for s in cons.label.segs] == [(4, 1), (4, 1)]
+
+
+def test_view_as_ties_the_reshaped_tensor_to_the_one_whose_shape_it_takes():
+    _, groups = _groups(lambda s, x: s.cons(s.a(x).flatten(2).view_as(s.b(x))).mean((2, 3)))
+    assert groups["a"] is groups["b"] and groups["a"].deletable
 
 
 def test_flatten_expands_each_channel_over_its_positions():
