@@ -56,19 +56,25 @@ def test_calibration_makes_the_dense_prediction_the_measurement(tmp_path):
     assert set(marginal) == {g.id for g in model.cost_model.groups}
 
 
-def test_the_fit_picks_the_feature_set_that_predicts_held_out_models(tmp_path):
-    """Four whole-model 'measurements' that follow the MACs exactly: the leave-one-out choice is a MAC
-    form and it predicts a fifth configuration."""
+def _mac_law(tmp_path):
+    """A latency model of the fixture, the dense widths, widths at a fraction (whole blocks of 8), and a
+    latency law linear in the exact MACs."""
     model = LatencyModel(CostModel(_gated(), hf.FoldConfig(round_to=8)), cache_dir=tmp_path, repeats=2)
     cm = model.cost_model
-    full = {g.id: g.size for g in cm.groups}
 
     def k_at(frac):
         return {g.id: max(8, int(g.size * frac) // 8 * 8) if g.deletable else g.size for g in cm.groups}
 
-    def true_ms(k):
+    def law(k):
         return 0.05 + 2.0 * cm.cost_at(k).macs / cm.dense.macs
 
+    return model, {g.id: g.size for g in cm.groups}, k_at, law
+
+
+def test_the_fit_picks_the_feature_set_that_predicts_held_out_models(tmp_path):
+    """Four whole-model 'measurements' that follow the MACs exactly: the leave-one-out choice is a MAC
+    form and it predicts a fifth configuration."""
+    model, full, k_at, true_ms = _mac_law(tmp_path)
     points = [(full, true_ms(full))] + [(k_at(f), true_ms(k_at(f))) for f in (0.75, 0.5, 0.3)]
     model.calibrate(points)
     assert "macs" in model.form and all(c >= 0 for c in model.coef)
@@ -85,16 +91,7 @@ def test_the_fit_goes_through_the_dense_model(tmp_path, monkeypatch, dense_weigh
 
     if dense_weight is not None:
         monkeypatch.setattr(lm_module, "DENSE_WEIGHT", dense_weight)
-    model = LatencyModel(CostModel(_gated(), hf.FoldConfig(round_to=8)), cache_dir=tmp_path, repeats=2)
-    cm = model.cost_model
-    full = {g.id: g.size for g in cm.groups}
-
-    def k_at(frac):
-        return {g.id: max(8, int(g.size * frac) // 8 * 8) if g.deletable else g.size for g in cm.groups}
-
-    def law(k):
-        return 0.05 + 2.0 * cm.cost_at(k).macs / cm.dense.macs
-
+    model, full, k_at, law = _mac_law(tmp_path)
     scatter = (1.25, 1.2, 1.3, 1.15)  # every compact model measured slower than the law
     fractions = (0.8, 0.6, 0.45, 0.3)
     points = [(full, law(full))] + [(k_at(f), law(k_at(f)) * s) for f, s in zip(fractions, scatter, strict=True)]
