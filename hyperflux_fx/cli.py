@@ -40,7 +40,7 @@ from hyperflux_fx.export.latency import compare_latency
 from hyperflux_fx.export.onnx import ExportCheckError, ExportError, export_onnx
 from hyperflux_fx.frontend.data import DataError, resolve_datasets
 from hyperflux_fx.frontend.sources import LoadedModel, SourceError, load_source
-from hyperflux_fx.frontend.trace import ExampleInputError, TraceError, trace
+from hyperflux_fx.frontend.trace import ExampleInputError, TraceError, modes_restored, trace
 from hyperflux_fx.ir import TRAINING_ONLY_META, gates
 from hyperflux_fx.passes import PassResult, fold_masks, insert_gates
 from hyperflux_fx.report.html import render_report
@@ -264,16 +264,11 @@ def _check_open_gates_change_nothing(loaded: LoadedModel, gated: Any) -> None:
     """Invariant 1 on the example inputs, before any training: in eval mode the gated model gives the
     model's outputs exactly, twice the same. ValueError (a usage error) when it does not."""
     model = loaded.model
-    modes = {m: m.training for m in [*model.modules(), *gated.modules()]}
-    model.eval()
-    gated.eval()
-    try:
-        with torch.no_grad():
-            want = model(*loaded.example_inputs)
-            got, again = gated(*loaded.example_inputs), gated(*loaded.example_inputs)
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
+    with modes_restored(model, gated), torch.no_grad():
+        model.eval()
+        gated.eval()
+        want = model(*loaded.example_inputs)
+        got, again = gated(*loaded.example_inputs), gated(*loaded.example_inputs)
     want, got, again = ([y for y in torch.utils._pytree.tree_leaves(out) if isinstance(y, torch.Tensor)]
                         for out in (want, got, again))
     if not all(torch.equal(a, b) for a, b in zip(got, again, strict=True)):

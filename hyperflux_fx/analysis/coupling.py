@@ -398,7 +398,7 @@ def _binary(kind: str) -> Rule:
         if la is None and lb is None:
             return None
         if la is not None and lb is not None:
-            if la.dim != lb.dim or [(s.length, s.expand) for s in la.segs] != [(s.length, s.expand) for s in lb.segs]:
+            if not _same_layout(la, lb):
                 sa, sb = shape_of(a), shape_of(b)
                 # broadcasting against a size-1 channel dim keeps the other label
                 if sb is not None and len(sb) > la.dim and sb[la.dim] == 1:
@@ -419,6 +419,11 @@ def _binary(kind: str) -> Rule:
             c.block(lab, f"division by channels: {node.format_node()}")
         return lab
     return rule
+
+
+def _same_layout(la: Label, lb: Label) -> bool:
+    """The two labels put the same runs of channels on the same dim (so they can be tied)."""
+    return la.dim == lb.dim and [(s.length, s.expand) for s in la.segs] == [(s.length, s.expand) for s in lb.segs]
 
 
 def _tie(c: Coupling, la: Label, lb: Label, kind: str, node: fx.Node) -> None:
@@ -443,7 +448,7 @@ def _shape_of_other(gm, node, c, labels, spec):
         c.block(lo, why)
         c.block(out, why)
         return out
-    if out.dim != lo.dim or [(s.length, s.expand) for s in out.segs] != [(s.length, s.expand) for s in lo.segs]:
+    if not _same_layout(out, lo):
         c.block(out, f"{spec.name} of differently laid out channels: {node.format_node()}")
         c.block(lo, f"{spec.name} of differently laid out channels: {node.format_node()}")
         return out

@@ -13,7 +13,8 @@ from __future__ import annotations
 import logging
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,7 @@ __all__ = [
     "TraceError",
     "TrainingOnlyCode",
     "normalize_inputs",
+    "modes_restored",
     "propagate_shapes",
     "short_error",
     "trace",
@@ -127,6 +129,17 @@ def _culprit(exc: BaseException, names: dict[int, str]) -> str | None:
     return found
 
 
+@contextmanager
+def modes_restored(*modules: nn.Module) -> Iterator[None]:
+    """On exit, every submodule of ``modules`` is back in the train/eval mode it had on entry."""
+    modes = {m: m.training for module in modules for m in module.modules()}
+    try:
+        yield
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
 def short_error(exc: BaseException) -> str:
     """First line of ``type: message``, at most 300 characters."""
     text = f"{type(exc).__name__}: {exc}".strip()
@@ -185,14 +198,10 @@ def _trace_with_fallback(model: nn.Module, leaf_modules: Iterable[type | str],
     for name, sub in model.named_modules(remove_duplicate=False):
         names.setdefault(id(sub), name)
     opaque: list[OpaqueModule] = []
-    modes = {m: m.training for m in model.modules()}
-    model.eval()  # the graph is the eval function (docs/gating.md, "Training-mode code")
-    try:
+    with modes_restored(model):
+        model.eval()  # the graph is the eval function (docs/gating.md, "Training-mode code")
         graph = _trace_eval(model, tracer, concrete_args, max_fallbacks, names, opaque)
         train_graph = _trace_train(model, tracer, concrete_args)
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
     name = type(model).__name__
     gm = fx.GraphModule(tracer.root, graph, name)
     gm.training = model.training  # only its own flag: its submodules are the model's, in their own modes
@@ -268,8 +277,7 @@ def _identity_at_eval_only(m: nn.Module) -> bool:
     else in train mode (drop path, stochastic depth)."""
     if next(m.parameters(), None) is not None or next(m.buffers(), None) is not None:
         return False
-    modes = {sub: sub.training for sub in m.modules()}
-    try:
+    with modes_restored(m):
         m.eval()
         try:
             if not _returns_first_input(fx.Tracer().trace(m)):
@@ -281,9 +289,6 @@ def _identity_at_eval_only(m: nn.Module) -> bool:
             return not _returns_first_input(fx.Tracer().trace(m))
         except Exception:  # noqa: BLE001 - the train-mode forward does something fx cannot trace
             return True
-    finally:
-        for sub, mode in modes.items():
-            sub.training = mode
 
 
 def _returns_first_input(graph: fx.Graph) -> bool:
@@ -334,11 +339,12 @@ def _training_only(graph: fx.Graph, train_graph: fx.Graph, root: str) -> list[Tr
     """Per innermost module, the ops in which the eval-mode graph and the train-mode one differ
     (a dropout's ``training`` flag aside: :func:`_dropout_modules` handles it)."""
     mine, theirs = _op_counts(graph), _op_counts(train_graph)
-    types = {key[0]: t for key, t in (_op_types(graph) | _op_types(train_graph)).items()}
+    eval_extra, train_extra = mine - theirs, theirs - mine
+    types = _module_types(graph) | _module_types(train_graph)
     out = []
-    for path in sorted({k[0] for k in (mine - theirs) + (theirs - mine)}):
-        train_only = tuple(sorted({k[1] for k in theirs - mine if k[0] == path}))
-        eval_only = tuple(sorted({k[1] for k in mine - theirs if k[0] == path}))
+    for path in sorted({k[0] for k in eval_extra + train_extra}):
+        train_only = tuple(sorted({k[1] for k in train_extra if k[0] == path}))
+        eval_only = tuple(sorted({k[1] for k in eval_extra if k[0] == path}))
         out.append(TrainingOnlyCode(path, types.get(path) or root, train_only, eval_only))
     return out
 
@@ -367,8 +373,9 @@ def _op_counts(graph: fx.Graph) -> Counter[tuple[str, str]]:
     return out
 
 
-def _op_types(graph: fx.Graph) -> dict[tuple[str, str], str]:
-    return {(_innermost(n)[0], ""): _innermost(n)[1] for n in graph.nodes if n.op not in ("placeholder", "output")}
+def _module_types(graph: fx.Graph) -> dict[str, str]:
+    """Innermost module path -> its class name, over ``graph``'s ops."""
+    return dict(_innermost(n) for n in graph.nodes if n.op not in ("placeholder", "output"))
 
 
 class _NodeFailure(RuntimeError):
@@ -405,17 +412,14 @@ def propagate_shapes(gm: fx.GraphModule, inputs: Sequence[Any]) -> None:
     Raises:
         ExampleInputError: naming the node that failed and the input shapes.
     """
-    modes = {m: m.training for m in gm.modules()}
-    gm.eval()
-    try:
-        with torch.no_grad():
-            _ShapeRecorder(gm).run(*inputs)
-    except Exception as exc:
-        shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in inputs]
-        # (fx.Interpreter appends a multi-line "While executing ..." note: keep the first line)
-        why = str(exc).splitlines()[0] if isinstance(exc, _NodeFailure) else short_error(exc)
-        raise ExampleInputError(f"the model does not run on example inputs {shapes}: {why}. "
-                                "Pass inputs of the shape the model expects (e.g. --input-shape 1,3,32,32).") from exc
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
+    with modes_restored(gm):
+        gm.eval()
+        try:
+            with torch.no_grad():
+                _ShapeRecorder(gm).run(*inputs)
+        except Exception as exc:
+            shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in inputs]
+            # (fx.Interpreter appends a multi-line "While executing ..." note: keep the first line)
+            why = str(exc).splitlines()[0] if isinstance(exc, _NodeFailure) else short_error(exc)
+            raise ExampleInputError(f"the model does not run on example inputs {shapes}: {why}. Pass inputs "
+                                    "of the shape the model expects (e.g. --input-shape 1,3,32,32).") from exc

@@ -128,9 +128,8 @@ class GateReport:
     def text(self, verbose: bool = False) -> str:
         """The report: a summary, the channel groups (gated or blocked, and the top blockers), the
         gated tensors, the skipped parameters counted by reason (each one listed with ``verbose``)."""
-        gated_groups = [g for g in self.channel_groups if g.gated]
-        parts = ([f"{len(gated_groups)} of {len(self.channel_groups)} channel groups gated "
-                  f"({sum(g.size for g in gated_groups):,} units)"] if self.channel_groups else [])
+        gated, total, units = self._groups_gated()
+        parts = [f"{gated} of {total} channel groups gated ({units:,} units)"] if self.channel_groups else []
         if self.gated or not self.channel_groups:
             parts.append(f"{len(self.gated)} weight tensors gated ({sum(g.numel for g in self.gated):,} elements)")
         lines = [
@@ -142,6 +141,11 @@ class GateReport:
             lines.append("rewrites: " + ", ".join(f"{k}={v}" for k, v in sorted(self.rule_counts.items())))
         return "\n".join(lines + self._group_lines() + self._gated_lines() + self._skipped_lines(verbose)
                           + self._opaque_lines() + self._training_lines())
+
+    def _groups_gated(self) -> tuple[int, int, int]:
+        """(channel groups gated, all channel groups, units in the gated ones)."""
+        gated = [g for g in self.channel_groups if g.gated]
+        return len(gated), len(self.channel_groups), sum(g.size for g in gated)
 
     def _gated_lines(self) -> list[str]:
         if not self.gated:
@@ -166,10 +170,9 @@ class GateReport:
     def _group_lines(self) -> list[str]:
         if not self.channel_groups:
             return []
-        gated = [g for g in self.channel_groups if g.gated]
         share = self.gateable_share
-        lines = ["", (f"channel groups: {len(gated)} of {len(self.channel_groups)} gated "
-                      f"({sum(g.size for g in gated):,} units); gateable channel share "
+        gated, total, units = self._groups_gated()
+        lines = ["", (f"channel groups: {gated} of {total} gated ({units:,} units); gateable channel share "
                       f"{'-' if share is None else f'{share:.2f}'} (groups the graph output consumes aside)")]
         lines += [f"  blocked: {why}: {channels:,} channels in {_groups(groups)}"
                   + (f" (at {', '.join(nodes[:3])})" if nodes else "")
