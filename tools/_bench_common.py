@@ -61,9 +61,15 @@ ARCHS = {"digits_cnn": digits_cnn, "digits_mlp": digits_mlp, "resnet18": resnet1
          "mnist1d_mlp": lambda: example_module("mnist1d_mlp").build_model()}
 
 
+def dataset(arch: str) -> str:
+    """The data set an architecture trains on (a key of :data:`DATA`): MNIST-1D for mnist1d_*, digits
+    otherwise."""
+    return "mnist1d" if arch.startswith("mnist1d") else "digits"
+
+
 def loaders(arch: str) -> tuple[DataLoader, DataLoader]:
-    """(train, test) loaders of an architecture's data set: MNIST-1D for mnist1d_*, digits otherwise."""
-    return mnist1d_loaders(arch) if arch.startswith("mnist1d") else digits_loaders()
+    """(train, test) loaders of an architecture's data set (:func:`dataset`)."""
+    return mnist1d_loaders(arch) if dataset(arch) == "mnist1d" else digits_loaders()
 
 
 DATA = {"digits": "Digits (1437 train / 360 test, 16x16)", "mnist1d": "MNIST-1D (4000 train / 1000 test, 40 samples)"}

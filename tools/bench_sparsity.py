@@ -207,7 +207,7 @@ def main() -> None:
     table = {}
     for arch, _seed, target, method, sp, acc, pre, ms in rows:
         table.setdefault((arch, target, method), []).append((sp, acc, pre, ms))
-    data = sorted({common.DATA["mnist1d" if a.startswith("mnist1d") else "digits"] for a in args.archs.split(",")})
+    data = sorted({common.DATA[common.dataset(a)] for a in args.archs.split(",")})
     lines = [(f"{' and '.join(data)}, dense {args.dense_epochs} epochs, then {budget} epochs "
              f"per method ({args.prune_epochs} pruning + {args.regrowth_epochs} regrowth for Hyperflux); "
              f"seeds {args.seeds}; baselines best of LR {args.baseline_lrs}. Machine: {common.machine(args.device)}"
@@ -226,7 +226,7 @@ def main() -> None:
     print(text)
     print(f"\n(total {time.time() - t0:.0f} s)")
     if args.write:  # MNIST-1D runs get their own section beside the digits one
-        mnist1d = all(a.startswith("mnist1d") for a in args.archs.split(","))
+        mnist1d = all(common.dataset(a) == "mnist1d" for a in args.archs.split(","))
         name, title = (("bench_sparsity_mnist1d", "Sparsity vs accuracy on MNIST-1D") if mnist1d
                        else ("bench_sparsity", "Sparsity vs accuracy"))
         how = (f"python tools/bench_sparsity.py --archs {args.archs} --targets {args.targets} --seeds {args.seeds} "
