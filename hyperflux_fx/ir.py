@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
@@ -43,6 +44,7 @@ __all__ = [
     "EvalIdentity",
     "Gate",
     "GatedModuleCall",
+    "MaskedNorm",
     "PressureState",
     "WeightGate",
     "density",
@@ -63,7 +65,7 @@ __all__ = [
 # -- names: every attribute and meta key of a gated model has its one home here ---------------------
 # Attributes insert_gates adds to a gated GraphModule.
 GATES_ATTR = "hyperflux_gates"  # ModuleDict of the gate modules
-MASKS_ATTR = "hyperflux_masks"  # ModuleDict of ChannelMask modules (channel/hybrid granularity)
+MASKS_ATTR = "hyperflux_masks"  # ModuleDict of ChannelMask / MaskedNorm modules (channel/hybrid granularity)
 CALLS_ATTR = "hyperflux_calls"  # ModuleDict of module-level gated calls
 PRESSURE_ATTR = "hyperflux_pressure"  # the shared PressureState
 STATE_ATTRS = (GATES_ATTR, MASKS_ATTR, CALLS_ATTR, PRESSURE_ATTR)  # all of them (fold removes them; counts skip them)
@@ -78,7 +80,7 @@ FOLD_REPORT_META = "hyperflux.fold_report"  # the FoldReport of fold_masks
 # Node.meta keys.
 GATE_NODE_META = "hyperflux.gate"  # on gate nodes: the gated parameter's or group's name
 MODULE_NODE_META = "hyperflux.module"  # on rewritten ops: the module path they came from
-MASK_NODE_META = "hyperflux.mask"  # on ChannelMask nodes: the consumer node they feed
+MASK_NODE_META = "hyperflux.mask"  # on ChannelMask nodes: the consumer they feed; on MaskedNorm: the norm replaced
 
 
 class _HardMaskSTE(torch.autograd.Function):
@@ -229,7 +231,7 @@ class WeightGate(Gate):
 
 def is_gate_module(module: nn.Module) -> bool:
     """True for hyperflux's own graph modules (gates, masks, module-level calls): tracer leaves."""
-    return isinstance(module, (Gate, GatedModuleCall, ChannelMask))
+    return isinstance(module, (Gate, GatedModuleCall, ChannelMask, MaskedNorm))
 
 
 def named_gates(module: nn.Module) -> Iterator[tuple[str, Gate]]:
@@ -387,6 +389,66 @@ class ChannelMask(nn.Module):
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, layout={list(self.layout)}"
+
+
+class MaskedNorm(nn.Module):
+    """A LayerNorm / RMSNorm over the last dim whose statistics count the *open* channels only.
+
+    Called as ``norm(x, weight, bias, mask)`` (``mask``: the channel gate's 0/1 output for the
+    channels of the last dim). With every channel open it is the plain norm (the same call, so open
+    gates change nothing, bit for bit). Otherwise the open channels get exactly what the folded,
+    narrower norm computes on them, and a closed channel gets the value it would have if it were
+    reopened with the open channels' statistics: finite, so the masks after it can zero it, and an
+    honest input for its gate's flux. The mask is used as a choice of channels, not multiplied in:
+    no gradient reaches the gate through the statistics (docs/gating.md, "Mask-aware norms").
+    """
+
+    def __init__(self, kind: str, width: int, eps: float | None) -> None:
+        super().__init__()
+        if kind not in ("layer", "rms"):
+            raise ValueError(f"MaskedNorm kind must be 'layer' or 'rms', got {kind!r}")
+        self.kind = kind
+        self.width = int(width)
+        self.eps = eps
+
+    def plain(self, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+        """The unmasked norm over the last ``x.shape[-1]`` channels."""
+        shape = (x.shape[-1],)
+        if self.kind == "layer":
+            return F.layer_norm(x, shape, weight, bias, 1e-5 if self.eps is None else self.eps)
+        return F.rms_norm(x, shape, weight, self.eps)
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                mask: torch.Tensor) -> torch.Tensor:
+        keep = mask.detach() != 0
+        if bool(keep.all()):
+            return self.plain(x, weight, bias)
+        idx = torch.nonzero(keep).flatten()
+        if idx.numel() == 0:
+            return torch.zeros_like(x)  # nothing open: every reader of these channels masks them
+        x_open = x.index_select(-1, idx)
+        y_open = self.plain(x_open, _pick(weight, idx), _pick(bias, idx))
+        return self._reopened(x, x_open, weight, bias).index_copy(-1, idx, y_open)
+
+    def _reopened(self, x: torch.Tensor, x_open: torch.Tensor, weight: torch.Tensor | None,
+                  bias: torch.Tensor | None) -> torch.Tensor:
+        """Every channel normalised with the open channels' statistics."""
+        eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps
+        if self.kind == "layer":
+            var, mean = torch.var_mean(x_open, dim=-1, unbiased=False, keepdim=True)
+            y = (x - mean) * torch.rsqrt(var + eps)
+        else:
+            y = x * torch.rsqrt(x_open.pow(2).mean(dim=-1, keepdim=True) + eps)
+        if weight is not None:
+            y = y * weight
+        return y + bias if bias is not None else y
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, width={self.width}, eps={self.eps}"
+
+
+def _pick(t: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor | None:
+    return None if t is None else t.index_select(0, idx)
 
 
 class EvalIdentity(nn.Module):

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from hyperflux_fx.ir import ChannelMask, EvalIdentity, Gate
+from hyperflux_fx.ir import ChannelMask, EvalIdentity, Gate, MaskedNorm
 
 __all__ = [
     "FUNCTIONS",
@@ -43,6 +43,7 @@ __all__ = [
     "MODULES",
     "ChannelRule",
     "ModuleEntry",
+    "NormOperands",
     "OpKind",
     "OpSpec",
     "WeightSlot",
@@ -57,6 +58,8 @@ __all__ = [
     "module_spec",
     "never_gated_reason",
     "node_spec",
+    "norm_function",
+    "norm_operands",
     "slot_value",
     "sync_module_sizes",
     "weight_slots",
@@ -83,6 +86,7 @@ class ChannelRule(enum.Enum):
     LINEAR_MODULE = "linear_module"  # a plain nn.Linear leaf
     BATCH_NORM = "batch_norm"  # F.batch_norm: per-channel, its statistics sliced
     BATCH_NORM_MODULE = "batch_norm_module"  # a BatchNorm leaf
+    NORM = "norm"  # LayerNorm / RMSNorm over the last dim: over the channels mask-aware, else per channel
     ELEMENTWISE = "elementwise"  # per element: label passes; zeros revived unless zero_preserving
     ADD = "add"  # two labels are tied; a broadcast operand must be per-channel sliceable
     SUB = "sub"
@@ -138,6 +142,9 @@ class OpSpec:
     functional_kwargs: tuple[str, ...] = ()  # modules: attributes passed to it after input/weight/bias
     never_gated: str | None = None  # modules: why their parameters are never gated
     train_module: type[nn.Module] | None = None  # functional dropouts: the module doing it at the model's flag
+    norm_kind: Literal["layer", "rms"] | None = None  # LayerNorm / RMSNorm entries: which statistics
+    reads_sizes: bool = False  # x.size() / getattr(x, "shape"): a tensor's sizes, read at run time
+    keeps_dims: bool = False  # moves elements keeping every dim where it is (expand, casts): broadcasts alike
 
     @property
     def slots(self) -> tuple[WeightSlot, ...]:
@@ -222,6 +229,8 @@ _LINEAR_SIG = ("input", "weight", "bias")
 _SDPA_SIG = ("query", "key", "value")
 _BN_SIG = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
 _BINARY_SIG = ("input", "other")
+_LAYER_NORM_SIG = ("input", "normalized_shape", "weight", "bias", "eps")
+_RMS_NORM_SIG = ("input", "normalized_shape", "weight", "eps")
 _REDUCE_SIG = ("input", "dim", "keepdim")
 
 
@@ -293,8 +302,10 @@ FUNCTIONS: dict[Any, OpSpec] = {
     F.scaled_dot_product_attention: OpSpec("scaled_dot_product_attention", "attention", _SDPA_SIG,
                                            channel_rule=ChannelRule.ATTENTION, macs=_sdpa_macs),  # heads independent
     F.batch_norm: OpSpec("batch_norm", "batch_norm", _BN_SIG, channel_rule=ChannelRule.BATCH_NORM),  # per channel
-    F.layer_norm: OpSpec("layer_norm", "norm", ("input",), channel_rule=ChannelRule.BLOCK,
-                         block_reason="layer_norm normalises over the channels (deleting changes the statistics)"),
+    F.layer_norm: OpSpec("layer_norm", "norm", _LAYER_NORM_SIG, channel_rule=ChannelRule.NORM,
+                         norm_kind="layer"),  # over the channels: mask-aware statistics, affine sliced
+    F.rms_norm: OpSpec("rms_norm", "norm", _RMS_NORM_SIG, channel_rule=ChannelRule.NORM,
+                       norm_kind="rms"),  # as layer_norm, without the mean
     F.group_norm: OpSpec("group_norm", "norm", ("input",), channel_rule=ChannelRule.BLOCK,
                          block_reason="group_norm normalises over channel groups"),
     operator.add: _binary("add", ChannelRule.ADD), torch.add: _binary("add", ChannelRule.ADD),  # tie
@@ -330,7 +341,8 @@ FUNCTIONS: dict[Any, OpSpec] = {
     F.max_pool3d: _spatial("max_pool3d"),  # spatial
     F.adaptive_max_pool2d: _spatial("adaptive_max_pool2d"),  # spatial
     F.interpolate: _spatial("interpolate"),  # spatial resampling
-    getattr: OpSpec("getattr", "shape", channel_rule=ChannelRule.NO_CHANNELS),  # x.shape: read at run time
+    getattr: OpSpec("getattr", "shape", channel_rule=ChannelRule.NO_CHANNELS,
+                    reads_sizes=True),  # x.shape: read at run time
     # activations: f(0) = 0 keeps a deleted channel exactly zero; f(0) != 0 revives it
     F.relu: _act("relu", True), torch.relu: _act("relu", True), F.relu6: _act("relu6", True),
     F.gelu: _act("gelu", True), F.silu: _act("silu", True), F.hardswish: _act("hardswish", True),
@@ -345,13 +357,14 @@ FUNCTIONS: dict[Any, OpSpec] = {
 }
 
 
-def _method_moving(name: str, rule: ChannelRule | None, *, sizes: bool = False) -> OpSpec:
-    return OpSpec(name, "shape", ("self",), channel_rule=rule, moves_elements=True, explicit_sizes=sizes)
+def _method_moving(name: str, rule: ChannelRule | None, *, sizes: bool = False, keeps_dims: bool = False) -> OpSpec:
+    return OpSpec(name, "shape", ("self",), channel_rule=rule, moves_elements=True, explicit_sizes=sizes,
+                  keeps_dims=keeps_dims)
 
 
 def _method_act(name: str, zero: bool, *, moves: bool = False) -> OpSpec:
     return OpSpec(name, "elementwise", ("self",), channel_rule=ChannelRule.ELEMENTWISE, zero_preserving=zero,
-                  moves_elements=moves)
+                  moves_elements=moves, keeps_dims=moves)
 
 
 _METHOD_BINARY_SIG = ("self", "other")
@@ -374,8 +387,9 @@ METHODS: dict[str, OpSpec] = {
     "contiguous": _method_act("contiguous", True, moves=True),  # same values
     "clone": _method_act("clone", True),  # same values
     "float": _method_act("float", True, moves=True),  # cast: zero stays zero
-    "half": _method_moving("half", None), "bfloat16": _method_moving("bfloat16", None),  # casts
-    "to": _method_moving("to", None), "type_as": _method_moving("type_as", None),  # casts / moves
+    "half": _method_moving("half", None, keeps_dims=True),  # cast
+    "bfloat16": _method_moving("bfloat16", None, keeps_dims=True),  # cast
+    "to": _method_moving("to", None, keeps_dims=True), "type_as": _method_moving("type_as", None, keeps_dims=True),
     "flatten": _method_moving("flatten", ChannelRule.RESHAPE),  # see ChannelRule.RESHAPE
     "view": _method_moving("view", ChannelRule.RESHAPE, sizes=True),  # explicit sizes
     "reshape": _method_moving("reshape", ChannelRule.RESHAPE, sizes=True),  # explicit sizes
@@ -383,7 +397,8 @@ METHODS: dict[str, OpSpec] = {
                       moves_elements=True),  # the other's shape: tied to it
     "reshape_as": OpSpec("reshape_as", "shape", ("self", "other"), channel_rule=ChannelRule.SHAPE_OF,
                          moves_elements=True),  # as view_as
-    "unflatten": _method_moving("unflatten", None), "expand": _method_moving("expand", None),  # moves (weights)
+    "unflatten": _method_moving("unflatten", None),  # moves (weights)
+    "expand": _method_moving("expand", None, keeps_dims=True),  # broadcasts (a class token per sample)
     "squeeze": _method_moving("squeeze", None), "unsqueeze": _method_moving("unsqueeze", None),  # size-1 dims
     "t": _method_moving("t", None),  # 2-D transpose of a weight
     "permute": _method_moving("permute", ChannelRule.PERMUTE),  # move the channel dim
@@ -397,7 +412,7 @@ METHODS: dict[str, OpSpec] = {
     "unbind": OpSpec("unbind", "index", ("self", "dim"), channel_rule=ChannelRule.UNBIND,
                      attention_glue=True),  # items keep the label
     "chunk": _METHOD_SPLITTING, "split": _METHOD_SPLITTING,  # attention glue, not in the channel table
-    "size": OpSpec("size", "shape", channel_rule=ChannelRule.NO_CHANNELS),  # read at run time
+    "size": OpSpec("size", "shape", channel_rule=ChannelRule.NO_CHANNELS, reads_sizes=True),  # read at run time
     "dim": OpSpec("dim", "shape", channel_rule=ChannelRule.NO_CHANNELS),  # read at run time
 }
 
@@ -441,6 +456,12 @@ def _module_spatial(cls: type[nn.Module]) -> ModuleEntry:
     return ModuleEntry(cls, OpSpec(cls.__name__, "pool", channel_rule=ChannelRule.SPATIAL))
 
 
+def _channel_norm_module(cls: type[nn.Module], kind: Literal["layer", "rms"]) -> ModuleEntry:
+    """torch's own LayerNorm / RMSNorm (exact type: a subclass may permute first, as timm's LayerNorm2d)."""
+    return ModuleEntry(cls, OpSpec(cls.__name__, "norm", channel_rule=ChannelRule.NORM, never_gated=_NORM,
+                                   norm_kind=kind), exact=True)
+
+
 def _module_norm(cls: type[nn.Module]) -> ModuleEntry:
     return ModuleEntry(cls, OpSpec(cls.__name__, "norm", never_gated=_NORM))
 
@@ -464,8 +485,11 @@ MODULES: tuple[ModuleEntry, ...] = (
     ModuleEntry(nn.modules.batchnorm._BatchNorm, OpSpec("BatchNorm", "batch_norm",
                                                         channel_rule=ChannelRule.BATCH_NORM_MODULE, never_gated=_NORM)),
     _module_norm(nn.modules.batchnorm._NormBase),  # instance norms: statistics per sample
-    _module_norm(nn.LayerNorm), _module_norm(nn.GroupNorm), _module_norm(nn.LocalResponseNorm),  # over channels
-    _module_norm(nn.RMSNorm),  # over channels
+    _channel_norm_module(nn.LayerNorm, "layer"), _channel_norm_module(nn.RMSNorm, "rms"),  # as F.layer_norm
+    ModuleEntry(MaskedNorm, OpSpec("MaskedNorm", "norm", ("input", "weight", "bias", "mask"),
+                                   channel_rule=ChannelRule.NORM), exact=True),  # a gated model's norm
+    _module_norm(nn.LayerNorm), _module_norm(nn.GroupNorm), _module_norm(nn.LocalResponseNorm),  # subclasses
+    _module_norm(nn.RMSNorm),  # subclasses: their own forward
     ModuleEntry(nn.Embedding, OpSpec("Embedding", "embedding", never_gated="embedding ({type}): never gated")),
     ModuleEntry(nn.EmbeddingBag, OpSpec("EmbeddingBag", "embedding", never_gated="embedding ({type}): never gated")),
     _module_act(nn.ReLU, True), _module_act(nn.ReLU6, True), _module_act(nn.GELU, True),  # f(0) = 0
@@ -620,3 +644,45 @@ def sync_module_sizes(module: nn.Module) -> None:
         module.out_channels, module.in_channels = w.shape[1] * module.groups, w.shape[0]
     else:
         module.out_channels, module.in_channels = w.shape[0], w.shape[1] * module.groups
+
+
+@dataclass(frozen=True)
+class NormOperands:
+    """What a LayerNorm / RMSNorm call normalises and with what: ``weight``/``bias`` are graph nodes
+    (functions, MaskedNorm) or parameter targets (modules), None when absent."""
+
+    kind: Literal["layer", "rms"]
+    dims: int  # trailing dims the statistics run over
+    input: Any
+    weight: Any
+    bias: Any
+    eps: float | None
+    module: str | None  # a norm module's path (its normalized_shape follows the width)
+
+
+_NORM_FUNCTIONS: dict[str, Callable[..., Any]] = {"layer": F.layer_norm, "rms": F.rms_norm}
+
+
+def norm_function(kind: str) -> Callable[..., Any]:
+    """The function computing a plain norm of ``kind`` ("layer" or "rms"), as F.layer_norm's signature
+    (``rms``: no bias)."""
+    return _NORM_FUNCTIONS[kind]
+
+
+def norm_operands(gm: fx.GraphModule, node: fx.Node) -> NormOperands | None:
+    """The operands of a norm node with :attr:`ChannelRule.NORM` (None for any other node)."""
+    spec = node_spec(gm, node)
+    if spec is None or spec.channel_rule is not ChannelRule.NORM:
+        return None
+    if node.op == "call_module":
+        path = str(node.target)
+        mod = gm.get_submodule(path)
+        if isinstance(mod, MaskedNorm):
+            return NormOperands(mod.kind, 1, node.args[0], node.args[1], node.args[2], mod.eps, None)
+        targets = [f"{path}.{name}" if getattr(mod, name, None) is not None else None for name in ("weight", "bias")]
+        return NormOperands(spec.norm_kind, len(mod.normalized_shape), node.args[0], *targets, mod.eps, path)
+    shape = spec.arg(node, "normalized_shape")
+    dims = 1 if isinstance(shape, int) else len(shape)
+    bias = spec.arg(node, "bias") if "bias" in spec.signature else None
+    eps = spec.arg(node, "eps", 1e-5 if spec.norm_kind == "layer" else None)
+    return NormOperands(spec.norm_kind, dims, node.args[0], spec.arg(node, "weight"), bias, eps, None)

@@ -385,6 +385,74 @@ class ViewAs(nn.Module):
         return self.head(z + y).mean((2, 3))
 
 
+def _random_affine(norm: nn.Module) -> nn.Module:
+    """A norm with its affine parameters drawn away from 1 / 0 (so a wrong slice shows)."""
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        if getattr(norm, "bias", None) is not None:
+            norm.bias.normal_(0.0, 0.1)
+    return norm
+
+
+class TinyViT(nn.Module):
+    """The residual stream of a ViT: patch embedding, a class token and a position embedding (sliced
+    with the channels), pre-norm blocks (LayerNorm over the channels: mask-aware), attention that reads
+    its width at run time only to size the reshape back (``b, n, c = x.shape``), a final norm."""
+
+    def __init__(self, dim: int = 8, heads: int = 2, depth: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.patch = nn.Conv2d(3, dim, 2, stride=2)
+        self.cls = nn.Parameter(torch.randn(1, 1, dim))
+        self.pos = nn.Parameter(torch.randn(1, 10, dim) * 0.1)
+        self.norms = nn.ModuleList(_random_affine(nn.LayerNorm(dim)) for _ in range(2 * depth + 1))
+        self.qkv = nn.ModuleList(nn.Linear(dim, 3 * dim) for _ in range(depth))
+        self.proj = nn.ModuleList(nn.Linear(dim, dim) for _ in range(depth))
+        self.fc1 = nn.ModuleList(nn.Linear(dim, 2 * dim) for _ in range(depth))
+        self.fc2 = nn.ModuleList(nn.Linear(2 * dim, dim) for _ in range(depth))
+        self.head = nn.Linear(dim, 3)
+
+    def attention(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv[i](x).reshape(b, n, 3, self.heads, 4).permute(2, 0, 3, 1, 4).unbind(0)
+        return self.proj[i](F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos
+        for i in range(len(self.qkv)):
+            x = x + self.attention(i, self.norms[2 * i](x))
+            x = x + self.fc2[i](F.gelu(self.fc1[i](self.norms[2 * i + 1](x))))
+        return self.head(self.norms[-1](x)[:, 0])
+
+
+class NormVariety(nn.Module):
+    """Norms over the channels in other forms: a post-norm block with nn.RMSNorm, a functional
+    layer_norm, a ConvNeXt-style LayerNorm2d (permute, norm, permute back) with a layer scale."""
+
+    def __init__(self, dim: int = 8) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, dim, 3, padding=1)
+        self.ln2d = _random_affine(nn.LayerNorm(dim))
+        self.dw = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.gamma = nn.Parameter(torch.rand(dim) + 0.5)
+        self.fc1 = nn.Linear(dim, 2 * dim)
+        self.fc2 = nn.Linear(2 * dim, dim)
+        self.rms = _random_affine(nn.RMSNorm(dim))
+        self.w = nn.Parameter(torch.rand(dim) + 0.5)
+        self.b = nn.Parameter(torch.randn(dim) * 0.1)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        y = self.ln2d(self.dw(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        x = x + y * self.gamma.reshape(1, -1, 1, 1)
+        t = x.flatten(2).transpose(1, 2)
+        t = self.rms(t + self.fc2(F.relu(self.fc1(t))))
+        t = F.layer_norm(t, (t.shape[-1],), self.w, self.b)
+        return self.head(t.mean(1))
+
+
 #: models the channel fold must handle exactly (channel granularity)
 FOLD_ZOO = dict(ZOO)
 FOLD_ZOO.update({
@@ -393,6 +461,8 @@ FOLD_ZOO.update({
     "roll_branch": (_seeded(RollBranch), _inputs(2, 3, 6, 6)),
     "dropout_drop_path": (_seeded(DropoutDropPath), _inputs(2, 3, 6, 6)),
     "view_as": (_seeded(ViewAs), _inputs(2, 3, 6, 6)),
+    "tiny_vit": (_seeded(TinyViT), _inputs(2, 3, 6, 6)),
+    "norm_variety": (_seeded(NormVariety), _inputs(2, 3, 6, 6)),
 })
 
 

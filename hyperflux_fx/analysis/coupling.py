@@ -27,9 +27,10 @@ from torch import fx
 
 from hyperflux_fx.config import FoldConfig
 from hyperflux_fx.ir import WeightGate
-from hyperflux_fx.ops import ChannelRule, OpSpec, node_spec
+from hyperflux_fx.ops import ChannelRule, OpSpec, node_spec, norm_operands
 
-__all__ = ["OUTPUT_REASON", "RULES", "ChannelParam", "Consumer", "Coupling", "Group", "Label", "Producer", "Seg",
+__all__ = ["OUTPUT_REASON", "RULES", "ChannelParam", "Consumer", "Coupling", "Group", "Label", "NormUse", "Producer",
+           "Seg",
            "ShapeArg", "Unit", "analyze_channels", "dead_units", "group_consumers", "kept_count", "label_keep",
            "param_target", "plan_keep", "shape_of"]
 
@@ -125,6 +126,15 @@ class ChannelParam:
 
 
 @dataclass
+class NormUse:
+    """A LayerNorm / RMSNorm whose statistics run over a space's channels (the last dim): gated, it
+    counts the open channels only (:class:`~hyperflux_fx.ir.MaskedNorm`); folded, it is narrower."""
+
+    node: str
+    label: Label
+
+
+@dataclass
 class Group:
     """Spaces deleted together."""
 
@@ -135,6 +145,7 @@ class Group:
     unit: Unit = "channel"  # "head": the group's units are attention heads split off a producer's rows
     blocked: list[str] = field(default_factory=list)
     zero_preserving: bool = True  # every path producer -> consumer keeps an exact zero exactly zero
+    normalised: bool = False  # a norm's statistics count its channels: the fold keeps exactly the open ones
 
     @property
     def deletable(self) -> bool:
@@ -153,10 +164,12 @@ class Coupling:
     blocks: dict[int, list[str]] = field(default_factory=lambda: defaultdict(list))
     revived: set[int] = field(default_factory=set)  # spaces whose zeros some op turns into non-zeros
     shape_args: list[ShapeArg] = field(default_factory=list)
+    shape_reads: list[tuple[str, Label]] = field(default_factory=list)  # x.shape / x.size() of labelled tensors
     split_parents: dict[int, str] = field(default_factory=dict)  # space -> why it is deleted only through its heads
     parameters: dict[str, torch.Tensor] = field(default_factory=dict)  # the graph module's, by (first) name
     buffers: dict[str, torch.Tensor] = field(default_factory=dict)
     labels: dict[str, Label] = field(default_factory=dict)  # node name -> the label of its output
+    norms: list[NormUse] = field(default_factory=list)  # norms over a space's channels
 
     def new_space(self, producer: Producer, size: int) -> int:
         sid = len(self.sizes)
@@ -175,6 +188,7 @@ class Coupling:
 
     def groups(self) -> list[Group]:
         out = []
+        normalised = {s for use in self.norms for s in use.label.spaces()}
         for gid, comp in enumerate(sorted((sorted(c) for c in nx.connected_components(self.ties)), key=lambda c: c[0])):
             sizes = {self.sizes[s] for s in comp}
             blocked = [r for s in comp for r in self.blocks.get(s, [])]
@@ -184,7 +198,8 @@ class Coupling:
             heads = any(self.producers[s].parent is not None for s in comp)
             out.append(Group(id=gid, spaces=comp, size=min(sizes), producers=[self.producers[s].node for s in comp],
                              unit="head" if heads else "channel", blocked=list(dict.fromkeys(blocked)),
-                             zero_preserving=not any(s in self.revived for s in comp)))
+                             zero_preserving=not any(s in self.revived for s in comp),
+                             normalised=any(s in normalised for s in comp)))
         return out
 
     def group_of(self) -> dict[int, int]:
@@ -359,6 +374,34 @@ def _f_batch_norm(gm, node, c, labels, spec):  # F.batch_norm(x, running_mean, r
     return _batch_norm(c, node, _only_label(node, labels), tensors)
 
 
+def _norm(gm, node, c, labels, spec):  # LayerNorm / RMSNorm over the last dims
+    """Over other dims than the channels: each channel on its own (pass-through). Over the channels
+    alone: the statistics must count the open channels only, which the gated model's MaskedNorm does;
+    the affine parameters are sliced and the fold keeps exactly the open channels."""
+    lab = _only_label(node, labels)
+    ops = norm_operands(gm, node)
+    if lab is None or ops is None:
+        return None
+    rank = len(shape_of(node) or ())
+    c.revived.update(lab.spaces())  # a zero channel comes out as the bias (or 0 / sqrt(eps))
+    if lab.dim < rank - ops.dims:
+        return lab
+    if ops.dims != 1 or len(lab.segs) != 1 or lab.segs[0].expand != 1:
+        c.block(lab, f"{spec.name} over the channels together with other dims or other runs: {node.format_node()}")
+        return lab
+    sid = lab.segs[0].space
+    if sid is None:
+        return lab
+    for name, value in (("weight", ops.weight), ("bias", ops.bias)):
+        target = value if isinstance(value, str) else param_target(gm, value)
+        if value is not None and target is None:
+            c.block(lab, f"{spec.name} {name} is not a parameter: {node.format_node()}")
+        elif target is not None:
+            c.params.append(ChannelParam(target, 0, sid, module=ops.module))
+    c.norms.append(NormUse(node.name, lab))
+    return lab
+
+
 def _broadcast_operand(gm: fx.GraphModule, c: Coupling, node: fx.Node, lab: Label, other: Any) -> bool:
     """An unlabelled operand of a binary op with a labelled one: True if the result keeps the label
     exactly (scalars, size-1 on the channel dim, or a per-channel parameter we can slice)."""
@@ -372,9 +415,17 @@ def _broadcast_operand(gm: fx.GraphModule, c: Coupling, node: fx.Node, lab: Labe
     padded = (1,) * (rank - len(shape)) + shape
     if padded[lab.dim] == 1:
         return True
-    # a per-channel parameter (possibly reshaped/viewed): slice it along its only non-1 dim
-    src = other
+    return _sliced_operand(gm, c, lab, other, rank)
+
+
+def _sliced_operand(gm: fx.GraphModule, c: Coupling, lab: Label, operand: fx.Node, rank: int) -> bool:
+    """A parameter or buffer that varies over a label's channels (a per-channel scale, a position
+    embedding, a class token): True, and recorded to be sliced with the space, when one of its dims
+    follows the channels. Through ops that keep its dims (expand, casts) it broadcasts against the
+    result right-aligned; through a reshape it must have a single non-1 dim."""
+    src, aligned = operand, True
     while (spec := node_spec(gm, src)) is not None and spec.moves_elements and isinstance(src.args[0], fx.Node):
+        aligned = aligned and spec.keeps_dims
         src = src.args[0]
     t = param_target(gm, src)
     if t is None or len(lab.segs) != 1 or lab.segs[0].expand != 1 or lab.segs[0].space is None:
@@ -382,10 +433,16 @@ def _broadcast_operand(gm: fx.GraphModule, c: Coupling, node: fx.Node, lab: Labe
     p = c.parameters[t] if t in c.parameters else c.buffers.get(t)
     if p is None:
         return False
-    big = [i for i, d in enumerate(p.shape) if d != 1]
-    if len(big) != 1 or p.shape[big[0]] != lab.width:
-        return False
-    c.params.append(ChannelParam(t, big[0], lab.segs[0].space))
+    if aligned:
+        dim = lab.dim - (rank - p.dim())
+        if dim < 0 or p.shape[dim] != lab.width:
+            return False
+    else:
+        big = [i for i, d in enumerate(p.shape) if d != 1]
+        if len(big) != 1 or p.shape[big[0]] != lab.width:
+            return False
+        dim = big[0]
+    c.params.append(ChannelParam(t, dim, lab.segs[0].space))
     return True
 
 
@@ -471,7 +528,9 @@ def _cat(gm, node, c, labels, spec):  # torch.cat(tensors, dim)
     if any(lab is not None and lab.dim != dim for lab in labs):
         # cat along another dim: every input must carry the same channel layout -> tie
         ref = next(lab for lab in labs if lab is not None)
-        for lab in labs:
+        for t, lab in zip(tensors, labs, strict=True):
+            if lab is None and isinstance(t, fx.Node) and _sliced_operand(gm, c, ref, t, len(out_shape)):
+                continue  # a class token: sliced with the channels
             if lab is None or lab.dim != ref.dim or len(lab.segs) != len(ref.segs):
                 c.block(lab, f"cat mixing channel layouts: {node.format_node()}")
                 c.block(ref, f"cat mixing channel layouts: {node.format_node()}")
@@ -687,7 +746,10 @@ def _block(gm, node, c, labels, spec):  # an op that mixes the channels (e.g. la
     _block_inputs(c, node, labels, spec.block_reason)
 
 
-def _no_channels(gm, node, c, labels, spec):  # shape reads (read at run time, so deletions are seen), gates
+def _no_channels(gm, node, c, labels, spec):  # shape reads (checked by _check_width_reads), gates
+    lab = _only_label(node, labels)
+    if lab is not None and spec.reads_sizes and (node.op == "call_method" or node.args[1:] == ("shape",)):
+        c.shape_reads.append((node.name, lab))
     return None
 
 
@@ -740,6 +802,7 @@ RULES: dict[ChannelRule, Rule] = {
     ChannelRule.LINEAR_MODULE: _linear_module,
     ChannelRule.BATCH_NORM: _f_batch_norm,
     ChannelRule.BATCH_NORM_MODULE: _batch_norm_module,
+    ChannelRule.NORM: _norm,
     ChannelRule.ELEMENTWISE: _elementwise,
     ChannelRule.ADD: _binary("add"),
     ChannelRule.SUB: _binary("sub"),
@@ -798,8 +861,48 @@ def analyze_channels(gm: fx.GraphModule) -> Coupling:
         rule = RULES[spec.channel_rule] if spec is not None and spec.channel_rule is not None else _unsupported
         _keep_label(c, labels, node, rule(gm, node, c, labels, spec))
     _check_head_splits(c)
+    _check_width_reads(gm, c)
     _block_shared_weights(c)
     return c
+
+
+def _check_width_reads(gm: fx.GraphModule, c: Coupling) -> None:
+    """A channel count read at run time (``b, n, c = x.shape``, ``x.size(1)``) may only size the
+    reshape dim that carries those channels (the fold writes the kept count there) or a norm over
+    them (its normalized_shape goes with the masked norm in its place); any other use
+    (``c // heads``, a scale, a loop bound) would see the narrower width after the fold and compute
+    something else, so it blocks the channels."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    written = {(sa.node, sa.dim) for sa in c.shape_args}
+    normed = {use.node for use in c.norms}  # a norm's normalized_shape: rewritten by the mask, then the fold
+    for name, lab in c.shape_reads:
+        read = nodes[name]
+        rank = len(shape_of(read.args[0]) or ())
+        if read.op == "call_method" and len(read.args) + len(read.kwargs) > 1:  # x.size(d)
+            d = read.args[1] if len(read.args) > 1 else next(iter(read.kwargs.values()))
+            widths = [read] if _norm_dim(d, rank) == lab.dim else []
+        else:
+            widths = [u for u in read.users if not _width_free_item(gm, u, lab.dim, rank)]
+        for width in widths:
+            for use in width.users:
+                if use.name not in normed and not any((use.name, d) in written and _size_arg(use, d) is width
+                                                      for d in range(rank + 1)):
+                    c.block(lab, f"the channel count is read at run time and used to compute: {use.format_node()}")
+
+
+def _width_free_item(gm: fx.GraphModule, use: fx.Node, dim: int, rank: int) -> bool:
+    """``shape[i]`` for a dim ``i`` other than the channel dim."""
+    spec = node_spec(gm, use)
+    if spec is None or spec.channel_rule is not ChannelRule.GETITEM or not isinstance(use.args[1], int):
+        return False
+    return _norm_dim(use.args[1], rank) != dim
+
+
+def _size_arg(node: fx.Node, dim: int) -> Any:
+    """The size argument of a reshape/view node for output dim ``dim`` (None when out of range)."""
+    args = node.args
+    sizes = args[1] if len(args) == 2 and isinstance(args[1], (tuple, list)) else args[1:]
+    return sizes[dim] if dim < len(sizes) else None
 
 
 def _keep_label(c: Coupling, labels: dict[fx.Node, Label], node: fx.Node, out: Label | None) -> None:
@@ -890,12 +993,16 @@ def dead_units(gm: fx.GraphModule, c: Coupling, group: Group,
     return dead
 
 
-def kept_count(size: int, n_closed: int, config: FoldConfig) -> int:
+def kept_count(size: int, n_closed: int, config: FoldConfig, *, normalised: bool = False) -> int:
     """Units a deletable group of ``size`` keeps when ``n_closed`` are closed: at least
-    ``config.min_channels``, rounded up to a multiple of ``config.round_to`` (never above ``size``)."""
+    ``config.min_channels``, rounded up to a multiple of ``config.round_to`` (never above ``size``).
+    A ``normalised`` group (a norm's statistics count its channels) keeps exactly its open units: a
+    closed one kept would enter the folded norm's statistics."""
     if n_closed == 0:
         return size
     n_keep = max(size - n_closed, config.min_channels)
+    if normalised and n_closed < size:
+        return size - n_closed
     if not isinstance(config.round_to, int):
         raise ValueError("kept_count needs a resolved FoldConfig (analysis.runtime.resolve_fold_config)")
     return min(size, math.ceil(n_keep / config.round_to) * config.round_to)
@@ -908,7 +1015,7 @@ def plan_keep(group: Group, closed: torch.Tensor, strength: torch.Tensor, config
     if not group.deletable or n_closed == 0:
         return None
     kept = ~closed
-    extra = kept_count(group.size, n_closed, config) - int(kept.sum())
+    extra = kept_count(group.size, n_closed, config, normalised=group.normalised) - int(kept.sum())
     if extra > 0:
         cand = torch.nonzero(closed).flatten()
         kept[cand[torch.argsort(strength[cand], descending=True)][:extra]] = True

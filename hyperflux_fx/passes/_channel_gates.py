@@ -1,5 +1,6 @@
-"""Channel gates: one ChannelGate per deletable channel group, and a ChannelMask at every consumer
-input that reads a gated group (channel and hybrid granularity).
+"""Channel gates: one ChannelGate per deletable channel group, a ChannelMask at every consumer
+input that reads a gated group, and a MaskedNorm in place of every LayerNorm / RMSNorm over a gated
+group's channels (channel and hybrid granularity).
 
 Before (``x`` carries group 0's channels)::
 
@@ -24,7 +25,16 @@ from hyperflux_fx.analysis.cost import unit_costs
 from hyperflux_fx.analysis.coupling import Coupling, Group, analyze_channels, group_consumers
 from hyperflux_fx.config import GateConfig
 from hyperflux_fx.frontend.trace import propagate_shapes
-from hyperflux_fx.ir import GATE_NODE_META, GATES_ATTR, MASK_NODE_META, MASKS_ATTR, ChannelGate, ChannelMask
+from hyperflux_fx.ir import (
+    GATE_NODE_META,
+    GATES_ATTR,
+    MASK_NODE_META,
+    MASKS_ATTR,
+    ChannelGate,
+    ChannelMask,
+    MaskedNorm,
+)
+from hyperflux_fx.ops import norm_operands
 from hyperflux_fx.passes._gate_report import ChannelGroupReport, GateReport
 from hyperflux_fx.passes._weight_gates import gate_container, unique_key
 
@@ -43,20 +53,35 @@ def insert_channel_gates(gm: fx.GraphModule, config: GateConfig, inputs: tuple[A
     coupling = analyze_channels(gm)
     anchor = next(n for n in gm.graph.nodes if n.op != "placeholder")
     group_gate: dict[int, fx.Node] = {}
-    for group in coupling.groups():
+    groups = coupling.groups()
+    through = _head_groups(coupling, groups)
+    for group in groups:
         blocked = _why_not_gated(coupling, group)
         report.channel_groups.append(ChannelGroupReport(
             name=group_name(group), size=group.size, unit=group.unit, producers=list(group.producers),
-            consumers=len(group_consumers(coupling, group)), gated=not blocked, blocked=blocked))
+            consumers=len(group_consumers(coupling, group)), gated=not blocked, blocked=blocked,
+            through=group_name(through[group.id]) if group.id in through else ""))
         if not blocked:
             group_gate[group.id] = _add_gate(gm, coupling, group, anchor, config, generator)
     if group_gate:
         rules["channel_gate"] += len(group_gate)
     if group_gate and config.cost != "count":
         _scale_pressure(gm, group_gate)
+    masks = nn.ModuleDict()
+    gm.add_module(MASKS_ATTR, masks)
     _mask_consumers(gm, coupling, group_gate, rules)
+    _mask_norms(gm, coupling, group_gate, rules)
+    if not len(masks):
+        delattr(gm, MASKS_ATTR)
     gm.graph.lint()
     gm.recompile()
+
+
+def _head_groups(coupling: Coupling, groups: list[Group]) -> dict[int, Group]:
+    """Group id of a projection's space -> the head group it is deleted through."""
+    group_of = {s: g for g in groups for s in g.spaces}
+    return {group_of[prod.parent].id: group_of[sid] for sid, prod in coupling.producers.items()
+            if prod.parent is not None}
 
 
 def _why_not_gated(coupling: Coupling, group: Group) -> list[str]:
@@ -95,8 +120,7 @@ def _scale_pressure(gm: fx.GraphModule, group_gate: dict[int, fx.Node]) -> None:
 def _mask_consumers(gm: fx.GraphModule, coupling: Coupling, group_gate: dict[int, fx.Node],
                     rules: Counter[str]) -> None:
     """A ChannelMask before every consumer input that reads a gated group."""
-    masks = nn.ModuleDict()
-    gm.add_module(MASKS_ATTR, masks)
+    masks = gm.get_submodule(MASKS_ATTR)
     nodes = {n.name: n for n in gm.graph.nodes}
     group_of = coupling.group_of()
     for cons in coupling.consumers:
@@ -115,5 +139,27 @@ def _mask_consumers(gm: fx.GraphModule, coupling: Coupling, group_gate: dict[int
         mn.meta[MASK_NODE_META] = cons.node
         node.replace_input_with(x, mn)
         rules["channel_mask"] += 1
-    if not len(masks):
-        delattr(gm, MASKS_ATTR)
+
+
+def _mask_norms(gm: fx.GraphModule, coupling: Coupling, group_gate: dict[int, fx.Node],
+                rules: Counter[str]) -> None:
+    """A MaskedNorm (statistics over the open channels) in place of every norm over a gated group."""
+    masks = gm.get_submodule(MASKS_ATTR)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    group_of = coupling.group_of()
+    for use in coupling.norms:
+        gid = group_of[use.label.segs[0].space]
+        if gid not in group_gate:
+            continue
+        node = nodes[use.node]
+        ops = norm_operands(gm, node)
+        key = unique_key(f"{node.name}_norm", set(masks.keys()))
+        masks.add_module(key, MaskedNorm(ops.kind, use.label.width, ops.eps))
+        with gm.graph.inserting_before(node):
+            weight, bias = (gm.graph.get_attr(v) if isinstance(v, str) else v for v in (ops.weight, ops.bias))
+            mn = gm.graph.call_module(f"{MASKS_ATTR}.{key}", (ops.input, weight, bias, group_gate[gid]))
+        mn.meta.update(node.meta)
+        mn.meta[MASK_NODE_META] = node.name
+        node.replace_all_uses_with(mn)
+        gm.graph.erase_node(node)
+        rules["masked_norm"] += 1

@@ -53,6 +53,7 @@ class ChannelGroupReport:
     consumers: int  # conv/linear ops reading the group
     gated: bool
     blocked: list[str] = field(default_factory=list)  # why it is not gated (empty when gated)
+    through: str = ""  # a projection split into heads: the head group its channels are deleted through
 
 
 @dataclass
@@ -76,20 +77,37 @@ class GateReport:
 
     @property
     def gateable_share(self) -> float | None:
-        """Channels in gated groups over the channels of every group the graph output does not consume
-        (channel/hybrid granularity; None when there is no such group)."""
-        groups = [g for g in self.channel_groups if g.gated or g.blocked != [OUTPUT_REASON]]
+        """Output channels in gated groups (a projection split into heads: when its head group is
+        gated) over the channels of every group the graph output does not consume (channel/hybrid
+        granularity; None when there is no such group)."""
+        groups = [g for g in self.channel_groups
+                  if g.unit == "channel" and (self._deletable(g) or self._reasons(g) != [OUTPUT_REASON])]
         total = sum(g.size for g in groups)
-        return sum(g.size for g in groups if g.gated) / total if total else None
+        return sum(g.size for g in groups if self._deletable(g)) / total if total else None
+
+    def _head_group(self, g: ChannelGroupReport) -> ChannelGroupReport | None:
+        return next((h for h in self.channel_groups if h.name == g.through), None) if g.through else None
+
+    def _deletable(self, g: ChannelGroupReport) -> bool:
+        """Gated, or deleted through its gated head group."""
+        head = self._head_group(g)
+        return g.gated or (head is not None and head.gated)
+
+    def _reasons(self, g: ChannelGroupReport) -> list[str]:
+        """Why a group's channels are kept (a projection split into heads: its head group's reasons)."""
+        head = self._head_group(g)
+        return head.blocked if head is not None and head.blocked else g.blocked
 
     def blockers(self) -> list[tuple[str, int, int, list[str]]]:
         """What keeps channels ungated: ``(reason, channels, groups, nodes)`` per reason, most channels
-        first; each blocked group counts once, for its first reason (the graph output's aside)."""
+        first; each blocked group counts once, for its first reason (the graph output's aside). Head
+        groups count through their projection's channels."""
         found: dict[str, tuple[int, int, list[str]]] = {}
         for g in self.channel_groups:
-            if g.gated or g.blocked == [OUTPUT_REASON] or not g.blocked:
+            reasons = self._reasons(g)
+            if g.unit == "head" or self._deletable(g) or reasons == [OUTPUT_REASON] or not reasons:
                 continue
-            why, node = _split_reason(next(b for b in g.blocked if b != OUTPUT_REASON))
+            why, node = _split_reason(next(b for b in reasons if b != OUTPUT_REASON))
             channels, groups, nodes = found.get(why, (0, 0, []))
             found[why] = (channels + g.size, groups + 1, nodes + ([node] if node and node not in nodes else []))
         return sorted(((why, c, n, nodes) for why, (c, n, nodes) in found.items()), key=lambda r: -r[1])

@@ -44,10 +44,11 @@ from hyperflux_fx.ir import (
     ChannelMask,
     Gate,
     GatedModuleCall,
+    MaskedNorm,
     WeightGate,
     gates,
 )
-from hyperflux_fx.ops import sync_module_sizes
+from hyperflux_fx.ops import norm_function, sync_module_sizes
 from hyperflux_fx.passes._attrs import fetch_attr, owner_of, replace_tensor
 from hyperflux_fx.passes._channel_gates import group_name
 from hyperflux_fx.passes._result import PassResult
@@ -203,7 +204,7 @@ def _remove_gates(gm: fx.GraphModule) -> None:
 
 def _check_postconditions(gm: fx.GraphModule, inputs: tuple[Any, ...] | None) -> None:
     leftovers = [n.format_node() for n in gm.graph.nodes if n.op == "call_module" and isinstance(
-        gm.get_submodule(str(n.target)), (Gate, ChannelMask, GatedModuleCall))]
+        gm.get_submodule(str(n.target)), (Gate, ChannelMask, MaskedNorm, GatedModuleCall))]
     assert not leftovers, f"fold_masks left gates in the graph: {leftovers}"
     if inputs is not None:
         propagate_shapes(gm, inputs)  # the compact model runs
@@ -220,7 +221,9 @@ def _fold_channels(gm: fx.GraphModule, coupling: Coupling, config: FoldConfig, r
         kept = _plan_group(gm, coupling, g, gates_by_key.get((g.unit, frozenset(g.producers))), config, report, rules)
         if kept is not None:
             keep[g.id] = kept
-    _slice(gm, coupling, keep, {s: g.id for g in groups for s in g.spaces}, rules)
+    group_of = {s: g.id for g in groups for s in g.spaces}
+    _slice(gm, coupling, keep, group_of, rules)
+    _narrow_norms(gm, coupling, keep, group_of, rules)
 
 
 def _fold_channel_masks(gm: fx.GraphModule, coupling: Coupling, report: FoldReport) -> None:
@@ -309,23 +312,50 @@ def _resize(gm: fx.GraphModule, coupling: Coupling, keep: dict[int, torch.Tensor
         n = int(keep[group_of[cp.space]].numel()) if group_of[cp.space] in keep else None
         if n is None:
             continue
-        if cp.module is not None and hasattr(gm.get_submodule(cp.module), "num_features"):
-            gm.get_submodule(cp.module).num_features = n
+        owner = gm.get_submodule(cp.module) if cp.module is not None else None
+        if hasattr(owner, "num_features"):
+            owner.num_features = n
+        if hasattr(owner, "normalized_shape"):  # a norm module left unused by the masked norm in its place
+            owner.normalized_shape = (n,)
         if cp.groups_arg is not None:
             node_name, pos = cp.groups_arg
             args = list(nodes[node_name].args)
             args[pos] = n
             nodes[node_name].args = tuple(args)
             rules["depthwise_groups_updated"] += 1
-    for sa in coupling.shape_args:  # reshape/view sizes that follow a label's width
+    for sa in coupling.shape_args:  # reshape/view sizes that follow a label's width: constants now
         idx = label_keep(sa.label, keep, group_of)
-        if idx is not None:
-            _set_size_arg(nodes[sa.node], sa.dim, int(idx.numel()))
-            rules["shape_args_updated"] += 1
+        _set_size_arg(nodes[sa.node], sa.dim, sa.label.width if idx is None else int(idx.numel()))
+        rules["shape_args_updated"] += int(idx is not None)
     for target in sliced:  # modules whose weights were sliced keep stale size attributes
         owner, attr = owner_of(gm, target)
         if attr == "weight":
             sync_module_sizes(owner)
+
+
+def _narrow_norms(gm: fx.GraphModule, coupling: Coupling, keep: dict[int, torch.Tensor], group_of: dict[int, int],
+                  rules: dict[str, int]) -> None:
+    """Every MaskedNorm becomes the plain norm over the channels kept (exact: the fold keeps exactly the
+    open channels of a normalised group, and the masked norm's statistics counted just those)."""
+    graph = gm.graph
+    nodes = {n.name: n for n in graph.nodes}
+    for use in coupling.norms:
+        node = nodes[use.node]
+        idx = label_keep(use.label, keep, group_of)
+        width = use.label.width if idx is None else int(idx.numel())
+        mod = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
+        if not isinstance(mod, MaskedNorm):
+            if idx is not None:
+                raise RuntimeError(f"fold_masks: the norm {node.name} over deleted channels was not masked")
+            continue
+        x, weight, bias, _mask = node.args
+        args = (x, (width,), weight, bias, mod.eps) if mod.kind == "layer" else (x, (width,), weight, mod.eps)
+        with graph.inserting_before(node):
+            plain = graph.call_function(norm_function(mod.kind), args)
+        plain.meta = dict(node.meta)
+        node.replace_all_uses_with(plain)
+        graph.erase_node(node)
+        rules["norms_narrowed" if idx is not None else "norms_restored"] += 1
 
 
 def _set_size_arg(node: fx.Node, dim: int, value: int) -> None:

@@ -61,8 +61,8 @@ class Measure:
 
     def _check_reachable(self, target_kept: float) -> None:
         cm = self.cost_model
-        floor = {g.id: kept_count(g.size, g.size, cm.fold) if cm.gate_of[g.id] is not None and g.deletable
-                 else g.size for g in cm.groups}
+        floor = {g.id: kept_count(g.size, g.size, cm.fold, normalised=g.normalised)
+                 if cm.gate_of[g.id] is not None and g.deletable else g.size for g in cm.groups}
         least = self.fraction_at(floor)
         if target_kept < least:
             raise ValueError(f"target_sparsity {1 - target_kept:.3f} of the {self.name} is out of reach: closing "

@@ -23,6 +23,8 @@ class Net(nn.Module):
         self.fc_flat = nn.Linear(width * 16, 2)
         self.cons = nn.Conv2d(width, 2, 1)
         self.cons_cat = nn.Conv2d(2 * width, 2, 1)
+        self.pos = nn.Parameter(torch.randn(1, 16, width))  # tokens of a 4x4 map: a position embedding
+        self.cls = nn.Parameter(torch.randn(1, 1, width))  # a class token
         self.fn = fn
 
     def forward(self, x):
@@ -37,6 +39,11 @@ def _groups(fn, shape=(2, 3, 4, 4)):
         for p in g.producers:
             by_producer[p] = g
     return c, by_producer
+
+
+def _tokens(s, x):
+    """Group a's channels as a (batch, tokens, channels) sequence."""
+    return s.a(x).flatten(2).transpose(1, 2)
 
 
 def _ok(g):
@@ -56,8 +63,19 @@ CASES = [
      lambda s, x: s.fc(torch.cat([s.a(x), s.b(x)], 1).mean((2, 3))[:, :4]), "indexing into the channels"),
     ("flatten -> linear", lambda s, x: s.fc_flat(torch.flatten(s.a(x), 1)),
      lambda s, x: s.fc(s.a(x).reshape(2, 4, 16)[:, :, :4].sum(1)), "reduction over the channels"),
-    ("permute / layer_norm", lambda s, x: s.fc(F.relu(s.a(x).permute(0, 2, 3, 1))).mean((1, 2)),
-     lambda s, x: s.fc(s.ln(s.a(x).permute(0, 2, 3, 1))).mean((1, 2)), "LayerNorm"),
+    ("permute / layer_norm", lambda s, x: s.fc(s.ln(F.relu(s.a(x).permute(0, 2, 3, 1)))).mean((1, 2)),
+     lambda s, x: s.cons(F.layer_norm(s.a(x), (4, 4, 4))).mean((2, 3)), "together with other dims"),
+    ("layer_norm over another dim", lambda s, x: s.cons(F.layer_norm(s.a(x), (4,))).mean((2, 3)),
+     lambda s, x: s.cons(F.layer_norm(s.a(x).transpose(1, 3), (4,), s.ln.weight * 2).transpose(1, 3)).mean((2, 3)),
+     "not a parameter"),
+    ("position embedding", lambda s, x: s.fc(_tokens(s, x) + s.pos).mean(1),
+     lambda s, x: s.fc(_tokens(s, x) + _tokens(s, x).detach().roll(1, 2)).mean(1), "roll"),
+    ("class token", lambda s, x: s.fc(torch.cat([s.cls.expand(2, -1, -1), _tokens(s, x)], 1)).mean(1),
+     lambda s, x: s.fc(torch.cat([x.flatten(2).transpose(1, 2)[:, :1, :1].expand(-1, -1, 4), _tokens(s, x)],
+                                 1)).mean(1), "cat mixing"),
+    ("channel count read", lambda s, x: s.fc((lambda t: t.reshape(t.shape[0], t.shape[1], t.shape[2]))(
+        _tokens(s, x))).mean(1),
+     lambda s, x: s.fc((lambda t: t * t.shape[2] ** -0.5)(_tokens(s, x))).mean(1), "read at run time"),
     ("spatial reduce", lambda s, x: s.fc(s.a(x).amax((2, 3))),
      lambda s, x: s.fc(s.a(x).mean(1).flatten(1)[:, :4]), "reduction over the channels"),
     ("softmax", lambda s, x: s.cons(torch.softmax(s.a(x), dim=-1)).mean((2, 3)),
