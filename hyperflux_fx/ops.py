@@ -142,6 +142,7 @@ class OpSpec:
     functional_kwargs: tuple[str, ...] = ()  # modules: attributes passed to it after input/weight/bias
     never_gated: str | None = None  # modules: why their parameters are never gated
     train_module: type[nn.Module] | None = None  # functional dropouts: the module doing it at the model's flag
+    train_args: tuple[str, ...] = ("p", "inplace")  # the constant arguments train_module is built from
     norm_kind: Literal["layer", "rms"] | None = None  # LayerNorm / RMSNorm entries: which statistics
     reads_sizes: bool = False  # x.size() / getattr(x, "shape"): a tensor's sizes, read at run time
     keeps_dims: bool = False  # moves elements keeping every dim where it is (expand, casts): broadcasts alike
@@ -265,6 +266,19 @@ def _dropout(module: type[nn.Module]) -> OpSpec:
                   zero_preserving=True, identity_at_eval=True, attention_glue=True, train_module=module)
 
 
+def _stochastic_depth() -> dict[Any, OpSpec]:
+    """torchvision's ``stochastic_depth(x, p, mode, training)`` (drop path): as a functional dropout, done
+    by ``torchvision.ops.StochasticDepth(p, mode)`` (empty when torchvision is missing)."""
+    try:
+        import torchvision.ops
+    except ImportError:  # pragma: no cover - torchvision is a dependency
+        return {}
+    spec = OpSpec("stochastic_depth", "elementwise", ("input", "p", "mode", "training"),
+                  channel_rule=ChannelRule.ELEMENTWISE, zero_preserving=True, identity_at_eval=True,
+                  attention_glue=True, train_module=torchvision.ops.StochasticDepth, train_args=("p", "mode"))
+    return {torchvision.ops.stochastic_depth: spec}
+
+
 def _binary(name: str, rule: ChannelRule, signature: tuple[str, ...] = _BINARY_SIG) -> OpSpec:
     return OpSpec(name, "binary", signature, channel_rule=rule, attention_glue=rule in (ChannelRule.MUL,
                                                                                          ChannelRule.DIV))
@@ -354,6 +368,7 @@ FUNCTIONS: dict[Any, OpSpec] = {
     F.feature_alpha_dropout: _dropout(nn.FeatureAlphaDropout),  # identity at eval; the trace makes them modules
     torch.sigmoid: _act("sigmoid", False), F.sigmoid: _act("sigmoid", False),
     F.hardsigmoid: _act("hardsigmoid", False), F.softplus: _act("softplus", False),
+    **_stochastic_depth(),  # torchvision drop path: identity at eval, StochasticDepth in training
 }
 
 
@@ -502,6 +517,8 @@ MODULES: tuple[ModuleEntry, ...] = (
     _module_act(nn.AlphaDropout, True, eval_identity=True),  # identity at eval
     _module_act(nn.FeatureAlphaDropout, True, eval_identity=True),  # identity at eval
     _module_act(EvalIdentity, True, eval_identity=True),  # drop path, stochastic depth: kept as leaves by the trace
+    *(_module_act(spec.train_module, True, eval_identity=True)
+      for spec in _stochastic_depth().values()),  # torchvision's StochasticDepth, made by the trace
     _module_act(nn.Sigmoid, False), _module_act(nn.Hardsigmoid, False), _module_act(nn.Softplus, False),  # f(0) != 0
     _module_spatial(nn.MaxPool1d), _module_spatial(nn.MaxPool2d), _module_spatial(nn.MaxPool3d),
     _module_spatial(nn.AvgPool1d), _module_spatial(nn.AvgPool2d), _module_spatial(nn.AvgPool3d),

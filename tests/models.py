@@ -354,6 +354,25 @@ class DropoutDropPath(nn.Module):
         return self.fc(F.dropout(x.mean((2, 3)), 0.3, training=self.training))
 
 
+class StochasticDepthBlock(nn.Module):
+    """torchvision's drop path: a ``StochasticDepth`` module, whose forward calls the traced-through
+    function ``torchvision.ops.stochastic_depth(x, p, mode, self.training)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import torchvision
+
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.drop = torchvision.ops.StochasticDepth(0.5, "row")
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.stem(x))
+        x = x + self.drop(F.relu(self.conv(x)))
+        return self.fc(x.mean((2, 3)))
+
+
 class TrainingBranch(nn.Module):
     """``if self.training:`` code that is neither a dropout nor a drop path."""
 
@@ -460,6 +479,7 @@ FOLD_ZOO.update({
     "squeeze_excite": (_seeded(SqueezeExcite), _inputs(2, 3, 6, 6)),
     "roll_branch": (_seeded(RollBranch), _inputs(2, 3, 6, 6)),
     "dropout_drop_path": (_seeded(DropoutDropPath), _inputs(2, 3, 6, 6)),
+    "stochastic_depth": (_seeded(StochasticDepthBlock), _inputs(2, 3, 6, 6)),
     "view_as": (_seeded(ViewAs), _inputs(2, 3, 6, 6)),
     "tiny_vit": (_seeded(TinyViT), _inputs(2, 3, 6, 6)),
     "norm_variety": (_seeded(NormVariety), _inputs(2, 3, 6, 6)),

@@ -320,14 +320,16 @@ def _dropout_modules(gm: fx.GraphModule) -> None:
         spec = function_spec(node.target) if node.op == "call_function" else None
         if spec is None or spec.train_module is None:
             continue
-        explicit = len(node.args) > 2 or "training" in node.kwargs
-        p, inplace = spec.arg(node, "p", 0.5), spec.arg(node, "inplace", False)
-        if not explicit or spec.arg(node, "training") is not False or not isinstance(p, (int, float)):
+        explicit = len(node.args) > spec.signature.index("training") or "training" in node.kwargs
+        defaults = {"p": 0.5, "inplace": False}
+        kwargs = {k: spec.arg(node, k, defaults.get(k)) for k in spec.train_args}
+        if not explicit or spec.arg(node, "training") is not False or any(
+                not isinstance(v, (int, float, str)) for v in kwargs.values()):
             continue
         name = node.name
         while hasattr(gm, name):
             name += "_"
-        gm.add_submodule(name, spec.train_module(p=float(p), inplace=bool(inplace)).train(gm.training))
+        gm.add_submodule(name, spec.train_module(**kwargs).train(gm.training))
         with gm.graph.inserting_before(node):
             call = gm.graph.call_module(name, (spec.arg(node, "input"),))
         call.meta = dict(node.meta)

@@ -76,14 +76,18 @@ class GateReport:
         return sum(g.numel for g in self.gated) + sum(g.size for g in self.channel_groups if g.gated)
 
     @property
-    def gateable_share(self) -> float | None:
-        """Output channels in gated groups (a projection split into heads: when its head group is
-        gated) over the channels of every group the graph output does not consume (channel/hybrid
-        granularity; None when there is no such group)."""
+    def gateable_channels(self) -> tuple[int, int]:
+        """(output channels in gated groups (a projection split into heads: when its head group is
+        gated), the channels of every group the graph output does not consume)."""
         groups = [g for g in self.channel_groups
                   if g.unit == "channel" and (self._deletable(g) or self._reasons(g) != [OUTPUT_REASON])]
-        total = sum(g.size for g in groups)
-        return sum(g.size for g in groups if self._deletable(g)) / total if total else None
+        return sum(g.size for g in groups if self._deletable(g)), sum(g.size for g in groups)
+
+    @property
+    def gateable_share(self) -> float | None:
+        """:attr:`gateable_channels` as a share (channel/hybrid granularity; None when there is no group)."""
+        gated, total = self.gateable_channels
+        return gated / total if total else None
 
     def _head_group(self, g: ChannelGroupReport) -> ChannelGroupReport | None:
         return next((h for h in self.channel_groups if h.name == g.through), None) if g.through else None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from models import DropoutDropPath, DropPath, TrainingBranch
+from models import DropoutDropPath, DropPath, StochasticDepthBlock, TrainingBranch
 from torch import nn
 
 import hyperflux_fx as hf
@@ -72,6 +72,23 @@ def test_the_drop_path_does_not_block_its_channel_group():
     residual = [g for g in res.report.channel_groups if g.size == 8]  # stem + conv, summed through the drop path
     assert len(residual) == 1 and residual[0].gated, residual
     assert len(residual[0].producers) == 2
+
+
+def test_torchvision_stochastic_depth_is_a_drop_path_and_keeps_its_group():
+    """``torchvision.ops.stochastic_depth`` is traced through its module (a wrapped function): the op
+    table makes it ``StochasticDepth(p, mode)``, random in training, the identity at eval."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model, x = StochasticDepthBlock(), torch.randn(2, 3, 6, 6)
+    res = hf.insert_gates(model, hf.GateConfig(granularity="channel", seed=0), example_inputs=x)
+    gated = res.graph_module
+    assert any(isinstance(m, torchvision.ops.StochasticDepth) for m in gated.modules())
+    assert gated.meta[TRAINING_ONLY_META] == []
+    _eval_exact_and_deterministic(model, gated, x)
+    assert _train_random(gated, x)
+    residual = [g for g in res.report.channel_groups if g.size == 8]
+    assert len(residual) == 1 and residual[0].gated, residual
 
 
 def test_a_training_only_branch_is_reported_by_module_and_eval_stays_exact():
