@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         t0 = time.perf_counter()
         rows.append(measure(lib, name, size, with_tp))
         r = rows[-1]
-        rels = ["%.1e" % v["rel64"] for v in r.get("fold", {}).values()]
+        rels = [format(v["rel64"], ".1e") for v in r.get("fold", {}).values()]
         print(f"{r['model']}: share {r.get('share')} blockers {[b['reason'][:50] for b in r.get('blockers', [])[:2]]} "
               f"fold {rels} tp {r.get('tp')} "
               f"({time.perf_counter() - t0:.0f} s) {r.get('error', '')}", flush=True)
