@@ -362,12 +362,13 @@ class ChannelGate(Gate):
 class ChannelMask(nn.Module):
     """Multiplies a tensor by channel masks along ``dim`` where a group is consumed.
 
-    ``layout`` lists the runs of channels on that dim: ``(mask index or -1, length, expand)``; mask
-    index ``i`` takes the i-th mask argument (a channel gate's output), -1 means "always kept", and
-    ``expand`` repeats each unit (a flattened channel owns H*W consecutive features).
+    ``layout`` lists the runs of channels on that dim: ``(mask index or -1, length, expand[, replicas])``;
+    mask index ``i`` takes the i-th mask argument (a channel gate's output), -1 means "always kept",
+    ``expand`` repeats each unit (a flattened channel owns H*W consecutive features) and ``replicas``
+    repeats the whole run (a space split over conv groups: each unit has a channel in every group).
     """
 
-    def __init__(self, dim: int, layout: tuple[tuple[int, int, int], ...]) -> None:
+    def __init__(self, dim: int, layout: tuple[tuple[int, ...], ...]) -> None:
         super().__init__()
         self.dim = int(dim)
         self.layout = tuple(tuple(int(v) for v in run) for run in layout)
@@ -376,9 +377,10 @@ class ChannelMask(nn.Module):
         """The mask over every feature of ``dim``."""
         ref = masks[0]
         parts = []
-        for index, length, expand in self.layout:
+        for index, length, expand, *replicas in self.layout:
             m = masks[index] if index >= 0 else torch.ones(length, dtype=ref.dtype, device=ref.device)
-            parts.append(m.repeat_interleave(expand) if expand > 1 else m)
+            m = m.repeat_interleave(expand) if expand > 1 else m
+            parts.append(m.repeat(replicas[0]) if replicas and replicas[0] > 1 else m)
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     def forward(self, x: torch.Tensor, *masks: torch.Tensor) -> torch.Tensor:

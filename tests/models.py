@@ -373,6 +373,64 @@ class StochasticDepthBlock(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
+class GroupedBottleneck(nn.Module):
+    """ResNeXt-style: 1x1 -> BN -> 3x3 grouped (groups=4) -> BN -> 1x1 added to the stream; then a
+    grouped conv reading the residual stream (groups=2, 8 -> 4): the stem and the block's last conv,
+    tied by the add, are split over its groups together."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.a = nn.Conv2d(8, 8, 1, bias=False)
+        self.bna = _random_affine(nn.BatchNorm2d(8))
+        self.g = nn.Conv2d(8, 8, 3, padding=1, groups=4, bias=False)
+        self.bng = _random_affine(nn.BatchNorm2d(8))
+        self.c = nn.Conv2d(8, 8, 1)
+        self.g2 = nn.Conv2d(8, 4, 3, padding=1, groups=2)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.stem(x))
+        y = F.relu(self.bng(self.g(F.relu(self.bna(self.a(x))))))
+        x = F.relu(x + self.c(y))
+        return self.head(F.relu(self.g2(x)).mean((2, 3)))
+
+
+class DepthwiseMultiplier(nn.Module):
+    """A depthwise conv with a channel multiplier (8 -> 16, groups=8): input channel i owns outputs 2i, 2i+1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 1)
+        self.dw = nn.Conv2d(8, 16, 3, padding=1, groups=8)
+        self.bn = _random_affine(nn.BatchNorm2d(16))
+        self.pw = nn.Conv2d(16, 6, 1)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn(self.dw(F.relu(self.stem(x)))))
+        return self.head(F.relu(self.pw(x)).mean((2, 3)))
+
+
+class ConcatBatchNorm(nn.Module):
+    """DenseNet-style: BatchNorm over concatenations of features, each run sliced with its space."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 3, padding=1)
+        self.conv1 = nn.Conv2d(6, 4, 3, padding=1)
+        self.bn1 = _random_affine(nn.BatchNorm2d(10))
+        self.conv2 = nn.Conv2d(10, 5, 1)
+        self.bn2 = _random_affine(nn.BatchNorm2d(15))
+        self.head = nn.Linear(15, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        z = torch.cat([x, self.conv1(F.relu(x))], 1)
+        z = torch.cat([z, self.conv2(F.relu(self.bn1(z)))], 1)
+        return self.head(F.relu(self.bn2(z)).mean((2, 3)))
+
+
 class TrainingBranch(nn.Module):
     """``if self.training:`` code that is neither a dropout nor a drop path."""
 
@@ -480,6 +538,9 @@ FOLD_ZOO.update({
     "roll_branch": (_seeded(RollBranch), _inputs(2, 3, 6, 6)),
     "dropout_drop_path": (_seeded(DropoutDropPath), _inputs(2, 3, 6, 6)),
     "stochastic_depth": (_seeded(StochasticDepthBlock), _inputs(2, 3, 6, 6)),
+    "grouped_bottleneck": (_seeded(GroupedBottleneck), _inputs(2, 3, 6, 6)),
+    "depthwise_multiplier": (_seeded(DepthwiseMultiplier), _inputs(2, 3, 6, 6)),
+    "concat_batchnorm": (_seeded(ConcatBatchNorm), _inputs(2, 3, 6, 6)),
     "view_as": (_seeded(ViewAs), _inputs(2, 3, 6, 6)),
     "tiny_vit": (_seeded(TinyViT), _inputs(2, 3, 6, 6)),
     "norm_variety": (_seeded(NormVariety), _inputs(2, 3, 6, 6)),

@@ -95,8 +95,8 @@ def unit_costs(gm: fx.GraphModule, coupling: Coupling, group: Group) -> tuple[fl
     for cons in group_consumers(coupling, group):
         w = params[cons.weight]
         per = w.numel() / w.shape[cons.weight_dim]
-        mine = [s for s in cons.label.segs if s.space in group.spaces]
-        expand = sum(s.expand for s in mine) / max(len(mine), 1)
+        mine = [s for s in cons.weight_layout.segs if s.space in group.spaces]
+        expand = sum(s.expand * s.replicas for s in mine) / max(len(mine), 1)
         out = shape_of(nodes[cons.node]) or (1,)
         positions = math.prod(out) / max(w.shape[1 - cons.weight_dim] if w.dim() > 1 else 1, 1)
         p_cost += per * expand

@@ -260,17 +260,22 @@ def _sliced_tensors(gm: fx.GraphModule, c: Coupling, group_of: dict[int, int]) -
         dims[prod.weight][prod.weight_dim] = width
         if prod.bias is not None:
             dims[prod.bias][0] = width
-    for cp in c.params:
-        dims[cp.target][cp.dim] = Width(((group_of[cp.space], c.sizes[cp.space], 1),))
+    runs: dict[tuple[str, int], list[tuple[int | None, int, int]]] = defaultdict(list)
+    for cp in c.params:  # several runs of one tensor (a BatchNorm over a concatenation), the rest kept
+        runs[(cp.target, cp.dim)].append((group_of[cp.space], c.sizes[cp.space], cp.expand * cp.replicas))
+    for (target, dim), parts in runs.items():
+        if target in params:
+            rest = params[target].shape[dim] - sum(size * per for _, size, per in parts)
+            dims[target][dim] = Width(tuple(parts) + (((None, rest, 1),) if rest > 0 else ()))
     for cons in c.consumers:
-        dims[cons.weight][cons.weight_dim] = label_width(cons.label, group_of)
+        dims[cons.weight][cons.weight_dim] = label_width(cons.weight_layout, group_of)
     return {name: _Tensor(params[name].numel(), d, {i: params[name].shape[i] for i in d}, tuple(params[name].shape))
             for name, d in dims.items() if name in params}
 
 
 def label_width(label: Label, group_of: dict[int, int]) -> Width:
     """The folded width along a label's dim."""
-    return Width(tuple((group_of.get(s.space) if s.space is not None else None, s.length, s.expand)
+    return Width(tuple((group_of.get(s.space) if s.space is not None else None, s.length, s.expand * s.replicas)
                         for s in label.segs))
 
 

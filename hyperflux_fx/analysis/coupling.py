@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import networkx as nx
@@ -44,8 +44,20 @@ class Seg:
     """A run of channels owned by one space (``space=None``: channels no op can delete, e.g. the input)."""
 
     space: int | None
-    length: int  # channels
+    length: int  # channels (units of the space)
     expand: int = 1  # consecutive features per channel (after flatten of C x H x W: H*W)
+    replicas: int = 1  # the run repeats: unit u sits at r * length * expand + u * expand (grouped convs)
+
+    @property
+    def width(self) -> int:
+        return self.length * self.expand * self.replicas
+
+    def positions(self, units: torch.Tensor) -> torch.Tensor:
+        """Feature positions (within the run) of ``units``, in order."""
+        own = (units[:, None] * self.expand + torch.arange(self.expand)[None, :]).flatten()
+        if self.replicas == 1:
+            return own
+        return (own[None, :] + torch.arange(self.replicas)[:, None] * self.length * self.expand).flatten()
 
 
 @dataclass(frozen=True)
@@ -57,7 +69,7 @@ class Label:
 
     @property
     def width(self) -> int:
-        return sum(s.length * s.expand for s in self.segs)
+        return sum(s.width for s in self.segs)
 
     def spaces(self) -> list[int]:
         return [s.space for s in self.segs if s.space is not None]
@@ -109,20 +121,33 @@ class Consumer:
     """A conv/linear op reading labelled channels: slice ``weight`` on ``weight_dim``."""
 
     node: str
-    label: Label
+    label: Label  # the channels of its input
     weight: str
     weight_dim: int
+    weight_label: Label | None = None  # a grouped conv: the positions within a group its weight dim holds
+
+    @property
+    def weight_layout(self) -> Label:
+        return self.weight_label if self.weight_label is not None else self.label
 
 
 @dataclass
 class ChannelParam:
-    """A parameter or buffer indexed by a space's channels (BN statistics, depthwise weights, ...)."""
+    """A parameter or buffer indexed by a space's channels (BN statistics, depthwise weights, ...):
+    positions ``offset + seg.positions(units)`` of its dim ``dim`` (several entries may share a
+    tensor: a BatchNorm over a concatenation, one per run)."""
 
     target: str
     dim: int
     space: int
     module: str | None = None  # a module whose num_features follows the channel count
     groups_arg: tuple[str, int] | None = None  # (node, arg index) of a depthwise conv's groups
+    offset: int = 0  # where the space's run starts along dim
+    expand: int = 1  # as Seg: features per unit (a depthwise conv with a channel multiplier: the multiplier)
+    replicas: int = 1  # as Seg (a space split over conv groups)
+
+    def seg(self, length: int) -> Seg:
+        return Seg(self.space, length, self.expand, self.replicas)
 
 
 @dataclass
@@ -146,6 +171,7 @@ class Group:
     blocked: list[str] = field(default_factory=list)
     zero_preserving: bool = True  # every path producer -> consumer keeps an exact zero exactly zero
     normalised: bool = False  # a norm's statistics count its channels: the fold keeps exactly the open ones
+    replicas: int = 1  # channels per unit: a space split over conv groups has one per group
 
     @property
     def deletable(self) -> bool:
@@ -170,6 +196,8 @@ class Coupling:
     buffers: dict[str, torch.Tensor] = field(default_factory=dict)
     labels: dict[str, Label] = field(default_factory=dict)  # node name -> the label of its output
     norms: list[NormUse] = field(default_factory=list)  # norms over a space's channels
+    split: dict[str, int] = field(default_factory=dict)  # producer node -> conv groups its space is split over
+    requests: dict[str, int] = field(default_factory=dict)  # splits this pass found needed (for the next)
 
     def new_space(self, producer: Producer, size: int) -> int:
         sid = len(self.sizes)
@@ -199,7 +227,8 @@ class Coupling:
             out.append(Group(id=gid, spaces=comp, size=min(sizes), producers=[self.producers[s].node for s in comp],
                              unit="head" if heads else "channel", blocked=list(dict.fromkeys(blocked)),
                              zero_preserving=not any(s in self.revived for s in comp),
-                             normalised=any(s in normalised for s in comp)))
+                             normalised=any(s in normalised for s in comp),
+                             replicas=1 if heads else self.producers[comp[0]].replicas))
         return out
 
     def group_of(self) -> dict[int, int]:
@@ -275,26 +304,74 @@ def _weight_op(gm: fx.GraphModule, node: fx.Node, c: Coupling, labels: dict[fx.N
     ch_dim = len(out_shape) - 1 if kind == "linear" else 1
     in_ch = w.shape[1] * groups if kind == "conv" else (w.shape[0] if kind == "conv_transpose" else w.shape[1])
     out_ch = w.shape[0] if kind in ("conv", "linear") else w.shape[1] * groups
-    if kind == "conv" and groups > 1 and groups == in_ch == out_ch and groups_pos is not None:
-        # depthwise: output channel c reads input channel c only -> the label passes through
-        if in_label is None or in_label.dim != 1:
-            return None
-        if len(in_label.segs) != 1:
-            c.block(in_label, f"depthwise conv over concatenated groups: {node.format_node()}")
-            return None
-        sid = in_label.segs[0].space
-        if sid is not None:
-            c.params.append(ChannelParam(wt, 0, sid, groups_arg=(node.name, groups_pos)))
-            if bt is not None:
-                c.params.append(ChannelParam(bt, 0, sid))
-                c.revived.add(sid)
-        return in_label
+    if kind == "conv" and groups > 1 and groups == in_ch and out_ch % in_ch == 0 and groups_pos is not None:
+        return _depthwise(c, node, in_label, wt, bt, out_ch // in_ch, groups_pos)
     w_in, w_out = (1, 0) if kind in ("conv", "linear") else (0, 1)
+    if groups > 1 and kind == "conv":
+        return _grouped_conv(c, node, x, in_label, wt, bt, groups, in_ch, out_ch)
     if groups > 1:
         return _blocked_output(c, node, in_label, wt, bt, w_out, out_ch, ch_dim,
-                               f"grouped conv (groups={groups}) is not sliced yet: {node.format_node()}")
+                               f"grouped transposed conv (groups={groups}) is not sliced yet: {node.format_node()}")
     return _consume_produce(c, node, x, in_label, kind=kind, wt=wt, bt=bt, in_ch=in_ch, out_ch=out_ch,
                             ch_dim=ch_dim, w_in=w_in, w_out=w_out)
+
+
+def _depthwise(c: Coupling, node: fx.Node, in_label: Label | None, wt: str, bt: str | None, mult: int,
+               groups_pos: int) -> Label | None:
+    """Depthwise (groups = input channels), with a channel multiplier ``mult``: output channels
+    i*mult .. i*mult+mult-1 read input channel i only, so the input's label passes, each channel
+    owning ``mult`` consecutive outputs; the weight and bias rows and the groups follow."""
+    if in_label is None or in_label.dim != 1:
+        return None
+    if len(in_label.segs) != 1 or in_label.segs[0].expand != 1:
+        c.block(in_label, f"depthwise conv over concatenated groups: {node.format_node()}")
+        return None
+    seg = in_label.segs[0]
+    out = Label(1, (replace(seg, expand=mult),))
+    if seg.space is not None:
+        c.params.append(ChannelParam(wt, 0, seg.space, groups_arg=(node.name, groups_pos), expand=mult,
+                                     replicas=seg.replicas))
+        if bt is not None:
+            c.params.append(ChannelParam(bt, 0, seg.space, expand=mult, replicas=seg.replicas))
+            c.revived.add(seg.space)
+    return out
+
+
+def _grouped_conv(c: Coupling, node: fx.Node, x: Any, in_label: Label | None, wt: str, bt: str | None, groups: int,
+                  in_ch: int, out_ch: int) -> Label:
+    """A grouped conv reads, in each of its ``groups``, the same positions of its weight's input dim:
+    an input position is deleted in every group at once. Its input space is split over the groups (a
+    unit: one position, in every group), which the producer of that space must know from the start:
+    this pass requests it of that producer and the next one builds the space so. The output is a new
+    space split the same way (a unit: one output position in every group)."""
+    per_in = in_ch // groups
+    seg = in_label.segs[0] if in_label is not None and len(in_label.segs) == 1 else None
+    if in_label is not None:
+        if seg is None or seg.space is None or seg.expand != 1 or in_label.dim != 1:
+            c.block(in_label, f"grouped conv (groups={groups}) over concatenated or unowned channels: "
+                              f"{node.format_node()}")
+        elif seg.replicas == groups:
+            c.consumers.append(Consumer(node.name, in_label, wt, 1, weight_label=Label(1, (Seg(seg.space, per_in),))))
+        elif not _request_split(c, in_label, groups):
+            c.block(in_label, f"grouped conv (groups={groups}) over channels split another way: {node.format_node()}")
+    sid = c.new_space(Producer(node.name, -1, wt, bt, 0, replicas=groups, units=out_ch // groups), out_ch // groups)
+    if bt is not None:
+        c.revived.add(sid)
+    return Label(1, (Seg(sid, out_ch // groups, replicas=groups),))
+
+
+def _request_split(c: Coupling, lab: Label, groups: int) -> bool:
+    """Ask the next pass to split ``lab``'s space over ``groups`` (True when it can: one plain
+    conv/linear space); until then the space is blocked, so this pass's result is not used."""
+    seg = lab.segs[0] if len(lab.segs) == 1 else None
+    if seg is None or seg.space is None or seg.replicas != 1 or seg.expand != 1 or seg.length % groups:
+        return False
+    prod = c.producers[seg.space]
+    if prod.replicas != 1 or prod.unit_rows != 1 or prod.parent is not None or prod.node in c.split:
+        return False
+    c.requests.setdefault(prod.node, groups)
+    c.block(lab, f"split over {groups} conv groups on the next pass")
+    return True
 
 
 def _blocked_output(c: Coupling, node: fx.Node, in_label: Label | None, wt: str, bt: str | None, w_out: int,
@@ -316,10 +393,13 @@ def _consume_produce(c: Coupling, node: fx.Node, x: Any, in_label: Label | None,
             c.block(in_label, f"{kind} reads channels on another dim: {node.format_node()}")
         else:
             c.consumers.append(Consumer(node.name, in_label, wt, w_in))
-    sid = c.new_space(Producer(node.name, -1, wt, bt, w_out), out_ch)
+    g = c.split.get(node.name, 1)
+    if out_ch % g:
+        g = 1
+    sid = c.new_space(Producer(node.name, -1, wt, bt, w_out, replicas=g, units=out_ch // g), out_ch // g)
     if bt is not None:
         c.revived.add(sid)
-    return Label(ch_dim, (Seg(sid, out_ch),))
+    return Label(ch_dim, (Seg(sid, out_ch // g, replicas=g),))
 
 
 def _f_conv(gm, node, c, labels, spec):  # torch.convNd(x, w, b, stride, padding, dilation, groups)
@@ -352,18 +432,20 @@ def _batch_norm(c: Coupling, node: fx.Node, lab: Label | None, tensors: list[tup
     (a None target for a tensor that is present but not a parameter/buffer blocks the group)."""
     if lab is None:
         return None
-    if lab.dim != 1 or len(lab.segs) != 1 or lab.segs[0].expand != 1:
-        c.block(lab, f"batch norm over a non-channel or concatenated dim: {node.format_node()}")
+    if lab.dim != 1:
+        c.block(lab, f"batch norm over a non-channel dim: {node.format_node()}")
         return lab
-    sid = lab.segs[0].space
-    if sid is None:
-        return lab
-    for name, target in tensors:
-        if target is None:
-            c.block(lab, f"batch norm {name} is not a parameter/buffer: {node.format_node()}")
-        else:
-            c.params.append(ChannelParam(target, 0, sid, module=module))
-    c.revived.add(sid)  # beta - mean * gamma / sigma turns a zero into a constant
+    offset = 0
+    for seg in lab.segs:  # a concatenation: each run's statistics are sliced with its space
+        if seg.space is not None:
+            for name, target in tensors:
+                if target is None:
+                    c.block(lab, f"batch norm {name} is not a parameter/buffer: {node.format_node()}")
+                else:
+                    c.params.append(ChannelParam(target, 0, seg.space, module=module, offset=offset,
+                                                 expand=seg.expand, replicas=seg.replicas))
+            c.revived.add(seg.space)  # beta - mean * gamma / sigma turns a zero into a constant
+        offset += seg.width
     return lab
 
 
@@ -386,7 +468,7 @@ def _norm(gm, node, c, labels, spec):  # LayerNorm / RMSNorm over the last dims
     c.revived.update(lab.spaces())  # a zero channel comes out as the bias (or 0 / sqrt(eps))
     if lab.dim < rank - ops.dims:
         return lab
-    if ops.dims != 1 or len(lab.segs) != 1 or lab.segs[0].expand != 1:
+    if ops.dims != 1 or len(lab.segs) != 1 or lab.segs[0].expand != 1 or lab.segs[0].replicas != 1:
         c.block(lab, f"{spec.name} over the channels together with other dims or other runs: {node.format_node()}")
         return lab
     sid = lab.segs[0].space
@@ -428,7 +510,7 @@ def _sliced_operand(gm: fx.GraphModule, c: Coupling, lab: Label, operand: fx.Nod
         aligned = aligned and spec.keeps_dims
         src = src.args[0]
     t = param_target(gm, src)
-    if t is None or len(lab.segs) != 1 or lab.segs[0].expand != 1 or lab.segs[0].space is None:
+    if t is None or len(lab.segs) != 1 or lab.segs[0].space is None:
         return False
     p = c.parameters[t] if t in c.parameters else c.buffers.get(t)
     if p is None:
@@ -442,7 +524,8 @@ def _sliced_operand(gm: fx.GraphModule, c: Coupling, lab: Label, operand: fx.Nod
         if len(big) != 1 or p.shape[big[0]] != lab.width:
             return False
         dim = big[0]
-    c.params.append(ChannelParam(t, dim, lab.segs[0].space))
+    seg = lab.segs[0]
+    c.params.append(ChannelParam(t, dim, seg.space, expand=seg.expand, replicas=seg.replicas))
     return True
 
 
@@ -462,6 +545,8 @@ def _binary(kind: str) -> Rule:
                     return la
                 if sa is not None and len(sa) > lb.dim and sa[lb.dim] == 1:
                     return lb
+                if _split_alike(c, la, lb) or _split_alike(c, lb, la):
+                    return la
                 c.block(la, f"{kind} of differently laid out channels: {node.format_node()}")
                 c.block(lb, f"{kind} of differently laid out channels: {node.format_node()}")
                 return la
@@ -478,9 +563,18 @@ def _binary(kind: str) -> Rule:
     return rule
 
 
+def _split_alike(c: Coupling, plain: Label, split: Label) -> bool:
+    """``split``'s one space is split over conv groups and ``plain``'s is not yet: ask the next pass to
+    split it alike (True when asked)."""
+    if len(split.segs) != 1 or split.segs[0].replicas == 1 or plain.dim != split.dim or plain.width != split.width:
+        return False
+    return _request_split(c, plain, split.segs[0].replicas)
+
+
 def _same_layout(la: Label, lb: Label) -> bool:
     """The two labels put the same runs of channels on the same dim (so they can be tied)."""
-    return la.dim == lb.dim and [(s.length, s.expand) for s in la.segs] == [(s.length, s.expand) for s in lb.segs]
+    return la.dim == lb.dim and [(s.length, s.expand, s.replicas) for s in la.segs] == [
+        (s.length, s.expand, s.replicas) for s in lb.segs]
 
 
 def _tie(c: Coupling, la: Label, lb: Label, kind: str, node: fx.Node) -> None:
@@ -578,7 +672,7 @@ def _reshape_like(gm, node, c, labels, spec):
                 out = Label(j0, lab.segs)
             elif j == j0 and lab.dim == i0:  # merged, channel dim first: expand
                 inner = math.prod(ins[i0 + 1:i + 1])
-                out = Label(j0, tuple(Seg(s.space, s.length, s.expand * inner) for s in lab.segs))
+                out = Label(j0, tuple(replace(s, expand=s.expand * inner) for s in lab.segs))
             elif i == i0 and j - j0 >= 1 and _is_head_split(c, lab):
                 out = _split_heads(c, node, lab, outs[j0:j + 1], j0)
             else:
@@ -847,8 +941,23 @@ def _module_weight(gm, node, c, labels, mod, path, kind):
 
 def analyze_channels(gm: fx.GraphModule) -> Coupling:
     """Propagate channel labels through ``gm`` (which must carry ``tensor_meta``, see
-    :func:`hyperflux_fx.frontend.trace.propagate_shapes`) and return spaces, ties, consumers and blocks."""
-    c = Coupling(parameters=dict(gm.named_parameters()), buffers=dict(gm.named_buffers()))
+    :func:`hyperflux_fx.frontend.trace.propagate_shapes`) and return spaces, ties, consumers and blocks.
+
+    A pass may find that a space must be split over conv groups (a grouped conv reads it, or an add
+    ties it to such a space): the analysis then runs again with those spaces split from their
+    producer on, until no pass asks for more (each pass splits at least one more producer)."""
+    split: dict[str, int] = {}
+    while True:
+        c = _analyze(gm, split)
+        new = {k: v for k, v in c.requests.items() if k not in split}
+        if not new:
+            return c
+        split.update(new)
+
+
+def _analyze(gm: fx.GraphModule, split: dict[str, int]) -> Coupling:
+    """One pass of :func:`analyze_channels`, with the spaces of ``split``'s producers split over groups."""
+    c = Coupling(parameters=dict(gm.named_parameters()), buffers=dict(gm.named_buffers()), split=dict(split))
     labels: dict[fx.Node, Label] = {}
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "get_attr"):
@@ -963,16 +1072,40 @@ def label_keep(label: Label, keep: dict[int, torch.Tensor], group_of: dict[int, 
     parts, offset, changed = [], 0, False
     for seg in label.segs:
         gid = group_of.get(seg.space) if seg.space is not None else None
-        width = seg.length * seg.expand
+        width = seg.width
         if gid is not None and gid in keep:
             idx = keep[gid]
             changed = changed or idx.numel() != seg.length
-            pos = (idx[:, None] * seg.expand + torch.arange(seg.expand)[None, :]).flatten() + offset
+            pos = seg.positions(idx) + offset
         else:
             pos = torch.arange(offset, offset + width)
         parts.append(pos)
         offset += width
     return torch.cat(parts) if changed else None
+
+
+def param_keep(c: Coupling, keep: dict[int, torch.Tensor],
+               group_of: dict[int, int]) -> dict[tuple[str, int], torch.Tensor]:
+    """Kept positions of every (per-channel parameter or buffer, dim) that loses some: each of its runs
+    (:class:`ChannelParam`) drops the positions of its group's deleted units; the rest is kept."""
+    runs: dict[tuple[str, int], list[ChannelParam]] = defaultdict(list)
+    for cp in c.params:
+        runs[(cp.target, cp.dim)].append(cp)
+    out = {}
+    for (target, dim), cps in runs.items():
+        t = c.parameters[target] if target in c.parameters else c.buffers[target]
+        kept = torch.ones(t.shape[dim], dtype=torch.bool)
+        for cp in cps:
+            gid = group_of.get(cp.space)
+            if gid is None or gid not in keep:
+                continue
+            seg = cp.seg(c.sizes[cp.space])
+            gone = torch.ones(seg.length, dtype=torch.bool)
+            gone[keep[gid]] = False
+            kept[seg.positions(torch.nonzero(gone).flatten()) + cp.offset] = False
+        if not kept.all():
+            out[(target, dim)] = torch.nonzero(kept).flatten()
+    return out
 
 
 def dead_units(gm: fx.GraphModule, c: Coupling, group: Group,

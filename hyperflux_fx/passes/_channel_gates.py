@@ -60,7 +60,7 @@ def insert_channel_gates(gm: fx.GraphModule, config: GateConfig, inputs: tuple[A
         report.channel_groups.append(ChannelGroupReport(
             name=group_name(group), size=group.size, unit=group.unit, producers=list(group.producers),
             consumers=len(group_consumers(coupling, group)), gated=not blocked, blocked=blocked,
-            through=group_name(through[group.id]) if group.id in through else ""))
+            through=group_name(through[group.id]) if group.id in through else "", replicas=group.replicas))
         if not blocked:
             group_gate[group.id] = _add_gate(gm, coupling, group, anchor, config, generator)
     if group_gate:
@@ -128,7 +128,7 @@ def _mask_consumers(gm: fx.GraphModule, coupling: Coupling, group_gate: dict[int
         used = [g for g in dict.fromkeys(gids) if g in group_gate]
         if not used:
             continue
-        layout = tuple((used.index(g) if g in group_gate else -1, sg.length, sg.expand)
+        layout = tuple((used.index(g) if g in group_gate else -1, sg.length, sg.expand, sg.replicas)
                        for g, sg in zip(gids, cons.label.segs, strict=True))
         node = nodes[cons.node]
         x = node.args[0]

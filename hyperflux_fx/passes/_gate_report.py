@@ -54,6 +54,11 @@ class ChannelGroupReport:
     gated: bool
     blocked: list[str] = field(default_factory=list)  # why it is not gated (empty when gated)
     through: str = ""  # a projection split into heads: the head group its channels are deleted through
+    replicas: int = 1  # channels per unit (a group split over conv groups: one per conv group)
+
+    @property
+    def channels(self) -> int:
+        return self.size * self.replicas
 
 
 @dataclass
@@ -81,7 +86,7 @@ class GateReport:
         gated), the channels of every group the graph output does not consume)."""
         groups = [g for g in self.channel_groups
                   if g.unit == "channel" and (self._deletable(g) or self._reasons(g) != [OUTPUT_REASON])]
-        return sum(g.size for g in groups if self._deletable(g)), sum(g.size for g in groups)
+        return sum(g.channels for g in groups if self._deletable(g)), sum(g.channels for g in groups)
 
     @property
     def gateable_share(self) -> float | None:
@@ -113,7 +118,7 @@ class GateReport:
                 continue
             why, node = _split_reason(next(b for b in reasons if b != OUTPUT_REASON))
             channels, groups, nodes = found.get(why, (0, 0, []))
-            found[why] = (channels + g.size, groups + 1, nodes + ([node] if node and node not in nodes else []))
+            found[why] = (channels + g.channels, groups + 1, nodes + ([node] if node and node not in nodes else []))
         return sorted(((why, c, n, nodes) for why, (c, n, nodes) in found.items()), key=lambda r: -r[1])
 
     def why_nothing_gated(self) -> str:

@@ -31,7 +31,15 @@ import torch
 from torch import fx
 
 from hyperflux_fx.analysis.cost import count_params
-from hyperflux_fx.analysis.coupling import Coupling, Group, analyze_channels, dead_units, label_keep, plan_keep
+from hyperflux_fx.analysis.coupling import (
+    Coupling,
+    Group,
+    analyze_channels,
+    dead_units,
+    label_keep,
+    param_keep,
+    plan_keep,
+)
 from hyperflux_fx.analysis.runtime import resolve_fold_config
 from hyperflux_fx.config import FoldConfig
 from hyperflux_fx.frontend.trace import normalize_inputs, propagate_shapes
@@ -239,6 +247,8 @@ def _fold_channel_masks(gm: fx.GraphModule, coupling: Coupling, report: FoldRepo
         if consumer is None:
             raise RuntimeError(f"fold_masks: channel mask {node.name} does not feed a known conv/linear")
         w = fetch_attr(gm, consumer.weight)
+        if full.numel() != w.shape[consumer.weight_dim]:  # a grouped conv: the mask repeats in every group
+            full = full.view(-1, w.shape[consumer.weight_dim])[0]
         shape = [1] * w.dim()
         shape[consumer.weight_dim] = full.numel()
         w.mul_(full.to(w.dtype).view(shape))
@@ -290,11 +300,10 @@ def _slice(gm: fx.GraphModule, coupling: Coupling, keep: dict[int, torch.Tensor]
             add_slice(prod.weight, prod.weight_dim, rows)
             if prod.bias is not None:
                 add_slice(prod.bias, 0, rows)
-    for cp in coupling.params:
-        if group_of[cp.space] in keep:
-            add_slice(cp.target, cp.dim, keep[group_of[cp.space]])
+    for (target, dim), idx in param_keep(coupling, keep, group_of).items():
+        add_slice(target, dim, idx)
     for cons in coupling.consumers:
-        idx = label_keep(cons.label, keep, group_of)
+        idx = label_keep(cons.weight_layout, keep, group_of)
         if idx is not None:
             add_slice(cons.weight, cons.weight_dim, idx)
     for (target, dim), idx in slices.items():
@@ -308,19 +317,20 @@ def _resize(gm: fx.GraphModule, coupling: Coupling, keep: dict[int, torch.Tensor
             sliced: set[str], rules: dict[str, int]) -> None:
     """Sizes that follow the deleted channels: module attributes, reshape sizes, depthwise groups."""
     nodes = {n.name: n for n in gm.graph.nodes}
+    kept = param_keep(coupling, keep, group_of)
     for cp in coupling.params:
-        n = int(keep[group_of[cp.space]].numel()) if group_of[cp.space] in keep else None
-        if n is None:
+        if (cp.target, cp.dim) not in kept:
             continue
+        n = int(kept[(cp.target, cp.dim)].numel())
         owner = gm.get_submodule(cp.module) if cp.module is not None else None
         if hasattr(owner, "num_features"):
             owner.num_features = n
         if hasattr(owner, "normalized_shape"):  # a norm module left unused by the masked norm in its place
             owner.normalized_shape = (n,)
-        if cp.groups_arg is not None:
+        if cp.groups_arg is not None:  # one group per input channel: the kept outputs over the multiplier
             node_name, pos = cp.groups_arg
             args = list(nodes[node_name].args)
-            args[pos] = n
+            args[pos] = n // cp.expand
             nodes[node_name].args = tuple(args)
             rules["depthwise_groups_updated"] += 1
     for sa in coupling.shape_args:  # reshape/view sizes that follow a label's width: constants now

@@ -10,6 +10,7 @@ from torch import nn
 
 import hyperflux_fx as hf
 from hyperflux_fx.analysis.coupling import analyze_channels
+from hyperflux_fx.frontend.trace import propagate_shapes
 
 
 class Net(nn.Module):
@@ -138,23 +139,44 @@ def test_zero_preservation_is_tracked():
     assert not analyze_channels(hf.trace(NoBias(nn.Sigmoid()), x)).groups()[0].zero_preserving  # sigmoid(0)=0.5
 
 
-def test_depthwise_passes_through_and_grouped_blocks():
-    class DW(nn.Module):
-        def __init__(self, groups):
-            super().__init__()
-            self.a = nn.Conv2d(3, 4, 1)
-            self.dw = nn.Conv2d(4, 4, 3, padding=1, groups=groups)
-            self.c = nn.Conv2d(4, 2, 1)
+class _Grouped(nn.Module):
+    def __init__(self, groups, out=4, cat=False):
+        super().__init__()
+        self.cat = cat
+        self.a = nn.Conv2d(3, 4 if not cat else 2, 1)
+        self.b = nn.Conv2d(3, 2, 1)
+        self.dw = nn.Conv2d(4, out, 3, padding=1, groups=groups)
+        self.c = nn.Conv2d(out, 2, 1)
 
-        def forward(self, x):
-            return self.c(self.dw(self.a(x))).mean((2, 3))
+    def forward(self, x):
+        y = torch.cat([self.a(x), self.b(x)], 1) if self.cat else self.a(x)
+        return self.c(self.dw(y)).mean((2, 3))
 
+
+def test_depthwise_passes_through_and_grouped_convs_split_their_spaces():
     x = torch.randn(2, 3, 4, 4)
-    res = hf.insert_gates(DW(4), hf.GateConfig(granularity="channel"), example_inputs=x)
-    assert res.report.channel_groups[0].gated  # a -> depthwise -> c: one group
-    res = hf.insert_gates(DW(2), hf.GateConfig(granularity="channel"), example_inputs=x)
-    assert not res.report.channel_groups[0].gated
-    assert "grouped conv" in res.report.channel_groups[0].blocked[0]
+    res = hf.insert_gates(_Grouped(4), hf.GateConfig(granularity="channel"), example_inputs=x)
+    a = res.report.channel_groups[0]
+    assert a.gated and a.size == 4 and a.replicas == 1  # a -> depthwise -> c: one group
+    res = hf.insert_gates(_Grouped(4, out=8), hf.GateConfig(granularity="channel"), example_inputs=x)
+    a = res.report.channel_groups[0]
+    assert a.gated and a.size == 4  # a channel multiplier of 2: each of a's channels owns two outputs
+    res = hf.insert_gates(_Grouped(2), hf.GateConfig(granularity="channel"), example_inputs=x)
+    a, g = res.report.channel_groups[:2]
+    # groups=2 over 4 channels: a unit is one position in both groups (channels p and 2 + p)
+    assert a.gated and (a.size, a.replicas, a.channels) == (2, 2, 4)
+    assert g.gated and (g.size, g.replicas) == (2, 2)
+    propagate_shapes(res.graph_module, (x,))
+    c = analyze_channels(res.graph_module)
+    cons = next(cn for cn in c.consumers if cn.weight_label is not None)
+    assert cons.weight_label.width == 2 and cons.label.width == 4  # the weight holds one group's positions
+
+
+def test_grouped_conv_over_a_concatenation_blocks():
+    x = torch.randn(2, 3, 4, 4)
+    res = hf.insert_gates(_Grouped(2, cat=True), hf.GateConfig(granularity="channel"), example_inputs=x)
+    blocked = [g for g in res.report.channel_groups if not g.gated]
+    assert any("grouped conv (groups=2) over concatenated" in why for g in blocked for why in g.blocked)
 
 
 def test_heads_rule_matches_sdpa_and_blocks_a_reused_projection():

@@ -43,7 +43,6 @@ def _masked_and_compact(name, granularity, closed_fraction, config=None):
 # Fixtures with no deletable channel group: channel granularity gates nothing there, and each
 # group's report names the blocker (the coupling tests cover the rules themselves).
 NOTHING_TO_GATE = {
-    "depthwise_grouped": "grouped conv",  # groups=2 conv: not sliced
     "mha": "MultiheadAttention",  # an nn.MultiheadAttention leaf is not in the channel table
     "opaque_block": "DataDependentBlock",  # an opaque leaf
     "shared_weight": "is shared by",  # one weight used by two ops
