@@ -59,6 +59,7 @@ __all__ = [
     "never_gated_reason",
     "node_spec",
     "norm_function",
+    "cut_function",
     "norm_operands",
     "slot_value",
     "sync_module_sizes",
@@ -104,6 +105,7 @@ class ChannelRule(enum.Enum):
     ATTENTION = "attention"  # a head label on q, k and v passes to the output
     MATMUL = "matmul"  # q @ k^T / attn @ v: a head label on a batch dim passes
     UNBIND = "unbind"  # items keep the label (dim shifted)
+    SPLIT = "split"  # split / chunk / narrow: on the channel dim, runs of channels (a space cut where needed)
     BLOCK = "block"  # mixes the channels: blocks them with the entry's block_reason
     NO_CHANNELS = "no_channels"  # its output carries no channels (shape reads, weight gates)
 
@@ -294,7 +296,10 @@ def _spatial(name: str) -> OpSpec:
 
 
 _SOFTMAX = OpSpec("softmax", "softmax", ("input", "dim"), channel_rule=ChannelRule.SOFTMAX, attention_glue=True)
-_SPLITTING = OpSpec("split", "index", ("input", "split_size_or_sections", "dim"), attention_glue=True)
+_SPLIT = OpSpec("split", "index", ("input", "split_size_or_sections", "dim"), channel_rule=ChannelRule.SPLIT,
+                attention_glue=True)
+_CHUNK = OpSpec("chunk", "index", ("input", "chunks", "dim"), channel_rule=ChannelRule.SPLIT, attention_glue=True)
+_NARROW = OpSpec("narrow", "index", ("input", "dim", "start", "length"), channel_rule=ChannelRule.SPLIT)
 
 #: call_function target -> spec. One line per op; the comment says what it contributes.
 FUNCTIONS: dict[Any, OpSpec] = {
@@ -339,8 +344,9 @@ FUNCTIONS: dict[Any, OpSpec] = {
                              moves_elements=True, attention_glue=True),  # whole channel dim kept; w[:, :k] moves
     torch.unbind: OpSpec("unbind", "index", ("input", "dim"), channel_rule=ChannelRule.UNBIND,
                          attention_glue=True),  # items keep the label
-    torch.chunk: _SPLITTING,  # q, k, v = x.chunk(3): attention glue, not in the channel table
-    torch.split: _SPLITTING,  # as chunk
+    torch.chunk: _CHUNK,  # on the channels: runs of them (a producer's space cut there); q, k, v = x.chunk(3)
+    torch.split: _SPLIT,  # as chunk
+    torch.narrow: _NARROW,  # as chunk, one piece
     torch.mean: OpSpec("mean", "reduce", _REDUCE_SIG, channel_rule=ChannelRule.REDUCE),  # unless over channels
     torch.sum: OpSpec("sum", "reduce", _REDUCE_SIG, channel_rule=ChannelRule.REDUCE),  # unless over channels
     torch.amax: OpSpec("amax", "reduce", _REDUCE_SIG, channel_rule=ChannelRule.REDUCE),  # unless over channels
@@ -384,7 +390,10 @@ def _method_act(name: str, zero: bool, *, moves: bool = False) -> OpSpec:
 
 _METHOD_BINARY_SIG = ("self", "other")
 _METHOD_MATMUL = _product("matmul", "matmul", _METHOD_BINARY_SIG, _METHOD_BINARY_SIG, 0, ChannelRule.MATMUL)
-_METHOD_SPLITTING = OpSpec("split", "index", ("self", "split_size_or_sections", "dim"), attention_glue=True)
+_METHOD_SPLIT = OpSpec("split", "index", ("self", "split_size", "dim"), channel_rule=ChannelRule.SPLIT,
+                       attention_glue=True)
+_METHOD_CHUNK = OpSpec("chunk", "index", ("self", "chunks", "dim"), channel_rule=ChannelRule.SPLIT,
+                       attention_glue=True)
 
 #: call_method name (args[0] is self) -> spec.
 METHODS: dict[str, OpSpec] = {
@@ -426,7 +435,8 @@ METHODS: dict[str, OpSpec] = {
                       attention_glue=True),  # blocks only a softmax over the channels
     "unbind": OpSpec("unbind", "index", ("self", "dim"), channel_rule=ChannelRule.UNBIND,
                      attention_glue=True),  # items keep the label
-    "chunk": _METHOD_SPLITTING, "split": _METHOD_SPLITTING,  # attention glue, not in the channel table
+    "chunk": _METHOD_CHUNK, "split": _METHOD_SPLIT,  # as torch.chunk / torch.split
+    "narrow": OpSpec("narrow", "index", ("self", "dim", "start", "length"), channel_rule=ChannelRule.SPLIT),
     "size": OpSpec("size", "shape", channel_rule=ChannelRule.NO_CHANNELS, reads_sizes=True),  # read at run time
     "dim": OpSpec("dim", "shape", channel_rule=ChannelRule.NO_CHANNELS),  # read at run time
 }
@@ -684,6 +694,12 @@ def norm_function(kind: str) -> Callable[..., Any]:
     """The function computing a plain norm of ``kind`` ("layer" or "rms"), as F.layer_norm's signature
     (``rms``: no bias)."""
     return _NORM_FUNCTIONS[kind]
+
+
+def cut_function(kind: str) -> Callable[..., Any]:
+    """The function a fold rewrites a channel cut into: "split" (``split(x, sizes, dim)``: split and
+    chunk, whose kept pieces need not be equal) or "narrow" (``narrow(x, dim, start, length)``)."""
+    return {"split": torch.split, "narrow": torch.narrow}[kind]
 
 
 def norm_operands(gm: fx.GraphModule, node: fx.Node) -> NormOperands | None:

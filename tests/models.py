@@ -431,6 +431,34 @@ class ConcatBatchNorm(nn.Module):
         return self.head(F.relu(self.bn2(z)).mean((2, 3)))
 
 
+class SplitChunk(nn.Module):
+    """MixNet / CSP-style: a conv's output split into runs (split with sizes, chunk), each through its
+    own depthwise conv or conv, concatenated back and normalised, a squeeze-excite scale tied run by
+    run, a slice ``z[:, 2:6]`` and a ``narrow``: the stem's space is cut into the pieces taken."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 1)
+        self.bn = _random_affine(nn.BatchNorm2d(8))
+        self.dw3 = nn.Conv2d(3, 3, 3, padding=1, groups=3)
+        self.dw5 = nn.Conv2d(5, 5, 5, padding=2, groups=5)
+        self.bn2 = _random_affine(nn.BatchNorm2d(8))
+        self.se = nn.Conv2d(8, 8, 1)
+        self.part = nn.Conv2d(4, 4, 1)
+        self.head = nn.Linear(14, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn(self.stem(x)))
+        a, b = torch.split(x, [3, 5], dim=1)
+        y = F.relu(self.bn2(torch.cat([self.dw3(a), self.dw5(b)], 1)))
+        y = y * torch.sigmoid(self.se(y.mean((2, 3), keepdim=True)))
+        c, d = y.chunk(2, 1)
+        z = torch.cat([c, F.relu(self.part(d))], 1)
+        s = z[:, 2:6]
+        n = torch.narrow(z, 1, 0, 2)
+        return self.head(torch.cat([z, s, n], 1).mean((2, 3)))
+
+
 class TrainingBranch(nn.Module):
     """``if self.training:`` code that is neither a dropout nor a drop path."""
 
@@ -541,6 +569,7 @@ FOLD_ZOO.update({
     "grouped_bottleneck": (_seeded(GroupedBottleneck), _inputs(2, 3, 6, 6)),
     "depthwise_multiplier": (_seeded(DepthwiseMultiplier), _inputs(2, 3, 6, 6)),
     "concat_batchnorm": (_seeded(ConcatBatchNorm), _inputs(2, 3, 6, 6)),
+    "split_chunk": (_seeded(SplitChunk), _inputs(2, 3, 6, 6)),
     "view_as": (_seeded(ViewAs), _inputs(2, 3, 6, 6)),
     "tiny_vit": (_seeded(TinyViT), _inputs(2, 3, 6, 6)),
     "norm_variety": (_seeded(NormVariety), _inputs(2, 3, 6, 6)),

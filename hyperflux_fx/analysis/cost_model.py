@@ -255,12 +255,16 @@ def _sliced_tensors(gm: fx.GraphModule, c: Coupling, group_of: dict[int, int]) -
     """Every parameter the fold may slice, with the folded width of each sliced dim."""
     params = {n: p for n, p in gm.named_parameters() if not n.startswith(STATE_ATTRS)}
     dims: dict[str, dict[int, Width]] = defaultdict(dict)
-    for sid, prod in c.producers.items():
-        width = Width(((group_of[sid], c.sizes[sid], prod.replicas * prod.unit_rows),))
-        dims[prod.weight][prod.weight_dim] = width
-        if prod.bias is not None:
-            dims[prod.bias][0] = width
+    pieces: dict[tuple[str, int], dict[int, tuple[int | None, int, int]]] = defaultdict(dict)
+    for sid, prod in sorted(c.producers.items(), key=lambda kv: kv[1].offset):
+        if sid in c.split_parents:
+            continue  # deleted through its heads, whose producer entry slices the same rows
+        for target, dim in ((prod.weight, prod.weight_dim), (prod.bias, 0)):
+            if target is not None:  # one run per piece of the output (a weight shared by two ops: once)
+                pieces[(target, dim)][prod.offset] = (group_of[sid], c.sizes[sid], prod.replicas * prod.unit_rows)
     runs: dict[tuple[str, int], list[tuple[int | None, int, int]]] = defaultdict(list)
+    for key, by_offset in pieces.items():
+        runs[key] = list(by_offset.values())
     for cp in c.params:  # several runs of one tensor (a BatchNorm over a concatenation), the rest kept
         runs[(cp.target, cp.dim)].append((group_of[cp.space], c.sizes[cp.space], cp.expand * cp.replicas))
     for (target, dim), parts in runs.items():

@@ -15,6 +15,7 @@ input of an unblocked group, and ``fold_masks`` slices what this analysis lists.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import defaultdict
 from collections.abc import Callable
@@ -88,18 +89,25 @@ class Producer:
     unit_rows: int = 1  # heads: rows (head_dim) per unit within a replica
     units: int = 0  # heads: units (heads) per replica
     parent: int | None = None  # heads: the space split into this one
+    offset: int = 0  # a piece of the op's output (its space cut by a split/slice): its first row
+    piece: tuple[int, int] | None = None  # that piece's rows [start, stop)
+
+    @property
+    def name(self) -> str:
+        """The node, or for a piece ``node[start:stop]`` (unique per space: gate and report names)."""
+        return self.node if self.piece is None else f"{self.node}[{self.piece[0]}:{self.piece[1]}]"
 
     def rows(self, keep: torch.Tensor) -> torch.Tensor:
         """Indices along weight_dim of the kept units (heads: every replica's rows of each kept head)."""
         if self.replicas == 1 and self.unit_rows == 1:
-            return keep
-        return self._replica_rows(keep).flatten()  # replica-major, as the weight lays them out
+            return keep + self.offset
+        return self._replica_rows(keep).flatten() + self.offset  # replica-major, as the weight lays them out
 
     def rows_per_unit(self, units: torch.Tensor) -> torch.Tensor:
         """Row indices of each of ``units`` (one row per unit: every replica's rows of that unit)."""
         if self.replicas == 1 and self.unit_rows == 1:
-            return units[:, None]
-        return self._replica_rows(units).permute(1, 0, 2).reshape(units.numel(), -1)
+            return units[:, None] + self.offset
+        return self._replica_rows(units).permute(1, 0, 2).reshape(units.numel(), -1) + self.offset
 
     def _replica_rows(self, units: torch.Tensor) -> torch.Tensor:
         """(replicas, len(units), unit_rows) row indices."""
@@ -114,6 +122,28 @@ class ShapeArg:
     node: str
     dim: int  # output dim whose size is the label's width
     label: Label
+
+
+@dataclass
+class CutArg:
+    """A split / chunk / narrow / channel slice whose bounds must follow the deleted channels: the
+    channel dim partitioned at every bound (``parts``: the label of each part, in order), and the
+    ranges the op takes, in channels before the fold."""
+
+    node: str
+    kind: str  # "split" (split and chunk: rewritten as split with sizes), "narrow" or "getitem"
+    dim: int
+    bounds: tuple[int, ...]  # the partition's bounds, 0 .. width
+    parts: tuple[Label, ...]
+    ranges: tuple[tuple[int, int], ...]
+    index_pos: int = 0  # getitem: the position of the channel slice in the index tuple
+
+    def kept_ranges(self, keep: dict[int, torch.Tensor], group_of: dict[int, int]) -> list[tuple[int, int]]:
+        """The ranges in channels after the fold."""
+        kept = [part.width if (idx := label_keep(part, keep, group_of)) is None else int(idx.numel())
+                for part in self.parts]
+        new = dict(zip(self.bounds, itertools.accumulate(kept, initial=0), strict=True))
+        return [(new[a], new[b]) for a, b in self.ranges]
 
 
 @dataclass
@@ -198,6 +228,10 @@ class Coupling:
     norms: list[NormUse] = field(default_factory=list)  # norms over a space's channels
     split: dict[str, int] = field(default_factory=dict)  # producer node -> conv groups its space is split over
     requests: dict[str, int] = field(default_factory=dict)  # splits this pass found needed (for the next)
+    cuts: dict[str, frozenset[int]] = field(default_factory=dict)  # producer node -> rows its space is cut at
+    cut_requests: dict[str, set[int]] = field(default_factory=lambda: defaultdict(set))  # cuts found needed
+    items: dict[str, list[Label | None]] = field(default_factory=dict)  # split/chunk node -> its items' labels
+    cut_args: list[CutArg] = field(default_factory=list)
 
     def new_space(self, producer: Producer, size: int) -> int:
         sid = len(self.sizes)
@@ -224,7 +258,7 @@ class Coupling:
             if len(sizes) != 1:
                 blocked.append(f"tied spaces have different sizes {sorted(sizes)}")
             heads = any(self.producers[s].parent is not None for s in comp)
-            out.append(Group(id=gid, spaces=comp, size=min(sizes), producers=[self.producers[s].node for s in comp],
+            out.append(Group(id=gid, spaces=comp, size=min(sizes), producers=[self.producers[s].name for s in comp],
                              unit="head" if heads else "channel", blocked=list(dict.fromkeys(blocked)),
                              zero_preserving=not any(s in self.revived for s in comp),
                              normalised=any(s in normalised for s in comp),
@@ -323,18 +357,19 @@ def _depthwise(c: Coupling, node: fx.Node, in_label: Label | None, wt: str, bt: 
     owning ``mult`` consecutive outputs; the weight and bias rows and the groups follow."""
     if in_label is None or in_label.dim != 1:
         return None
-    if len(in_label.segs) != 1 or in_label.segs[0].expand != 1:
-        c.block(in_label, f"depthwise conv over concatenated groups: {node.format_node()}")
+    if any(seg.expand != 1 for seg in in_label.segs):
+        c.block(in_label, f"depthwise conv over flattened channels: {node.format_node()}")
         return None
-    seg = in_label.segs[0]
-    out = Label(1, (replace(seg, expand=mult),))
-    if seg.space is not None:
-        c.params.append(ChannelParam(wt, 0, seg.space, groups_arg=(node.name, groups_pos), expand=mult,
-                                     replicas=seg.replicas))
-        if bt is not None:
-            c.params.append(ChannelParam(bt, 0, seg.space, expand=mult, replicas=seg.replicas))
-            c.revived.add(seg.space)
-    return out
+    offset = 0
+    for seg in in_label.segs:  # each run of the input owns its run of outputs and weight rows
+        if seg.space is not None:
+            c.params.append(ChannelParam(wt, 0, seg.space, groups_arg=(node.name, groups_pos), offset=offset,
+                                         expand=mult, replicas=seg.replicas))
+            if bt is not None:
+                c.params.append(ChannelParam(bt, 0, seg.space, offset=offset, expand=mult, replicas=seg.replicas))
+                c.revived.add(seg.space)
+        offset += seg.width * mult
+    return Label(1, tuple(replace(seg, expand=mult) for seg in in_label.segs))
 
 
 def _grouped_conv(c: Coupling, node: fx.Node, x: Any, in_label: Label | None, wt: str, bt: str | None, groups: int,
@@ -393,6 +428,8 @@ def _consume_produce(c: Coupling, node: fx.Node, x: Any, in_label: Label | None,
             c.block(in_label, f"{kind} reads channels on another dim: {node.format_node()}")
         else:
             c.consumers.append(Consumer(node.name, in_label, wt, w_in))
+    if node.name in c.cuts:
+        return Label(ch_dim, _pieces(c, node, wt, bt, w_out, out_ch))
     g = c.split.get(node.name, 1)
     if out_ch % g:
         g = 1
@@ -400,6 +437,18 @@ def _consume_produce(c: Coupling, node: fx.Node, x: Any, in_label: Label | None,
     if bt is not None:
         c.revived.add(sid)
     return Label(ch_dim, (Seg(sid, out_ch // g, replicas=g),))
+
+
+def _pieces(c: Coupling, node: fx.Node, wt: str, bt: str | None, w_out: int, out_ch: int) -> tuple[Seg, ...]:
+    """The output of a conv/linear whose space a split or slice cuts: one space per piece."""
+    bounds = sorted({0, out_ch} | {b for b in c.cuts[node.name] if 0 < b < out_ch})
+    segs = []
+    for start, stop in itertools.pairwise(bounds):
+        sid = c.new_space(Producer(node.name, -1, wt, bt, w_out, offset=start, piece=(start, stop)), stop - start)
+        if bt is not None:
+            c.revived.add(sid)
+        segs.append(Seg(sid, stop - start))
+    return tuple(segs)
 
 
 def _f_conv(gm, node, c, labels, spec):  # torch.convNd(x, w, b, stride, padding, dilation, groups)
@@ -564,11 +613,107 @@ def _binary(kind: str) -> Rule:
 
 
 def _split_alike(c: Coupling, plain: Label, split: Label) -> bool:
-    """``split``'s one space is split over conv groups and ``plain``'s is not yet: ask the next pass to
-    split it alike (True when asked)."""
-    if len(split.segs) != 1 or split.segs[0].replicas == 1 or plain.dim != split.dim or plain.width != split.width:
+    """``split``'s one space is split over conv groups and ``plain``'s is not yet, or the two are cut
+    into different runs: ask the next pass to split or cut them alike (True when asked)."""
+    if plain.dim != split.dim or plain.width != split.width:
         return False
-    return _request_split(c, plain, split.segs[0].replicas)
+    if len(split.segs) == 1 and split.segs[0].replicas > 1:
+        return _request_split(c, plain, split.segs[0].replicas)
+    if any(sg.expand != 1 or sg.replicas != 1 for sg in plain.segs + split.segs):
+        return False
+    asked = [_request_cut(c, plain, _bounds(split)), _request_cut(c, split, _bounds(plain))]
+    return any(asked) and all(ok is not False for ok in asked)
+
+
+def _bounds(lab: Label) -> set[int]:
+    """Where the runs of a label start and end along its dim."""
+    return set(itertools.accumulate((sg.width for sg in lab.segs), initial=0))
+
+
+def _request_cut(c: Coupling, lab: Label, at: set[int]) -> bool | None:
+    """Ask the next pass to cut ``lab``'s runs at the positions ``at`` (along its dim). True when asked,
+    None when nothing needs cutting, False when a run cannot be cut (not a plain conv/linear space)."""
+    asked, offset = None, 0
+    for sg in lab.segs:
+        inner = {p - offset for p in at if offset < p < offset + sg.width}
+        offset += sg.width
+        if not inner or sg.space is None:
+            continue  # runs nobody owns are cut for free
+        prod = c.producers[sg.space]
+        rows = {prod.offset + p for p in inner}
+        if (sg.expand != 1 or sg.replicas != 1 or prod.replicas != 1 or prod.unit_rows != 1
+                or prod.parent is not None or prod.node in c.split or rows <= c.cuts.get(prod.node, frozenset())):
+            return False
+        c.cut_requests[prod.node] |= rows
+        c.block(Label(lab.dim, (sg,)), f"cut at rows {sorted(rows)} on the next pass")
+        asked = True
+    return asked
+
+
+def _cut(c: Coupling, node: fx.Node, lab: Label, ranges: list[tuple[int, int]], kind: str,
+         index_pos: int = 0) -> list[Label | None]:
+    """The labels of ``ranges`` of a label's dim (split / chunk / narrow / a slice): the runs inside each,
+    the op's bounds recorded to follow the fold (:class:`CutArg`). A range that ends inside a run asks
+    for that run's space to be cut there (next pass); meanwhile, or when it cannot be cut, the pieces
+    carry no label."""
+    at = {p for r in ranges for p in r}
+    asked = _request_cut(c, lab, at)
+    if asked is False:
+        c.block(lab, f"slicing into channels that cannot be cut: {node.format_node()}")
+    if asked is not None:
+        return [None] * len(ranges)
+    bounds = tuple(sorted(at | {0, lab.width}))
+    parts = tuple(_runs(lab, a, b) for a, b in itertools.pairwise(bounds))
+    c.cut_args.append(CutArg(node.name, kind, lab.dim, bounds, parts, tuple(ranges), index_pos))
+    return [_runs(lab, a, b) if a < b else None for a, b in ranges]
+
+
+def _runs(lab: Label, start: int, stop: int) -> Label:
+    """The runs of ``lab`` within [start, stop) (aligned on its runs, or inside runs nobody owns)."""
+    segs, offset = [], 0
+    for sg in lab.segs:
+        lo, hi = max(start, offset), min(stop, offset + sg.width)
+        if lo < hi:
+            segs.append(sg if (lo, hi) == (offset, offset + sg.width) else Seg(None, hi - lo))
+        offset += sg.width
+    return Label(lab.dim, tuple(segs))
+
+
+def _split(gm, node, c, labels, spec):  # split / chunk / narrow (x, ..., dim)
+    """Along the channel dim: each piece carries the runs it takes (a conv's space cut where a piece
+    ends inside it). Along another dim: every piece keeps the label."""
+    lab = _only_label(node, labels)
+    shape = shape_of(node.args[0])
+    if lab is None or shape is None:
+        return None
+    dim = _norm_dim(spec.arg(node, "dim", 0), len(shape))
+    size = shape[dim]
+    if spec.name == "narrow":
+        start = spec.arg(node, "start")
+        start = start + size if isinstance(start, int) and start < 0 else start
+        ranges = [(start, start + spec.arg(node, "length"))]
+    else:
+        how = spec.arg(node, spec.signature[1])
+        if spec.name == "chunk":
+            how = -(-size // how) if isinstance(how, int) else None
+        if isinstance(how, int):
+            ranges = [(i, min(i + how, size)) for i in range(0, size, how)]
+        elif isinstance(how, (list, tuple)) and all(isinstance(n, int) for n in how):
+            ends = list(itertools.accumulate(how))
+            ranges = list(zip([0, *ends[:-1]], ends, strict=True))
+        else:
+            ranges = None
+    if ranges is None or not all(isinstance(v, int) for r in ranges for v in r):
+        c.block(lab, f"{spec.name} with sizes known only at run time: {node.format_node()}")
+        return None
+    items = [lab] * len(ranges) if dim != lab.dim else _cut(c, node, lab, ranges, "narrow" if (
+        spec.name == "narrow") else "split")
+    if spec.name == "narrow":
+        return items[0]
+    c.items[node.name] = items
+    return lab  # the tuple's label: its items are looked up by getitem
+
+
 
 
 def _same_layout(la: Label, lb: Label) -> bool:
@@ -704,7 +849,7 @@ def _split_heads(c: Coupling, node: fx.Node, lab: Label, dims: tuple[int, ...], 
     replicas = math.prod(dims[:-2])
     src = c.producers[parent]
     prod = Producer(src.node, -1, src.weight, src.bias, src.weight_dim, replicas=replicas, unit_rows=feat,
-                    units=units, parent=parent)
+                    units=units, parent=parent, offset=src.offset, piece=src.piece)
     sid = c.new_space(prod, units)
     if parent in c.revived:
         c.revived.add(sid)
@@ -809,20 +954,28 @@ def _getitem(gm, node, c, labels, spec):  # x[idx] on a tensor: the channel dim 
     if lab is None:
         return None
     if _tuple_valued(node.args[0]):
-        return lab  # an item of unbind's tuple
+        items = c.items.get(node.args[0].name)
+        if items is None:
+            return lab  # an item of unbind's tuple
+        return items[node.args[1]] if isinstance(node.args[1], int) else None
     idx = node.args[1]
     idx = idx if isinstance(idx, tuple) else (idx,)
     if any(i is Ellipsis for i in idx):
         c.block(lab, f"indexing with ...: {node.format_node()}")
         return None
     dim_in = dim_out = 0
-    for i in idx:
+    for pos, i in enumerate(idx):
         if i is None:
             dim_out += 1
             continue
         if dim_in == lab.dim:
-            if isinstance(i, slice) and i == slice(None):
-                return Label(dim_out, lab.segs)
+            if isinstance(i, slice) and i.step in (None, 1):
+                start, stop, _ = i.indices(lab.width)
+                if (start, stop) == (0, lab.width):
+                    return Label(dim_out, lab.segs)
+                pos = pos if isinstance(node.args[1], tuple) else -1
+                piece = _cut(c, node, lab, [(start, stop)], "getitem", pos)[0] if start < stop else None
+                return Label(dim_out, piece.segs) if piece is not None else None
             c.block(lab, f"indexing into the channels: {node.format_node()}")
             return None
         if isinstance(i, int):
@@ -914,6 +1067,7 @@ RULES: dict[ChannelRule, Rule] = {
     ChannelRule.ATTENTION: _sdpa,
     ChannelRule.MATMUL: _matmul,
     ChannelRule.UNBIND: _unbind,
+    ChannelRule.SPLIT: _split,
     ChannelRule.BLOCK: _block,
     ChannelRule.NO_CHANNELS: _no_channels,
 }
@@ -944,20 +1098,27 @@ def analyze_channels(gm: fx.GraphModule) -> Coupling:
     :func:`hyperflux_fx.frontend.trace.propagate_shapes`) and return spaces, ties, consumers and blocks.
 
     A pass may find that a space must be split over conv groups (a grouped conv reads it, or an add
-    ties it to such a space): the analysis then runs again with those spaces split from their
-    producer on, until no pass asks for more (each pass splits at least one more producer)."""
+    ties it to such a space) or cut into pieces (a split, chunk, narrow or slice takes part of it, or
+    an add ties it to a space cut so): the analysis then runs again with those spaces split or cut
+    from their producer on, until no pass asks for more (each pass adds a split or a cut)."""
     split: dict[str, int] = {}
+    cuts: dict[str, frozenset[int]] = {}
     while True:
-        c = _analyze(gm, split)
+        c = _analyze(gm, split, cuts)
         new = {k: v for k, v in c.requests.items() if k not in split}
-        if not new:
+        new_cuts = {k: cuts.get(k, frozenset()) | v for k, v in c.cut_requests.items()
+                    if not v <= cuts.get(k, frozenset())}
+        if not new and not new_cuts:
             return c
         split.update(new)
+        cuts.update(new_cuts)
 
 
-def _analyze(gm: fx.GraphModule, split: dict[str, int]) -> Coupling:
-    """One pass of :func:`analyze_channels`, with the spaces of ``split``'s producers split over groups."""
-    c = Coupling(parameters=dict(gm.named_parameters()), buffers=dict(gm.named_buffers()), split=dict(split))
+def _analyze(gm: fx.GraphModule, split: dict[str, int], cuts: dict[str, frozenset[int]]) -> Coupling:
+    """One pass of :func:`analyze_channels`: the spaces of ``split``'s producers split over conv groups,
+    those of ``cuts``' cut into pieces."""
+    c = Coupling(parameters=dict(gm.named_parameters()), buffers=dict(gm.named_buffers()), split=dict(split),
+                 cuts=dict(cuts))
     labels: dict[fx.Node, Label] = {}
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "get_attr"):
@@ -1082,6 +1243,27 @@ def label_keep(label: Label, keep: dict[int, torch.Tensor], group_of: dict[int, 
         parts.append(pos)
         offset += width
     return torch.cat(parts) if changed else None
+
+
+def producer_keep(c: Coupling, keep: dict[int, torch.Tensor],
+                  group_of: dict[int, int]) -> dict[tuple[str, int], torch.Tensor]:
+    """Kept rows of every producer weight (and bias) that loses some: each space made by the op (one,
+    or one per piece of a cut output) drops the rows of its group's deleted units."""
+    out: dict[tuple[str, int], torch.Tensor] = {}
+    for sid, prod in c.producers.items():
+        gid = group_of.get(sid)
+        if gid is None or gid not in keep:
+            continue
+        gone = torch.ones(c.sizes[sid], dtype=torch.bool)
+        gone[keep[gid]] = False
+        rows = prod.rows(torch.nonzero(gone).flatten())
+        for target, dim in ((prod.weight, prod.weight_dim), (prod.bias, 0)):
+            if target is None:
+                continue
+            if (target, dim) not in out:
+                out[(target, dim)] = torch.ones(c.parameters[target].shape[dim], dtype=torch.bool)
+            out[(target, dim)][rows] = False
+    return {k: torch.nonzero(v).flatten() for k, v in out.items()}
 
 
 def param_keep(c: Coupling, keep: dict[int, torch.Tensor],

@@ -15,6 +15,7 @@ After::
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from typing import Any
 
@@ -98,7 +99,7 @@ def _add_gate(gm: fx.GraphModule, coupling: Coupling, group: Group, anchor: fx.N
     container = gate_container(gm)
     cost = 1.0 if config.cost == "count" else unit_costs(gm, coupling, group)[("params", "macs").index(config.cost)]
     name = group_name(group)
-    key = unique_key(name.replace(":", "_"), set(container.keys()))
+    key = unique_key(re.sub(r"\W", "_", name), set(container.keys()))  # e.g. "group3:conv2d[0:8]"
     gate = ChannelGate(group.size, target=name, producers=tuple(group.producers), unit=group.unit, unit_cost=cost,
                        init_a=config.init_a, kappa=config.kappa, generator=generator)
     gate.to(next(gm.parameters()).device)

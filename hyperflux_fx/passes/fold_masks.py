@@ -33,12 +33,14 @@ from torch import fx
 from hyperflux_fx.analysis.cost import count_params
 from hyperflux_fx.analysis.coupling import (
     Coupling,
+    CutArg,
     Group,
     analyze_channels,
     dead_units,
     label_keep,
     param_keep,
     plan_keep,
+    producer_keep,
 )
 from hyperflux_fx.analysis.runtime import resolve_fold_config
 from hyperflux_fx.config import FoldConfig
@@ -56,7 +58,7 @@ from hyperflux_fx.ir import (
     WeightGate,
     gates,
 )
-from hyperflux_fx.ops import norm_function, sync_module_sizes
+from hyperflux_fx.ops import cut_function, norm_function, sync_module_sizes
 from hyperflux_fx.passes._attrs import fetch_attr, owner_of, replace_tensor
 from hyperflux_fx.passes._channel_gates import group_name
 from hyperflux_fx.passes._result import PassResult
@@ -294,12 +296,8 @@ def _slice(gm: fx.GraphModule, coupling: Coupling, keep: dict[int, torch.Tensor]
             raise RuntimeError(f"fold_masks: {target} dim {dim} is sliced two different ways")
         slices[(target, dim)] = idx
 
-    for sid, prod in coupling.producers.items():
-        if group_of[sid] in keep:
-            rows = prod.rows(keep[group_of[sid]])
-            add_slice(prod.weight, prod.weight_dim, rows)
-            if prod.bias is not None:
-                add_slice(prod.bias, 0, rows)
+    for (target, dim), idx in producer_keep(coupling, keep, group_of).items():
+        add_slice(target, dim, idx)
     for (target, dim), idx in param_keep(coupling, keep, group_of).items():
         add_slice(target, dim, idx)
     for cons in coupling.consumers:
@@ -337,6 +335,11 @@ def _resize(gm: fx.GraphModule, coupling: Coupling, keep: dict[int, torch.Tensor
         idx = label_keep(sa.label, keep, group_of)
         _set_size_arg(nodes[sa.node], sa.dim, sa.label.width if idx is None else int(idx.numel()))
         rules["shape_args_updated"] += int(idx is not None)
+    for cut in coupling.cut_args:  # split / chunk / narrow / slice bounds in the kept channels
+        ranges = cut.kept_ranges(keep, group_of)
+        if ranges != list(cut.ranges):
+            _set_cut_args(gm.graph, nodes[cut.node], cut, ranges)
+            rules["cut_args_updated"] += 1
     for target in sliced:  # modules whose weights were sliced keep stale size attributes
         owner, attr = owner_of(gm, target)
         if attr == "weight":
@@ -366,6 +369,32 @@ def _narrow_norms(gm: fx.GraphModule, coupling: Coupling, keep: dict[int, torch.
         node.replace_all_uses_with(plain)
         graph.erase_node(node)
         rules["norms_narrowed" if idx is not None else "norms_restored"] += 1
+
+
+def _set_cut_args(graph: fx.Graph, node: fx.Node, cut: CutArg, ranges: list[tuple[int, int]]) -> None:
+    """Rewrite a split / chunk (as ``torch.split`` with sizes: the kept pieces need not be equal),
+    narrow or channel slice to take ``ranges``."""
+    if cut.kind == "split":
+        with graph.inserting_before(node):
+            new = graph.call_function(cut_function("split"), (node.args[0], [b - a for a, b in ranges], cut.dim))
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+    elif cut.kind == "narrow":
+        (a, b), = ranges
+        with graph.inserting_before(node):
+            new = graph.call_function(cut_function("narrow"), (node.args[0], cut.dim, a, b - a))
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+    else:
+        (a, b), = ranges
+        if cut.index_pos < 0:
+            node.args = (node.args[0], slice(a, b))
+        else:
+            idx = list(node.args[1])
+            idx[cut.index_pos] = slice(a, b)
+            node.args = (node.args[0], tuple(idx))
 
 
 def _set_size_arg(node: fx.Node, dim: int, value: int) -> None:
