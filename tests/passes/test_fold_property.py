@@ -1,6 +1,8 @@
-"""Property test: on generated small networks mixing conv / BN / activations / depthwise / add / cat /
-squeeze-excite / pooling / view_as / dropout / flatten / linear, fold is exact for random masks and
-deletes closed units wherever a group has any, every time (200 networks per run, derandomised so CI
+"""Property test: on generated small networks mixing conv / BN / activations / depthwise (with a channel
+multiplier) / grouped convs / strided convs with upsampling / add / cat / split / chunk / narrow /
+channel slices / permute + LayerNorm / per-channel scale and shift parameters / squeeze-excite /
+pooling / view_as / dropout / flatten / linear chains, fold is exact for random masks and
+deletes closed units wherever a group has any, every time (500 networks per run, derandomised so CI
 sees the same ones; the share of networks with nothing gated is a hypothesis event)."""
 
 from __future__ import annotations
@@ -24,6 +26,13 @@ step = st.one_of(
     st.tuples(st.just("cat"), st.integers(0, 99), st.integers(0, 99)),
     st.tuples(st.just("se"), st.integers(0, 99)),
     st.tuples(st.just("pool"), st.integers(0, 99), st.sampled_from(["max", "avg", "view_as", "dropout"])),
+    st.tuples(st.just("grouped"), st.integers(0, 99), st.sampled_from([2, 4, 6, 8]), st.booleans()),
+    st.tuples(st.just("dwmult"), st.integers(0, 99)),
+    st.tuples(st.just("stride"), st.integers(0, 99), st.integers(2, 8)),
+    st.tuples(st.just("cut"), st.integers(0, 99), st.sampled_from(["split", "chunk", "narrow", "slice"]),
+              st.integers(1, 7)),
+    st.tuples(st.just("ln"), st.integers(0, 99)),
+    st.tuples(st.just("scale"), st.integers(0, 99)),
 )
 
 
@@ -52,10 +61,11 @@ class RandomNet(nn.Module):
                                                  nn.BatchNorm2d(c) if bn else nn.Identity()))
                 self.plan.append(("conv", src, len(self.layers) - 1, act))
                 chans.append(c)
-            elif kind == "add":
-                a, b = s[1] % len(chans), s[2] % len(chans)
-                if chans[a] == chans[b] and a != b:
-                    self.plan.append(("add", a, b))
+            elif kind == "add":  # with a tensor of the same width, if there is one
+                a = s[1] % len(chans)
+                same = [i for i, c in enumerate(chans) if c == chans[a] and i != a]
+                if same:
+                    self.plan.append(("add", a, same[s[2] % len(same)]))
                     chans.append(chans[a])
             elif kind == "cat":
                 a, b = s[1] % len(chans), s[2] % len(chans)
@@ -65,6 +75,47 @@ class RandomNet(nn.Module):
                 src = s[1] % len(chans)
                 self.plan.append(("pool", src, s[2]))
                 chans.append(chans[src])
+            elif kind == "grouped":  # groups=2 when both widths allow it
+                _, src, out, bn = s
+                src %= len(chans)
+                if chans[src] % 2 == 0:
+                    self.layers.append(nn.Sequential(nn.Conv2d(chans[src], out, 3, padding=1, groups=2),
+                                                     nn.BatchNorm2d(out) if bn else nn.Identity()))
+                    self.plan.append(("conv", src, len(self.layers) - 1, "relu", "grouped"))
+                    chans.append(out)
+            elif kind == "dwmult":  # depthwise, each channel owning two outputs
+                src = s[1] % len(chans)
+                c = chans[src]
+                self.layers.append(nn.Conv2d(c, 2 * c, 3, padding=1, groups=c))
+                self.plan.append(("conv", src, len(self.layers) - 1, "relu", "dwmult"))
+                chans.append(2 * c)
+            elif kind == "stride":  # stride 2 down to 3x3, nearest upsampling back to 6x6
+                _, src, out = s
+                src %= len(chans)
+                self.layers.append(nn.Conv2d(chans[src], out, 3, stride=2, padding=1))
+                self.plan.append(("stride", src, len(self.layers) - 1))
+                chans.append(out)
+            elif kind == "cut":  # a piece of the channels: [0, k) (split keeps both pieces)
+                _, src, how, k = s
+                src %= len(chans)
+                c = chans[src]
+                k = 1 + k % (c - 1) if c > 1 else 0
+                if k and (how != "chunk" or c % 2 == 0):
+                    self.plan.append(("cut", src, how, k, c))
+                    chans.append(c // 2 if how == "chunk" else k)
+                    if how in ("split", "chunk"):
+                        chans.append(c - chans[-1])
+            elif kind == "ln":  # LayerNorm over the channels, channels-last
+                src = s[1] % len(chans)
+                self.layers.append(nn.LayerNorm(chans[src]))
+                self.plan.append(("ln", src, len(self.layers) - 1))
+                chans.append(chans[src])
+            elif kind == "scale":  # a per-channel scale and shift (layer scale)
+                src = s[1] % len(chans)
+                self.register_parameter(f"gamma{len(self.plan)}", nn.Parameter(torch.rand(chans[src], 1, 1) + 0.5))
+                self.register_parameter(f"beta{len(self.plan)}", nn.Parameter(torch.randn(chans[src], 1, 1)))
+                self.plan.append(("scale", src, len(self.plan)))
+                chans.append(chans[src])
             elif kind == "se":
                 src = s[1] % len(chans)
                 c = chans[src]
@@ -73,13 +124,27 @@ class RandomNet(nn.Module):
                 chans.append(c)
         self.head_kind = head
         c = chans[-1]
-        self.head = nn.Linear(c * 36 if head == "flatten" else c, 3)
+        self.head = nn.Linear(c * 36 if head == "flatten" else c, 5 if head == "mlp" else 3)
+        self.mlp = nn.Sequential(nn.ReLU(), nn.Linear(5, 4), nn.GELU(), nn.Linear(4, 3))  # a linear chain
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ts = [x]
         for p in self.plan:
             if p[0] == "conv":
                 ts.append(_ACTS[p[3]](self.layers[p[2]](ts[p[1]])))
+            elif p[0] == "stride":
+                ts.append(F.interpolate(F.relu(self.layers[p[2]](ts[p[1]])), scale_factor=2.0))
+            elif p[0] == "cut":
+                t, how, k = ts[p[1]], p[2], p[3]
+                if how in ("split", "chunk"):
+                    parts = torch.split(t, [k, p[4] - k], 1) if how == "split" else t.chunk(2, 1)
+                    ts += [parts[0], parts[1]]
+                else:
+                    ts.append(torch.narrow(t, 1, 0, k) if how == "narrow" else t[:, :k])
+            elif p[0] == "ln":
+                ts.append(self.layers[p[2]](ts[p[1]].permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
+            elif p[0] == "scale":
+                ts.append(ts[p[1]] * getattr(self, f"gamma{p[2]}") + getattr(self, f"beta{p[2]}"))
             elif p[0] == "add":
                 ts.append(ts[p[1]] + ts[p[2]])
             elif p[0] == "cat":
@@ -93,11 +158,12 @@ class RandomNet(nn.Module):
                 t = ts[p[1]]
                 ts.append(t * torch.sigmoid(self.layers[p[2]](t.mean((2, 3), keepdim=True))))
         y = ts[-1]
-        return self.head(torch.flatten(y, 1) if self.head_kind == "flatten" else y.mean((2, 3)))
+        y = self.head(torch.flatten(y, 1) if self.head_kind == "flatten" else y.mean((2, 3)))
+        return self.mlp(y) if self.head_kind == "mlp" else y
 
 
-@settings(max_examples=200, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
-@given(steps=st.lists(step, min_size=3, max_size=8), head=st.sampled_from(["pool", "flatten"]),
+@settings(max_examples=500, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(steps=st.lists(step, min_size=3, max_size=8), head=st.sampled_from(["pool", "flatten", "mlp"]),
        granularity=st.sampled_from(["channel", "hybrid"]), closed=st.floats(0.1, 0.95), seed=st.integers(0, 10**6))
 def test_fold_is_exact_on_generated_networks(steps, head, granularity, closed, seed):
     torch.manual_seed(seed)
@@ -108,6 +174,9 @@ def test_fold_is_exact_on_generated_networks(steps, head, granularity, closed, s
             if isinstance(m, nn.BatchNorm2d):
                 m.running_mean.normal_(0, 0.5, generator=gen)
                 m.running_var.uniform_(0.5, 2.0, generator=gen)
+                m.weight.uniform_(0.5, 1.5, generator=gen)
+                m.bias.normal_(0, 0.2, generator=gen)
+            if isinstance(m, nn.LayerNorm):
                 m.weight.uniform_(0.5, 1.5, generator=gen)
                 m.bias.normal_(0, 0.2, generator=gen)
     model.eval()
@@ -127,3 +196,6 @@ def test_fold_is_exact_on_generated_networks(steps, head, granularity, closed, s
     if report.closed_units:  # a fold that deletes nothing must not pass
         assert report.deleted_units > 0, report
     event("deleted all closed units" if report.deleted_units == report.closed_units else "kept some closed units")
+    if report.deleted_units:  # which constructs the exact, deleting folds covered
+        for kind in sorted({p[2] if p[0] == "cut" else p[4] if len(p) > 4 else p[0] for p in model.plan}):
+            event(f"deleted, with {kind}")
