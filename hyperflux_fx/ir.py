@@ -405,48 +405,66 @@ class MaskedNorm(nn.Module):
     no gradient reaches the gate through the statistics (docs/gating.md, "Mask-aware norms").
     """
 
-    def __init__(self, kind: str, width: int, eps: float | None) -> None:
+    def __init__(self, kind: str, width: int, eps: float | None, groups: int = 1) -> None:
         super().__init__()
-        if kind not in ("layer", "rms"):
-            raise ValueError(f"MaskedNorm kind must be 'layer' or 'rms', got {kind!r}")
+        if kind not in ("layer", "rms", "group"):
+            raise ValueError(f"MaskedNorm kind must be 'layer', 'rms' or 'group', got {kind!r}")
         self.kind = kind
         self.width = int(width)
         self.eps = eps
+        self.groups = int(groups)  # group: GroupNorm's num_groups (channels on dim 1)
+
+    @property
+    def dim(self) -> int:
+        """The channel dim: the last for LayerNorm / RMSNorm, 1 for GroupNorm."""
+        return 1 if self.kind == "group" else -1
 
     def plain(self, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
-        """The unmasked norm over the last ``x.shape[-1]`` channels."""
-        shape = (x.shape[-1],)
+        """The unmasked norm over the channels ``x`` has."""
+        eps = 1e-5 if self.eps is None and self.kind != "rms" else self.eps
+        if self.kind == "group":
+            return F.group_norm(x, self.groups, weight, bias, eps)
         if self.kind == "layer":
-            return F.layer_norm(x, shape, weight, bias, 1e-5 if self.eps is None else self.eps)
-        return F.rms_norm(x, shape, weight, self.eps)
+            return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                 mask: torch.Tensor) -> torch.Tensor:
         keep = mask.detach() != 0
         if bool(keep.all()):
             return self.plain(x, weight, bias)
+        if keep.numel() != x.shape[self.dim]:  # GroupNorm: one unit per position, in every group
+            keep = keep.repeat(x.shape[self.dim] // keep.numel())
         idx = torch.nonzero(keep).flatten()
         if idx.numel() == 0:
             return torch.zeros_like(x)  # nothing open: every reader of these channels masks them
-        x_open = x.index_select(-1, idx)
+        x_open = x.index_select(self.dim, idx)
         y_open = self.plain(x_open, _pick(weight, idx), _pick(bias, idx))
-        return self._reopened(x, x_open, weight, bias).index_copy(-1, idx, y_open)
+        return self._reopened(x, x_open, weight, bias).index_copy(self.dim, idx, y_open)
 
     def _reopened(self, x: torch.Tensor, x_open: torch.Tensor, weight: torch.Tensor | None,
                   bias: torch.Tensor | None) -> torch.Tensor:
-        """Every channel normalised with the open channels' statistics."""
+        """Every channel normalised with the open channels' statistics (per group for GroupNorm)."""
         eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps
-        if self.kind == "layer":
+        if self.kind == "group":
+            n, g = x.shape[0], self.groups
+            var, mean = torch.var_mean(x_open.reshape(n, g, -1), dim=-1, unbiased=False)
+            stats_shape = (n, g) + (1,) * (x.dim() - 1)
+            y = ((x.reshape(n, g, -1, *x.shape[2:]) - mean.view(stats_shape))
+                 * torch.rsqrt(var.view(stats_shape) + eps)).reshape(x.shape)
+        elif self.kind == "layer":
             var, mean = torch.var_mean(x_open, dim=-1, unbiased=False, keepdim=True)
             y = (x - mean) * torch.rsqrt(var + eps)
         else:
             y = x * torch.rsqrt(x_open.pow(2).mean(dim=-1, keepdim=True) + eps)
+        affine_shape = (-1,) + (1,) * (x.dim() - 2) if self.kind == "group" else (-1,)
         if weight is not None:
-            y = y * weight
-        return y + bias if bias is not None else y
+            y = y * weight.view(affine_shape)
+        return y + bias.view(affine_shape) if bias is not None else y
 
     def extra_repr(self) -> str:
-        return f"kind={self.kind}, width={self.width}, eps={self.eps}"
+        return f"kind={self.kind}, width={self.width}, eps={self.eps}" + (
+            f", groups={self.groups}" if self.kind == "group" else "")
 
 
 def _pick(t: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor | None:

@@ -145,7 +145,7 @@ class OpSpec:
     never_gated: str | None = None  # modules: why their parameters are never gated
     train_module: type[nn.Module] | None = None  # functional dropouts: the module doing it at the model's flag
     train_args: tuple[str, ...] = ("p", "inplace")  # the constant arguments train_module is built from
-    norm_kind: Literal["layer", "rms"] | None = None  # LayerNorm / RMSNorm entries: which statistics
+    norm_kind: Literal["layer", "rms", "group"] | None = None  # norm entries: which statistics
     reads_sizes: bool = False  # x.size() / getattr(x, "shape"): a tensor's sizes, read at run time
     keeps_dims: bool = False  # moves elements keeping every dim where it is (expand, casts): broadcasts alike
 
@@ -325,8 +325,8 @@ FUNCTIONS: dict[Any, OpSpec] = {
                          norm_kind="layer"),  # over the channels: mask-aware statistics, affine sliced
     F.rms_norm: OpSpec("rms_norm", "norm", _RMS_NORM_SIG, channel_rule=ChannelRule.NORM,
                        norm_kind="rms"),  # as layer_norm, without the mean
-    F.group_norm: OpSpec("group_norm", "norm", ("input",), channel_rule=ChannelRule.BLOCK,
-                         block_reason="group_norm normalises over channel groups"),
+    F.group_norm: OpSpec("group_norm", "norm", ("input", "num_groups", "weight", "bias", "eps"),
+                         channel_rule=ChannelRule.NORM, norm_kind="group"),  # per group, mask-aware, as layer_norm
     operator.add: _binary("add", ChannelRule.ADD), torch.add: _binary("add", ChannelRule.ADD),  # tie
     operator.sub: _binary("sub", ChannelRule.SUB), torch.sub: _binary("sub", ChannelRule.SUB),  # tie
     operator.mul: _binary("mul", ChannelRule.MUL), torch.mul: _binary("mul", ChannelRule.MUL),  # x * s(x) keeps zeros
@@ -481,8 +481,8 @@ def _module_spatial(cls: type[nn.Module]) -> ModuleEntry:
     return ModuleEntry(cls, OpSpec(cls.__name__, "pool", channel_rule=ChannelRule.SPATIAL))
 
 
-def _channel_norm_module(cls: type[nn.Module], kind: Literal["layer", "rms"]) -> ModuleEntry:
-    """torch's own LayerNorm / RMSNorm (exact type: a subclass may permute first, as timm's LayerNorm2d)."""
+def _channel_norm_module(cls: type[nn.Module], kind: Literal["layer", "rms", "group"]) -> ModuleEntry:
+    """torch's own LayerNorm / RMSNorm / GroupNorm (exact type: a subclass may permute first, as timm's LayerNorm2d)."""
     return ModuleEntry(cls, OpSpec(cls.__name__, "norm", channel_rule=ChannelRule.NORM, never_gated=_NORM,
                                    norm_kind=kind), exact=True)
 
@@ -511,6 +511,7 @@ MODULES: tuple[ModuleEntry, ...] = (
                                                         channel_rule=ChannelRule.BATCH_NORM_MODULE, never_gated=_NORM)),
     _module_norm(nn.modules.batchnorm._NormBase),  # instance norms: statistics per sample
     _channel_norm_module(nn.LayerNorm, "layer"), _channel_norm_module(nn.RMSNorm, "rms"),  # as F.layer_norm
+    _channel_norm_module(nn.GroupNorm, "group"),  # as F.group_norm
     ModuleEntry(MaskedNorm, OpSpec("MaskedNorm", "norm", ("input", "weight", "bias", "mask"),
                                    channel_rule=ChannelRule.NORM), exact=True),  # a gated model's norm
     _module_norm(nn.LayerNorm), _module_norm(nn.GroupNorm), _module_norm(nn.LocalResponseNorm),  # subclasses
@@ -678,16 +679,17 @@ class NormOperands:
     """What a LayerNorm / RMSNorm call normalises and with what: ``weight``/``bias`` are graph nodes
     (functions, MaskedNorm) or parameter targets (modules), None when absent."""
 
-    kind: Literal["layer", "rms"]
-    dims: int  # trailing dims the statistics run over
+    kind: Literal["layer", "rms", "group"]
+    dims: int  # trailing dims the statistics run over (group: 0, they run over dim 1 and those after it)
     input: Any
     weight: Any
     bias: Any
     eps: float | None
     module: str | None  # a norm module's path (its normalized_shape follows the width)
+    groups: int = 1  # group: num_groups
 
 
-_NORM_FUNCTIONS: dict[str, Callable[..., Any]] = {"layer": F.layer_norm, "rms": F.rms_norm}
+_NORM_FUNCTIONS: dict[str, Callable[..., Any]] = {"layer": F.layer_norm, "rms": F.rms_norm, "group": F.group_norm}
 
 
 def norm_function(kind: str) -> Callable[..., Any]:
@@ -711,9 +713,15 @@ def norm_operands(gm: fx.GraphModule, node: fx.Node) -> NormOperands | None:
         path = str(node.target)
         mod = gm.get_submodule(path)
         if isinstance(mod, MaskedNorm):
-            return NormOperands(mod.kind, 1, node.args[0], node.args[1], node.args[2], mod.eps, None)
+            return NormOperands(mod.kind, int(mod.kind != "group"), node.args[0], node.args[1], node.args[2], mod.eps,
+                                None, mod.groups)
         targets = [f"{path}.{name}" if getattr(mod, name, None) is not None else None for name in ("weight", "bias")]
+        if isinstance(mod, nn.GroupNorm):
+            return NormOperands("group", 0, node.args[0], *targets, mod.eps, path, mod.num_groups)
         return NormOperands(spec.norm_kind, len(mod.normalized_shape), node.args[0], *targets, mod.eps, path)
+    if spec.norm_kind == "group":
+        return NormOperands("group", 0, node.args[0], spec.arg(node, "weight"), spec.arg(node, "bias"),
+                            spec.arg(node, "eps", 1e-5), None, spec.arg(node, "num_groups"))
     shape = spec.arg(node, "normalized_shape")
     dims = 1 if isinstance(shape, int) else len(shape)
     bias = spec.arg(node, "bias") if "bias" in spec.signature else None

@@ -459,6 +459,25 @@ class SplitChunk(nn.Module):
         return self.head(torch.cat([z, s, n], 1).mean((2, 3)))
 
 
+class GroupNorms(nn.Module):
+    """GroupNorm over the channels: one group (PoolFormer's GroupNorm1, statistics over C x H x W, as a
+    functional call) and two groups (the space split over them: each keeps as many channels)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.gn1 = _random_affine(nn.GroupNorm(1, 8))
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.gn2 = _random_affine(nn.GroupNorm(2, 8))
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = x + F.relu(self.conv(F.group_norm(x, 1, self.gn1.weight, self.gn1.bias, self.gn1.eps)))
+        x = F.relu(self.gn2(x))
+        return self.head(x.mean((2, 3)))
+
+
 class TrainingBranch(nn.Module):
     """``if self.training:`` code that is neither a dropout nor a drop path."""
 
@@ -570,6 +589,7 @@ FOLD_ZOO.update({
     "depthwise_multiplier": (_seeded(DepthwiseMultiplier), _inputs(2, 3, 6, 6)),
     "concat_batchnorm": (_seeded(ConcatBatchNorm), _inputs(2, 3, 6, 6)),
     "split_chunk": (_seeded(SplitChunk), _inputs(2, 3, 6, 6)),
+    "group_norms": (_seeded(GroupNorms), _inputs(2, 3, 6, 6)),
     "view_as": (_seeded(ViewAs), _inputs(2, 3, 6, 6)),
     "tiny_vit": (_seeded(TinyViT), _inputs(2, 3, 6, 6)),
     "norm_variety": (_seeded(NormVariety), _inputs(2, 3, 6, 6)),

@@ -5,7 +5,8 @@ statistics re-estimated) at channel granularity:
 
 - the gateable channel share (channels in gated groups over the output channels of the groups the
   graph output does not consume) and the blockers, with the channels each holds back;
-- random masks closing about 30%, 50% and 90% of every gated group, folded with ``round_to=1``: the
+- random masks closing about 30%, 50% and 90% of every gated group (one unit of each left open, so
+  that no group cuts the input off the output), folded with ``round_to=1``: the
   largest deviation of the compact model from the masked one in float64, relative to
   ``y - mean(y)`` (exact: <= 1e-9), and whether parameters were really deleted;
 - trace + insert_gates and fold times;
@@ -104,8 +105,9 @@ def gate_and_fold(model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
     for closed in CLOSED:
         gen = torch.Generator().manual_seed(int(closed * 10))
         with torch.no_grad():
-            for g in hf.gates(gated):
-                g.flow.copy_(torch.rand(g.flow.shape, generator=gen) - closed)
+            for g in hf.gates(gated):  # about `closed` of each group, one unit at least open (a group
+                g.flow.copy_(torch.rand(g.flow.shape, generator=gen) - closed)  # all closed cuts the signal)
+                g.flow[g.flow.argmax()] = g.flow.abs().max() + 0.1
         t0 = time.perf_counter()
         folded = hf.fold_masks(gated, hf.FoldConfig(round_to=1))
         fold_s = time.perf_counter() - t0
@@ -125,9 +127,16 @@ def _classifiers(model: nn.Module, y: torch.Tensor) -> list[nn.Module]:
 
 
 def _zero_channels(module: nn.Module, idxs: list[int]) -> Any:
-    dim = -1 if isinstance(module, (nn.Linear, nn.LayerNorm)) else 1
+    """Zero channels ``idxs`` of ``module``'s output: the last dim for linear layers and channels-last
+    norms, dim 1 for convs, BatchNorm and channels-first norms (timm's LayerNorm2d)."""
+    width = getattr(module, "out_features", None) or getattr(module, "out_channels", None) or (
+        module.weight.shape[0] if getattr(module, "weight", None) is not None else None)
+    last = isinstance(module, nn.Linear) or (
+        not isinstance(module, (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm))
+        and isinstance(module, nn.LayerNorm) and module.normalized_shape[-1] == width)
 
     def hook(_m: nn.Module, _inp: Any, out: torch.Tensor) -> torch.Tensor:
+        dim = -1 if last and out.shape[-1] == width else 1
         out = out.clone()
         out.index_fill_(dim, torch.tensor(idxs, dtype=torch.long), 0.0)
         return out

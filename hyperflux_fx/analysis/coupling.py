@@ -28,7 +28,7 @@ from torch import fx
 
 from hyperflux_fx.config import FoldConfig
 from hyperflux_fx.ir import WeightGate
-from hyperflux_fx.ops import ChannelRule, OpSpec, node_spec, norm_operands
+from hyperflux_fx.ops import ChannelRule, NormOperands, OpSpec, node_spec, norm_operands
 
 __all__ = ["OUTPUT_REASON", "RULES", "ChannelParam", "Consumer", "Coupling", "Group", "Label", "NormUse", "Producer",
            "Seg",
@@ -515,6 +515,8 @@ def _norm(gm, node, c, labels, spec):  # LayerNorm / RMSNorm over the last dims
         return None
     rank = len(shape_of(node) or ())
     c.revived.update(lab.spaces())  # a zero channel comes out as the bias (or 0 / sqrt(eps))
+    if ops.kind == "group":
+        return _group_norm(gm, node, c, lab, ops, spec)
     if lab.dim < rank - ops.dims:
         return lab
     if ops.dims != 1 or len(lab.segs) != 1 or lab.segs[0].expand != 1 or lab.segs[0].replicas != 1:
@@ -529,6 +531,31 @@ def _norm(gm, node, c, labels, spec):  # LayerNorm / RMSNorm over the last dims
             c.block(lab, f"{spec.name} {name} is not a parameter: {node.format_node()}")
         elif target is not None:
             c.params.append(ChannelParam(target, 0, sid, module=ops.module))
+    c.norms.append(NormUse(node.name, lab))
+    return lab
+
+
+def _group_norm(gm: fx.GraphModule, node: fx.Node, c: Coupling, lab: Label, ops: NormOperands,
+                spec: OpSpec) -> Label:
+    """GroupNorm: statistics per group of consecutive channels (dim 1). Mask-aware as LayerNorm; with
+    several groups every group must keep as many channels, so the space is split over the groups (a
+    unit: one position in every group, as for a grouped conv)."""
+    seg = lab.segs[0] if len(lab.segs) == 1 else None
+    if lab.dim != 1 or seg is None or seg.expand != 1:
+        c.block(lab, f"{spec.name} over channels on another dim or over several runs: {node.format_node()}")
+        return lab
+    if seg.space is None:
+        return lab
+    if seg.replicas != ops.groups and ops.groups > 1:
+        if seg.replicas != 1 or not _request_split(c, lab, ops.groups):
+            c.block(lab, f"{spec.name} over channels split another way: {node.format_node()}")
+        return lab
+    for name, value in (("weight", ops.weight), ("bias", ops.bias)):
+        target = value if isinstance(value, str) else param_target(gm, value)
+        if value is not None and target is None:
+            c.block(lab, f"{spec.name} {name} is not a parameter: {node.format_node()}")
+        elif target is not None:
+            c.params.append(ChannelParam(target, 0, seg.space, module=ops.module, replicas=seg.replicas))
     c.norms.append(NormUse(node.name, lab))
     return lab
 

@@ -155,7 +155,7 @@ def _mask_norms(gm: fx.GraphModule, coupling: Coupling, group_gate: dict[int, fx
         node = nodes[use.node]
         ops = norm_operands(gm, node)
         key = unique_key(f"{node.name}_norm", set(masks.keys()))
-        masks.add_module(key, MaskedNorm(ops.kind, use.label.width, ops.eps))
+        masks.add_module(key, MaskedNorm(ops.kind, use.label.width, ops.eps, ops.groups))
         with gm.graph.inserting_before(node):
             weight, bias = (gm.graph.get_attr(v) if isinstance(v, str) else v for v in (ops.weight, ops.bias))
             mn = gm.graph.call_module(f"{MASKS_ATTR}.{key}", (ops.input, weight, bias, group_gate[gid]))

@@ -325,6 +325,8 @@ def _resize(gm: fx.GraphModule, coupling: Coupling, keep: dict[int, torch.Tensor
             owner.num_features = n
         if hasattr(owner, "normalized_shape"):  # a norm module left unused by the masked norm in its place
             owner.normalized_shape = (n,)
+        if hasattr(owner, "num_channels"):  # GroupNorm
+            owner.num_channels = n
         if cp.groups_arg is not None:  # one group per input channel: the kept outputs over the multiplier
             node_name, pos = cp.groups_arg
             args = list(nodes[node_name].args)
@@ -362,7 +364,8 @@ def _narrow_norms(gm: fx.GraphModule, coupling: Coupling, keep: dict[int, torch.
                 raise RuntimeError(f"fold_masks: the norm {node.name} over deleted channels was not masked")
             continue
         x, weight, bias, _mask = node.args
-        args = (x, (width,), weight, bias, mod.eps) if mod.kind == "layer" else (x, (width,), weight, mod.eps)
+        args = {"layer": (x, (width,), weight, bias, mod.eps), "rms": (x, (width,), weight, mod.eps),
+                "group": (x, mod.groups, weight, bias, mod.eps)}[mod.kind]
         with graph.inserting_before(node):
             plain = graph.call_function(norm_function(mod.kind), args)
         plain.meta = dict(node.meta)

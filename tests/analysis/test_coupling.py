@@ -57,7 +57,7 @@ CASES = [
     ("add ties", lambda s, x: s.cons(s.a(x) + s.b(x)).mean((2, 3)),
      lambda s, x: s.cons(s.a(x) + x[:, :1].expand(-1, 4, -1, -1)).mean((2, 3)), "varies over the channels"),
     ("batch_norm", lambda s, x: s.cons(s.bn(s.a(x))).mean((2, 3)),
-     lambda s, x: s.cons(F.group_norm(s.a(x), 2)).mean((2, 3)), "group_norm"),
+     lambda s, x: s.cons(F.local_response_norm(s.a(x), 2)).mean((2, 3)), "local_response_norm"),
     ("activations", lambda s, x: s.cons(torch.sigmoid(F.relu(s.a(x)))).mean((2, 3)),
      lambda s, x: s.cons(torch.roll(s.a(x), 1, 1)).mean((2, 3)), "roll"),
     ("cat offsets", lambda s, x: s.cons_cat(torch.cat([s.a(x), s.b(x)], 1)).mean((2, 3)),

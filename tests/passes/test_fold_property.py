@@ -1,6 +1,6 @@
 """Property test: on generated small networks mixing conv / BN / activations / depthwise (with a channel
 multiplier) / grouped convs / strided convs with upsampling / add / cat / split / chunk / narrow /
-channel slices / permute + LayerNorm / per-channel scale and shift parameters / squeeze-excite /
+channel slices / permute + LayerNorm / GroupNorm / per-channel scale and shift parameters / squeeze-excite /
 pooling / view_as / dropout / flatten / linear chains, fold is exact for random masks and
 deletes closed units wherever a group has any, every time (500 networks per run, derandomised so CI
 sees the same ones; the share of networks with nothing gated is a hypothesis event)."""
@@ -32,6 +32,7 @@ step = st.one_of(
     st.tuples(st.just("cut"), st.integers(0, 99), st.sampled_from(["split", "chunk", "narrow", "slice"]),
               st.integers(1, 7)),
     st.tuples(st.just("ln"), st.integers(0, 99)),
+    st.tuples(st.just("gn"), st.integers(0, 99), st.sampled_from([1, 2])),
     st.tuples(st.just("scale"), st.integers(0, 99)),
 )
 
@@ -110,6 +111,13 @@ class RandomNet(nn.Module):
                 self.layers.append(nn.LayerNorm(chans[src]))
                 self.plan.append(("ln", src, len(self.layers) - 1))
                 chans.append(chans[src])
+            elif kind == "gn":  # GroupNorm over the channels, 1 or 2 groups
+                _, src, groups = s
+                src %= len(chans)
+                if chans[src] % groups == 0:
+                    self.layers.append(nn.GroupNorm(groups, chans[src]))
+                    self.plan.append(("gn", src, len(self.layers) - 1))
+                    chans.append(chans[src])
             elif kind == "scale":  # a per-channel scale and shift (layer scale)
                 src = s[1] % len(chans)
                 self.register_parameter(f"gamma{len(self.plan)}", nn.Parameter(torch.rand(chans[src], 1, 1) + 0.5))
@@ -143,6 +151,8 @@ class RandomNet(nn.Module):
                     ts.append(torch.narrow(t, 1, 0, k) if how == "narrow" else t[:, :k])
             elif p[0] == "ln":
                 ts.append(self.layers[p[2]](ts[p[1]].permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
+            elif p[0] == "gn":
+                ts.append(self.layers[p[2]](ts[p[1]]))
             elif p[0] == "scale":
                 ts.append(ts[p[1]] * getattr(self, f"gamma{p[2]}") + getattr(self, f"beta{p[2]}"))
             elif p[0] == "add":
@@ -176,7 +186,7 @@ def test_fold_is_exact_on_generated_networks(steps, head, granularity, closed, s
                 m.running_var.uniform_(0.5, 2.0, generator=gen)
                 m.weight.uniform_(0.5, 1.5, generator=gen)
                 m.bias.normal_(0, 0.2, generator=gen)
-            if isinstance(m, nn.LayerNorm):
+            if isinstance(m, (nn.LayerNorm, nn.GroupNorm)):
                 m.weight.uniform_(0.5, 1.5, generator=gen)
                 m.bias.normal_(0, 0.2, generator=gen)
     model.eval()
