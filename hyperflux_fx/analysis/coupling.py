@@ -1112,10 +1112,11 @@ def _module_weight(gm, node, c, labels, mod, path, kind):
     groups = getattr(mod, "groups", 1)
     in_ch, out_ch = (mod.in_channels, mod.out_channels) if kind == "conv" else (mod.in_features, mod.out_features)
     ch_dim = len(out_shape) - 1 if kind == "linear" else 1
-    if kind == "conv" and groups > 1:
-        what = "depthwise conv module (functionalise it with insert_gates first)" if groups == in_ch == out_ch \
-            else f"grouped conv module (groups={groups}), not sliced yet"
-        return _blocked_output(c, node, in_label, wt, bt, 0, out_ch, ch_dim, f"{what}: {path}")
+    if kind == "conv" and groups > 1 and groups == in_ch:  # its groups would follow the channel count
+        return _blocked_output(c, node, in_label, wt, bt, 0, out_ch, ch_dim,
+                               f"depthwise conv module (functionalise it with insert_gates first): {path}")
+    if kind == "conv" and groups > 1:  # the group count stays: the sliced weight sets the module's sizes
+        return _grouped_conv(c, node, x, in_label, wt, bt, groups, in_ch, out_ch)
     return _consume_produce(c, node, x, in_label, kind=kind, wt=wt, bt=bt, in_ch=in_ch, out_ch=out_ch, ch_dim=ch_dim,
                             w_in=1, w_out=0)
 

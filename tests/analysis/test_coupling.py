@@ -198,3 +198,78 @@ def test_heads_rule_matches_sdpa_and_blocks_a_reused_projection():
     res = hf.insert_gates(Reused(), hf.GateConfig(granularity="channel"), example_inputs=x)
     heads = [g for g in res.report.channel_groups if g.unit == "head"]
     assert len(heads) == 1 and not heads[0].gated and "also used elsewhere" in heads[0].blocked[0]
+
+
+def _analyze(model, x):
+    c = analyze_channels(hf.trace(model, x))
+    return c, {p: g for g in c.groups() for p in g.producers}
+
+
+def test_batch_norm_over_a_concatenation_slices_run_by_run():
+    from models import ConcatBatchNorm
+
+    x = torch.randn(2, 3, 6, 6)
+    c, groups = _analyze(ConcatBatchNorm().eval(), x)
+    runs = sorted((cp.offset, cp.space) for cp in c.params if cp.target == "bn2.weight")
+    assert [off for off, _ in runs] == [0, 6, 10]  # stem, conv1, conv2
+    assert all(groups[p].deletable for p in ("stem", "conv1", "conv2"))
+
+    class TokensBN(nn.Module):  # a BatchNorm1d over the tokens of (B, tokens, channels): not the channels
+        def __init__(self):
+            super().__init__()
+            self.a, self.bn, self.fc = nn.Conv2d(3, 4, 1), nn.BatchNorm1d(36), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(self.bn(self.a(x).flatten(2).transpose(1, 2))).mean(1)
+
+    _, groups = _analyze(TokensBN().eval(), x)
+    assert any("batch norm over a non-channel dim" in r for r in groups["a"].blocked)
+
+
+def test_split_chunk_narrow_and_slices_cut_a_space_into_pieces():
+    def swap(s, x):
+        p, q = s.a(x).chunk(2, 1)
+        return s.cons(torch.cat([q, p], 1)).mean((2, 3))
+
+    c, groups = _groups(swap)
+    assert groups["a[0:2]"].deletable and groups["a[2:4]"].deletable
+    assert [cut.kind for cut in c.cut_args] == ["split"]
+    _, groups = _groups(lambda s, x: s.cons(torch.cat([torch.narrow(s.a(x), 1, 1, 3), s.b(x)[:, :1]], 1)).mean((2, 3)))
+    assert groups["a[1:4]"].deletable and groups["b[0:1]"].deletable
+    _, groups = _groups(lambda s, x: s.cons(torch.cat([s.a(x)[:, ::2], s.b(x)[:, ::2]], 1)).mean((2, 3)))
+    assert any("indexing into the channels" in r for r in groups["a"].blocked)
+
+
+def test_a_space_split_over_conv_groups_cannot_be_cut():
+    class SplitThenCut(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.g, self.fc = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 3, padding=1, groups=2), nn.Linear(3, 2)
+
+        def forward(self, x):
+            y = self.g(self.a(x))
+            return self.fc(y[:, :3].mean((2, 3)))
+
+    _, groups = _analyze(SplitThenCut(), torch.randn(2, 3, 4, 4))
+    assert any("slicing into channels that cannot be cut" in r for r in groups["g"].blocked)
+    assert groups["a"].deletable and groups["a"].replicas == 2
+
+
+def test_group_norm_is_mask_aware_and_splits_its_space_over_its_groups():
+    from models import GroupNorms
+
+    c, groups = _analyze(GroupNorms().eval(), torch.randn(2, 3, 6, 6))
+    assert groups["stem"].deletable and groups["stem"].normalised and groups["stem"].replicas == 2
+
+    class Mismatch(nn.Module):  # GroupNorm(4) over a space split over 2 conv groups
+        def __init__(self):
+            super().__init__()
+            self.a, self.g = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 3, padding=1, groups=2)
+            self.gn, self.fc = nn.GroupNorm(4, 8), nn.Linear(8, 2)
+
+        def forward(self, x):
+            a = self.a(x)
+            return self.fc((self.g(a) + self.gn(a)).mean((2, 3)))
+
+    _, groups = _analyze(Mismatch(), torch.randn(2, 3, 4, 4))
+    assert any("split another way" in r for r in groups["a"].blocked), groups["a"].blocked
