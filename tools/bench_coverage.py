@@ -17,7 +17,7 @@ statistics re-estimated) at channel granularity:
   never checks this.
 
 Usage: python tools/bench_coverage.py [--set public|extended|all] [--models lib:name,...] [--json FILE]
-                                      [--write docs/BENCHMARKS.md]
+                                      [--from-json FILE] [--write docs/BENCHMARKS.md]
 """
 
 from __future__ import annotations
@@ -242,6 +242,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--models", default=None, help="lib:name[:size],... instead of a set")
     parser.add_argument("--no-tp", action="store_true", help="skip Torch-Pruning (also skipped without it)")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--from-json", default=None, help="render the rows of an earlier --json run")
     parser.add_argument("--write", default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -255,8 +256,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if args.models:
         models = [(m.split(":")[0], m.split(":")[1], int(m.split(":")[2]) if m.count(":") > 1 else 32)
                   for m in args.models.split(",")]
-    rows = []
-    for lib, name, size in models:
+    rows = json.loads(Path(args.from_json).read_text()) if args.from_json else []
+    for lib, name, size in ([] if args.from_json else models):
         t0 = time.perf_counter()
         rows.append(measure(lib, name, size, with_tp))
         r = rows[-1]
