@@ -204,11 +204,13 @@ class GateReport:
         lines += [f"  blocked: {why}: {channels:,} channels in {_groups(groups)}"
                   + (f" (at {', '.join(nodes[:3])})" if nodes else "")
                   for why, channels, groups, nodes in self.blockers()]
-        lines += ["", "channel groups: size  unit  gated  producers  (why not gated)"]
+        lines += ["", "channel groups: size  unit  gated  producers  (why not gated; channel x N: a unit is one "
+                      "channel in each of N conv groups)"]
         for g in self.channel_groups:
             why = "" if g.gated else "  -- " + "; ".join(
                 f"{w} at {n}" if n else w for w, n in map(_split_reason, g.blocked))[:300]
-            lines.append(f"  {g.name:<28} {g.size:>5}  {g.unit:<7} {'yes' if g.gated else 'no ':<5}  "
+            unit = g.unit if g.replicas == 1 else f"{g.unit} x {g.replicas}"
+            lines.append(f"  {g.name:<28} {g.size:>5}  {unit:<12} {'yes' if g.gated else 'no ':<5}  "
                          f"{', '.join(g.producers)[:80]}{why}")
         return lines
 
