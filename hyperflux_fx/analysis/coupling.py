@@ -522,15 +522,21 @@ def _norm(gm, node, c, labels, spec):  # LayerNorm / RMSNorm over the last dims
     if ops.dims != 1 or len(lab.segs) != 1 or lab.segs[0].expand != 1 or lab.segs[0].replicas != 1:
         c.block(lab, f"{spec.name} over the channels together with other dims or other runs: {node.format_node()}")
         return lab
-    sid = lab.segs[0].space
-    if sid is None:
+    if lab.segs[0].space is None:
         return lab
+    return _masked_norm_use(gm, node, c, lab, ops, spec)
+
+
+def _masked_norm_use(gm: fx.GraphModule, node: fx.Node, c: Coupling, lab: Label, ops: NormOperands,
+                     spec: OpSpec) -> Label:
+    """A norm over one space's channels: its affine sliced with them, the norm made mask-aware."""
+    seg = lab.segs[0]
     for name, value in (("weight", ops.weight), ("bias", ops.bias)):
         target = value if isinstance(value, str) else param_target(gm, value)
         if value is not None and target is None:
             c.block(lab, f"{spec.name} {name} is not a parameter: {node.format_node()}")
         elif target is not None:
-            c.params.append(ChannelParam(target, 0, sid, module=ops.module))
+            c.params.append(ChannelParam(target, 0, seg.space, module=ops.module, replicas=seg.replicas))
     c.norms.append(NormUse(node.name, lab))
     return lab
 
@@ -550,14 +556,7 @@ def _group_norm(gm: fx.GraphModule, node: fx.Node, c: Coupling, lab: Label, ops:
         if seg.replicas != 1 or not _request_split(c, lab, ops.groups):
             c.block(lab, f"{spec.name} over channels split another way: {node.format_node()}")
         return lab
-    for name, value in (("weight", ops.weight), ("bias", ops.bias)):
-        target = value if isinstance(value, str) else param_target(gm, value)
-        if value is not None and target is None:
-            c.block(lab, f"{spec.name} {name} is not a parameter: {node.format_node()}")
-        elif target is not None:
-            c.params.append(ChannelParam(target, 0, seg.space, module=ops.module, replicas=seg.replicas))
-    c.norms.append(NormUse(node.name, lab))
-    return lab
+    return _masked_norm_use(gm, node, c, lab, ops, spec)
 
 
 def _broadcast_operand(gm: fx.GraphModule, c: Coupling, node: fx.Node, lab: Label, other: Any) -> bool:
