@@ -395,6 +395,12 @@ def _grouped_conv(c: Coupling, node: fx.Node, x: Any, in_label: Label | None, wt
     return Label(1, (Seg(sid, out_ch // groups, replicas=groups),))
 
 
+def _plain_producer(c: Coupling, prod: Producer) -> bool:
+    """A conv/linear space a next pass can still split or cut: one row per unit, not a head space,
+    not split over conv groups."""
+    return prod.replicas == 1 and prod.unit_rows == 1 and prod.parent is None and prod.node not in c.split
+
+
 def _request_split(c: Coupling, lab: Label, groups: int) -> bool:
     """Ask the next pass to split ``lab``'s space over ``groups`` (True when it can: one plain
     conv/linear space); until then the space is blocked, so this pass's result is not used."""
@@ -402,7 +408,7 @@ def _request_split(c: Coupling, lab: Label, groups: int) -> bool:
     if seg is None or seg.space is None or seg.replicas != 1 or seg.expand != 1 or seg.length % groups:
         return False
     prod = c.producers[seg.space]
-    if prod.replicas != 1 or prod.unit_rows != 1 or prod.parent is not None or prod.node in c.split:
+    if not _plain_producer(c, prod):
         return False
     c.requests.setdefault(prod.node, groups)
     c.block(lab, f"split over {groups} conv groups on the next pass")
@@ -430,9 +436,7 @@ def _consume_produce(c: Coupling, node: fx.Node, x: Any, in_label: Label | None,
             c.consumers.append(Consumer(node.name, in_label, wt, w_in))
     if node.name in c.cuts:
         return Label(ch_dim, _pieces(c, node, wt, bt, w_out, out_ch))
-    g = c.split.get(node.name, 1)
-    if out_ch % g:
-        g = 1
+    g = c.split.get(node.name, 1)  # requested only where it divides out_ch (_request_split)
     sid = c.new_space(Producer(node.name, -1, wt, bt, w_out, replicas=g, units=out_ch // g), out_ch // g)
     if bt is not None:
         c.revived.add(sid)
@@ -667,8 +671,8 @@ def _request_cut(c: Coupling, lab: Label, at: set[int]) -> bool | None:
             continue  # runs nobody owns are cut for free
         prod = c.producers[sg.space]
         rows = {prod.offset + p for p in inner}
-        if (sg.expand != 1 or sg.replicas != 1 or prod.replicas != 1 or prod.unit_rows != 1
-                or prod.parent is not None or prod.node in c.split or rows <= c.cuts.get(prod.node, frozenset())):
+        if sg.expand != 1 or sg.replicas != 1 or not _plain_producer(c, prod) or rows <= c.cuts.get(
+                prod.node, frozenset()):
             return False
         c.cut_requests[prod.node] |= rows
         c.block(Label(lab.dim, (sg,)), f"cut at rows {sorted(rows)} on the next pass")
@@ -1272,49 +1276,50 @@ def label_keep(label: Label, keep: dict[int, torch.Tensor], group_of: dict[int, 
     return torch.cat(parts) if changed else None
 
 
+def _gone_units(c: Coupling, sid: int, keep: dict[int, torch.Tensor], group_of: dict[int, int]) -> torch.Tensor | None:
+    """The units of space ``sid`` its group deletes (None when the group deletes nothing)."""
+    gid = group_of.get(sid)
+    if gid is None or gid not in keep:
+        return None
+    gone = torch.ones(c.sizes[sid], dtype=torch.bool)
+    gone[keep[gid]] = False
+    return torch.nonzero(gone).flatten()
+
+
+def _kept_positions(c: Coupling, dropped: list[tuple[str, int, torch.Tensor]]) -> dict[tuple[str, int], torch.Tensor]:
+    """Per (tensor, dim) named in ``dropped`` (target, dim, positions deleted): the positions kept."""
+    kept: dict[tuple[str, int], torch.Tensor] = {}
+    for target, dim, positions in dropped:
+        if (target, dim) not in kept:
+            t = c.parameters[target] if target in c.parameters else c.buffers[target]
+            kept[(target, dim)] = torch.ones(t.shape[dim], dtype=torch.bool)
+        kept[(target, dim)][positions] = False
+    return {key: torch.nonzero(k).flatten() for key, k in kept.items()}
+
+
 def producer_keep(c: Coupling, keep: dict[int, torch.Tensor],
                   group_of: dict[int, int]) -> dict[tuple[str, int], torch.Tensor]:
     """Kept rows of every producer weight (and bias) that loses some: each space made by the op (one,
     or one per piece of a cut output) drops the rows of its group's deleted units."""
-    out: dict[tuple[str, int], torch.Tensor] = {}
+    dropped = []
     for sid, prod in c.producers.items():
-        gid = group_of.get(sid)
-        if gid is None or gid not in keep:
-            continue
-        gone = torch.ones(c.sizes[sid], dtype=torch.bool)
-        gone[keep[gid]] = False
-        rows = prod.rows(torch.nonzero(gone).flatten())
-        for target, dim in ((prod.weight, prod.weight_dim), (prod.bias, 0)):
-            if target is None:
-                continue
-            if (target, dim) not in out:
-                out[(target, dim)] = torch.ones(c.parameters[target].shape[dim], dtype=torch.bool)
-            out[(target, dim)][rows] = False
-    return {k: torch.nonzero(v).flatten() for k, v in out.items()}
+        gone = _gone_units(c, sid, keep, group_of)
+        if gone is not None:
+            rows = prod.rows(gone)
+            dropped += [(t, dim, rows) for t, dim in ((prod.weight, prod.weight_dim), (prod.bias, 0)) if t is not None]
+    return _kept_positions(c, dropped)
 
 
 def param_keep(c: Coupling, keep: dict[int, torch.Tensor],
                group_of: dict[int, int]) -> dict[tuple[str, int], torch.Tensor]:
     """Kept positions of every (per-channel parameter or buffer, dim) that loses some: each of its runs
     (:class:`ChannelParam`) drops the positions of its group's deleted units; the rest is kept."""
-    runs: dict[tuple[str, int], list[ChannelParam]] = defaultdict(list)
+    dropped = []
     for cp in c.params:
-        runs[(cp.target, cp.dim)].append(cp)
-    out = {}
-    for (target, dim), cps in runs.items():
-        t = c.parameters[target] if target in c.parameters else c.buffers[target]
-        kept = torch.ones(t.shape[dim], dtype=torch.bool)
-        for cp in cps:
-            gid = group_of.get(cp.space)
-            if gid is None or gid not in keep:
-                continue
-            seg = cp.seg(c.sizes[cp.space])
-            gone = torch.ones(seg.length, dtype=torch.bool)
-            gone[keep[gid]] = False
-            kept[seg.positions(torch.nonzero(gone).flatten()) + cp.offset] = False
-        if not kept.all():
-            out[(target, dim)] = torch.nonzero(kept).flatten()
-    return out
+        gone = _gone_units(c, cp.space, keep, group_of)
+        if gone is not None:
+            dropped.append((cp.target, cp.dim, cp.seg(c.sizes[cp.space]).positions(gone) + cp.offset))
+    return _kept_positions(c, dropped)
 
 
 def dead_units(gm: fx.GraphModule, c: Coupling, group: Group,

@@ -133,13 +133,22 @@ def _mask_consumers(gm: fx.GraphModule, coupling: Coupling, group_gate: dict[int
                        for g, sg in zip(gids, cons.label.segs, strict=True))
         node = nodes[cons.node]
         x = node.args[0]
-        key = unique_key(f"{cons.node}_in", set(masks.keys()))
-        masks.add_module(key, ChannelMask(cons.label.dim, layout))
-        with gm.graph.inserting_before(node):
-            mn = gm.graph.call_module(f"{MASKS_ATTR}.{key}", (x, *(group_gate[g] for g in used)))
-        mn.meta[MASK_NODE_META] = cons.node
+        mn = _call_mask(gm, masks, f"{cons.node}_in", ChannelMask(cons.label.dim, layout), node,
+                        (x, *(group_gate[g] for g in used)))
         node.replace_input_with(x, mn)
         rules["channel_mask"] += 1
+
+
+def _call_mask(gm: fx.GraphModule, masks: nn.ModuleDict, name: str, module: nn.Module, before: fx.Node,
+               args: tuple[Any, ...]) -> fx.Node:
+    """Add ``module`` to the masks container under a free key based on ``name`` and call it on
+    ``args`` just before ``before`` (the node it serves, recorded in MASK_NODE_META)."""
+    key = unique_key(name, set(masks.keys()))
+    masks.add_module(key, module)
+    with gm.graph.inserting_before(before):
+        call = gm.graph.call_module(f"{MASKS_ATTR}.{key}", args)
+    call.meta[MASK_NODE_META] = before.name
+    return call
 
 
 def _mask_norms(gm: fx.GraphModule, coupling: Coupling, group_gate: dict[int, fx.Node],
@@ -154,13 +163,11 @@ def _mask_norms(gm: fx.GraphModule, coupling: Coupling, group_gate: dict[int, fx
             continue
         node = nodes[use.node]
         ops = norm_operands(gm, node)
-        key = unique_key(f"{node.name}_norm", set(masks.keys()))
-        masks.add_module(key, MaskedNorm(ops.kind, use.label.width, ops.eps, ops.groups))
         with gm.graph.inserting_before(node):
             weight, bias = (gm.graph.get_attr(v) if isinstance(v, str) else v for v in (ops.weight, ops.bias))
-            mn = gm.graph.call_module(f"{MASKS_ATTR}.{key}", (ops.input, weight, bias, group_gate[gid]))
-        mn.meta.update(node.meta)
-        mn.meta[MASK_NODE_META] = node.name
+        mn = _call_mask(gm, masks, f"{node.name}_norm", MaskedNorm(ops.kind, use.label.width, ops.eps, ops.groups),
+                        node, (ops.input, weight, bias, group_gate[gid]))
+        mn.meta = {**node.meta, **mn.meta}  # the norm's shapes and module stack, and the node it serves
         node.replace_all_uses_with(mn)
         gm.graph.erase_node(node)
         rules["masked_norm"] += 1

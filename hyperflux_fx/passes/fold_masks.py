@@ -308,18 +308,18 @@ def _slice(gm: fx.GraphModule, coupling: Coupling, keep: dict[int, torch.Tensor]
         t = fetch_attr(gm, target)
         replace_tensor(gm, target, t.detach().index_select(dim, idx.to(t.device)).clone())
         rules["sliced_tensors"] += 1
-    _resize(gm, coupling, keep, group_of, {target for target, _ in slices}, rules)
+    _resize(gm, coupling, keep, group_of, slices, rules)
 
 
 def _resize(gm: fx.GraphModule, coupling: Coupling, keep: dict[int, torch.Tensor], group_of: dict[int, int],
-            sliced: set[str], rules: dict[str, int]) -> None:
-    """Sizes that follow the deleted channels: module attributes, reshape sizes, depthwise groups."""
+            slices: dict[tuple[str, int], torch.Tensor], rules: dict[str, int]) -> None:
+    """Sizes that follow the deleted channels (``slices``: the kept positions of every sliced tensor
+    dim): module attributes, reshape sizes, depthwise groups."""
     nodes = {n.name: n for n in gm.graph.nodes}
-    kept = param_keep(coupling, keep, group_of)
     for cp in coupling.params:
-        if (cp.target, cp.dim) not in kept:
+        if (cp.target, cp.dim) not in slices:
             continue
-        n = int(kept[(cp.target, cp.dim)].numel())
+        n = int(slices[(cp.target, cp.dim)].numel())
         owner = gm.get_submodule(cp.module) if cp.module is not None else None
         if hasattr(owner, "num_features"):
             owner.num_features = n
@@ -342,7 +342,7 @@ def _resize(gm: fx.GraphModule, coupling: Coupling, keep: dict[int, torch.Tensor
         if ranges != list(cut.ranges):
             _set_cut_args(gm.graph, nodes[cut.node], cut, ranges)
             rules["cut_args_updated"] += 1
-    for target in sliced:  # modules whose weights were sliced keep stale size attributes
+    for target in {target for target, _ in slices}:  # modules whose weights were sliced keep stale sizes
         owner, attr = owner_of(gm, target)
         if attr == "weight":
             sync_module_sizes(owner)
