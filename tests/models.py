@@ -478,6 +478,23 @@ class GroupNorms(nn.Module):
         return self.head(x.mean((2, 3)))
 
 
+class ViewedLayerScale(nn.Module):
+    """PoolFormer's layer scale: a per-channel parameter viewed to (C, 1, 1) with the width written out,
+    so the fold must rewrite the view's sizes along with the parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.scale = nn.Parameter(torch.rand(8) + 0.5)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = x + self.scale.view(8, 1, 1) * F.relu(self.conv(x))
+        return self.head(x.mean((2, 3)))
+
+
 class TrainingBranch(nn.Module):
     """``if self.training:`` code that is neither a dropout nor a drop path."""
 
@@ -590,6 +607,7 @@ FOLD_ZOO.update({
     "concat_batchnorm": (_seeded(ConcatBatchNorm), _inputs(2, 3, 6, 6)),
     "split_chunk": (_seeded(SplitChunk), _inputs(2, 3, 6, 6)),
     "group_norms": (_seeded(GroupNorms), _inputs(2, 3, 6, 6)),
+    "viewed_layer_scale": (_seeded(ViewedLayerScale), _inputs(2, 3, 6, 6)),
     "view_as": (_seeded(ViewAs), _inputs(2, 3, 6, 6)),
     "tiny_vit": (_seeded(TinyViT), _inputs(2, 3, 6, 6)),
     "norm_variety": (_seeded(NormVariety), _inputs(2, 3, 6, 6)),

@@ -584,9 +584,11 @@ def _sliced_operand(gm: fx.GraphModule, c: Coupling, lab: Label, operand: fx.Nod
     embedding, a class token): True, and recorded to be sliced with the space, when one of its dims
     follows the channels. Through ops that keep its dims (expand, casts) it broadcasts against the
     result right-aligned; through a reshape it must have a single non-1 dim."""
-    src, aligned = operand, True
+    src, aligned, resized = operand, True, []
     while (spec := node_spec(gm, src)) is not None and spec.moves_elements and isinstance(src.args[0], fx.Node):
         aligned = aligned and spec.keeps_dims
+        if spec.explicit_sizes:
+            resized.append(src)
         src = src.args[0]
     t = param_target(gm, src)
     if t is None or len(lab.segs) != 1 or lab.segs[0].space is None:
@@ -603,9 +605,20 @@ def _sliced_operand(gm: fx.GraphModule, c: Coupling, lab: Label, operand: fx.Nod
         if len(big) != 1 or p.shape[big[0]] != lab.width:
             return False
         dim = big[0]
+    sizes = [_single_dim(shape_of(n), lab.width) for n in resized]
+    if None in sizes:
+        return False
+    for n, d in zip(resized, sizes, strict=True):  # view(C, 1, 1): the size follows the width
+        c.shape_args.append(ShapeArg(n.name, d, Label(d, lab.segs)))
     seg = lab.segs[0]
     c.params.append(ChannelParam(t, dim, seg.space, expand=seg.expand, replicas=seg.replicas))
     return True
+
+
+def _single_dim(shape: tuple[int, ...] | None, width: int) -> int | None:
+    """The one dim of ``shape`` that is not 1, if it has size ``width``."""
+    big = [i for i, d in enumerate(shape or ()) if d != 1]
+    return big[0] if len(big) == 1 and shape[big[0]] == width else None
 
 
 def _binary(kind: str) -> Rule:

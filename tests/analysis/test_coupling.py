@@ -83,6 +83,8 @@ CASES = [
      lambda s, x: s.cons(torch.softmax(s.a(x), dim=1)).mean((2, 3)), "softmax over the channels"),
     ("per-channel scale", lambda s, x: s.cons(s.a(x) * s.bn.weight.reshape(1, -1, 1, 1)).mean((2, 3)),
      lambda s, x: s.cons(s.a(x) * x.mean(1, keepdim=True).expand(-1, 4, -1, -1)).mean((2, 3)), "varies"),
+    ("per-channel scale, sizes written out", lambda s, x: s.cons(s.a(x) * s.bn.weight.view(4, 1, 1)).mean((2, 3)),
+     lambda s, x: s.cons(s.a(x) * s.bn.weight.view(4, 1).expand(4, 4).reshape(4, 4, 1)).mean((2, 3)), "varies"),
     ("view_as", lambda s, x: (lambda b: s.cons(s.a(x).flatten(2).view_as(b) + b).mean((2, 3)))(s.b(x)),
      lambda s, x: (lambda b: s.cons(s.a(x).flatten(2).reshape_as(b).permute(0, 3, 1, 2)).mean((2, 3)))(
          s.b(x).permute(0, 2, 3, 1)), "reshape_as of differently laid out channels"),

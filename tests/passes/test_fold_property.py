@@ -120,9 +120,10 @@ class RandomNet(nn.Module):
                     chans.append(chans[src])
             elif kind == "scale":  # a per-channel scale and shift (layer scale)
                 src = s[1] % len(chans)
-                self.register_parameter(f"gamma{len(self.plan)}", nn.Parameter(torch.rand(chans[src], 1, 1) + 0.5))
+                # gamma viewed with its width written out (PoolFormer), beta already (C, 1, 1)
+                self.register_parameter(f"gamma{len(self.plan)}", nn.Parameter(torch.rand(chans[src]) + 0.5))
                 self.register_parameter(f"beta{len(self.plan)}", nn.Parameter(torch.randn(chans[src], 1, 1)))
-                self.plan.append(("scale", src, len(self.plan)))
+                self.plan.append(("scale", src, len(self.plan), chans[src]))
                 chans.append(chans[src])
             elif kind == "se":
                 src = s[1] % len(chans)
@@ -154,7 +155,7 @@ class RandomNet(nn.Module):
             elif p[0] == "gn":
                 ts.append(self.layers[p[2]](ts[p[1]]))
             elif p[0] == "scale":
-                ts.append(ts[p[1]] * getattr(self, f"gamma{p[2]}") + getattr(self, f"beta{p[2]}"))
+                ts.append(ts[p[1]] * getattr(self, f"gamma{p[2]}").view(p[3], 1, 1) + getattr(self, f"beta{p[2]}"))
             elif p[0] == "add":
                 ts.append(ts[p[1]] + ts[p[2]])
             elif p[0] == "cat":
