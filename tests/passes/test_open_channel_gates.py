@@ -54,7 +54,8 @@ def test_open_channel_gates_change_nothing_on_the_fixture_zoo(name, granularity)
     _assert_open_gates_change_nothing(build(), inputs()[0], granularity)
 
 
+@pytest.mark.parametrize("granularity", ["channel", "hybrid"])
 @pytest.mark.parametrize(("lib", "name", "size"), REAL_ZOO, ids=[f"{lib}:{name}" for lib, name, _ in REAL_ZOO])
-def test_open_channel_gates_change_nothing_on_the_real_zoo(lib, name, size):
+def test_open_channel_gates_change_nothing_on_the_real_zoo(lib, name, size, granularity):
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
-    _assert_open_gates_change_nothing(build_real(lib, name, size), x, "channel")
+    _assert_open_gates_change_nothing(build_real(lib, name, size), x, granularity)
