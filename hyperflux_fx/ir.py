@@ -81,6 +81,7 @@ FOLD_REPORT_META = "hyperflux.fold_report"  # the FoldReport of fold_masks
 GATE_NODE_META = "hyperflux.gate"  # on gate nodes: the gated parameter's or group's name
 MODULE_NODE_META = "hyperflux.module"  # on rewritten ops: the module path they came from
 MASK_NODE_META = "hyperflux.mask"  # on ChannelMask nodes: the consumer they feed; on MaskedNorm: the norm replaced
+VALUE_META = "hyperflux.value"  # on non-tensor nodes: the Python scalar / tuple computed on the example inputs
 
 
 class _HardMaskSTE(torch.autograd.Function):

@@ -106,6 +106,7 @@ class ChannelRule(enum.Enum):
     MATMUL = "matmul"  # q @ k^T / attn @ v: a head label on a batch dim passes
     UNBIND = "unbind"  # items keep the label (dim shifted)
     SPLIT = "split"  # split / chunk / narrow: on the channel dim, runs of channels (a space cut where needed)
+    SHIFT = "shift"  # roll / flip / pad along other dims: channels untouched (pad: revived by a non-zero value)
     BLOCK = "block"  # mixes the channels: blocks them with the entry's block_reason
     NO_CHANNELS = "no_channels"  # its output carries no channels (shape reads, weight gates)
 
@@ -361,6 +362,9 @@ FUNCTIONS: dict[Any, OpSpec] = {
     F.max_pool3d: _spatial("max_pool3d"),  # spatial
     F.adaptive_max_pool2d: _spatial("adaptive_max_pool2d"),  # spatial
     F.interpolate: _spatial("interpolate"),  # spatial resampling
+    torch.roll: OpSpec("roll", "shape", ("input", "shifts", "dims"), channel_rule=ChannelRule.SHIFT),  # shifted windows
+    torch.flip: OpSpec("flip", "shape", ("input", "dims"), channel_rule=ChannelRule.SHIFT),  # along other dims
+    F.pad: OpSpec("pad", "shape", ("input", "pad", "mode", "value"), channel_rule=ChannelRule.SHIFT),  # other dims
     getattr: OpSpec("getattr", "shape", channel_rule=ChannelRule.NO_CHANNELS,
                     reads_sizes=True),  # x.shape: read at run time
     # activations: f(0) = 0 keeps a deleted channel exactly zero; f(0) != 0 revives it
@@ -436,6 +440,8 @@ METHODS: dict[str, OpSpec] = {
     "unbind": OpSpec("unbind", "index", ("self", "dim"), channel_rule=ChannelRule.UNBIND,
                      attention_glue=True),  # items keep the label
     "chunk": _METHOD_CHUNK, "split": _METHOD_SPLIT,  # as torch.chunk / torch.split
+    "roll": OpSpec("roll", "shape", ("self", "shifts", "dims"), channel_rule=ChannelRule.SHIFT),  # as torch.roll
+    "flip": OpSpec("flip", "shape", ("self", "dims"), channel_rule=ChannelRule.SHIFT),  # as torch.flip
     "narrow": OpSpec("narrow", "index", ("self", "dim", "start", "length"), channel_rule=ChannelRule.SPLIT),
     "size": OpSpec("size", "shape", channel_rule=ChannelRule.NO_CHANNELS, reads_sizes=True),  # read at run time
     "dim": OpSpec("dim", "shape", channel_rule=ChannelRule.NO_CHANNELS),  # read at run time
@@ -536,6 +542,8 @@ MODULES: tuple[ModuleEntry, ...] = (
     _module_spatial(nn.AdaptiveAvgPool1d), _module_spatial(nn.AdaptiveAvgPool2d),
     _module_spatial(nn.AdaptiveAvgPool3d), _module_spatial(nn.AdaptiveMaxPool2d), _module_spatial(nn.Upsample),
     ModuleEntry(nn.Flatten, OpSpec("Flatten", "shape", channel_rule=ChannelRule.RESHAPE)),  # as torch.flatten
+    ModuleEntry(nn.Softmax, OpSpec("Softmax", "softmax", channel_rule=ChannelRule.SOFTMAX,
+                                   attention_glue=True)),  # as F.softmax over its dim attribute
     ModuleEntry(Gate, OpSpec("gate", "gate", channel_rule=ChannelRule.NO_CHANNELS)),  # weights or masks, no channels
     ModuleEntry(ChannelMask, OpSpec("ChannelMask", "gate", channel_rule=ChannelRule.ELEMENTWISE,
                                     zero_preserving=True)),  # x * mask: the label passes

@@ -495,6 +495,58 @@ class ViewedLayerScale(nn.Module):
         return self.head(x.mean((2, 3)))
 
 
+def window_partition(x: torch.Tensor, ws: int) -> torch.Tensor:
+    """(B, H, W, C) -> (B * windows, ws * ws, C); a leaf function of the trace (as timm's)."""
+    b, h, w, c = x.shape
+    return x.view(b, h // ws, ws, w // ws, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, ws * ws, c)
+
+
+def window_reverse(x: torch.Tensor, ws: int, h: int, w: int) -> torch.Tensor:
+    """(B * windows, ws, ws, C) -> (B, H, W, C); a leaf function of the trace."""
+    c = x.shape[-1]
+    return x.view(-1, h // ws, w // ws, ws, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, h, w, c)
+
+
+torch.fx.wrap("window_partition")
+torch.fx.wrap("window_reverse")
+
+
+class ShiftedWindows(nn.Module):
+    """A Swin block's attention: padding to whole windows, a cyclic shift (roll), window partition and
+    reverse as leaf functions outside the op table, a relative position bias gathered from a table
+    per head, nn.Softmax; the embedding width runs through LayerNorm and a residual."""
+
+    def __init__(self, dim: int = 8, heads: int = 2, ws: int = 2) -> None:
+        super().__init__()
+        self.ws, self.heads, self.scale = ws, heads, (dim // heads) ** -0.5
+        self.embed = nn.Conv2d(3, dim, 1)
+        self.norm = _random_affine(nn.LayerNorm(dim))
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.bias_table = nn.Parameter(torch.randn((2 * ws - 1) ** 2, heads))
+        coords = torch.stack(torch.meshgrid(torch.arange(ws), torch.arange(ws), indexing="ij")).flatten(1)
+        rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (ws - 1)
+        self.register_buffer("bias_index", rel[..., 0] * (2 * ws - 1) + rel[..., 1], persistent=False)
+        self.softmax = nn.Softmax(dim=-1)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x).permute(0, 2, 3, 1)
+        _, h, w, c = x.shape
+        pad_h, pad_w = (self.ws - h % self.ws) % self.ws, (self.ws - w % self.ws) % self.ws
+        y = torch.roll(F.pad(self.norm(x), (0, 0, 0, pad_w, 0, pad_h)), (-1, -1), (1, 2))
+        hp, wp = y.shape[1], y.shape[2]
+        win = window_partition(y, self.ws)
+        bw, n = win.shape[0], win.shape[1]
+        q, k, v = self.qkv(win).reshape(bw, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        bias = self.bias_table[self.bias_index.view(-1)].view(n, n, -1).permute(2, 0, 1)
+        attn = self.softmax((q * self.scale) @ k.transpose(-2, -1) + bias.unsqueeze(0))
+        out = self.proj((attn @ v).transpose(1, 2).reshape(bw, n, -1))
+        y = torch.roll(window_reverse(out.view(-1, self.ws, self.ws, c), self.ws, hp, wp), (1, 1), (1, 2))
+        x = x + y[:, :h, :w, :]
+        return self.head(x.mean((1, 2)))
+
+
 class TrainingBranch(nn.Module):
     """``if self.training:`` code that is neither a dropout nor a drop path."""
 
@@ -608,6 +660,7 @@ FOLD_ZOO.update({
     "split_chunk": (_seeded(SplitChunk), _inputs(2, 3, 6, 6)),
     "group_norms": (_seeded(GroupNorms), _inputs(2, 3, 6, 6)),
     "viewed_layer_scale": (_seeded(ViewedLayerScale), _inputs(2, 3, 6, 6)),
+    "shifted_windows": (_seeded(ShiftedWindows), _inputs(2, 3, 5, 5)),
     "view_as": (_seeded(ViewAs), _inputs(2, 3, 6, 6)),
     "tiny_vit": (_seeded(TinyViT), _inputs(2, 3, 6, 6)),
     "norm_variety": (_seeded(NormVariety), _inputs(2, 3, 6, 6)),

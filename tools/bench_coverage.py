@@ -59,6 +59,7 @@ EXTENDED = [
     ("torchvision", "efficientnet_b1", 32),  # stochastic depth
     ("torchvision", "convnext_tiny", 32),  # permuted LayerNorm, layer scale
     ("torchvision", "swin_t", 224),  # window partition / reverse, relative position bias
+    ("timm", "swin_tiny_patch4_window7_224", 224),  # leaf window functions, cyclic shift, bias table per head
     ("timm", "dla34", 32),  # concatenated aggregation nodes
     ("timm", "ghostnet_050", 32),  # channel slicing after a concatenation
     ("timm", "mixnet_s", 32),  # split into kernel-size groups

@@ -15,6 +15,7 @@ input of an unblocked group, and ``fold_masks`` slices what this analysis lists.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections import defaultdict
@@ -27,7 +28,7 @@ import torch
 from torch import fx
 
 from hyperflux_fx.config import FoldConfig
-from hyperflux_fx.ir import WeightGate
+from hyperflux_fx.ir import VALUE_META, WeightGate
 from hyperflux_fx.ops import ChannelRule, NormOperands, OpSpec, node_spec, norm_operands
 
 __all__ = ["OUTPUT_REASON", "RULES", "ChannelParam", "Consumer", "Coupling", "Group", "Label", "NormUse", "Producer",
@@ -584,11 +585,12 @@ def _sliced_operand(gm: fx.GraphModule, c: Coupling, lab: Label, operand: fx.Nod
     embedding, a class token): True, and recorded to be sliced with the space, when one of its dims
     follows the channels. Through ops that keep its dims (expand, casts) it broadcasts against the
     result right-aligned; through a reshape it must have a single non-1 dim."""
-    src, aligned, resized = operand, True, []
+    src, aligned, resized, chain = operand, True, [], []
     while (spec := node_spec(gm, src)) is not None and spec.moves_elements and isinstance(src.args[0], fx.Node):
         aligned = aligned and spec.keeps_dims
         if spec.explicit_sizes:
             resized.append(src)
+        chain.insert(0, src)
         src = src.args[0]
     t = param_target(gm, src)
     if t is None or len(lab.segs) != 1 or lab.segs[0].space is None:
@@ -596,23 +598,39 @@ def _sliced_operand(gm: fx.GraphModule, c: Coupling, lab: Label, operand: fx.Nod
     p = c.parameters[t] if t in c.parameters else c.buffers.get(t)
     if p is None:
         return False
+    big = [i for i, d in enumerate(p.shape) if d != 1]
     if aligned:
         dim = lab.dim - (rank - p.dim())
         if dim < 0 or p.shape[dim] != lab.width:
             return False
-    else:
-        big = [i for i, d in enumerate(p.shape) if d != 1]
-        if len(big) != 1 or p.shape[big[0]] != lab.width:
-            return False
+    elif len(big) == 1 and p.shape[big[0]] == lab.width:
         dim = big[0]
-    sizes = [_single_dim(shape_of(n), lab.width) for n in resized]
-    if None in sizes:
-        return False
-    for n, d in zip(resized, sizes, strict=True):  # view(C, 1, 1): the size follows the width
-        c.shape_args.append(ShapeArg(n.name, d, Label(d, lab.segs)))
+        sizes = [_single_dim(shape_of(n), lab.width) for n in resized]
+        if None in sizes:
+            return False
+        for n, d in zip(resized, sizes, strict=True):  # view(C, 1, 1): the size follows the width
+            c.shape_args.append(ShapeArg(n.name, d, Label(d, lab.segs)))
+    else:  # a table gathered and rearranged (relative position bias per head): which dim, by probing
+        dim = _probed_param_dim(gm, chain, src, p, lab.width, lab.dim - (rank - len(shape_of(operand) or ())))
+        if dim is None:
+            return False
     seg = lab.segs[0]
     c.params.append(ChannelParam(t, dim, seg.space, expand=seg.expand, replicas=seg.replicas))
     return True
+
+
+def _probed_param_dim(gm: fx.GraphModule, chain: list[fx.Node], src: fx.Node, p: torch.Tensor, width: int,
+                      out_dim: int) -> int | None:
+    """The dim of parameter ``p`` whose channels the ops of ``chain`` carry, one by one, to dim
+    ``out_dim`` of their result (:func:`_channelwise_dim`), or None."""
+    call = _replay(gm, chain, src)
+    if isinstance(call, str) or out_dim < 0:
+        return None
+    out_shape = shape_of(chain[-1]) if chain else tuple(p.shape)
+    for d in (d for d in range(p.dim()) if p.shape[d] == width):
+        if _channelwise_dim(call, tuple(p.shape), p.dtype, d, width, out_shape) == out_dim:
+            return d
+    return None
 
 
 def _single_dim(shape: tuple[int, ...] | None, width: int) -> int | None:
@@ -940,7 +958,7 @@ def _softmax(gm, node, c, labels, spec):  # softmax over a dim other than the ch
     if lab is None:
         return None
     rank = len(shape_of(node) or ())
-    dim = spec.arg(node, "dim")
+    dim = gm.get_submodule(str(node.target)).dim if node.op == "call_module" else spec.arg(node, "dim")
     if dim is None or _norm_dim(dim, rank) == lab.dim:
         c.block(lab, f"softmax over the channels: {node.format_node()}")
         return None
@@ -990,6 +1008,28 @@ def _reduce(gm, node, c, labels, spec):  # mean/sum/amax over dims: fine unless 
 
 def _pool(gm, node, c, labels, spec):  # spatial pooling / interpolation: channels untouched
     return _only_label(node, labels)
+
+
+def _shift(gm, node, c, labels, spec):
+    """roll / flip / pad: elements move along the dims named, the channels untouched unless the
+    channel dim is one of them; a constant pad value other than 0 revives closed channels."""
+    lab = _only_label(node, labels)
+    if lab is None:
+        return None
+    rank = len(shape_of(node) or ())
+    if spec.name == "pad":
+        pads = spec.arg(node, "pad")
+        moved = [rank - 1 - i for i in range(len(pads) // 2) if pads[2 * i] or pads[2 * i + 1]]
+        value = spec.arg(node, "value")
+        if spec.arg(node, "mode", "constant") == "constant" and value not in (None, 0, 0.0):
+            c.revived.update(lab.spaces())
+    else:
+        dims = spec.arg(node, "dims")
+        moved = None if dims is None else [_norm_dim(d, rank) for d in ((dims,) if isinstance(dims, int) else dims)]
+    if moved is None or lab.dim in moved:
+        c.block(lab, f"{spec.name} over the channels: {node.format_node()}")
+        return None
+    return lab
 
 
 def _getitem(gm, node, c, labels, spec):  # x[idx] on a tensor: the channel dim must be taken whole
@@ -1076,11 +1116,112 @@ def _unsupported_module(gm, node, c, labels, spec):
 
 
 def _unsupported(gm, node, c, labels, spec):
+    """An op outside the table: it passes the channels if probing shows it acts on each channel alone
+    (:func:`_probe_channelwise`); otherwise it blocks them."""
+    lab = _only_label(node, labels)
+    found = _probe_channelwise(gm, node, lab) if lab is not None else "no labelled first operand"
+    if isinstance(found, int):
+        return Label(found, lab.segs)
     if node.op == "call_module":
         return _unsupported_module(gm, node, c, labels, spec)
     name = getattr(node.target, "__name__", str(node.target))
-    _block_inputs(c, node, labels, f"{name} is not in the channel support table")
+    _block_inputs(c, node, labels, f"{name} is not in the channel support table ({found})")
     return None
+
+
+def _node_function(gm: fx.GraphModule, node: fx.Node) -> Callable[..., Any] | str:
+    """What a call node calls, or why it cannot be replayed outside the graph."""
+    if node.op == "call_module":
+        mod = gm.get_submodule(str(node.target))
+        if next(itertools.chain(mod.parameters(), mod.buffers()), None) is not None:
+            return "a leaf module with parameters"
+        return mod
+    if node.op == "call_method":
+        return lambda t, *a, **k: getattr(t, str(node.target))(*a, **k)
+    return node.target
+
+
+def _replay(gm: fx.GraphModule, chain: list[fx.Node], src: fx.Node) -> Callable[[torch.Tensor], Any] | str:
+    """The ops of ``chain`` (each reading the one before, the first reading ``src``) as a function
+    of ``src``'s value, every other operand a constant (a literal, a size recorded on the example
+    inputs, a tensor attribute); or why they cannot be replayed so."""
+    steps, prev, missing = [], src, []
+    for node in chain:
+        fn = _node_function(gm, node)
+        if isinstance(fn, str):
+            return fn
+
+        def value(a: Any, prev: fx.Node = prev) -> Any:
+            if a is prev or not isinstance(a, fx.Node):
+                return a
+            if a.op == "get_attr":
+                return functools.reduce(getattr, str(a.target).split("."), gm)
+            if VALUE_META not in a.meta:
+                missing.append(a.name)
+            return a.meta.get(VALUE_META)
+
+        steps.append((fn, prev, fx.node.map_aggregate(node.args, value), fx.node.map_aggregate(node.kwargs, value)))
+        prev = node
+    if missing:
+        return f"operands that are not constants: {missing}"
+
+    def run(t: torch.Tensor) -> Any:
+        for fn, reads, args, kwargs in steps:
+            t = fn(*fx.node.map_aggregate(args, lambda a, reads=reads, t=t: t if a is reads else a), **kwargs)
+        return t
+
+    return run
+
+
+def _probe_channelwise(gm: fx.GraphModule, node: fx.Node, lab: Label) -> int | str:
+    """An op outside the table, run on random inputs of the example shape: the output dim carrying
+    the channels of its first operand if it acts on each of them alone (:func:`_channelwise_dim`),
+    or why not."""
+    x = node.args[0] if node.args else next(iter(node.kwargs.values()))
+    tm = x.meta.get("tensor_meta")
+    if shape_of(x) is None or not tm.dtype.is_floating_point:
+        return "no floating-point example shape"
+    call = _replay(gm, [node], x)
+    if isinstance(call, str):
+        return call
+    return _channelwise_dim(call, shape_of(x), tm.dtype, lab.dim, lab.width, shape_of(node))
+
+
+def _channelwise_dim(call: Callable[[torch.Tensor], Any], shape: tuple[int, ...], dtype: torch.dtype, dim: int,
+                     width: int, out_shape: tuple[int, ...] | None) -> int | str:
+    """The output dim of ``call`` that carries input dim ``dim``'s ``width`` channels one by one, or why
+    there is none. ``call`` must be deterministic, and for a random half of the channels, taking them
+    alone must give exactly those channels of the output (so the fold may call it narrower), and
+    zeroing the others must leave those exactly zero and the kept ones unchanged (a closed channel
+    stays closed and leaks into no open one). Window partition/reverse functions, ops that move
+    elements along other dims and per-element ops pass."""
+    if out_shape is None or width < 2:
+        return "no example shape"
+    gen = torch.Generator().manual_seed(0)
+    t = torch.randn(shape, generator=gen, dtype=dtype)
+    kept = torch.randperm(width, generator=gen)[: width // 2].sort().values
+    closed = torch.tensor(sorted(set(range(width)) - set(kept.tolist())), dtype=torch.long)
+    try:
+        with torch.no_grad():
+            y, again = call(t), call(t)
+            if not isinstance(y, torch.Tensor) or tuple(y.shape) != out_shape or not torch.equal(y, again):
+                return "not a deterministic tensor of the recorded shape"
+            alone = call(t.index_select(dim, kept))
+            zeroed = call(t.index_fill(dim, closed, 0.0))
+    except Exception as exc:  # noqa: BLE001 - any failure means "not channelwise"
+        return f"fails on a narrower input ({type(exc).__name__})"
+    aligned = dim - len(shape) + len(out_shape)
+    why = "mixes the channels"
+    for d in sorted((d for d in range(len(out_shape)) if out_shape[d] == width), key=lambda d: d != aligned):
+        if alone.shape != y.index_select(d, kept).shape or not torch.equal(alone, y.index_select(d, kept)):
+            continue
+        if not torch.equal(zeroed.index_select(d, kept), alone):
+            continue
+        if zeroed.index_select(d, closed).any():
+            why = "makes a zeroed channel non-zero"
+            continue
+        return d
+    return why
 
 
 #: ChannelRule (named by each op's entry in hyperflux_fx.ops) -> its code.
@@ -1106,6 +1247,7 @@ RULES: dict[ChannelRule, Rule] = {
     ChannelRule.REDUCE: _reduce,
     ChannelRule.SPATIAL: _pool,
     ChannelRule.GETITEM: _getitem,
+    ChannelRule.SHIFT: _shift,
     ChannelRule.SOFTMAX: _softmax,
     ChannelRule.ATTENTION: _sdpa,
     ChannelRule.MATMUL: _matmul,

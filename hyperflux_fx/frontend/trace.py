@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from hyperflux_fx.ir import OPAQUE_META, TRAINING_ONLY_META, EvalIdentity, is_gate_module
+from hyperflux_fx.ir import OPAQUE_META, TRAINING_ONLY_META, VALUE_META, EvalIdentity, is_gate_module
 from hyperflux_fx.ops import function_spec
 
 __all__ = [
@@ -371,6 +371,8 @@ def _op_counts(graph: fx.Graph) -> Counter[tuple[str, str]]:
                     for i, a in enumerate(n.args)] + list(n.kwargs.items())
         consts = [f"{k}={v!r}" for k, v in operands if isinstance(v, (bool, int, float, str)) and k != flag]
         target = getattr(n.target, "__name__", str(n.target))
+        if n.op == "get_attr" and target.startswith("_tensor_constant"):  # numbered per trace
+            target = "_tensor_constant"
         out[(_innermost(n)[0], f"{target}({', '.join(consts)})" if consts else target)] += 1
     return out
 
@@ -389,6 +391,13 @@ def _target_str(node: fx.Node) -> str:
     return getattr(node.target, "__name__", str(node.target))
 
 
+def _is_constant(value: Any) -> bool:
+    """A Python scalar or a tuple of them (a size read at run time, a shape)."""
+    if isinstance(value, (tuple, list)):
+        return all(isinstance(v, (bool, int, float)) for v in value)
+    return isinstance(value, (bool, int, float))
+
+
 class _ShapeRecorder(fx.Interpreter):
     """Runs the graph, storing ``tensor_meta`` (as torch.fx's ShapeProp does) and naming the node
     that fails, without printing tracebacks."""
@@ -404,6 +413,8 @@ class _ShapeRecorder(fx.Interpreter):
         if isinstance(result, torch.Tensor) or (isinstance(result, (tuple, list)) and result
                                                 and all(isinstance(r, torch.Tensor) for r in result)):
             n.meta["tensor_meta"] = tree_map_only(torch.Tensor, _extract_tensor_metadata, result)
+        elif _is_constant(result):  # sizes read at run time: what an op outside the table is probed with
+            n.meta[VALUE_META] = result
         n.meta["type"] = type(result)
         return result
 

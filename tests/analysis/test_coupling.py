@@ -47,6 +47,25 @@ def _tokens(s, x):
     return s.a(x).flatten(2).transpose(1, 2)
 
 
+def _swap_hw(x):
+    """A leaf function outside the op table that moves elements along other dims."""
+    return x.transpose(2, 3).contiguous()
+
+
+def _cumsum_channels(x):
+    """A leaf function that mixes the channels."""
+    return x.cumsum(1)
+
+
+def _plus_one(x):
+    """A leaf function per channel that makes zeros non-zero."""
+    return x + 1
+
+
+for _leaf in ("_swap_hw", "_cumsum_channels", "_plus_one"):
+    torch.fx.wrap(_leaf)
+
+
 def _ok(g):
     return g.deletable
 
@@ -85,6 +104,12 @@ CASES = [
      lambda s, x: s.cons(s.a(x) * x.mean(1, keepdim=True).expand(-1, 4, -1, -1)).mean((2, 3)), "varies"),
     ("per-channel scale, sizes written out", lambda s, x: s.cons(s.a(x) * s.bn.weight.view(4, 1, 1)).mean((2, 3)),
      lambda s, x: s.cons(s.a(x) * s.bn.weight.view(4, 1).expand(4, 4).reshape(4, 4, 1)).mean((2, 3)), "varies"),
+    ("leaf function over other dims", lambda s, x: s.cons(_swap_hw(s.a(x))).mean((2, 3)),
+     lambda s, x: s.cons(_cumsum_channels(s.a(x))).mean((2, 3)), "mixes the channels"),
+    ("leaf function keeping zeros", lambda s, x: s.cons(_swap_hw(F.relu(s.a(x)))).mean((2, 3)),
+     lambda s, x: s.cons(_plus_one(s.a(x))).mean((2, 3)), "makes a zeroed channel non-zero"),
+    ("roll / flip / pad", lambda s, x: s.cons(F.pad(torch.roll(s.a(x).flip(3), 1, 2), (1, 1, 1, 1))).mean((2, 3)),
+     lambda s, x: s.cons_cat(F.pad(s.a(x), (0, 0, 0, 0, 0, 4))).mean((2, 3)), "pad over the channels"),
     ("view_as", lambda s, x: (lambda b: s.cons(s.a(x).flatten(2).view_as(b) + b).mean((2, 3)))(s.b(x)),
      lambda s, x: (lambda b: s.cons(s.a(x).flatten(2).reshape_as(b).permute(0, 3, 1, 2)).mean((2, 3)))(
          s.b(x).permute(0, 2, 3, 1)), "reshape_as of differently laid out channels"),
