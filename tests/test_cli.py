@@ -218,7 +218,7 @@ BAD_FILES = {
                              "        return self.fc(torch.roll(self.c(x), 1, dims=1).mean((2, 3)))\n"
                              "def build_model():\n    return M()\n"
                              "def example_inputs():\n    return torch.ones(2, 3, 8, 8)\n"),
-                            "roll is not in the channel support table (8 channels in 1 group, e.g. at roll). "
+                            "roll over the channels (8 channels in 1 group, e.g. at roll). "
                             "Try --granularity weight"),
 }
 
@@ -231,8 +231,8 @@ BAD_FILES = {
     (["FILE:random_eval.py", "--data", "synthetic", "--num-classes", "3", "--granularity", "weight"],
      "not deterministic in eval mode"),
     (["FILE:nothing_gateable.py", "--data", "synthetic", "--num-classes", "3"],
-     "nothing to prune at --granularity channel: no channel group can be gated: roll is not in the channel support "
-     "table (8 channels in 1 group, e.g. at roll). Try --granularity weight"),
+     "nothing to prune at --granularity channel: no channel group can be gated: roll over the channels "
+     "(8 channels in 1 group, e.g. at roll). Try --granularity weight"),
     ([EXAMPLE, "--input-shape", "2,3,9,9"], "does not run on example inputs"),
     ([EXAMPLE, "--target-sparsity", "1.5"], "--target-sparsity must be in (0, 1)"),
     ([EXAMPLE, "--target-sparsity", "0"], "--target-sparsity must be in (0, 1)"),

@@ -306,9 +306,9 @@ def test_the_report_leads_with_the_blockers_and_the_gateable_share():
     res = hf.insert_gates(RollBranch().eval(), hf.GateConfig(granularity="channel"),
                           example_inputs=torch.randn(2, 3, 6, 6))
     report = res.report
-    assert report.blockers() == [("roll is not in the channel support table", 4, 1, ["roll"])]
+    assert report.blockers() == [("roll over the channels", 4, 1, ["roll"])]
     assert report.gateable_share == pytest.approx(0.5)  # branch b's 4 channels of a + b's 8 (the head's 2 aside)
     text = str(report)
     assert text.index("gateable channel share 0.50") < text.index("channel groups: size")
-    assert "blocked: roll is not in the channel support table: 4 channels in 1 group (at roll)" in text
+    assert "blocked: roll over the channels: 4 channels in 1 group (at roll)" in text
     assert report.to_dict()["gateable_share"] == pytest.approx(0.5)
