@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 from hyperflux_fx.analysis.cost import count_params_and_macs
 from hyperflux_fx.analysis.cost_model import CostModel
 from hyperflux_fx.analysis.latency_model import LatencyModel
+from hyperflux_fx.analysis.runtime import resolve_fold_config
 from hyperflux_fx.config import FoldConfig, GateConfig, TrainConfig
 from hyperflux_fx.export.latency import compare_latency
 from hyperflux_fx.export.onnx import ExportCheckError, ExportError, export_onnx
@@ -49,6 +51,7 @@ from hyperflux_fx.train.dense import train_dense
 from hyperflux_fx.train.distributed import TrainingError
 from hyperflux_fx.train.evaluate import evaluate
 from hyperflux_fx.train.loop import TrainResult, train
+from hyperflux_fx.train.measure import fold_within_reach
 
 __all__ = ["build_parser", "main"]
 
@@ -120,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-export", action="store_true", help="skip ONNX export and latency")
     p.add_argument("--round-to", type=_round_to, default="auto",
                    help="keep kept channel counts multiples of this when folding; auto = the block ONNX Runtime's "
-                        "fast conv kernels need on this CPU (measured)")
+                        "fast conv kernels need on this CPU (measured), halved while a params/MACs target is out "
+                        "of reach with whole blocks")
     p.add_argument("--input-shape", type=_shape, default=None, help="example input shape incl. batch, e.g. 2,3,32,32")
     p.add_argument("--weights", default=None, help="state-dict file of trained dense weights (weights_only load)")
     p.add_argument("--num-classes", type=int, default=None, help="classifier width for timm/torchvision models")
@@ -231,6 +235,7 @@ class _Job:
     gate_cfg: GateConfig
     device: str  # "cuda" or "cpu"
     t_start: float
+    fold: FoldConfig = field(default_factory=FoldConfig)  # the run's fold (round_to resolved for the target)
 
     @property
     def inputs(self) -> tuple[Any, ...]:
@@ -414,6 +419,12 @@ def _hyperflux_stage(job: _Job) -> tuple[PassResult, TrainResult | None, int]:
                       lr=args.lr, seed=args.seed, device=args.device, out_dir=str(job.partial), resume=args.resume,
                       progress=not args.quiet, max_intervals=args.max_intervals,
                       target_measure=args.target, fold=FoldConfig(round_to=args.round_to))
+    job.fold = fold_within_reach(res.graph_module, cfg)
+    preferred = resolve_fold_config(cfg.fold).round_to
+    if job.fold.round_to != preferred:
+        _say(args, f"      round_to {job.fold.round_to}: with whole blocks of {preferred} channels (ONNX Runtime's on "
+                   f"this CPU) {args.target_sparsity} of the {args.target} is out of reach")
+    cfg = dataclasses.replace(cfg, fold=job.fold)
     try:
         latency = _latency_model(job, res.graph_module, cfg) if args.target == "latency" else None
         result = train(res.graph_module, job.train_loader, job.val_loader, cfg, loss_fn=job.loaded.loss_fn,
@@ -529,7 +540,7 @@ def _fold_stage(job: _Job, gated: Any, result: TrainResult, dense_acc: float) ->
     args, model, inputs = job.args, job.loaded.model, job.inputs
     pruned_acc = evaluate(gated, job.val_loader)
     _say(args, "[3/5] fold_masks")
-    folded = fold_masks(gated, FoldConfig(round_to=args.round_to))  # the fold the exact targets counted
+    folded = fold_masks(gated, job.fold)  # the fold the exact targets counted
     compact = folded.graph_module.eval()
     params_dense, macs_dense = count_params_and_macs(model, inputs)
     params_stored, macs_compact = count_params_and_macs(compact, inputs)

@@ -18,6 +18,7 @@ threshold on the measure, then rounds every group to whole blocks of the fold.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import torch
@@ -26,12 +27,37 @@ from torch import fx, nn
 from hyperflux_fx.analysis.cost_model import MEASURES, CostModel
 from hyperflux_fx.analysis.coupling import kept_count
 from hyperflux_fx.analysis.latency_model import LatencyModel
-from hyperflux_fx.config import TrainConfig
+from hyperflux_fx.analysis.runtime import resolve_fold_config
+from hyperflux_fx.config import FoldConfig, TrainConfig
 from hyperflux_fx.ir import ChannelGate, density, gates
 from hyperflux_fx.train.landing import land_on_density
 from hyperflux_fx.train.recorder import Landing
 
-__all__ = ["Measure", "land_on_measure"]
+__all__ = ["Measure", "fold_within_reach", "land_on_measure"]
+
+
+def _floor(cm: CostModel) -> dict[int, int]:
+    """Per group, the fewest units the fold keeps: every gated unit closed (rounding as ``cm.fold``)."""
+    return {g.id: kept_count(g.size, g.size, cm.fold, normalised=g.normalised)
+            if cm.gate_of[g.id] is not None and g.deletable else g.size for g in cm.groups}
+
+
+def fold_within_reach(gated: nn.Module, cfg: TrainConfig) -> FoldConfig:
+    """The run's fold, resolved. With ``round_to="auto"`` and a params or MACs target that whole blocks
+    of the runtime cannot reach (a group keeps at least one block of 16 channels), the block is halved
+    until the target is within reach: the target the user set comes before the width the kernels
+    prefer. Explicit ``round_to``, other measures, and reachable targets keep the resolved block."""
+    fold = resolve_fold_config(cfg.fold)
+    if (cfg.fold.round_to != "auto" or cfg.target_measure not in MEASURES or not isinstance(gated, fx.GraphModule)
+            or not any(isinstance(g, ChannelGate) for g in gates(gated))):
+        return fold
+    target_kept, r = 1.0 - cfg.target_sparsity, fold.round_to
+    while r > 1:
+        cm = CostModel(gated, dataclasses.replace(fold, round_to=r))
+        if cm.cost_at(_floor(cm)).of(cfg.target_measure) / max(cm.dense.of(cfg.target_measure), 1) <= target_kept:
+            break
+        r //= 2
+    return dataclasses.replace(fold, round_to=max(r, 1))
 
 
 class Measure:
@@ -60,10 +86,7 @@ class Measure:
             self._check_reachable(1.0 - cfg.target_sparsity)
 
     def _check_reachable(self, target_kept: float) -> None:
-        cm = self.cost_model
-        floor = {g.id: kept_count(g.size, g.size, cm.fold, normalised=g.normalised)
-                 if cm.gate_of[g.id] is not None and g.deletable else g.size for g in cm.groups}
-        least = self.fraction_at(floor)
+        least = self.fraction_at(_floor(self.cost_model))
         if target_kept < least:
             raise ValueError(f"target_sparsity {1 - target_kept:.3f} of the {self.name} is out of reach: closing "
                              f"every gated unit removes {1 - least:.3f} of them (the rest is in ungated or "

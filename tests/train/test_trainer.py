@@ -294,3 +294,35 @@ def test_exact_targets_refuse_what_cannot_be_reached():
     with pytest.raises(ValueError, match="out of reach"):  # the first and last layers' own weights stay
         hf.train(gated, train_loader, None, _cfg(target_sparsity=0.99, target_measure="params",
                                                  fold=hf.FoldConfig(round_to=8)))
+
+
+def test_auto_rounding_gives_way_to_a_target_whole_blocks_cannot_reach(monkeypatch):
+    # A 48/40-unit MLP with blocks of 16: every group keeps a block at least, so 0.9 of the MACs is out
+    # of reach; round_to="auto" halves the block until it is reachable, and no further. An explicit
+    # round_to is kept (and the run refuses the target), as is a target whole blocks can reach.
+    from hyperflux_fx.analysis import runtime
+    from hyperflux_fx.analysis.cost_model import CostModel
+    from hyperflux_fx.train.measure import fold_within_reach
+
+    monkeypatch.setattr(runtime, "nchwc_block", lambda: 16)
+    gated = hf.insert_gates(_wide_mlp(), hf.GateConfig(granularity="channel"),
+                            example_inputs=torch.randn(2, 10)).graph_module
+
+    def least(r):  # the smallest MAC fraction the fold can reach with blocks of r
+        cm = CostModel(gated, hf.FoldConfig(round_to=r))
+        floor = {g.id: min(r, g.size) if cm.gate_of[g.id] is not None and g.deletable else g.size for g in cm.groups}
+        return cm.cost_at(floor).macs / cm.dense.macs
+
+    assert fold_within_reach(gated, _cfg(target_sparsity=0.5, target_measure="macs")).round_to == 16
+    fold = fold_within_reach(gated, _cfg(target_sparsity=0.9, target_measure="macs"))
+    assert least(16) > 0.1 and 1 <= fold.round_to < 16
+    assert least(fold.round_to) <= 0.1 < least(2 * fold.round_to)
+    assert fold_within_reach(gated, _cfg(target_sparsity=0.9, target_measure="macs",
+                                         fold=hf.FoldConfig(round_to=16))).round_to == 16
+    assert fold_within_reach(gated, _cfg(target_sparsity=0.9, target_measure="count")).round_to == 16
+    train_loader, _ = _loaders()
+    with pytest.raises(ValueError, match="out of reach"):
+        hf.train(gated, train_loader, None, _cfg(target_sparsity=0.9, target_measure="macs",
+                                                 fold=hf.FoldConfig(round_to=16)))
+    res = hf.train(gated, train_loader, None, _cfg(target_sparsity=0.9, target_measure="macs", fold=fold))
+    assert abs(res.sparsity - 0.9) <= 0.05
