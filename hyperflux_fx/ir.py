@@ -44,6 +44,7 @@ __all__ = [
     "EvalIdentity",
     "Gate",
     "GatedModuleCall",
+    "MaskedMean",
     "MaskedNorm",
     "PressureState",
     "WeightGate",
@@ -466,6 +467,31 @@ class MaskedNorm(nn.Module):
     def extra_repr(self) -> str:
         return f"kind={self.kind}, width={self.width}, eps={self.eps}" + (
             f", groups={self.groups}" if self.kind == "group" else "")
+
+
+class MaskedMean(nn.Module):
+    """A mean over one dim that carries a gated group's channels, over the *open* channels only
+    (ConvNeXt-V2's global response norm divides by the mean over the channels).
+
+    Called as ``mean(x, mask)``. With every channel open it is ``x.mean(dim, keepdim)`` (the same call,
+    so open gates change nothing, bit for bit); otherwise the mean of the open channels, which is what
+    the folded model's mean over the kept channels computes. As in :class:`MaskedNorm` the mask
+    selects, it is not multiplied in.
+    """
+
+    def __init__(self, dim: int, keepdim: bool) -> None:
+        super().__init__()
+        self.dim = int(dim)
+        self.keepdim = bool(keepdim)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        keep = mask.detach() != 0
+        if bool(keep.all()):
+            return x.mean(self.dim, keepdim=self.keepdim)
+        idx = torch.nonzero(keep).flatten()
+        if idx.numel() == 0:  # nothing open: the readers of the channels mask them
+            return torch.zeros_like(x.narrow(self.dim, 0, 1)).sum(self.dim, keepdim=self.keepdim)
+        return x.index_select(self.dim, idx).mean(self.dim, keepdim=self.keepdim)
 
 
 def _pick(t: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor | None:

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from hyperflux_fx.ir import ChannelMask, EvalIdentity, Gate, MaskedNorm
+from hyperflux_fx.ir import ChannelMask, EvalIdentity, Gate, MaskedMean, MaskedNorm
 
 __all__ = [
     "FUNCTIONS",
@@ -106,6 +106,7 @@ class ChannelRule(enum.Enum):
     MATMUL = "matmul"  # q @ k^T / attn @ v: a head label on a batch dim passes
     UNBIND = "unbind"  # items keep the label (dim shifted)
     SPLIT = "split"  # split / chunk / narrow: on the channel dim, runs of channels (a space cut where needed)
+    ADDCMUL = "addcmul"  # input + value * tensor1 * tensor2: the three tied or broadcast, as add and mul
     SHIFT = "shift"  # roll / flip / pad along other dims: channels untouched (pad: revived by a non-zero value)
     BLOCK = "block"  # mixes the channels: blocks them with the entry's block_reason
     NO_CHANNELS = "no_channels"  # its output carries no channels (shape reads, weight gates)
@@ -362,6 +363,8 @@ FUNCTIONS: dict[Any, OpSpec] = {
     F.max_pool3d: _spatial("max_pool3d"),  # spatial
     F.adaptive_max_pool2d: _spatial("adaptive_max_pool2d"),  # spatial
     F.interpolate: _spatial("interpolate"),  # spatial resampling
+    torch.addcmul: OpSpec("addcmul", "binary", ("input", "tensor1", "tensor2", "value"),
+                          channel_rule=ChannelRule.ADDCMUL),  # GRN's bias + weight * x
     torch.roll: OpSpec("roll", "shape", ("input", "shifts", "dims"), channel_rule=ChannelRule.SHIFT),  # shifted windows
     torch.flip: OpSpec("flip", "shape", ("input", "dims"), channel_rule=ChannelRule.SHIFT),  # along other dims
     F.pad: OpSpec("pad", "shape", ("input", "pad", "mode", "value"), channel_rule=ChannelRule.SHIFT),  # other dims
@@ -440,6 +443,8 @@ METHODS: dict[str, OpSpec] = {
     "unbind": OpSpec("unbind", "index", ("self", "dim"), channel_rule=ChannelRule.UNBIND,
                      attention_glue=True),  # items keep the label
     "chunk": _METHOD_CHUNK, "split": _METHOD_SPLIT,  # as torch.chunk / torch.split
+    "addcmul": OpSpec("addcmul", "binary", ("self", "tensor1", "tensor2", "value"),
+                      channel_rule=ChannelRule.ADDCMUL),  # as torch.addcmul
     "roll": OpSpec("roll", "shape", ("self", "shifts", "dims"), channel_rule=ChannelRule.SHIFT),  # as torch.roll
     "flip": OpSpec("flip", "shape", ("self", "dims"), channel_rule=ChannelRule.SHIFT),  # as torch.flip
     "narrow": OpSpec("narrow", "index", ("self", "dim", "start", "length"), channel_rule=ChannelRule.SPLIT),
@@ -518,6 +523,8 @@ MODULES: tuple[ModuleEntry, ...] = (
     _module_norm(nn.modules.batchnorm._NormBase),  # instance norms: statistics per sample
     _channel_norm_module(nn.LayerNorm, "layer"), _channel_norm_module(nn.RMSNorm, "rms"),  # as F.layer_norm
     _channel_norm_module(nn.GroupNorm, "group"),  # as F.group_norm
+    ModuleEntry(MaskedMean, OpSpec("MaskedMean", "reduce", ("input", "mask"), channel_rule=ChannelRule.REDUCE),
+                exact=True),  # a gated model's mean over the channels
     ModuleEntry(MaskedNorm, OpSpec("MaskedNorm", "norm", ("input", "weight", "bias", "mask"),
                                    channel_rule=ChannelRule.NORM), exact=True),  # a gated model's norm
     _module_norm(nn.LayerNorm), _module_norm(nn.GroupNorm), _module_norm(nn.LocalResponseNorm),  # subclasses
@@ -704,6 +711,11 @@ def norm_function(kind: str) -> Callable[..., Any]:
     """The function computing a plain norm of ``kind`` ("layer" or "rms"), as F.layer_norm's signature
     (``rms``: no bias)."""
     return _NORM_FUNCTIONS[kind]
+
+
+def mean_function() -> Callable[..., Any]:
+    """The function a fold rewrites a mask-aware mean into (``mean(x, dim, keepdim=...)``)."""
+    return torch.mean
 
 
 def cut_function(kind: str) -> Callable[..., Any]:

@@ -547,6 +547,30 @@ class ShiftedWindows(nn.Module):
         return self.head(x.mean((1, 2)))
 
 
+class ResponseNorm(nn.Module):
+    """ConvNeXt-V2's global response norm on an MLP's hidden units (channels last): each channel's
+    spatial L2 norm divided by its mean over the channels (made mask-aware), then
+    bias + weight * x * n (addcmul) added back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc1 = nn.Linear(8, 16)
+        self.fc2 = nn.Linear(16, 8)
+        self.gamma = nn.Parameter(torch.rand(16) + 0.5)
+        self.beta = nn.Parameter(torch.randn(16))
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        t = F.gelu(self.fc1(x.permute(0, 2, 3, 1)))
+        g = t.norm(p=2, dim=(1, 2), keepdim=True)
+        n = g / (g.mean(dim=-1, keepdim=True) + 1e-6)
+        t = t + torch.addcmul(self.beta.view(1, 1, 1, 16), self.gamma.view(1, 1, 1, 16), t * n)
+        x = x + self.fc2(t).permute(0, 3, 1, 2)
+        return self.head(x.mean((2, 3)))
+
+
 class TrainingBranch(nn.Module):
     """``if self.training:`` code that is neither a dropout nor a drop path."""
 
@@ -661,6 +685,7 @@ FOLD_ZOO.update({
     "group_norms": (_seeded(GroupNorms), _inputs(2, 3, 6, 6)),
     "viewed_layer_scale": (_seeded(ViewedLayerScale), _inputs(2, 3, 6, 6)),
     "shifted_windows": (_seeded(ShiftedWindows), _inputs(2, 3, 5, 5)),
+    "response_norm": (_seeded(ResponseNorm), _inputs(2, 3, 6, 6)),
     "view_as": (_seeded(ViewAs), _inputs(2, 3, 6, 6)),
     "tiny_vit": (_seeded(TinyViT), _inputs(2, 3, 6, 6)),
     "norm_variety": (_seeded(NormVariety), _inputs(2, 3, 6, 6)),

@@ -227,6 +227,7 @@ class Coupling:
     buffers: dict[str, torch.Tensor] = field(default_factory=dict)
     labels: dict[str, Label] = field(default_factory=dict)  # node name -> the label of its output
     norms: list[NormUse] = field(default_factory=list)  # norms over a space's channels
+    means: list[NormUse] = field(default_factory=list)  # means over a space's channels (mask-aware, as norms)
     split: dict[str, int] = field(default_factory=dict)  # producer node -> conv groups its space is split over
     requests: dict[str, int] = field(default_factory=dict)  # splits this pass found needed (for the next)
     cuts: dict[str, frozenset[int]] = field(default_factory=dict)  # producer node -> rows its space is cut at
@@ -251,7 +252,7 @@ class Coupling:
 
     def groups(self) -> list[Group]:
         out = []
-        normalised = {s for use in self.norms for s in use.label.spaces()}
+        normalised = {s for use in self.norms + self.means for s in use.label.spaces()}
         for gid, comp in enumerate(sorted((sorted(c) for c in nx.connected_components(self.ties)), key=lambda c: c[0])):
             sizes = {self.sizes[s] for s in comp}
             blocked = [r for s in comp for r in self.blocks.get(s, [])]
@@ -639,6 +640,30 @@ def _single_dim(shape: tuple[int, ...] | None, width: int) -> int | None:
     return big[0] if len(big) == 1 and shape[big[0]] == width else None
 
 
+def _addcmul(gm, node, c, labels, spec):
+    """input + value * tensor1 * tensor2: labelled operands are tied (as add / mul), the others must
+    broadcast (a parameter over the channels is sliced); a closed channel stays zero only if the
+    input and one of the factors carry it."""
+    operands = [spec.arg(node, name) for name in spec.signature[:3]]
+    labs = [labels.get(o) if isinstance(o, fx.Node) else None for o in operands]
+    ref = next((lab for lab in labs if lab is not None), None)
+    if ref is None:
+        return None
+    for operand, lab in zip(operands, labs, strict=True):
+        if lab is None:
+            if not _broadcast_operand(gm, c, node, ref, operand):
+                c.block(ref, f"addcmul with an operand that varies over the channels: {node.format_node()}")
+        elif lab is not ref:
+            if _same_layout(lab, ref):
+                _tie(c, ref, lab, "addcmul", node)
+            else:
+                c.block(ref, f"addcmul of differently laid out channels: {node.format_node()}")
+                c.block(lab, f"addcmul of differently laid out channels: {node.format_node()}")
+    if labs[0] is None or (labs[1] is None and labs[2] is None):
+        c.revived.update(ref.spaces())
+    return ref
+
+
 def _binary(kind: str) -> Rule:
     """add/sub/mul/div: two labelled operands are tied; one labelled with a scalar or broadcast passes."""
     def rule(gm, node, c, labels, spec):
@@ -987,20 +1012,31 @@ def _transpose(gm, node, c, labels, spec):  # transpose(x, d0, d1)
     return Label(dim, lab.segs)
 
 
-def _reduce(gm, node, c, labels, spec):  # mean/sum/amax over dims: fine unless the channel dim is reduced
+def _reduce(gm, node, c, labels, spec):
+    """mean/sum/amax over dims: the label passes unless the channel dim is reduced. A mean over the
+    channel dim alone of one plain space is made mask-aware (the open channels' mean: MaskedMean in
+    the gated model, the kept channels' mean after the fold); any other reduction over it blocks."""
     lab = _only_label(node, labels)
     if lab is None:
         return None
     ins = shape_of(node.args[0])
-    dims = spec.arg(node, "dim")
-    keep = spec.arg(node, "keepdim", False)
+    if node.op == "call_module":  # a gated model's MaskedMean
+        mod = gm.get_submodule(str(node.target))
+        dims, keep = mod.dim, mod.keepdim
+    else:
+        dims, keep = spec.arg(node, "dim"), spec.arg(node, "keepdim", False)
     if ins is None or dims is None:
         c.block(lab, f"reduction over all dims: {node.format_node()}")
         return None
     dims = [dims] if isinstance(dims, int) else list(dims)
     dims = [_norm_dim(d, len(ins)) for d in dims]
     if lab.dim in dims:
-        c.block(lab, f"reduction over the channels: {node.format_node()}")
+        seg = lab.segs[0]
+        if (spec.name in ("mean", "MaskedMean") and dims == [lab.dim] and len(lab.segs) == 1
+                and seg.space is not None and seg.expand == 1 and seg.replicas == 1):
+            c.means.append(NormUse(node.name, lab))
+        else:
+            c.block(lab, f"reduction over the channels: {node.format_node()}")
         return None
     new_dim = lab.dim if keep else lab.dim - sum(d < lab.dim for d in dims)
     return Label(new_dim, lab.segs)
@@ -1248,6 +1284,7 @@ RULES: dict[ChannelRule, Rule] = {
     ChannelRule.SPATIAL: _pool,
     ChannelRule.GETITEM: _getitem,
     ChannelRule.SHIFT: _shift,
+    ChannelRule.ADDCMUL: _addcmul,
     ChannelRule.SOFTMAX: _softmax,
     ChannelRule.ATTENTION: _sdpa,
     ChannelRule.MATMUL: _matmul,

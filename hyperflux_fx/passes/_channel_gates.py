@@ -33,9 +33,10 @@ from hyperflux_fx.ir import (
     MASKS_ATTR,
     ChannelGate,
     ChannelMask,
+    MaskedMean,
     MaskedNorm,
 )
-from hyperflux_fx.ops import norm_operands
+from hyperflux_fx.ops import node_spec, norm_operands
 from hyperflux_fx.passes._gate_report import ChannelGroupReport, GateReport
 from hyperflux_fx.passes._weight_gates import gate_container, unique_key
 
@@ -72,6 +73,7 @@ def insert_channel_gates(gm: fx.GraphModule, config: GateConfig, inputs: tuple[A
     gm.add_module(MASKS_ATTR, masks)
     _mask_consumers(gm, coupling, group_gate, rules)
     _mask_norms(gm, coupling, group_gate, rules)
+    _mask_means(gm, coupling, group_gate, rules)
     if not len(masks):
         delattr(gm, MASKS_ATTR)
     gm.graph.lint()
@@ -149,6 +151,25 @@ def _call_mask(gm: fx.GraphModule, masks: nn.ModuleDict, name: str, module: nn.M
         call = gm.graph.call_module(f"{MASKS_ATTR}.{key}", args)
     call.meta[MASK_NODE_META] = before.name
     return call
+
+
+def _mask_means(gm: fx.GraphModule, coupling: Coupling, group_gate: dict[int, fx.Node],
+                rules: Counter[str]) -> None:
+    """A MaskedMean (the open channels' mean) in place of every mean over a gated group's channels."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    group_of = coupling.group_of()
+    for use in coupling.means:
+        gid = group_of[use.label.segs[0].space]
+        if gid not in group_gate:
+            continue
+        node = nodes[use.node]
+        mean = MaskedMean(use.label.dim, bool(node_spec(gm, node).arg(node, "keepdim", False)))
+        mm = _call_mask(gm, gm.get_submodule(MASKS_ATTR), f"{node.name}_mean", mean, node,
+                        (node.args[0], group_gate[gid]))
+        mm.meta = {**node.meta, **mm.meta}
+        node.replace_all_uses_with(mm)
+        gm.graph.erase_node(node)
+        rules["masked_mean"] += 1
 
 
 def _mask_norms(gm: fx.GraphModule, coupling: Coupling, group_gate: dict[int, fx.Node],

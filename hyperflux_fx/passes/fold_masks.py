@@ -54,11 +54,12 @@ from hyperflux_fx.ir import (
     ChannelMask,
     Gate,
     GatedModuleCall,
+    MaskedMean,
     MaskedNorm,
     WeightGate,
     gates,
 )
-from hyperflux_fx.ops import cut_function, norm_function, sync_module_sizes
+from hyperflux_fx.ops import cut_function, mean_function, norm_function, sync_module_sizes
 from hyperflux_fx.passes._attrs import fetch_attr, owner_of, replace_tensor
 from hyperflux_fx.passes._channel_gates import group_name
 from hyperflux_fx.passes._result import PassResult
@@ -214,7 +215,7 @@ def _remove_gates(gm: fx.GraphModule) -> None:
 
 def _check_postconditions(gm: fx.GraphModule, inputs: tuple[Any, ...] | None) -> None:
     leftovers = [n.format_node() for n in gm.graph.nodes if n.op == "call_module" and isinstance(
-        gm.get_submodule(str(n.target)), (Gate, ChannelMask, MaskedNorm, GatedModuleCall))]
+        gm.get_submodule(str(n.target)), (Gate, ChannelMask, MaskedMean, MaskedNorm, GatedModuleCall))]
     assert not leftovers, f"fold_masks left gates in the graph: {leftovers}"
     if inputs is not None:
         propagate_shapes(gm, inputs)  # the compact model runs
@@ -234,6 +235,7 @@ def _fold_channels(gm: fx.GraphModule, coupling: Coupling, config: FoldConfig, r
     group_of = {s: g.id for g in groups for s in g.spaces}
     _slice(gm, coupling, keep, group_of, rules)
     _narrow_norms(gm, coupling, keep, group_of, rules)
+    _narrow_means(gm, coupling, keep, group_of, rules)
 
 
 def _fold_channel_masks(gm: fx.GraphModule, coupling: Coupling, report: FoldReport) -> None:
@@ -346,6 +348,26 @@ def _resize(gm: fx.GraphModule, coupling: Coupling, keep: dict[int, torch.Tensor
         owner, attr = owner_of(gm, target)
         if attr == "weight":
             sync_module_sizes(owner)
+
+
+def _narrow_means(gm: fx.GraphModule, coupling: Coupling, keep: dict[int, torch.Tensor], group_of: dict[int, int],
+                  rules: dict[str, int]) -> None:
+    """Every MaskedMean becomes the plain mean over the channels kept (exact as for norms: the fold
+    keeps exactly the open channels of a normalised group)."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for use in coupling.means:
+        node = nodes[use.node]
+        mod = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
+        if not isinstance(mod, MaskedMean):
+            if label_keep(use.label, keep, group_of) is not None:
+                raise RuntimeError(f"fold_masks: the mean {node.name} over deleted channels was not masked")
+            continue
+        with gm.graph.inserting_before(node):
+            plain = gm.graph.call_function(mean_function(), (node.args[0], mod.dim), {"keepdim": mod.keepdim})
+        plain.meta = dict(node.meta)
+        node.replace_all_uses_with(plain)
+        gm.graph.erase_node(node)
+        rules["means_narrowed"] += 1
 
 
 def _narrow_norms(gm: fx.GraphModule, coupling: Coupling, keep: dict[int, torch.Tensor], group_of: dict[int, int],

@@ -118,3 +118,16 @@ def test_flux_helpers_on_a_gated_model():
     assert set(fx) == {"0.weight", "2.weight"} and all(v.abs().sum() > 0 for v in fx.values())
     hf.reset_flux(gated)
     assert all(v.abs().sum() == 0 for v in hf.flux(gated).values())
+
+
+def test_masked_mean_is_the_plain_mean_when_open_and_the_open_channels_mean_otherwise():
+    from hyperflux_fx.ir import MaskedMean
+
+    x = torch.randn(2, 3, 3, 6, generator=torch.Generator().manual_seed(0))
+    mean = MaskedMean(3, keepdim=True)
+    assert torch.equal(mean(x, torch.ones(6)), x.mean(3, keepdim=True))  # bit for bit
+    mask = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 0.0])
+    assert torch.equal(mean(x, mask), x[..., [0, 2, 3]].mean(3, keepdim=True))
+    assert torch.equal(MaskedMean(1, keepdim=False)(x.transpose(1, 3), mask), x.transpose(1, 3)[:, [0, 2, 3]].mean(1))
+    closed = mean(x, torch.zeros(6))
+    assert closed.shape == (2, 3, 3, 1) and not closed.any()

@@ -1,7 +1,7 @@
 """Property test: on generated small networks mixing conv / BN / activations / depthwise (with a channel
 multiplier) / grouped convs / strided convs with upsampling / add / cat / split / chunk / narrow /
-channel slices / permute + LayerNorm / GroupNorm / per-channel scale and shift parameters / squeeze-excite /
-pooling / view_as / dropout / flatten / linear chains, fold is exact for random masks and
+channel slices / permute + LayerNorm / GroupNorm / per-channel scale and shift parameters / response
+norm / squeeze-excite / pooling / view_as / dropout / flatten / linear chains, fold is exact for random masks and
 deletes closed units wherever a group has any, every time (500 networks per run, derandomised so CI
 sees the same ones; the share of networks with nothing gated is a hypothesis event)."""
 
@@ -34,6 +34,7 @@ step = st.one_of(
     st.tuples(st.just("ln"), st.integers(0, 99)),
     st.tuples(st.just("gn"), st.integers(0, 99), st.sampled_from([1, 2])),
     st.tuples(st.just("scale"), st.integers(0, 99)),
+    st.tuples(st.just("grn"), st.integers(0, 99)),
 )
 
 
@@ -125,6 +126,10 @@ class RandomNet(nn.Module):
                 self.register_parameter(f"beta{len(self.plan)}", nn.Parameter(torch.randn(chans[src], 1, 1)))
                 self.plan.append(("scale", src, len(self.plan), chans[src]))
                 chans.append(chans[src])
+            elif kind == "grn":  # ConvNeXt-V2's response norm: a mean over the channels (mask-aware)
+                src = s[1] % len(chans)
+                self.plan.append(("grn", src))
+                chans.append(chans[src])
             elif kind == "se":
                 src = s[1] % len(chans)
                 c = chans[src]
@@ -156,6 +161,9 @@ class RandomNet(nn.Module):
                 ts.append(self.layers[p[2]](ts[p[1]]))
             elif p[0] == "scale":
                 ts.append(ts[p[1]] * getattr(self, f"gamma{p[2]}").view(p[3], 1, 1) + getattr(self, f"beta{p[2]}"))
+            elif p[0] == "grn":
+                g = ts[p[1]].norm(p=2, dim=(2, 3), keepdim=True)
+                ts.append(ts[p[1]] + ts[p[1]] * (g / (g.mean(1, keepdim=True) + 1e-6)))
             elif p[0] == "add":
                 ts.append(ts[p[1]] + ts[p[2]])
             elif p[0] == "cat":
