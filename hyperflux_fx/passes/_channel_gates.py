@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import fx, nn
 
 from hyperflux_fx.analysis.cost import unit_costs
-from hyperflux_fx.analysis.coupling import Coupling, Group, analyze_channels, group_consumers
+from hyperflux_fx.analysis.coupling import Coupling, Group, NormUse, analyze_channels, group_consumers
 from hyperflux_fx.config import GateConfig
 from hyperflux_fx.frontend.trace import propagate_shapes
 from hyperflux_fx.ir import (
@@ -153,42 +154,42 @@ def _call_mask(gm: fx.GraphModule, masks: nn.ModuleDict, name: str, module: nn.M
     return call
 
 
+def _gated_uses(gm: fx.GraphModule, coupling: Coupling, uses: list[NormUse],
+                group_gate: dict[int, fx.Node]) -> Iterator[tuple[NormUse, fx.Node, fx.Node]]:
+    """(use, its node, its group's gate output) for each norm / mean over a gated group."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    group_of = coupling.group_of()
+    for use in uses:
+        gid = group_of[use.label.segs[0].space]
+        if gid in group_gate:
+            yield use, nodes[use.node], group_gate[gid]
+
+
+def _replace(gm: fx.GraphModule, node: fx.Node, new: fx.Node) -> None:
+    """``new`` in place of ``node``, keeping the node's shapes and module stack."""
+    new.meta = {**node.meta, **new.meta}
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+
+
 def _mask_means(gm: fx.GraphModule, coupling: Coupling, group_gate: dict[int, fx.Node],
                 rules: Counter[str]) -> None:
     """A MaskedMean (the open channels' mean) in place of every mean over a gated group's channels."""
-    nodes = {n.name: n for n in gm.graph.nodes}
-    group_of = coupling.group_of()
-    for use in coupling.means:
-        gid = group_of[use.label.segs[0].space]
-        if gid not in group_gate:
-            continue
-        node = nodes[use.node]
+    for use, node, mask in _gated_uses(gm, coupling, coupling.means, group_gate):
         mean = MaskedMean(use.label.dim, bool(node_spec(gm, node).arg(node, "keepdim", False)))
-        mm = _call_mask(gm, gm.get_submodule(MASKS_ATTR), f"{node.name}_mean", mean, node,
-                        (node.args[0], group_gate[gid]))
-        mm.meta = {**node.meta, **mm.meta}
-        node.replace_all_uses_with(mm)
-        gm.graph.erase_node(node)
+        _replace(gm, node, _call_mask(gm, gm.get_submodule(MASKS_ATTR), f"{node.name}_mean", mean, node,
+                                      (node.args[0], mask)))
         rules["masked_mean"] += 1
 
 
 def _mask_norms(gm: fx.GraphModule, coupling: Coupling, group_gate: dict[int, fx.Node],
                 rules: Counter[str]) -> None:
     """A MaskedNorm (statistics over the open channels) in place of every norm over a gated group."""
-    masks = gm.get_submodule(MASKS_ATTR)
-    nodes = {n.name: n for n in gm.graph.nodes}
-    group_of = coupling.group_of()
-    for use in coupling.norms:
-        gid = group_of[use.label.segs[0].space]
-        if gid not in group_gate:
-            continue
-        node = nodes[use.node]
+    for use, node, mask in _gated_uses(gm, coupling, coupling.norms, group_gate):
         ops = norm_operands(gm, node)
         with gm.graph.inserting_before(node):
             weight, bias = (gm.graph.get_attr(v) if isinstance(v, str) else v for v in (ops.weight, ops.bias))
-        mn = _call_mask(gm, masks, f"{node.name}_norm", MaskedNorm(ops.kind, use.label.width, ops.eps, ops.groups),
-                        node, (ops.input, weight, bias, group_gate[gid]))
-        mn.meta = {**node.meta, **mn.meta}  # the norm's shapes and module stack, and the node it serves
-        node.replace_all_uses_with(mn)
-        gm.graph.erase_node(node)
+        norm = MaskedNorm(ops.kind, use.label.width, ops.eps, ops.groups)
+        _replace(gm, node, _call_mask(gm, gm.get_submodule(MASKS_ATTR), f"{node.name}_norm", norm, node,
+                                      (ops.input, weight, bias, mask)))
         rules["masked_norm"] += 1
