@@ -599,13 +599,11 @@ def _sliced_operand(gm: fx.GraphModule, c: Coupling, lab: Label, operand: fx.Nod
     p = c.parameters[t] if t in c.parameters else c.buffers.get(t)
     if p is None:
         return False
-    big = [i for i, d in enumerate(p.shape) if d != 1]
     if aligned:
         dim = lab.dim - (rank - p.dim())
         if dim < 0 or p.shape[dim] != lab.width:
             return False
-    elif len(big) == 1 and p.shape[big[0]] == lab.width:
-        dim = big[0]
+    elif (dim := _single_dim(tuple(p.shape), lab.width)) is not None:
         sizes = [_single_dim(shape_of(n), lab.width) for n in resized]
         if None in sizes:
             return False
@@ -627,9 +625,8 @@ def _probed_param_dim(gm: fx.GraphModule, chain: list[fx.Node], src: fx.Node, p:
     call = _replay(gm, chain, src)
     if isinstance(call, str) or out_dim < 0:
         return None
-    out_shape = shape_of(chain[-1]) if chain else tuple(p.shape)
-    for d in (d for d in range(p.dim()) if p.shape[d] == width):
-        if _channelwise_dim(call, tuple(p.shape), p.dtype, d, width, out_shape) == out_dim:
+    for d in (d for d in range(p.dim()) if p.shape[d] == width):  # chain: at least the reshape that unaligned it
+        if _channelwise_dim(call, tuple(p.shape), p.dtype, d, width, shape_of(chain[-1])) == out_dim:
             return d
     return None
 
@@ -1249,7 +1246,8 @@ def _channelwise_dim(call: Callable[[torch.Tensor], Any], shape: tuple[int, ...]
     aligned = dim - len(shape) + len(out_shape)
     why = "mixes the channels"
     for d in sorted((d for d in range(len(out_shape)) if out_shape[d] == width), key=lambda d: d != aligned):
-        if alone.shape != y.index_select(d, kept).shape or not torch.equal(alone, y.index_select(d, kept)):
+        y_kept = y.index_select(d, kept)
+        if alone.shape != y_kept.shape or not torch.equal(alone, y_kept):
             continue
         if not torch.equal(zeroed.index_select(d, kept), alone):
             continue
