@@ -28,6 +28,7 @@ from torch import nn
 __all__ = [
     "CALLS_ATTR",
     "FOLD_REPORT_META",
+    "FRONTEND_META",
     "GATES_ATTR",
     "GATE_NODE_META",
     "GATE_REPORT_META",
@@ -73,6 +74,7 @@ STATE_ATTRS = (GATES_ATTR, MASKS_ATTR, CALLS_ATTR, PRESSURE_ATTR)  # all of them
 
 # GraphModule.meta keys.
 OPAQUE_META = "hyperflux.opaque"  # list of OpaqueModule: submodules the trace fallback made leaves
+FRONTEND_META = "hyperflux.frontend"  # Frontend: which front end captured the graph, and why
 TRAINING_ONLY_META = "hyperflux.training_only"  # list of TrainingOnlyCode: train-mode code the eval graph lacks
 INPUTS_META = "hyperflux.example_inputs"  # example inputs kept for later passes' shape propagation
 GATE_REPORT_META = "hyperflux.gate_report"  # the GateReport of insert_gates

@@ -28,7 +28,7 @@ import functools
 import math
 import operator
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
@@ -74,6 +74,7 @@ OpKind = Literal[
     "elementwise", "binary", "softmax", "reduce", "pool",  # value ops
     "shape", "cat", "index",  # moving ops: reshape/permute/..., concatenation, indexing and splitting
     "gate",  # hyperflux's own modules
+    "check",  # run-time checks torch.export inserts (no output): the export front end drops them
 ]
 
 
@@ -101,6 +102,11 @@ class ChannelRule(enum.Enum):
     REDUCE = "reduce"  # fine unless it reduces the channel dim
     SPATIAL = "spatial"  # pooling/interpolation: channels untouched
     GETITEM = "getitem"  # the channel dim must be taken whole
+    UNSQUEEZE = "unsqueeze"  # a size-1 dim inserted: the label's dim shifts
+    EXPAND = "expand"  # broadcasts size-1 dims: the label passes, its written size follows the width
+    SLICE = "slice"  # aten.slice(x, dim, start, end, step): as getitem with one slice on dim
+    SELECT = "select"  # aten.select(x, dim, index): as getitem with one integer on dim
+    EMBEDDING = "embedding"  # a look-up: its output's last dim is a new space, the table's columns
     SOFTMAX = "softmax"  # fine unless over the channels
     ATTENTION = "attention"  # a head label on q, k and v passes to the output
     MATMUL = "matmul"  # q @ k^T / attn @ v: a head label on a batch dim passes
@@ -231,7 +237,7 @@ def _mha_macs(mod: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> int:
 _CONV_SIG = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _CONV_T_SIG = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
 _LINEAR_SIG = ("input", "weight", "bias")
-_SDPA_SIG = ("query", "key", "value")
+_SDPA_SIG = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
 _BN_SIG = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
 _BINARY_SIG = ("input", "other")
 _LAYER_NORM_SIG = ("input", "normalized_shape", "weight", "bias", "eps")
@@ -341,7 +347,7 @@ FUNCTIONS: dict[Any, OpSpec] = {
     torch.transpose: _moving("transpose", ChannelRule.TRANSPOSE, ("input", "dim0", "dim1")),  # swap two dims
     torch.t: _moving("t", None),  # transpose of a 2-D weight
     torch.squeeze: _moving("squeeze", None),  # drop size-1 dims
-    torch.unsqueeze: _moving("unsqueeze", None),  # add a size-1 dim
+    torch.unsqueeze: _moving("unsqueeze", ChannelRule.UNSQUEEZE, ("input", "dim")),  # add a size-1 dim
     operator.getitem: OpSpec("getitem", "index", ("input", "index"), channel_rule=ChannelRule.GETITEM,
                              moves_elements=True, attention_glue=True),  # whole channel dim kept; w[:, :k] moves
     torch.unbind: OpSpec("unbind", "index", ("input", "dim"), channel_rule=ChannelRule.UNBIND,
@@ -429,8 +435,9 @@ METHODS: dict[str, OpSpec] = {
     "reshape_as": OpSpec("reshape_as", "shape", ("self", "other"), channel_rule=ChannelRule.SHAPE_OF,
                          moves_elements=True),  # as view_as
     "unflatten": _method_moving("unflatten", None),  # moves (weights)
-    "expand": _method_moving("expand", None, keeps_dims=True),  # broadcasts (a class token per sample)
-    "squeeze": _method_moving("squeeze", None), "unsqueeze": _method_moving("unsqueeze", None),  # size-1 dims
+    "expand": _method_moving("expand", ChannelRule.EXPAND, keeps_dims=True),  # broadcasts (a class token per sample)
+    "squeeze": _method_moving("squeeze", None),  # drops size-1 dims
+    "unsqueeze": _method_moving("unsqueeze", ChannelRule.UNSQUEEZE),  # adds a size-1 dim
     "t": _method_moving("t", None),  # 2-D transpose of a weight
     "permute": _method_moving("permute", ChannelRule.PERMUTE),  # move the channel dim
     "transpose": OpSpec("transpose", "shape", ("self", "dim0", "dim1"), channel_rule=ChannelRule.TRANSPOSE,
@@ -451,6 +458,82 @@ METHODS: dict[str, OpSpec] = {
     "size": OpSpec("size", "shape", channel_rule=ChannelRule.NO_CHANNELS, reads_sizes=True),  # read at run time
     "dim": OpSpec("dim", "shape", channel_rule=ChannelRule.NO_CHANNELS),  # read at run time
 }
+
+
+# -- ATen overloads (the export front end) ----------------------------------------------------------
+# A graph from torch.export calls ATen overloads. Each is one of the ops above under another name: its
+# entry is that op's spec, with the operand names read off the overload's schema ("self" -> "input",
+# dropout's "train" -> "training"). Elementwise maths without an entry here (pow, rsqrt, neg, cos, ...)
+# is probed like any op outside the table.
+
+_aten = torch.ops.aten
+_RENAMED_OPERANDS = {"self": "input", "train": "training"}
+
+
+def _overload(op: Any, like: OpSpec, **changes: Any) -> OpSpec:
+    """``like`` under the operand names of ATen overload ``op``."""
+    names = tuple(_RENAMED_OPERANDS.get(a.name, a.name) for a in op._schema.arguments)
+    return replace(like, signature=names, **changes)
+
+
+_CAST = _method_act("cast", True, moves=True)  # dtype/device copies: zero stays zero
+_ALIAS = _method_act("alias", True, moves=True)  # the same values
+_SLICE = OpSpec("slice", "index", channel_rule=ChannelRule.SLICE, moves_elements=True, attention_glue=True)
+_SELECT = OpSpec("select", "index", channel_rule=ChannelRule.SELECT, moves_elements=True, attention_glue=True)
+_EMBEDDING = OpSpec("embedding", "embedding", channel_rule=ChannelRule.EMBEDDING)
+_CHECK = OpSpec("check", "check", channel_rule=ChannelRule.NO_CHANNELS)
+_SYM_SIZE = OpSpec("sym_size", "shape", channel_rule=ChannelRule.NO_CHANNELS, reads_sizes=True)
+
+#: ATen overload -> (the spec it shares, changes). Built into FUNCTIONS below.
+_ATEN_LIKE: dict[Any, OpSpec] = {
+    _aten.linear.default: FUNCTIONS[F.linear],
+    _aten.conv1d.default: FUNCTIONS[torch.conv1d], _aten.conv2d.default: FUNCTIONS[torch.conv2d],
+    _aten.conv3d.default: FUNCTIONS[torch.conv3d],
+    _aten.conv_transpose1d.default: FUNCTIONS[torch.conv_transpose1d],
+    _aten.conv_transpose2d.input: FUNCTIONS[torch.conv_transpose2d],
+    _aten.conv_transpose3d.input: FUNCTIONS[torch.conv_transpose3d],
+    _aten.matmul.default: FUNCTIONS[torch.matmul], _aten.mm.default: FUNCTIONS[torch.mm],
+    _aten.bmm.default: FUNCTIONS[torch.bmm], _aten.addmm.default: FUNCTIONS[torch.addmm],
+    _aten.baddbmm.default: FUNCTIONS[torch.baddbmm],
+    _aten.scaled_dot_product_attention.default: FUNCTIONS[F.scaled_dot_product_attention],
+    _aten.layer_norm.default: FUNCTIONS[F.layer_norm], _aten.rms_norm.default: FUNCTIONS[F.rms_norm],
+    _aten.group_norm.default: FUNCTIONS[F.group_norm],
+    _aten.embedding.default: _EMBEDDING,
+    _aten.add.Tensor: FUNCTIONS[torch.add], _aten.sub.Tensor: FUNCTIONS[torch.sub],
+    _aten.mul.Tensor: FUNCTIONS[torch.mul], _aten.div.Tensor: FUNCTIONS[torch.div],
+    _aten.addcmul.default: FUNCTIONS[torch.addcmul],
+    _aten.cat.default: FUNCTIONS[torch.cat],
+    _aten.flatten.using_ints: FUNCTIONS[torch.flatten],
+    _aten.view.default: FUNCTIONS[torch.reshape], _aten.reshape.default: FUNCTIONS[torch.reshape],
+    _aten._unsafe_view.default: FUNCTIONS[torch.reshape],
+    _aten.permute.default: FUNCTIONS[torch.permute], _aten.transpose.int: FUNCTIONS[torch.transpose],
+    _aten.t.default: FUNCTIONS[torch.t],
+    _aten.unsqueeze.default: FUNCTIONS[torch.unsqueeze], _aten.squeeze.dim: FUNCTIONS[torch.squeeze],
+    _aten.squeeze.dims: FUNCTIONS[torch.squeeze],
+    _aten.expand.default: METHODS["expand"],
+    _aten.clone.default: _ALIAS, _aten.alias.default: _ALIAS, _aten.contiguous.default: _ALIAS,
+    _aten.to.dtype: _CAST, _aten.to.dtype_layout: _CAST, _aten.to.device: _CAST, _aten._to_copy.default: _CAST,
+    _aten.slice.Tensor: _SLICE, _aten.select.int: _SELECT,
+    _aten.split.Tensor: _SPLIT, _aten.split_with_sizes.default: _SPLIT, _aten.chunk.default: _CHUNK,
+    _aten.narrow.default: _NARROW, _aten.unbind.int: FUNCTIONS[torch.unbind],
+    _aten.mean.dim: FUNCTIONS[torch.mean], _aten.sum.dim_IntList: FUNCTIONS[torch.sum],
+    _aten.amax.default: FUNCTIONS[torch.amax],
+    _aten.softmax.int: _SOFTMAX, _aten._softmax.default: _SOFTMAX,
+    _aten.roll.default: FUNCTIONS[torch.roll], _aten.flip.default: FUNCTIONS[torch.flip],
+    _aten.pad.default: FUNCTIONS[F.pad], _aten.constant_pad_nd.default: FUNCTIONS[F.pad],
+    _aten.adaptive_avg_pool1d.default: FUNCTIONS[F.adaptive_avg_pool1d],
+    _aten.adaptive_avg_pool2d.default: FUNCTIONS[F.adaptive_avg_pool2d],
+    _aten.avg_pool2d.default: FUNCTIONS[F.avg_pool2d], _aten.max_pool2d.default: FUNCTIONS[F.max_pool2d],
+    _aten.relu.default: FUNCTIONS[F.relu], _aten.gelu.default: FUNCTIONS[F.gelu], _aten.silu.default: FUNCTIONS[F.silu],
+    _aten.tanh.default: FUNCTIONS[torch.tanh], _aten.hardswish.default: FUNCTIONS[F.hardswish],
+    _aten.hardtanh.default: FUNCTIONS[F.hardtanh], _aten.leaky_relu.default: FUNCTIONS[F.leaky_relu],
+    _aten.elu.default: FUNCTIONS[F.elu], _aten.mish.default: FUNCTIONS[F.mish],
+    _aten.sigmoid.default: FUNCTIONS[torch.sigmoid], _aten.hardsigmoid.default: FUNCTIONS[F.hardsigmoid],
+    _aten.dropout.default: replace(FUNCTIONS[F.dropout], train_args=("p",)),  # (input, p, train)
+    _aten.sym_size.int: _SYM_SIZE,  # a size read at run time (dynamic shapes)
+    _aten._assert_tensor_metadata.default: _CHECK, _aten._assert_scalar.default: _CHECK,
+}
+FUNCTIONS.update({op: _overload(op, like) for op, like in _ATEN_LIKE.items()})
 
 
 # -- modules ----------------------------------------------------------------------------------------

@@ -232,6 +232,8 @@ class Coupling:
     requests: dict[str, int] = field(default_factory=dict)  # splits this pass found needed (for the next)
     cuts: dict[str, frozenset[int]] = field(default_factory=dict)  # producer node -> rows its space is cut at
     cut_requests: dict[str, set[int]] = field(default_factory=lambda: defaultdict(set))  # cuts found needed
+    head_groups: dict[str, int] = field(default_factory=dict)  # producer node -> heads per unit of its head split
+    head_group_requests: dict[str, int] = field(default_factory=dict)  # head groupings found needed (GQA)
     items: dict[str, list[Label | None]] = field(default_factory=dict)  # split/chunk node -> its items' labels
     cut_args: list[CutArg] = field(default_factory=list)
 
@@ -928,16 +930,17 @@ def _split_heads(c: Coupling, node: fx.Node, lab: Label, dims: tuple[int, ...], 
     """(.., R*U*D) -> (.., R.., U, D): unit u of the new space owns rows r*U*D + u*D + d of the parent
     producer for every replica r. The parent space is deleted only through this one."""
     parent = lab.segs[0].space
-    units, feat = dims[-2], dims[-1]
-    replicas = math.prod(dims[:-2])
     src = c.producers[parent]
+    per_unit = c.head_groups.get(src.node, 1)  # heads that move together (the query heads of one KV head)
+    units, feat = dims[-2] // per_unit, dims[-1] * per_unit
+    replicas = math.prod(dims[:-2])
     prod = Producer(src.node, -1, src.weight, src.bias, src.weight_dim, replicas=replicas, unit_rows=feat,
                     units=units, parent=parent, offset=src.offset, piece=src.piece)
     sid = c.new_space(prod, units)
     if parent in c.revived:
         c.revived.add(sid)
     c.split_parents[parent] = f"split into units of {units} x {feat} by {node.name}: deleted through that group"
-    return Label(j0 + len(dims) - 2, (Seg(sid, units),))
+    return Label(j0 + len(dims) - 2, (Seg(sid, units, expand=per_unit),))
 
 
 def _unbind(gm, node, c, labels, spec):  # unbind(x, dim) -> tuple; items keep the label (dim shifted)
@@ -956,23 +959,67 @@ def _same_label(labs: list[Label | None]) -> bool:
     return all(lab is not None for lab in labs) and len({(lab.dim, lab.segs) for lab in labs}) == 1
 
 
+def _heads_alike(c: Coupling, node: fx.Node, labs: list[Label | None], rank: int) -> Label | None:
+    """Operands of an attention product with one head layout on a batch dim: the label (separate
+    projections' head spaces are tied: head h of each operand only meets head h of the others).
+    Grouped-query attention (a KV head repeated for R query heads) asks the next pass to group the
+    query heads R to a unit, so that a KV head and its query heads move together."""
+    if not all(lab is not None and lab.dim < rank - 2 for lab in labs):
+        return None
+    if _same_label(labs):
+        return labs[0]
+    if not all(_same_layout(labs[0], lab) for lab in labs[1:]):
+        asked = [_request_head_groups(c, lab, other) for lab in labs for other in labs if lab is not other]
+        if any(asked):
+            for lab in labs:
+                c.block(lab, "query heads grouped by their KV head on the next pass")
+        return None
+    for lab in labs[1:]:
+        _tie(c, labs[0], lab, "attention", node)
+    return labs[0]
+
+
+def _request_head_groups(c: Coupling, lab: Label, repeated: Label) -> bool:
+    """``lab`` is a plain head split of H heads, ``repeated`` H/R heads each repeated R times: ask for
+    ``lab``'s heads in units of R (True when asked)."""
+    if len(lab.segs) != 1 or len(repeated.segs) != 1 or lab.dim != repeated.dim or lab.width != repeated.width:
+        return False
+    seg, rep = lab.segs[0], repeated.segs[0]
+    if seg.space is None or seg.expand != 1 or seg.replicas != 1 or rep.expand == 1 or rep.replicas != 1:
+        return False
+    prod = c.producers[seg.space]
+    if prod.parent is None or prod.replicas != 1 or c.head_groups.get(prod.node, 1) != 1:
+        return False
+    c.head_group_requests.setdefault(prod.node, rep.expand)
+    return True
+
+
 def _sdpa(gm, node, c, labels, spec):  # F.scaled_dot_product_attention(q, k, v): heads are independent
     q, k, v = (spec.arg(node, name) for name in ("query", "key", "value"))
     labs = [labels.get(t) if isinstance(t, fx.Node) else None for t in (q, k, v)]
     rank = len(shape_of(node) or ())
-    if _same_label(labs) and labs[0].dim < rank - 2:
-        return labs[0]
-    _block_inputs(c, node, labels, "attention over labels that are not one head space on a batch dim")
-    return None
+    out = _heads_alike(c, node, labs, rank)
+    if out is None:
+        _block_inputs(c, node, labels, "attention over labels that are not one head space on a batch dim")
+        return None
+    mask = spec.arg(node, "attn_mask")
+    shape = shape_of(mask) if isinstance(mask, fx.Node) else None
+    d = out.dim - (rank - len(shape)) if shape is not None else -1
+    if d >= 0 and shape[d] != 1:  # a mask (a position bias) per head: deleted with the heads, or it blocks
+        ml = labels.get(mask)
+        if ml is None or ml.dim != d or not _same_layout(ml, out):
+            _block_inputs(c, node, labels, f"an attention mask that varies over the heads: {node.format_node()}")
+            return None
+        _tie(c, out, ml, "attention mask", node)
+    return out
 
 
 def _matmul(gm, node, c, labels, spec):  # q @ k^T, attn @ v: a head label on a batch dim passes through
     labs = [labels.get(a) if isinstance(a, fx.Node) else None for a in node.args[:2]]
-    rank = len(shape_of(node) or ())
-    if _same_label(labs) and labs[0].dim < rank - 2:
-        return labs[0]
-    _block_inputs(c, node, labels, "matmul over the channels")
-    return None
+    out = _heads_alike(c, node, labs, len(shape_of(node) or ()))
+    if out is None:
+        _block_inputs(c, node, labels, "matmul over the channels")
+    return out
 
 
 def _softmax(gm, node, c, labels, spec):  # softmax over a dim other than the channels: pass-through
@@ -1105,13 +1152,78 @@ def _getitem(gm, node, c, labels, spec):  # x[idx] on a tensor: the channel dim 
     return Label(lab.dim - dim_in + dim_out, lab.segs)
 
 
+def _unsqueeze(gm, node, c, labels, spec):  # unsqueeze(x, dim): a size-1 dim inserted
+    lab = _only_label(node, labels)
+    out = shape_of(node)
+    if lab is None or out is None:
+        return None
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    return Label(lab.dim + (_norm_dim(dim, len(out)) <= lab.dim), lab.segs)
+
+
+def _expand(gm, node, c, labels, spec):  # expand(x, sizes): broadcasts size-1 dims (new ones in front)
+    """The label passes (shifted by the dims added in front); the size written for the channel dim
+    follows the kept width after the fold."""
+    lab = _only_label(node, labels)
+    ins, outs = shape_of(node.args[0]), shape_of(node)
+    if lab is None or ins is None or outs is None:
+        return None
+    out = Label(lab.dim + len(outs) - len(ins), lab.segs)
+    c.shape_args.append(ShapeArg(node.name, out.dim, out))
+    return out
+
+
+def _slice(gm, node, c, labels, spec):  # aten.slice(x, dim, start, end, step)
+    """As ``x[..., start:end:step]`` on one dim: another dim passes the label, the channel dim must
+    be taken whole or as one run of step 1 (cut there, as narrow)."""
+    lab = _only_label(node, labels)
+    shape = shape_of(node.args[0])
+    if lab is None or shape is None:
+        return None
+    dim = _norm_dim(spec.arg(node, "dim", 0), len(shape))
+    if dim != lab.dim:
+        return lab
+    step = spec.arg(node, "step", 1)
+    start, stop, _ = slice(spec.arg(node, "start"), spec.arg(node, "end"), step).indices(lab.width)
+    if step != 1 or not start < stop:
+        c.block(lab, f"slicing the channels with a step or to nothing: {node.format_node()}")
+        return None
+    if (start, stop) == (0, lab.width):
+        return lab
+    return _cut(c, node, lab, [(start, stop)], "narrow")[0]
+
+
+def _select(gm, node, c, labels, spec):  # aten.select(x, dim, index): one index along dim, dim dropped
+    lab = _only_label(node, labels)
+    shape = shape_of(node.args[0])
+    if lab is None or shape is None:
+        return None
+    dim = _norm_dim(spec.arg(node, "dim"), len(shape))
+    if dim == lab.dim:
+        c.block(lab, f"selecting one channel: {node.format_node()}")
+        return None
+    return Label(lab.dim - (dim < lab.dim), lab.segs)
+
+
+def _embedding(gm, node, c, labels, spec):  # aten.embedding(weight, indices): rows of a table
+    """A look-up produces a new space on its output's last dim: the table's columns (its dim 1),
+    sliced like a linear layer's rows."""
+    wt = param_target(gm, spec.arg(node, "weight"))
+    out = shape_of(node)
+    if wt is None or wt not in c.parameters or out is None:
+        return None
+    width = c.parameters[wt].shape[1]
+    return Label(len(out) - 1, (Seg(c.new_space(Producer(node.name, -1, wt, None, 1), width), width),))
+
+
 def _block(gm, node, c, labels, spec):  # an op that mixes the channels (e.g. layer_norm over them)
     _block_inputs(c, node, labels, spec.block_reason)
 
 
 def _no_channels(gm, node, c, labels, spec):  # shape reads (checked by _check_width_reads), gates
     lab = _only_label(node, labels)
-    if lab is not None and spec.reads_sizes and (node.op == "call_method" or node.args[1:] == ("shape",)):
+    if lab is not None and spec.reads_sizes and (node.op == "call_method" or node.args[1:] == ("shape",)
+                                                 or spec.name == "sym_size"):
         c.shape_reads.append((node.name, lab))
     return None
 
@@ -1281,6 +1393,11 @@ RULES: dict[ChannelRule, Rule] = {
     ChannelRule.REDUCE: _reduce,
     ChannelRule.SPATIAL: _pool,
     ChannelRule.GETITEM: _getitem,
+    ChannelRule.SLICE: _slice,
+    ChannelRule.UNSQUEEZE: _unsqueeze,
+    ChannelRule.EXPAND: _expand,
+    ChannelRule.SELECT: _select,
+    ChannelRule.EMBEDDING: _embedding,
     ChannelRule.SHIFT: _shift,
     ChannelRule.ADDCMUL: _addcmul,
     ChannelRule.SOFTMAX: _softmax,
@@ -1324,22 +1441,26 @@ def analyze_channels(gm: fx.GraphModule) -> Coupling:
     from their producer on, until no pass asks for more (each pass adds a split or a cut)."""
     split: dict[str, int] = {}
     cuts: dict[str, frozenset[int]] = {}
+    heads: dict[str, int] = {}
     while True:
-        c = _analyze(gm, split, cuts)
+        c = _analyze(gm, split, cuts, heads)
         new = {k: v for k, v in c.requests.items() if k not in split}
         new_cuts = {k: cuts.get(k, frozenset()) | v for k, v in c.cut_requests.items()
                     if not v <= cuts.get(k, frozenset())}
-        if not new and not new_cuts:
+        new_heads = {k: v for k, v in c.head_group_requests.items() if k not in heads}
+        if not new and not new_cuts and not new_heads:
             return c
         split.update(new)
         cuts.update(new_cuts)
+        heads.update(new_heads)
 
 
-def _analyze(gm: fx.GraphModule, split: dict[str, int], cuts: dict[str, frozenset[int]]) -> Coupling:
+def _analyze(gm: fx.GraphModule, split: dict[str, int], cuts: dict[str, frozenset[int]],
+             heads: dict[str, int] | None = None) -> Coupling:
     """One pass of :func:`analyze_channels`: the spaces of ``split``'s producers split over conv groups,
-    those of ``cuts``' cut into pieces."""
+    those of ``cuts``' cut into pieces, the head splits of ``heads``' in units of that many heads."""
     c = Coupling(parameters=dict(gm.named_parameters()), buffers=dict(gm.named_buffers()), split=dict(split),
-                 cuts=dict(cuts))
+                 cuts=dict(cuts), head_groups=dict(heads or {}))
     labels: dict[fx.Node, Label] = {}
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "get_attr"):
@@ -1369,7 +1490,8 @@ def _check_width_reads(gm: fx.GraphModule, c: Coupling) -> None:
     for name, lab in c.shape_reads:
         read = nodes[name]
         rank = len(shape_of(read.args[0]) or ())
-        if read.op == "call_method" and len(read.args) + len(read.kwargs) > 1:  # x.size(d)
+        if (read.op == "call_method" or read.target is not getattr) and len(read.args) + len(read.kwargs) > 1:
+            # x.size(d), aten.sym_size(x, d)
             d = read.args[1] if len(read.args) > 1 else next(iter(read.kwargs.values()))
             widths = [read] if _norm_dim(d, rank) == lab.dim else []
         else:

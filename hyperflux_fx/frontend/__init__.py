@@ -1,5 +1,5 @@
 """Capture: tracing a model into a GraphModule (torch.fx, leaf fallback), loading model sources
-(``model.py``, ``timm:``, ``torchvision:``) and data specs (digits, CIFAR, image folders, synthetic)."""
+(``model.py``, ``timm:``, ``torchvision:``), or capturing it with torch.export (exported.py) and data specs (digits, CIFAR, image folders, synthetic)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from hyperflux_fx.frontend.data import DataError, digits_datasets, resolve_datas
 from hyperflux_fx.frontend.sources import LoadedModel, SourceError, load_source
 from hyperflux_fx.frontend.trace import (
     ExampleInputError,
+    Frontend,
     OpaqueModule,
     TraceError,
     normalize_inputs,
@@ -14,5 +15,5 @@ from hyperflux_fx.frontend.trace import (
     trace,
 )
 
-__all__ = ["DataError", "ExampleInputError", "LoadedModel", "OpaqueModule", "SourceError", "TraceError",
+__all__ = ["DataError", "ExampleInputError", "Frontend", "LoadedModel", "OpaqueModule", "SourceError", "TraceError",
            "digits_datasets", "load_source", "normalize_inputs", "propagate_shapes", "resolve_datasets", "trace"]

@@ -21,11 +21,13 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from hyperflux_fx.ir import OPAQUE_META, TRAINING_ONLY_META, VALUE_META, EvalIdentity, is_gate_module
+from hyperflux_fx.frontend.exported import export_graph
+from hyperflux_fx.ir import FRONTEND_META, OPAQUE_META, TRAINING_ONLY_META, VALUE_META, EvalIdentity, is_gate_module
 from hyperflux_fx.ops import function_spec
 
 __all__ = [
     "ExampleInputError",
+    "Frontend",
     "OpaqueModule",
     "TraceError",
     "TrainingOnlyCode",
@@ -46,6 +48,18 @@ class OpaqueModule:
     path: str  # qualified name
     type: str  # module.qualname of its class
     error: str  # why torch.fx could not trace it (first line)
+
+
+@dataclass(frozen=True)
+class Frontend:
+    """Which front end captured a graph (``gm.meta[FRONTEND_META]``): "fx" (symbolic tracing) or
+    "export" (torch.export), and why that one."""
+
+    name: str
+    reason: str
+
+
+FRONTENDS = ("auto", "fx", "export")
 
 
 class TraceError(RuntimeError):
@@ -147,16 +161,24 @@ def short_error(exc: BaseException) -> str:
     return first if len(first) <= 300 else first[:297] + "..."
 
 
-def trace(model: nn.Module, example_inputs: Any = None, *, leaf_modules: Iterable[type | str] = (),
+def trace(model: nn.Module, example_inputs: Any = None, *, example_kwargs: dict[str, Any] | None = None,
+          frontend: str = "auto", leaf_modules: Iterable[type | str] = (),
           concrete_args: dict[str, Any] | None = None, max_fallbacks: int = 64) -> fx.GraphModule:
-    """Symbolically trace ``model`` into a GraphModule, making untraceable submodules leaves.
+    """Capture ``model`` as a GraphModule: torch.fx symbolic tracing (untraceable submodules become
+    leaves) or torch.export (docs/frontends.md).
 
     Args:
-        model: the module to trace (a GraphModule is returned as it is).
+        model: the module to capture (a GraphModule is returned as it is).
         example_inputs: optional inputs (tensor or tuple); when given, shapes are propagated into
             ``node.meta["tensor_meta"]`` and a wrong input fails here with :class:`ExampleInputError`.
-        leaf_modules: module types or qualified names to keep as leaves (not traced into).
-        concrete_args: passed to ``torch.fx.Tracer.trace`` (e.g. to fix a flag argument).
+            torch.export needs them.
+        example_kwargs: keyword inputs for torch.export (``{"use_cache": False}``, an attention mask);
+            non-tensor ones become constants of the graph, tensors trailing positional inputs.
+        frontend: "fx", "export", or "auto" (the default): symbolic tracing, and torch.export when
+            tracing fails at the model's own forward or ``example_kwargs`` are given.
+            ``gm.meta[FRONTEND_META]`` says which one ran and why.
+        leaf_modules: module types or qualified names to keep as leaves (fx only).
+        concrete_args: passed to ``torch.fx.Tracer.trace`` (fx only; e.g. to fix a flag argument).
         max_fallbacks: most submodules the fallback may turn into leaves before giving up.
 
     Returns:
@@ -164,20 +186,67 @@ def trace(model: nn.Module, example_inputs: Any = None, *, leaf_modules: Iterabl
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
-        TraceError: the model's own forward cannot be traced.
-        ExampleInputError: the traced model does not run on ``example_inputs``.
+        ValueError: an unknown ``frontend``, or torch.export without example inputs.
+        TraceError: no front end could capture the model.
+        ExampleInputError: the captured model does not run on ``example_inputs``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"hyperflux_fx.trace expects a torch.nn.Module, got {type(model).__module__}."
                         f"{type(model).__qualname__}; build the model first (e.g. model = MyNet())")
+    if frontend not in FRONTENDS:
+        raise ValueError(f"frontend must be one of {', '.join(FRONTENDS)}, got {frontend!r}")
+    inputs = normalize_inputs(example_inputs)
     if isinstance(model, fx.GraphModule):
         gm = model
         gm.meta.setdefault(OPAQUE_META, [])
     else:
-        gm = _trace_with_fallback(model, leaf_modules, concrete_args, max_fallbacks)
-    inputs = normalize_inputs(example_inputs)
+        gm = _capture(model, inputs, example_kwargs, frontend, leaf_modules, concrete_args, max_fallbacks)
     if inputs:
-        propagate_shapes(gm, inputs)
+        propagate_shapes(gm, inputs + tuple(v for v in (example_kwargs or {}).values() if isinstance(v, torch.Tensor)))
+    return gm
+
+
+def _capture(model: nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, Any] | None, frontend: str,
+             leaf_modules: Iterable[type | str], concrete_args: dict[str, Any] | None,
+             max_fallbacks: int) -> fx.GraphModule:
+    """The front end asked for; "auto": fx, and export when fx fails at the root or kwargs are given."""
+    if frontend == "export" or (frontend == "auto" and kwargs):
+        why = "asked for" if frontend == "export" else "keyword inputs were given (torch.fx takes none)"
+        return _exported(model, inputs, kwargs, why, None)
+    try:
+        gm = _trace_with_fallback(model, leaf_modules, concrete_args, max_fallbacks)
+    except TraceError as exc:
+        if frontend == "fx" or exc.module_path:
+            raise
+        if not inputs:
+            raise TraceError(f"{exc} With example_inputs, torch.export would be tried next (frontend='export').",
+                             module_path="", fx_error=exc.fx_error) from exc
+        return _exported(model, inputs, kwargs, f"torch.fx failed at the root ({short_error(exc.fx_error)})", exc)
+    gm.meta[FRONTEND_META] = Frontend("fx", "asked for" if frontend == "fx" else "symbolic tracing succeeded")
+    return gm
+
+
+def _exported(model: nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, Any] | None, why: str,
+              fx_error: TraceError | None) -> fx.GraphModule:
+    """torch.export's graph of ``model`` (eval mode), its dropouts following the gated model's flag."""
+    if not inputs:
+        raise ValueError(f"{why}: torch.export needs example_inputs (and example_kwargs for keyword inputs)")
+    try:
+        with modes_restored(model):
+            model.eval()
+            gm = export_graph(model, inputs, kwargs)
+    except Exception as exc:  # torch.export raises many types
+        first = f"torch.fx: {short_error(fx_error.fx_error)}; " if fx_error is not None else ""
+        raise TraceError(f"neither front end captures {type(model).__qualname__}: {first}torch.export: "
+                         f"{short_error(exc)}", module_path="", fx_error=exc) from exc
+    gm.training = model.training
+    gm.meta[OPAQUE_META] = []
+    gm.meta[TRAINING_ONLY_META] = []
+    gm.meta[FRONTEND_META] = Frontend("export", why)
+    _dropout_modules(gm)
+    log.info("trace: %s captured with torch.export (%s)", type(model).__qualname__, why)
+    gm.graph.lint()
+    gm.recompile()
     return gm
 
 

@@ -63,7 +63,8 @@ log = logging.getLogger(__name__)
 
 def insert_gates(model_or_gm: nn.Module, config: GateConfig | None = None, *, example_inputs: Any = None,
                  inplace: bool = False, leaf_modules: tuple[type | str, ...] = (),
-                 concrete_args: dict[str, Any] | None = None) -> PassResult:
+                 concrete_args: dict[str, Any] | None = None, frontend: str = "auto",
+                 example_kwargs: dict[str, Any] | None = None) -> PassResult:
     """Trace ``model_or_gm`` (if needed) and insert gates on its weights and/or channel groups.
 
     Args:
@@ -74,6 +75,8 @@ def insert_gates(model_or_gm: nn.Module, config: GateConfig | None = None, *, ex
             instead of a deep copy.
         leaf_modules: forwarded to :func:`hyperflux_fx.trace`.
         concrete_args: forwarded to :func:`hyperflux_fx.trace`.
+        frontend: forwarded to :func:`hyperflux_fx.trace` ("auto", "fx" or "export").
+        example_kwargs: forwarded to :func:`hyperflux_fx.trace` (keyword inputs for torch.export).
 
     Returns:
         ``PassResult(graph_module, modified, report)``; the report is also in
@@ -86,7 +89,8 @@ def insert_gates(model_or_gm: nn.Module, config: GateConfig | None = None, *, ex
     """
     config = config or GateConfig()
     _check_arguments(model_or_gm, config, example_inputs)
-    gm, original = _graph_module(model_or_gm, example_inputs, inplace, leaf_modules, concrete_args)
+    gm, original = _graph_module(model_or_gm, example_inputs, inplace, leaf_modules, concrete_args,
+                                 frontend, example_kwargs)
     attention = find_attention(gm)
     report = GateReport(granularity=config.granularity, model_kind=attention.model_kind,
                         gate_first=_auto(config.gate_first, attention.model_kind),
@@ -128,7 +132,8 @@ def _check_arguments(model_or_gm: Any, config: Any, example_inputs: Any) -> None
 
 
 def _graph_module(model_or_gm: nn.Module, example_inputs: Any, inplace: bool, leaf_modules: tuple[type | str, ...],
-                  concrete_args: dict[str, Any] | None) -> tuple[fx.GraphModule, list[str]]:
+                  concrete_args: dict[str, Any] | None, frontend: str,
+                  example_kwargs: dict[str, Any] | None) -> tuple[fx.GraphModule, list[str]]:
     """(the GraphModule to rewrite, the original model's parameter names)."""
     if isinstance(model_or_gm, fx.GraphModule):
         gm = model_or_gm if inplace else copy.deepcopy(model_or_gm)
@@ -138,7 +143,8 @@ def _graph_module(model_or_gm: nn.Module, example_inputs: Any, inplace: bool, le
         return gm, []
     original = [name for name, _ in model_or_gm.named_parameters()]
     model = model_or_gm if inplace else copy.deepcopy(model_or_gm)
-    return trace(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args), original
+    return trace(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args, frontend=frontend,
+                 example_kwargs=example_kwargs), original
 
 
 def _auto(flag: bool | None, model_kind: str) -> bool:
