@@ -84,6 +84,7 @@ class ChannelRule(enum.Enum):
     CONV = "conv"  # functional conv: input consumed, output a new space (depthwise: passes through)
     CONV_TRANSPOSE = "conv_transpose"  # functional transposed conv: as conv, weight dims swapped
     LINEAR = "linear"  # functional linear: last dim consumed and produced
+    MM = "mm"  # x @ W (+ b) with W (in, out) a parameter: as linear, the weight's dims swapped
     CONV_MODULE = "conv_module"  # a plain nn.ConvNd leaf (zeros padding)
     LINEAR_MODULE = "linear_module"  # a plain nn.Linear leaf
     BATCH_NORM = "batch_norm"  # F.batch_norm: per-channel, its statistics sliced
@@ -94,6 +95,7 @@ class ChannelRule(enum.Enum):
     SUB = "sub"
     MUL = "mul"
     DIV = "div"
+    WHERE = "where"  # where(condition, x, y): x and y as add's operands, the condition broadcast
     CAT = "cat"  # offsets along the channel dim, or a tie along another dim
     RESHAPE = "reshape"  # flatten C*H*W (each channel owns H*W features), or a split into heads
     SHAPE_OF = "shape_of"  # view_as / reshape_as: the other tensor's shape; equal shapes tie the two labels
@@ -321,9 +323,10 @@ FUNCTIONS: dict[Any, OpSpec] = {
                      channel_rule=ChannelRule.LINEAR, macs=_linear_macs),  # y = x W^T + b
     torch.matmul: _product("matmul", "matmul", _BINARY_SIG, _BINARY_SIG, 0, ChannelRule.MATMUL),  # either operand
     operator.matmul: _product("matmul", "matmul", _BINARY_SIG, _BINARY_SIG, 0, ChannelRule.MATMUL),  # x @ W
-    torch.mm: _product("mm", "mm", ("input", "mat2"), ("input", "mat2"), 0),  # 2-D matmul
+    torch.mm: _product("mm", "mm", ("input", "mat2"), ("input", "mat2"), 0, ChannelRule.MM),  # x @ W
     torch.bmm: _product("bmm", "matmul", ("input", "mat2"), ("input", "mat2"), 0),  # batched matmul
-    torch.addmm: _product("addmm", "mm", ("input", "mat1", "mat2"), ("mat1", "mat2"), 1),  # bias + a @ b
+    torch.addmm: _product("addmm", "mm", ("input", "mat1", "mat2"), ("mat1", "mat2"), 1,
+                          ChannelRule.MM),  # bias + x @ W (GPT-2's Conv1D)
     torch.baddbmm: _product("baddbmm", "matmul", ("input", "batch1", "batch2"), ("batch1", "batch2"), 1),  # batched
     torch.einsum: OpSpec("einsum", "matmul", ("equation",), macs=_einsum_macs),  # any contraction
     F.scaled_dot_product_attention: OpSpec("scaled_dot_product_attention", "attention", _SDPA_SIG,
@@ -340,6 +343,8 @@ FUNCTIONS: dict[Any, OpSpec] = {
     operator.mul: _binary("mul", ChannelRule.MUL), torch.mul: _binary("mul", ChannelRule.MUL),  # x * s(x) keeps zeros
     operator.truediv: _binary("div", ChannelRule.DIV), torch.div: _binary("div", ChannelRule.DIV),  # tie
     torch.cat: OpSpec("cat", "cat", ("tensors", "dim"), channel_rule=ChannelRule.CAT),  # offsets or tie
+    torch.where: OpSpec("where", "binary", ("condition", "input", "other"),
+                        channel_rule=ChannelRule.WHERE),  # an add of the two values, the condition broadcast
     torch.concat: OpSpec("cat", "cat", ("tensors", "dim"), channel_rule=ChannelRule.CAT),  # alias of cat
     torch.flatten: _moving("flatten", ChannelRule.RESHAPE),  # C*H*W: each channel owns H*W features
     torch.reshape: _moving("reshape", ChannelRule.RESHAPE, ("input", "shape"), sizes=True),  # keep/flatten/heads
@@ -501,7 +506,8 @@ _ATEN_LIKE: dict[Any, OpSpec] = {
     _aten.embedding.default: _EMBEDDING,
     _aten.add.Tensor: FUNCTIONS[torch.add], _aten.sub.Tensor: FUNCTIONS[torch.sub],
     _aten.mul.Tensor: FUNCTIONS[torch.mul], _aten.div.Tensor: FUNCTIONS[torch.div],
-    _aten.addcmul.default: FUNCTIONS[torch.addcmul],
+    _aten.addcmul.default: FUNCTIONS[torch.addcmul], _aten.where.self: FUNCTIONS[torch.where],
+    _aten.where.ScalarOther: FUNCTIONS[torch.where], _aten.where.ScalarSelf: FUNCTIONS[torch.where],
     _aten.cat.default: FUNCTIONS[torch.cat],
     _aten.flatten.using_ints: FUNCTIONS[torch.flatten],
     _aten.view.default: FUNCTIONS[torch.reshape], _aten.reshape.default: FUNCTIONS[torch.reshape],

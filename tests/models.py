@@ -735,3 +735,187 @@ REAL_ZOO = [
     ("timm", "deit_tiny_patch16_224", 224),
     ("timm", "vit_tiny_patch16_224", 224),
 ]
+
+
+# -- models captured with torch.export (frontend="export"): the patterns of LLM blocks, in plain torch ---
+
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """RMSNorm written out, as Llama's and T5's (export keeps pow -> mean -> rsqrt -> mul)."""
+    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class TinyDecoder(nn.Module):
+    """A Llama-style decoder layer: embedding, RMSNorm, grouped-query attention (4 query heads over 2
+    KV heads, repeated as Hugging Face's repeat_kv), RoPE, SwiGLU MLP, LM head tied to the embedding."""
+
+    def __init__(self, vocab: int = 23, dim: int = 16, heads: int = 4, kv_heads: int = 2, hidden: int = 24) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
+        self.embed = nn.Embedding(vocab, dim)
+        self.norm1, self.norm2, self.norm_out = (nn.Parameter(torch.rand(dim) + 0.5) for _ in range(3))
+        self.q = nn.Linear(dim, heads * self.head_dim, bias=False)
+        self.k = nn.Linear(dim, kv_heads * self.head_dim, bias=False)
+        self.v = nn.Linear(dim, kv_heads * self.head_dim, bias=False)
+        self.o = nn.Linear(heads * self.head_dim, dim, bias=False)
+        self.gate, self.up = nn.Linear(dim, hidden, bias=False), nn.Linear(dim, hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+        self.lm_head = nn.Linear(dim, vocab, bias=False)
+        self.lm_head.weight = self.embed.weight
+        freq = 1.0 / (100.0 ** (torch.arange(0, self.head_dim, 2).float() / self.head_dim))
+        self.register_buffer("freq", freq, persistent=False)
+
+    def _repeat_kv(self, x: torch.Tensor) -> torch.Tensor:
+        b, h, s, d = x.shape
+        rep = self.heads // self.kv_heads
+        return x[:, :, None, :, :].expand(b, h, rep, s, d).reshape(b, h * rep, s, d)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids)
+        b, s, _ = x.shape
+        angles = torch.arange(s, dtype=torch.float32)[:, None] * self.freq[None, :]
+        cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
+        h = _rms(x, self.norm1)
+        q = self.q(h).view(b, s, -1, self.head_dim).transpose(1, 2)
+        k = self.k(h).view(b, s, -1, self.head_dim).transpose(1, 2)
+        v = self.v(h).view(b, s, -1, self.head_dim).transpose(1, 2)
+        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        a = F.scaled_dot_product_attention(q, self._repeat_kv(k), self._repeat_kv(v), is_causal=True)
+        x = x + self.o(a.transpose(1, 2).reshape(b, s, -1))
+        h = _rms(x, self.norm2)
+        x = x + self.down(F.silu(self.gate(h)) * self.up(h))
+        return self.lm_head(_rms(x, self.norm_out))
+
+
+class FusedQKVConv1D(nn.Module):
+    """A GPT-2-style block: a fused q/k/v projection as ``addmm(b, x, W)`` with W (in, out) (Hugging
+    Face's Conv1D), split into q, k, v and heads; LayerNorm; a tied LM head."""
+
+    def __init__(self, vocab: int = 19, dim: int = 16, heads: int = 4) -> None:
+        super().__init__()
+        self.heads = heads
+        self.wte = nn.Embedding(vocab, dim)
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.c_attn_w, self.c_attn_b = nn.Parameter(torch.randn(dim, 3 * dim) * 0.2), nn.Parameter(torch.randn(3 * dim))
+        self.c_proj_w, self.c_proj_b = nn.Parameter(torch.randn(dim, dim) * 0.2), nn.Parameter(torch.randn(dim))
+        self.lm_head = nn.Linear(dim, vocab, bias=False)
+        self.lm_head.weight = self.wte.weight
+
+    def _conv1d(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(b, x.view(-1, x.size(-1)), w).view(*x.shape[:-1], w.shape[1])
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.wte(ids)
+        b, s, d = x.shape
+        q, k, v = self._conv1d(self.ln1(x), self.c_attn_w, self.c_attn_b).split(d, dim=2)
+        q, k, v = (t.view(b, s, self.heads, -1).transpose(1, 2) for t in (q, k, v))
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, s, d)
+        x = x + self._conv1d(a, self.c_proj_w, self.c_proj_b)
+        return self.lm_head(self.ln2(x))
+
+
+class SharedPositionBias(nn.Module):
+    """A T5-style encoder: a per-head relative position bias (an embedding of buckets) computed once,
+    masked with ``where`` and added as the attention mask of two layers; RMSNorm; a pooled head."""
+
+    def __init__(self, vocab: int = 17, dim: int = 16, heads: int = 4, buckets: int = 8) -> None:
+        super().__init__()
+        self.heads, self.buckets = heads, buckets
+        self.embed = nn.Embedding(vocab, dim)
+        self.bias = nn.Embedding(buckets, heads)
+        self.qkv = nn.ModuleList(nn.Linear(dim, 3 * dim, bias=False) for _ in range(2))
+        self.out = nn.ModuleList(nn.Linear(dim, dim, bias=False) for _ in range(2))
+        self.norms = nn.Parameter(torch.rand(3, dim) + 0.5)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids)
+        b, s, d = x.shape
+        pos = torch.arange(s)
+        buckets = (pos[None, :] - pos[:, None]).abs().clamp(max=self.buckets - 1)
+        bias = self.bias(buckets).permute(2, 0, 1).unsqueeze(0)  # (1, heads, s, s)
+        bias = torch.where(ids[:, None, None, :] > 0, bias, -1e4)  # token 0 is padding
+        for i in range(2):
+            q, k, v = (t.view(b, s, self.heads, -1).transpose(1, 2)
+                       for t in self.qkv[i](_rms(x, self.norms[i])).chunk(3, dim=-1))
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+            x = x + self.out[i](a.transpose(1, 2).reshape(b, s, d))
+        return self.head(_rms(x, self.norms[2]).mean(1))
+
+
+def _tokens(vocab: int) -> Callable[[], tuple[torch.Tensor, ...]]:
+    def make() -> tuple[torch.Tensor, ...]:
+        return (torch.randint(1, vocab, (2, 7), generator=torch.Generator().manual_seed(1)),)
+    return make
+
+
+#: models captured with torch.export (frontend="export"): name -> (build, example_inputs)
+EXPORT_ZOO = {
+    "tiny_decoder": (_seeded(TinyDecoder), _tokens(23)),
+    "fused_qkv_conv1d": (_seeded(FusedQKVConv1D), _tokens(19)),
+    "shared_position_bias": (_seeded(SharedPositionBias), _tokens(17)),
+}
+
+
+def build_hf(name: str) -> tuple[nn.Module, tuple[torch.Tensor, ...], dict[str, object]]:
+    """A tiny random-init Hugging Face transformers model (no download): (model, inputs, keyword inputs).
+
+    Attention-probability dropout is 0: it runs inside scaled_dot_product_attention, which the eval-mode
+    capture records with dropout_p=0 (docs/frontends.md); hidden dropouts stay and follow the train flag.
+    Norm affines are drawn away from their init, as :func:`build_real` does."""
+    import transformers as tr
+
+    torch.manual_seed(0)
+    base = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    ids = torch.randint(1, 97, (2, 7), generator=torch.Generator().manual_seed(1))
+    causal = {"use_cache": False}
+    if name == "bert":
+        model = tr.BertForSequenceClassification(tr.BertConfig(**base, num_labels=3, attention_probs_dropout_prob=0.0))
+        inputs, kwargs = (ids,), {}
+    elif name == "gpt2":
+        model = tr.GPT2LMHeadModel(tr.GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=4, attn_pdrop=0.0,
+                                                 bos_token_id=1, eos_token_id=1))
+        inputs, kwargs = (ids,), causal
+    elif name == "llama":  # grouped-query attention: 4 query heads over 2 KV heads
+        model = tr.LlamaForCausalLM(tr.LlamaConfig(**base, num_key_value_heads=2))
+        inputs, kwargs = (ids,), causal
+    elif name == "qwen2":
+        model = tr.Qwen2ForCausalLM(tr.Qwen2Config(**base, num_key_value_heads=2))
+        inputs, kwargs = (ids,), causal
+    elif name == "vit":
+        model = tr.ViTForImageClassification(tr.ViTConfig(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=16,
+            patch_size=4, num_labels=5, attention_probs_dropout_prob=0.0))
+        inputs, kwargs = (torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)),), {}
+    elif name == "t5_encoder":  # with a pooled classifier, so the hidden width is not the graph's output
+        model = T5EncoderClassifier(tr.T5EncoderModel(tr.T5Config(
+            vocab_size=97, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, dropout_rate=0.0)))
+        inputs, kwargs = (ids,), {}
+    else:
+        raise KeyError(name)
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(4)
+        for pname, p in model.named_parameters():
+            if "norm" in pname.lower() or ".ln_" in pname:
+                p.copy_(torch.rand(p.shape, generator=gen) + 0.5)
+    return model.eval(), inputs, kwargs
+
+
+class T5EncoderClassifier(nn.Module):
+    """A T5 encoder, mean-pooled, and a linear classifier."""
+
+    def __init__(self, encoder: nn.Module, classes: int = 3) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(encoder.config.d_model, classes)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(ids).last_hidden_state.mean(1))
+
+
+#: the Hugging Face acceptance set (tests skip without the [hf] extra)
+HF_ZOO = ["bert", "gpt2", "llama", "qwen2", "vit", "t5_encoder"]

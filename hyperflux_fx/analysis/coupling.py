@@ -33,7 +33,7 @@ from hyperflux_fx.ops import ChannelRule, NormOperands, OpSpec, node_spec, norm_
 
 __all__ = ["OUTPUT_REASON", "RULES", "ChannelParam", "Consumer", "Coupling", "Group", "Label", "NormUse", "Producer",
            "Seg",
-           "ShapeArg", "Unit", "analyze_channels", "dead_units", "group_consumers", "kept_count", "label_keep",
+           "ShapeArg", "Unit", "analyze_channels", "parent_keep", "dead_units", "group_consumers", "kept_count", "label_keep",
            "param_target", "plan_keep", "shape_of"]
 
 OUTPUT_REASON = "consumed by the graph output"  # why a group the model's output reads is not gated
@@ -156,6 +156,7 @@ class Consumer:
     weight: str
     weight_dim: int
     weight_label: Label | None = None  # a grouped conv: the positions within a group its weight dim holds
+    input: str | None = None  # the node it reads the channels from, when not its first operand (addmm's x)
 
     @property
     def weight_layout(self) -> Label:
@@ -339,8 +340,8 @@ def _weight_op(gm: fx.GraphModule, node: fx.Node, c: Coupling, labels: dict[fx.N
     if w is None:
         c.block(in_label, f"{kind} weight {wt} is not a parameter")
         return None
-    ch_dim = len(out_shape) - 1 if kind == "linear" else 1
-    in_ch = w.shape[1] * groups if kind == "conv" else (w.shape[0] if kind == "conv_transpose" else w.shape[1])
+    ch_dim = len(out_shape) - 1 if kind in ("linear", "mm") else 1
+    in_ch = w.shape[1] * groups if kind == "conv" else (w.shape[0] if kind in ("conv_transpose", "mm") else w.shape[1])
     out_ch = w.shape[0] if kind in ("conv", "linear") else w.shape[1] * groups
     if kind == "conv" and groups > 1 and groups == in_ch and out_ch % in_ch == 0 and groups_pos is not None:
         return _depthwise(c, node, in_label, wt, bt, out_ch // in_ch, groups_pos)
@@ -433,11 +434,12 @@ def _consume_produce(c: Coupling, node: fx.Node, x: Any, in_label: Label | None,
     """conv / linear: record the input as consumed (weight dim ``w_in``) and the output as a new space
     (weight dim ``w_out``)."""
     if in_label is not None:
-        in_dim = len(shape_of(x) or ()) - 1 if kind == "linear" else 1
+        in_dim = len(shape_of(x) or ()) - 1 if kind in ("linear", "mm") else 1
         if in_label.dim != in_dim or in_label.width != in_ch:
             c.block(in_label, f"{kind} reads channels on another dim: {node.format_node()}")
         else:
-            c.consumers.append(Consumer(node.name, in_label, wt, w_in))
+            read = x.name if isinstance(x, fx.Node) and node.args and x is not node.args[0] else None
+            c.consumers.append(Consumer(node.name, in_label, wt, w_in, input=read))
     if node.name in c.cuts:
         return Label(ch_dim, _pieces(c, node, wt, bt, w_out, out_ch))
     g = c.split.get(node.name, 1)  # requested only where it divides out_ch (_request_split)
@@ -474,6 +476,13 @@ def _f_conv_t(gm, node, c, labels, spec):  # torch.conv_transposeNd(x, w, b, str
 def _f_linear(gm, node, c, labels, spec):  # F.linear(x, w, b)
     return _weight_op(gm, node, c, labels, kind="linear", x=node.args[0], weight=spec.arg(node, "weight"),
                       bias=spec.arg(node, "bias"), groups=1, groups_pos=None)
+
+
+def _mm(gm, node, c, labels, spec):  # mm(x, W) / addmm(b, x, W): x @ W + b, W (in, out) a parameter (Conv1D)
+    bias = spec.arg(node, "input") if "mat1" in spec.signature else None
+    x = spec.arg(node, "mat1") if "mat1" in spec.signature else spec.arg(node, "input")
+    return _weight_op(gm, node, c, labels, kind="mm", x=x, weight=spec.arg(node, "mat2"), bias=bias, groups=1,
+                      groups_pos=None)
 
 
 def _elementwise(gm, node, c, labels, spec):  # per element: f(0) != 0 revives zeros
@@ -666,35 +675,51 @@ def _addcmul(gm, node, c, labels, spec):
 def _binary(kind: str) -> Rule:
     """add/sub/mul/div: two labelled operands are tied; one labelled with a scalar or broadcast passes."""
     def rule(gm, node, c, labels, spec):
-        a, b = node.args[0], spec.arg(node, spec.signature[1])
-        la = labels.get(a) if isinstance(a, fx.Node) else None
-        lb = labels.get(b) if isinstance(b, fx.Node) else None
-        if la is None and lb is None:
-            return None
-        if la is not None and lb is not None:
-            if not _same_layout(la, lb):
-                sa, sb = shape_of(a), shape_of(b)
-                # broadcasting against a size-1 channel dim keeps the other label
-                if sb is not None and len(sb) > la.dim and sb[la.dim] == 1:
-                    return la
-                if sa is not None and len(sa) > lb.dim and sa[lb.dim] == 1:
-                    return lb
-                if _split_alike(c, la, lb) or _split_alike(c, lb, la):
-                    return la
-                c.block(la, f"{kind} of differently laid out channels: {node.format_node()}")
-                c.block(lb, f"{kind} of differently laid out channels: {node.format_node()}")
-                return la
-            _tie(c, la, lb, kind, node)
-            return la
-        lab, other = (la, b) if la is not None else (lb, a)
-        if not _broadcast_operand(gm, c, node, lab, other):
-            c.block(lab, f"{kind} with an operand that varies over the channels: {node.format_node()}")
-        if kind in ("add", "sub") and other is not None and not (isinstance(other, (int, float)) and other == 0):
-            c.revived.update(lab.spaces())
-        if kind == "div" and lab is lb:
-            c.block(lab, f"division by channels: {node.format_node()}")
-        return lab
+        return _combine(gm, node, c, labels, kind, node.args[0], spec.arg(node, spec.signature[1]))
     return rule
+
+
+def _combine(gm: fx.GraphModule, node: fx.Node, c: Coupling, labels: dict[fx.Node, Label], kind: str, a: Any,
+             b: Any) -> Label | None:
+    """The label of an elementwise op of ``a`` and ``b`` (see :func:`_binary`)."""
+    la = labels.get(a) if isinstance(a, fx.Node) else None
+    lb = labels.get(b) if isinstance(b, fx.Node) else None
+    if la is None and lb is None:
+        return None
+    if la is not None and lb is not None:
+        if not _same_layout(la, lb):
+            sa, sb = shape_of(a), shape_of(b)
+            # broadcasting against a size-1 channel dim keeps the other label
+            if sb is not None and len(sb) > la.dim and sb[la.dim] == 1:
+                return la
+            if sa is not None and len(sa) > lb.dim and sa[lb.dim] == 1:
+                return lb
+            if _split_alike(c, la, lb) or _split_alike(c, lb, la):
+                return la
+            c.block(la, f"{kind} of differently laid out channels: {node.format_node()}")
+            c.block(lb, f"{kind} of differently laid out channels: {node.format_node()}")
+            return la
+        _tie(c, la, lb, kind, node)
+        return la
+    lab, other = (la, b) if la is not None else (lb, a)
+    if not _broadcast_operand(gm, c, node, lab, other):
+        c.block(lab, f"{kind} with an operand that varies over the channels: {node.format_node()}")
+    if kind in ("add", "sub", "where") and other is not None and not (isinstance(other, (int, float)) and other == 0):
+        c.revived.update(lab.spaces())
+    if kind == "div" and lab is lb:
+        c.block(lab, f"division by channels: {node.format_node()}")
+    return lab
+
+
+def _where(gm, node, c, labels, spec):  # where(condition, x, y): as an add of x and y, the condition broadcast
+    cond = spec.arg(node, "condition")
+    out = _combine(gm, node, c, labels, "where", spec.arg(node, "input"), spec.arg(node, "other"))
+    if isinstance(cond, fx.Node) and cond in labels:
+        _block_inputs(c, node, labels, f"a condition over the channels: {node.format_node()}")
+        return None
+    if out is not None and not _broadcast_operand(gm, c, node, out, cond):
+        c.block(out, f"where with a condition that varies over the channels: {node.format_node()}")
+    return out
 
 
 def _split_alike(c: Coupling, plain: Label, split: Label) -> bool:
@@ -1375,6 +1400,7 @@ RULES: dict[ChannelRule, Rule] = {
     ChannelRule.CONV: _f_conv,
     ChannelRule.CONV_TRANSPOSE: _f_conv_t,
     ChannelRule.LINEAR: _f_linear,
+    ChannelRule.MM: _mm,
     ChannelRule.CONV_MODULE: _conv_module,
     ChannelRule.LINEAR_MODULE: _linear_module,
     ChannelRule.BATCH_NORM: _f_batch_norm,
@@ -1386,6 +1412,7 @@ RULES: dict[ChannelRule, Rule] = {
     ChannelRule.MUL: _binary("mul"),
     ChannelRule.DIV: _binary("div"),
     ChannelRule.CAT: _cat,
+    ChannelRule.WHERE: _where,
     ChannelRule.RESHAPE: _reshape_like,
     ChannelRule.SHAPE_OF: _shape_of_other,
     ChannelRule.PERMUTE: _permute,
@@ -1547,14 +1574,19 @@ def _check_head_splits(c: Coupling) -> None:
 
 
 def _block_shared_weights(c: Coupling) -> None:
-    """A weight shared by several ops would have to be sliced the same way for all of them."""
+    """A weight shared by several ops would have to be sliced the same way for all of them: allowed
+    only when every use that can delete slices the same dim with channels of one tied group (a
+    language model's embedding tied to its output head), else it blocks."""
+    uses: dict[str, list[tuple[int, list[int]]]] = defaultdict(list)  # weight -> (dim, spaces) per use
     users: dict[str, set[str]] = defaultdict(set)
     for prod in c.producers.values():
+        uses[prod.weight].append((prod.weight_dim, [prod.space]))
         users[prod.weight].add(prod.node)
     for cons in c.consumers:
+        uses[cons.weight].append((cons.weight_dim, cons.label.spaces()))
         users[cons.weight].add(cons.node)
     for target, nodes_using in users.items():
-        if len(nodes_using) > 1:
+        if len(nodes_using) > 1 and not _sliced_alike(c, uses[target]):
             reason = f"weight {target} is shared by {sorted(nodes_using)}"
             for prod in c.producers.values():
                 if prod.weight == target:
@@ -1562,6 +1594,15 @@ def _block_shared_weights(c: Coupling) -> None:
             for cons in c.consumers:
                 if cons.weight == target:
                     c.block(cons.label, reason)
+
+
+def _sliced_alike(c: Coupling, uses: list[tuple[int, list[int]]]) -> bool:
+    """The uses that may delete (their group is not blocked) slice one dim, with spaces of one group."""
+    def group(sid: int) -> frozenset[int]:
+        return frozenset(nx.node_connected_component(c.ties, sid)) if sid in c.ties else frozenset({sid})
+
+    live = [(dim, group(s)) for dim, spaces in uses for s in spaces if not any(c.blocks[t] for t in group(s))]
+    return len({dim for dim, _ in live}) <= 1 and len({g for _, g in live}) <= 1
 
 
 def group_consumers(c: Coupling, group: Group) -> list[Consumer]:
@@ -1586,6 +1627,18 @@ def label_keep(label: Label, keep: dict[int, torch.Tensor], group_of: dict[int, 
         parts.append(pos)
         offset += width
     return torch.cat(parts) if changed else None
+
+
+def parent_keep(c: Coupling, keep: dict[int, torch.Tensor], group_of: dict[int, int]) -> dict[int, torch.Tensor]:
+    """``keep`` plus, for every space split into heads, the units its head space keeps (its rows of
+    the kept heads): a reshape that still carries the parent space before the head split (GPT-2's
+    ``view(B, S, 3C)``) writes that kept width."""
+    out = dict(keep)
+    for sid, prod in c.producers.items():
+        gid, pid = group_of.get(sid), group_of.get(prod.parent) if prod.parent is not None else None
+        if gid in keep and pid is not None and pid not in keep:
+            out[pid] = (prod.rows(keep[gid]) - prod.offset).sort().values
+    return out
 
 
 def _gone_units(c: Coupling, sid: int, keep: dict[int, torch.Tensor], group_of: dict[int, int]) -> torch.Tensor | None:

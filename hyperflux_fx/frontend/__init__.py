@@ -1,5 +1,6 @@
-"""Capture: tracing a model into a GraphModule (torch.fx, leaf fallback), loading model sources
-(``model.py``, ``timm:``, ``torchvision:``), or capturing it with torch.export (exported.py) and data specs (digits, CIFAR, image folders, synthetic)."""
+"""Capture: tracing a model into a GraphModule (torch.fx with leaf fallback, or torch.export:
+exported.py), loading model sources (``model.py``, ``timm:``, ``torchvision:``) and data specs
+(digits, CIFAR, image folders, synthetic)."""
 
 from __future__ import annotations
 

@@ -61,11 +61,8 @@ def _dynamic_spec(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
 def _plain_graph(graph: fx.Graph, kwargs: dict[str, Any]) -> fx.Graph:
     """``graph`` with a plain call signature, flat outputs and without export's run-time checks."""
     graph._codegen = fx.graph.CodeGen()  # no pytree in/out specs: the placeholders are the signature
-    for node in list(graph.nodes):
-        if node.op == "call_module" and node.target == _GUARDS:
-            graph.erase_node(node)
-        elif node.op == "call_function" and (spec := call_spec(node)) is not None and spec.kind == "check":
-            graph.erase_node(node)
+    for node in [n for n in graph.nodes if _is_check(n)]:
+        graph.erase_node(node)
     for node in [n for n in graph.nodes if n.op == "placeholder"]:
         value = kwargs.get(str(node.target), node)
         if node.target in kwargs and not isinstance(value, torch.Tensor):  # a constant flag
@@ -79,6 +76,14 @@ def _plain_graph(graph: fx.Graph, kwargs: dict[str, Any]) -> fx.Graph:
     graph.eliminate_dead_code()
     graph.lint()
     return graph
+
+
+def _is_check(node: fx.Node) -> bool:
+    """export's input guards and tensor-metadata assertions (no outputs)."""
+    if node.op == "call_module":
+        return node.target == _GUARDS
+    spec = call_spec(node)
+    return spec is not None and spec.kind == "check"
 
 
 def _flatten(value: Any) -> list[Any]:

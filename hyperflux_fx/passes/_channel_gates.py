@@ -135,7 +135,7 @@ def _mask_consumers(gm: fx.GraphModule, coupling: Coupling, group_gate: dict[int
         layout = tuple((used.index(g) if g in group_gate else -1, sg.length, sg.expand, sg.replicas)
                        for g, sg in zip(gids, cons.label.segs, strict=True))
         node = nodes[cons.node]
-        x = node.args[0]
+        x = nodes[cons.input] if cons.input is not None else node.args[0]
         mn = _call_mask(gm, masks, f"{cons.node}_in", ChannelMask(cons.label.dim, layout), node,
                         (x, *(group_gate[g] for g in used)))
         node.replace_input_with(x, mn)

@@ -38,6 +38,7 @@ from hyperflux_fx.analysis.coupling import (
     analyze_channels,
     dead_units,
     label_keep,
+    parent_keep,
     param_keep,
     plan_keep,
     producer_keep,
@@ -233,6 +234,7 @@ def _fold_channels(gm: fx.GraphModule, coupling: Coupling, config: FoldConfig, r
         if kept is not None:
             keep[g.id] = kept
     group_of = {s: g.id for g in groups for s in g.spaces}
+    keep = parent_keep(coupling, keep, group_of)
     _slice(gm, coupling, keep, group_of, rules)
     _narrow_norms(gm, coupling, keep, group_of, rules)
     _narrow_means(gm, coupling, keep, group_of, rules)
@@ -247,7 +249,8 @@ def _fold_channel_masks(gm: fx.GraphModule, coupling: Coupling, report: FoldRepo
             continue
         mask_mod: ChannelMask = gm.get_submodule(str(node.target))
         full = mask_mod.full_mask(*(gm.get_submodule(str(a.target)).mask() for a in node.args[1:]))
-        consumer = next((c for c in coupling.consumers if any(a is node for a in nodes[c.node].args[:1])), None)
+        consumer = next((c for c in coupling.consumers if (c.input == node.name if c.input is not None
+                                                            else any(a is node for a in nodes[c.node].args[:1]))), None)
         if consumer is None:
             raise RuntimeError(f"fold_masks: channel mask {node.name} does not feed a known conv/linear")
         w = fetch_attr(gm, consumer.weight)
