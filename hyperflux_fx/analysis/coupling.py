@@ -33,8 +33,8 @@ from hyperflux_fx.ops import ChannelRule, NormOperands, OpSpec, node_spec, norm_
 
 __all__ = ["OUTPUT_REASON", "RULES", "ChannelParam", "Consumer", "Coupling", "Group", "Label", "NormUse", "Producer",
            "Seg",
-           "ShapeArg", "Unit", "analyze_channels", "parent_keep", "dead_units", "group_consumers", "kept_count", "label_keep",
-           "param_target", "plan_keep", "shape_of"]
+           "ShapeArg", "Unit", "analyze_channels", "dead_units", "group_consumers", "kept_count", "label_keep",
+           "param_target", "parent_keep", "plan_keep", "shape_of"]
 
 OUTPUT_REASON = "consumed by the graph output"  # why a group the model's output reads is not gated
 

@@ -38,8 +38,8 @@ from hyperflux_fx.analysis.coupling import (
     analyze_channels,
     dead_units,
     label_keep,
-    parent_keep,
     param_keep,
+    parent_keep,
     plan_keep,
     producer_keep,
 )
