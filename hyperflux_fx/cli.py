@@ -1,7 +1,8 @@
 """hyperflux-compile: learn what to prune with Hyperflux and hand back a verified compact model.
 
 ``hyperflux-compile SOURCE [flags]`` where SOURCE is ``model.py`` (``build_model()``, optional
-``example_inputs()``, ``datasets()``, ``loss_fn``), ``timm:NAME`` or ``torchvision:NAME``. The run:
+``example_inputs()``, ``datasets()``, ``loss_fn``), ``timm:NAME``, ``torchvision:NAME`` or ``hf:DIR`` (a
+local Hugging Face transformers folder: config.json, optional safetensors; ``pip install .[hf]``). The run:
 dense training (unless ``--weights``), gate insertion, Hyperflux pruning + regrowth, fold, ONNX export
 with parity check, latency, then ``--out`` receives compact.onnx, compact.pt, summary.json,
 metrics.jsonl, checkpoints/, report.html and run.log. Everything is written to ``OUT.partial`` and
@@ -42,7 +43,7 @@ from hyperflux_fx.export.latency import compare_latency
 from hyperflux_fx.export.onnx import ExportCheckError, ExportError, export_onnx
 from hyperflux_fx.frontend.data import DataError, resolve_datasets
 from hyperflux_fx.frontend.sources import LoadedModel, SourceError, load_source
-from hyperflux_fx.frontend.trace import ExampleInputError, TraceError, modes_restored, trace
+from hyperflux_fx.frontend.trace import FRONTENDS, ExampleInputError, TraceError, modes_restored, trace
 from hyperflux_fx.ir import TRAINING_ONLY_META, gates
 from hyperflux_fx.passes import PassResult, fold_masks, insert_gates
 from hyperflux_fx.report.html import render_report
@@ -132,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-intervals", type=int, default=None,
                    help="stop after this many scheduler intervals (resumable with --resume)")
     p.add_argument("--leaf", action="append", default=[], metavar="QUALNAME", help="keep a submodule opaque")
+    p.add_argument("--frontend", choices=FRONTENDS, default=None,
+                   help="capture with torch.fx, torch.export, or auto: fx, then export if fx fails at the model's "
+                        "own forward (default: auto; export for hf: sources)")
     p.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="do not gate matching parameters")
     p.add_argument("--json", action="store_true", help="with --plan: print the plan as JSON")
     p.add_argument("--verbose", action="store_true", help="with --plan: list every skipped parameter")
@@ -249,7 +253,7 @@ def _run(args: argparse.Namespace) -> int:
     gate_cfg = GateConfig(granularity=args.granularity, exclude=tuple(args.exclude), seed=args.seed,
                           cost=args.target if args.target in ("params", "macs") else "count")  # a first guess
     try:
-        gm = trace(loaded.model, loaded.example_inputs, leaf_modules=tuple(args.leaf))
+        gm = trace(loaded.model, loaded.example_inputs, leaf_modules=tuple(args.leaf), frontend=loaded.frontend)
         if args.plan:
             t0 = time.perf_counter()
             res = insert_gates(gm, gate_cfg, example_inputs=loaded.example_inputs, inplace=True)
@@ -290,8 +294,10 @@ def _check_open_gates_change_nothing(loaded: LoadedModel, gated: Any) -> None:
 
 def _load(args: argparse.Namespace) -> LoadedModel:
     try:
-        return load_source(args.source, input_shape=args.input_shape, weights=args.weights,
-                           num_classes=args.num_classes)
+        loaded = load_source(args.source, input_shape=args.input_shape, weights=args.weights,
+                             num_classes=args.num_classes)
+        loaded.frontend = args.frontend or loaded.frontend
+        return loaded
     except SourceError as exc:
         raise UsageError(str(exc)) from exc
     except Exception as exc:  # build_model() itself failing
@@ -412,7 +418,8 @@ def _dense_stage(job: _Job) -> float:
 def _hyperflux_stage(job: _Job) -> tuple[PassResult, TrainResult | None, int]:
     """[2/5] gates + Hyperflux training; (gate result, train result or None to stop, exit code)."""
     args = job.args
-    res = insert_gates(job.loaded.model, job.gate_cfg, example_inputs=job.inputs)
+    res = insert_gates(job.loaded.model, job.gate_cfg, example_inputs=job.inputs, leaf_modules=tuple(args.leaf),
+                       frontend=job.loaded.frontend)
     _say(args, f"[2/5] Hyperflux: target sparsity {args.target_sparsity} ({args.target}), granularity "
                f"{args.granularity}, {args.epochs} pruning + {args.regrowth_epochs} regrowth epochs")
     cfg = TrainConfig(target_sparsity=args.target_sparsity, epochs=args.epochs, regrowth_epochs=args.regrowth_epochs,

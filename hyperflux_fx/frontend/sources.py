@@ -1,5 +1,5 @@
-"""Loading models from ``model.py`` / ``timm:NAME`` / ``torchvision:NAME`` (random init; nothing is
-downloaded)."""
+"""Loading models from ``model.py`` / ``timm:NAME`` / ``torchvision:NAME`` / ``hf:DIR`` (random init
+or local weights; nothing is downloaded)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hyperflux_fx.frontend.hf import load_hf
 from hyperflux_fx.frontend.trace import normalize_inputs, short_error
 
 __all__ = ["LoadedModel", "SourceError", "load_source"]
@@ -32,6 +33,7 @@ class LoadedModel:
     source: str  # what the user passed
     datasets: Callable[..., Any] | None = None  # model.py's datasets(), if any
     loss_fn: Callable[..., Any] | None = None  # model.py's loss_fn, if any
+    frontend: str = "auto"  # the front end that captures it (hf: sources: "export")
 
 
 def _inputs_from_shape(shape: Sequence[int]) -> tuple[torch.Tensor, ...]:
@@ -69,7 +71,8 @@ def _load_model_py(path: Path) -> tuple[nn.Module, tuple[Any, ...] | None, Any, 
 def load_source(source: str, *, input_shape: Sequence[int] | None = None, weights: str | Path | None = None,
                 num_classes: int | None = None) -> LoadedModel:
     """Load ``model.py`` (``build_model()``, optional ``example_inputs()``, ``datasets()``, ``loss_fn``),
-    ``timm:NAME`` or ``torchvision:NAME`` (random init; nothing is downloaded).
+    ``timm:NAME``, ``torchvision:NAME`` (random init; nothing is downloaded) or ``hf:DIR`` (a local
+    transformers folder, :mod:`hyperflux_fx.frontend.hf`).
 
     Args:
         source: the source string.
@@ -81,7 +84,15 @@ def load_source(source: str, *, input_shape: Sequence[int] | None = None, weight
         SourceError: with what to fix.
     """
     datasets = loss_fn = None
-    if source.startswith("timm:"):
+    frontend = "auto"
+    if source.startswith("hf:"):
+        try:
+            found = load_hf(Path(source.split(":", 1)[1]), input_shape)
+        except ValueError as exc:
+            raise SourceError(str(exc)) from exc
+        model, inputs, datasets, loss_fn = found["model"], found["inputs"], found["datasets"], found["loss_fn"]
+        frontend, input_shape = "export", None
+    elif source.startswith("timm:"):
         import timm
 
         name = source.split(":", 1)[1]
@@ -122,4 +133,5 @@ def load_source(source: str, *, input_shape: Sequence[int] | None = None, weight
         except Exception as exc:
             raise SourceError(f"cannot load weights from {wpath}: {short_error(exc)}") from exc
     assert inputs is not None
-    return LoadedModel(model=model, example_inputs=inputs, source=source, datasets=datasets, loss_fn=loss_fn)
+    return LoadedModel(model=model, example_inputs=inputs, source=source, datasets=datasets, loss_fn=loss_fn,
+                       frontend=frontend)

@@ -27,6 +27,7 @@ from hyperflux_fx.ops import function_spec
 
 __all__ = [
     "ExampleInputError",
+    "FRONTENDS",
     "Frontend",
     "OpaqueModule",
     "TraceError",

@@ -1,0 +1,52 @@
+"""``hf:DIR`` sources and the offline text set; the Hugging Face parts skip without ``pip install .[hf]``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from hyperflux_fx.cli import main
+from hyperflux_fx.frontend import SourceError, load_source
+from hyperflux_fx.frontend.text import TEXT_VOCAB, text_corpus, text_datasets
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY_LLAMA = f"hf:{ROOT / 'examples' / 'hf_tiny_llama'}"
+
+
+def test_text_set_is_offline_deterministic_next_byte_windows():
+    train, val = text_datasets(32)
+    assert len(train) > 1000 and len(val) > 100
+    x, y = train[0]
+    assert x.shape == y.shape == (32,) and x.dtype == torch.long
+    assert torch.equal(x[1:], y[:-1])  # the target is the input shifted by one byte
+    assert int(train.tensors[0].max()) < TEXT_VOCAB
+    assert text_corpus().startswith(b"Command-line parsing library")  # argparse's docstring comes first
+    assert torch.equal(text_datasets(32)[1].tensors[1], val.tensors[1])
+
+
+def test_a_folder_without_config_is_a_clear_error(tmp_path):
+    with pytest.raises(SourceError, match="no config.json"):
+        load_source(f"hf:{tmp_path}")
+
+
+def test_hf_source_is_captured_with_export(capsys):
+    pytest.importorskip("transformers")
+    loaded = load_source(TINY_LLAMA)
+    assert loaded.frontend == "export" and loaded.example_inputs[0].shape == (2, 64)
+    assert main([TINY_LLAMA, "--plan", "--json"]) == 0
+    groups = json.loads(capsys.readouterr().out)["channel_groups"]
+    gated = [g for g in groups if g["gated"]]
+    assert any(g["unit"] == "head" for g in gated) and len(gated) >= 5  # width, heads and MLP units per layer
+
+
+def test_hf_end_to_end_gives_a_faster_compact_model(tmp_path):
+    pytest.importorskip("transformers")
+    out = tmp_path / "run"
+    assert main([TINY_LLAMA, "--out", str(out), "--input-shape", "2,32", "--dense-epochs", "1", "--epochs", "1",
+                 "--regrowth-epochs", "1", "--quiet"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert (out / "compact.onnx").is_file()
+    assert summary["macs_compact"] < 0.75 * summary["macs_dense"] and summary["params_compact"] < summary["params_dense"]
