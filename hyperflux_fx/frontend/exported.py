@@ -17,8 +17,11 @@ a plain GraphModule the passes rewrite like a symbolic trace (docs/frontends.md)
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Sequence
+import io
+import logging
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -39,12 +42,26 @@ def export_graph(model: nn.Module, inputs: Sequence[Any], kwargs: dict[str, Any]
     """
     kwargs = dict(kwargs or {})
     args = tuple(inputs)
-    program = torch.export.export(model, args, kwargs=kwargs, strict=False,
-                                  dynamic_shapes=_dynamic_spec(model, args, kwargs))
+    with _torch_logs_quiet():  # export logs specialisations and guard failures as warnings: the error says it
+        program = torch.export.export(model, args, kwargs=kwargs, strict=False,
+                                      dynamic_shapes=_dynamic_spec(model, args, kwargs))
     unlifted = program.module()
     gm = fx.GraphModule(unlifted, _plain_graph(unlifted.graph, kwargs), type(model).__name__)
     gm.training = model.training
     return gm
+
+
+@contextlib.contextmanager
+def _torch_logs_quiet() -> Iterator[None]:
+    """Log records below ERROR and what export writes to stderr dropped (torch's loggers set their own
+    levels, so the parent's won't do)."""
+    before = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # and the graph it prints on a guard failure
+            yield
+    finally:
+        logging.disable(before)
 
 
 def _dynamic(value: Any) -> dict[int, Any] | None:

@@ -92,29 +92,8 @@ def load_source(source: str, *, input_shape: Sequence[int] | None = None, weight
             raise SourceError(str(exc)) from exc
         model, inputs, datasets, loss_fn = found["model"], found["inputs"], found["datasets"], found["loss_fn"]
         frontend, input_shape = "export", None
-    elif source.startswith("timm:"):
-        import timm
-
-        name = source.split(":", 1)[1]
-        if name not in timm.list_models():
-            close = difflib.get_close_matches(name, timm.list_models(), n=3)
-            raise SourceError(f"unknown timm model {name!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
-        kwargs = {} if num_classes is None else {"num_classes": num_classes}
-        model = timm.create_model(name, pretrained=False, **kwargs)
-        size = tuple(model.pretrained_cfg.get("input_size", (3, 224, 224)))
-        inputs = _inputs_from_shape((2, *size))
-    elif source.startswith("torchvision:"):
-        import torchvision
-
-        name = source.split(":", 1)[1]
-        available = torchvision.models.list_models()
-        if name not in available:
-            close = difflib.get_close_matches(name, available, n=3)
-            raise SourceError(f"unknown torchvision model {name!r}"
-                              + (f"; did you mean {', '.join(close)}?" if close else ""))
-        kwargs = {} if num_classes is None else {"num_classes": num_classes}
-        model = torchvision.models.get_model(name, weights=None, **kwargs)
-        inputs = _inputs_from_shape((2, 3, 299, 299) if name.startswith("inception") else (2, 3, 224, 224))
+    elif source.startswith(("timm:", "torchvision:")):
+        model, inputs = _library_model(source, num_classes)
     else:
         model, inputs, datasets, loss_fn = _load_model_py(Path(source))
         if inputs is None and input_shape is None:
@@ -124,14 +103,39 @@ def load_source(source: str, *, input_shape: Sequence[int] | None = None, weight
             raise SourceError(f"input shape must be positive integers, got {tuple(input_shape)}")
         inputs = _inputs_from_shape(tuple(input_shape))
     if weights is not None:
-        wpath = Path(weights)
-        if not wpath.is_file():
-            raise SourceError(f"weights file not found: {wpath}")
-        try:
-            state = torch.load(wpath, map_location="cpu", weights_only=True)
-            model.load_state_dict(state)
-        except Exception as exc:
-            raise SourceError(f"cannot load weights from {wpath}: {short_error(exc)}") from exc
+        _load_weights(model, Path(weights))
     assert inputs is not None
     return LoadedModel(model=model, example_inputs=inputs, source=source, datasets=datasets, loss_fn=loss_fn,
                        frontend=frontend)
+
+
+def _library_model(source: str, num_classes: int | None) -> tuple[nn.Module, tuple[Any, ...]]:
+    """``timm:NAME`` / ``torchvision:NAME``: the model (random init) and example inputs of its input size."""
+    library, name = source.split(":", 1)
+    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    if library == "timm":
+        import timm
+
+        available = timm.list_models()
+    else:
+        import torchvision
+
+        available = torchvision.models.list_models()
+    if name not in available:
+        close = difflib.get_close_matches(name, available, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise SourceError(f"unknown {library} model {name!r}{hint}")
+    if library == "timm":
+        model = timm.create_model(name, pretrained=False, **kwargs)
+        return model, _inputs_from_shape((2, *tuple(model.pretrained_cfg.get("input_size", (3, 224, 224)))))
+    model = torchvision.models.get_model(name, weights=None, **kwargs)
+    return model, _inputs_from_shape((2, 3, 299, 299) if name.startswith("inception") else (2, 3, 224, 224))
+
+
+def _load_weights(model: nn.Module, path: Path) -> None:
+    if not path.is_file():
+        raise SourceError(f"weights file not found: {path}")
+    try:
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    except Exception as exc:
+        raise SourceError(f"cannot load weights from {path}: {short_error(exc)}") from exc

@@ -237,9 +237,9 @@ def _exported(model: nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, Any] 
             model.eval()
             gm = export_graph(model, inputs, kwargs)
     except Exception as exc:  # torch.export raises many types
-        first = f"torch.fx: {short_error(fx_error.fx_error)}; " if fx_error is not None else ""
-        raise TraceError(f"neither front end captures {type(model).__qualname__}: {first}torch.export: "
-                         f"{short_error(exc)}", module_path="", fx_error=exc) from exc
+        first = f"torch.fx cannot trace it ({short_error(fx_error.fx_error)}); " if fx_error is not None else ""
+        raise TraceError(f"neither front end captures {type(model).__qualname__}: {first}torch.export cannot "
+                         f"capture it ({short_error(exc)})", module_path="", fx_error=exc) from exc
     gm.training = model.training
     gm.meta[OPAQUE_META] = []
     gm.meta[TRAINING_ONLY_META] = []
