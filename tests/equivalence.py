@@ -24,3 +24,14 @@ def assert_fold_exact(masked: torch.nn.Module, compact: torch.nn.Module, inputs:
         a, b = a - a.mean(0), b - b.mean(0)
         scale = float(b.abs().max())
         torch.testing.assert_close(a, b, rtol=0, atol=1e-9 * scale + 1e-12)
+
+
+def close_at_random(gated: torch.nn.Module, closed_fraction: float) -> None:
+    """Set every gate's flows so that about ``closed_fraction`` of its units are closed (seeded by the
+    fraction: the same masks every run)."""
+    import hyperflux_fx as hf
+
+    gen = torch.Generator().manual_seed(int(closed_fraction * 10))
+    with torch.no_grad():
+        for g in hf.gates(gated):
+            g.flow.copy_(torch.rand(g.flow.shape, generator=gen) - closed_fraction)

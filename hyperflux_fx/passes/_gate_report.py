@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from hyperflux_fx.analysis.coupling import OUTPUT_REASON, Unit
-from hyperflux_fx.frontend.trace import OpaqueModule, TrainingOnlyCode
+from hyperflux_fx.frontend.trace import Frontend, OpaqueModule, TrainingOnlyCode
 
 __all__ = ["ChannelGroupReport", "GateReport", "GatedTensor", "SkippedItem"]
 
@@ -75,6 +75,7 @@ class GateReport:
     rule_counts: dict[str, int] = field(default_factory=dict)  # rewrites per rule
     channel_groups: list[ChannelGroupReport] = field(default_factory=list)  # channel/hybrid: every group
     training_only: list[TrainingOnlyCode] = field(default_factory=list)  # train-mode code the graph lacks
+    frontend: Frontend | None = None  # which front end captured the graph, and why (None: a GraphModule given)
 
     @property
     def gated_elements(self) -> int:
@@ -164,6 +165,8 @@ class GateReport:
             (f"granularity={self.granularity}  model kind={self.model_kind}  "
              f"first op gated={self.gate_first}  last op gated={self.gate_last}"),
         ]
+        if self.frontend is not None:
+            lines.append(f"captured with {self.frontend.name} ({self.frontend.reason})")
         if self.rule_counts:
             lines.append("rewrites: " + ", ".join(f"{k}={v}" for k, v in sorted(self.rule_counts.items())))
         return "\n".join(lines + self._group_lines() + self._gated_lines() + self._skipped_lines(verbose)

@@ -43,6 +43,7 @@ from hyperflux_fx.analysis.weights import WeightUse, WeightUses, end_ops, find_w
 from hyperflux_fx.config import GateConfig
 from hyperflux_fx.frontend.trace import normalize_inputs, propagate_shapes, trace
 from hyperflux_fx.ir import (
+    FRONTEND_META,
     GATE_REPORT_META,
     INPUTS_META,
     OPAQUE_META,
@@ -96,7 +97,8 @@ def insert_gates(model_or_gm: nn.Module, config: GateConfig | None = None, *, ex
                         gate_first=_auto(config.gate_first, attention.model_kind),
                         gate_last=_auto(config.gate_last, attention.model_kind),
                         opaque=list(gm.meta.get(OPAQUE_META, [])),
-                        training_only=list(gm.meta.get(TRAINING_ONLY_META, [])))
+                        training_only=list(gm.meta.get(TRAINING_ONLY_META, [])),
+                        frontend=gm.meta.get(FRONTEND_META))
     found = find_weight_uses(gm)
     first, last = end_ops(gm, found.uses, attention)
     gated_names = _decide(gm, config, found, first, last, report, original)

@@ -231,6 +231,27 @@ def test_heads_rule_matches_sdpa_and_blocks_a_reused_projection():
     assert len(heads) == 1 and not heads[0].gated and "also used elsewhere" in heads[0].blocked[0]
 
 
+def test_a_per_head_attention_mask_blocks_the_heads_unless_it_follows_them():
+    from models import SDPAAttention
+
+    x = torch.randn(2, 5, 16)
+
+    class PerHeadMask(SDPAAttention):  # a fixed per-head bias: the fold could not delete its heads
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("bias", torch.randn(1, self.heads, 5, 5))
+
+        def forward(self, x):
+            b, n, c = x.shape
+            q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=self.bias).transpose(1, 2).reshape(b, n, c)
+            return self.proj(ctx)
+
+    res = hf.insert_gates(PerHeadMask(), hf.GateConfig(granularity="channel"), example_inputs=x)
+    heads = [g for g in res.report.channel_groups if g.unit == "head"]
+    assert heads and not heads[0].gated and "varies over the heads" in heads[0].blocked[0]
+
+
 def _analyze(model, x):
     c = analyze_channels(hf.trace(model, x))
     return c, {p: g for g in c.groups() for p in g.producers}

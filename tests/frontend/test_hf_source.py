@@ -51,3 +51,16 @@ def test_hf_end_to_end_gives_a_faster_compact_model(tmp_path):
     assert (out / "compact.onnx").is_file()
     assert summary["macs_compact"] < 0.75 * summary["macs_dense"]
     assert summary["params_compact"] < summary["params_dense"]
+
+
+def test_hf_folder_with_safetensors_loads_its_weights(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=256, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                      num_key_value_heads=1, intermediate_size=24)
+    config.architectures = ["LlamaForCausalLM"]
+    saved = transformers.LlamaForCausalLM(config)
+    saved.save_pretrained(tmp_path)
+    assert any(tmp_path.glob("*.safetensors"))
+    loaded = load_source(f"hf:{tmp_path}")
+    mine = dict(loaded.model.model.named_parameters())
+    assert all(torch.equal(mine[n], p) for n, p in saved.named_parameters())

@@ -18,7 +18,7 @@ import copy
 
 import pytest
 import torch
-from equivalence import assert_fold_exact
+from equivalence import assert_fold_exact, close_at_random
 from models import EXPORT_ZOO, HF_ZOO, build_hf
 
 import hyperflux_fx as hf
@@ -92,10 +92,7 @@ def test_fold_is_exact_and_deletes_heads_units_and_width(name, tmp_path):
     params_dense = sum(p.numel() for p in model.parameters())
     deleted_heads = 0
     for closed_fraction in (0.3, 0.5, 0.9):
-        gen = torch.Generator().manual_seed(int(closed_fraction * 10))
-        with torch.no_grad():
-            for g in hf.gates(gated):
-                g.flow.copy_(torch.rand(g.flow.shape, generator=gen) - closed_fraction)
+        close_at_random(gated, closed_fraction)
         folded = hf.fold_masks(gated, hf.FoldConfig(round_to=1))
         compact = folded.graph_module
         assert_fold_exact(gated, compact, inputs)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from equivalence import assert_fold_exact
+from equivalence import assert_fold_exact, close_at_random
 from models import REAL_ZOO, build_real
 
 import hyperflux_fx as hf
@@ -30,10 +30,7 @@ def test_zoo_fold_is_exact_and_deletes(lib, name, size):
         stream = next(g for g in groups if "conv2d" in g.producers)  # the patch embedding writes the stream
     params_dense, macs_dense = hf.count_params_and_macs(model, x)
     for closed_fraction in (0.3, 0.5, 0.9):
-        gen = torch.Generator().manual_seed(int(closed_fraction * 10))
-        with torch.no_grad():
-            for g in hf.gates(gated):
-                g.flow.copy_(torch.rand(g.flow.shape, generator=gen) - closed_fraction)
+        close_at_random(gated, closed_fraction)
         folded = hf.fold_masks(gated, hf.FoldConfig(round_to=1))
         compact = folded.graph_module
         assert_fold_exact(gated, compact, (x,))
