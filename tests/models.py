@@ -769,6 +769,9 @@ class TinyDecoder(nn.Module):
         freq = 1.0 / (100.0 ** (torch.arange(0, self.head_dim, 2).float() / self.head_dim))
         self.register_buffer("freq", freq, persistent=False)
 
+    def _project(self, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.q(h), self.k(h), self.v(h)
+
     def _repeat_kv(self, x: torch.Tensor) -> torch.Tensor:
         b, h, s, d = x.shape
         rep = self.heads // self.kv_heads
@@ -779,16 +782,28 @@ class TinyDecoder(nn.Module):
         b, s, _ = x.shape
         angles = torch.arange(s, dtype=torch.float32)[:, None] * self.freq[None, :]
         cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
-        h = _rms(x, self.norm1)
-        q = self.q(h).view(b, s, -1, self.head_dim).transpose(1, 2)
-        k = self.k(h).view(b, s, -1, self.head_dim).transpose(1, 2)
-        v = self.v(h).view(b, s, -1, self.head_dim).transpose(1, 2)
+        q, k, v = (t.view(b, s, -1, self.head_dim).transpose(1, 2) for t in self._project(_rms(x, self.norm1)))
         q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
         a = F.scaled_dot_product_attention(q, self._repeat_kv(k), self._repeat_kv(v), is_causal=True)
         x = x + self.o(a.transpose(1, 2).reshape(b, s, -1))
         h = _rms(x, self.norm2)
         x = x + self.down(F.silu(self.gate(h)) * self.up(h))
         return self.lm_head(_rms(x, self.norm_out))
+
+
+class TinyDecoderFusedQKV(TinyDecoder):
+    """TinyDecoder with Phi-3's fused projection: one linear for q, k and v, sliced apart (4 query heads
+    and 2 KV heads of one space: each piece is split into heads on its own)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        del self.q, self.k, self.v
+        self.qkv = nn.Linear(16, (self.heads + 2 * self.kv_heads) * self.head_dim, bias=False)
+
+    def _project(self, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        qkv = self.qkv(h)
+        q_end, k_end = self.heads * self.head_dim, (self.heads + self.kv_heads) * self.head_dim
+        return qkv[..., :q_end], qkv[..., q_end:k_end], qkv[..., k_end:]
 
 
 class FusedQKVConv1D(nn.Module):
@@ -856,6 +871,7 @@ def _tokens(vocab: int) -> Callable[[], tuple[torch.Tensor, ...]]:
 #: models captured with torch.export (frontend="export"): name -> (build, example_inputs)
 EXPORT_ZOO = {
     "tiny_decoder": (_seeded(TinyDecoder), _tokens(23)),
+    "tiny_decoder_fused_qkv": (_seeded(TinyDecoderFusedQKV), _tokens(23)),
     "fused_qkv_conv1d": (_seeded(FusedQKVConv1D), _tokens(19)),
     "shared_position_bias": (_seeded(SharedPositionBias), _tokens(17)),
 }

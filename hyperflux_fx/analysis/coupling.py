@@ -233,7 +233,7 @@ class Coupling:
     requests: dict[str, int] = field(default_factory=dict)  # splits this pass found needed (for the next)
     cuts: dict[str, frozenset[int]] = field(default_factory=dict)  # producer node -> rows its space is cut at
     cut_requests: dict[str, set[int]] = field(default_factory=lambda: defaultdict(set))  # cuts found needed
-    head_groups: dict[str, int] = field(default_factory=dict)  # producer node -> heads per unit of its head split
+    head_groups: dict[str, int] = field(default_factory=dict)  # producer (piece) name -> heads per unit of its split
     head_group_requests: dict[str, int] = field(default_factory=dict)  # head groupings found needed (GQA)
     items: dict[str, list[Label | None]] = field(default_factory=dict)  # split/chunk node -> its items' labels
     cut_args: list[CutArg] = field(default_factory=list)
@@ -956,7 +956,7 @@ def _split_heads(c: Coupling, node: fx.Node, lab: Label, dims: tuple[int, ...], 
     producer for every replica r. The parent space is deleted only through this one."""
     parent = lab.segs[0].space
     src = c.producers[parent]
-    per_unit = c.head_groups.get(src.node, 1)  # heads that move together (the query heads of one KV head)
+    per_unit = c.head_groups.get(src.name, 1)  # heads that move together (the query heads of one KV head)
     units, feat = dims[-2] // per_unit, dims[-1] * per_unit
     replicas = math.prod(dims[:-2])
     prod = Producer(src.node, -1, src.weight, src.bias, src.weight_dim, replicas=replicas, unit_rows=feat,
@@ -1013,9 +1013,12 @@ def _request_head_groups(c: Coupling, lab: Label, repeated: Label) -> bool:
     if seg.space is None or seg.expand != 1 or seg.replicas != 1 or rep.expand == 1 or rep.replicas != 1:
         return False
     prod = c.producers[seg.space]
-    if prod.parent is None or prod.replicas != 1 or c.head_groups.get(prod.node, 1) != 1:
+    if prod.parent is None or prod.replicas != 1:
         return False
-    c.head_group_requests.setdefault(prod.node, rep.expand)
+    split = c.producers[prod.parent].name  # the projection (or the piece of a fused one) split into heads
+    if c.head_groups.get(split, 1) != 1:
+        return False
+    c.head_group_requests.setdefault(split, rep.expand)
     return True
 
 
