@@ -519,6 +519,7 @@ _ATEN_LIKE: dict[Any, OpSpec] = {
     _aten.expand.default: METHODS["expand"],
     _aten.clone.default: _ALIAS, _aten.alias.default: _ALIAS, _aten.contiguous.default: _ALIAS,
     _aten.to.dtype: _CAST, _aten.to.dtype_layout: _CAST, _aten.to.device: _CAST, _aten._to_copy.default: _CAST,
+    _aten.type_as.default: _CAST,  # the other operand gives only its dtype
     _aten.slice.Tensor: _SLICE, _aten.select.int: _SELECT,
     _aten.split.Tensor: _SPLIT, _aten.split_with_sizes.default: _SPLIT, _aten.chunk.default: _CHUNK,
     _aten.narrow.default: _NARROW, _aten.unbind.int: FUNCTIONS[torch.unbind],

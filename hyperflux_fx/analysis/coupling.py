@@ -595,11 +595,13 @@ def _broadcast_operand(gm: fx.GraphModule, c: Coupling, node: fx.Node, lab: Labe
 def _sliced_operand(gm: fx.GraphModule, c: Coupling, lab: Label, operand: fx.Node, rank: int) -> bool:
     """A parameter or buffer that varies over a label's channels (a per-channel scale, a position
     embedding, a class token): True, and recorded to be sliced with the space, when one of its dims
-    follows the channels. Through ops that keep its dims (expand, casts) it broadcasts against the
-    result right-aligned; through a reshape it must have a single non-1 dim."""
+    follows the channels. Through ops that keep its dims (expand, casts, elementwise maths with
+    constants: Gemma's ``1 + weight``) it broadcasts against the result right-aligned; through a reshape
+    it must have a single non-1 dim."""
     src, aligned, resized, chain = operand, True, [], []
-    while (spec := node_spec(gm, src)) is not None and spec.moves_elements and isinstance(src.args[0], fx.Node):
-        aligned = aligned and spec.keeps_dims
+    while (spec := node_spec(gm, src)) is not None and isinstance(src.args[0], fx.Node) and (
+            spec.moves_elements or _per_element(src, spec)):
+        aligned = aligned and (spec.keeps_dims or not spec.moves_elements)
         if spec.explicit_sizes:
             resized.append(src)
         chain.insert(0, src)
@@ -627,6 +629,16 @@ def _sliced_operand(gm: fx.GraphModule, c: Coupling, lab: Label, operand: fx.Nod
     seg = lab.segs[0]
     c.params.append(ChannelParam(t, dim, seg.space, expand=seg.expand, replicas=seg.replicas))
     return True
+
+
+def _per_element(node: fx.Node, spec: OpSpec) -> bool:
+    """An op on one tensor element by element (an activation, or arithmetic with a number): slicing
+    its operand slices its result alike."""
+    others = [a for a in (*node.args[1:], *node.kwargs.values()) if isinstance(a, fx.Node)]
+    if others or node.op != "call_function":
+        return False
+    return spec.channel_rule in (ChannelRule.ELEMENTWISE, ChannelRule.ADD, ChannelRule.SUB, ChannelRule.MUL,
+                                 ChannelRule.DIV)
 
 
 def _probed_param_dim(gm: fx.GraphModule, chain: list[fx.Node], src: fx.Node, p: torch.Tensor, width: int,
