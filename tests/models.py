@@ -907,6 +907,25 @@ def build_hf(name: str) -> tuple[nn.Module, tuple[torch.Tensor, ...], dict[str, 
             hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=16,
             patch_size=4, num_labels=5, attention_probs_dropout_prob=0.0))
         inputs, kwargs = (torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)),), {}
+    elif name in ("mistral", "phi3", "gemma"):  # grouped-query attention; Phi-3 fuses q/k/v, Gemma norms by 1 + w
+        cls, cfg = {"mistral": (tr.MistralForCausalLM, tr.MistralConfig), "phi3": (tr.Phi3ForCausalLM, tr.Phi3Config),
+                    "gemma": (tr.GemmaForCausalLM, tr.GemmaConfig)}[name]
+        extra = {"head_dim": 8} if name == "gemma" else {"pad_token_id": 0} if name == "phi3" else {}
+        model = cls(cfg(**base, num_key_value_heads=2, **extra))
+        inputs, kwargs = (ids,), causal
+    elif name == "opt":
+        model = tr.OPTForCausalLM(tr.OPTConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2,
+                                               num_attention_heads=4, ffn_dim=64, word_embed_proj_dim=32))
+        inputs, kwargs = (ids,), causal
+    elif name == "roberta":
+        model = tr.RobertaForSequenceClassification(tr.RobertaConfig(**base, num_labels=2, pad_token_id=1,
+                                                                     attention_probs_dropout_prob=0.0))
+        inputs, kwargs = (ids,), {}
+    elif name == "distilbert":
+        model = tr.DistilBertForSequenceClassification(tr.DistilBertConfig(vocab_size=97, dim=32, n_layers=2,
+                                                                           n_heads=4, hidden_dim=64,
+                                                                           attention_dropout=0.0))
+        inputs, kwargs = (ids,), {}
     elif name == "t5_encoder":  # with a pooled classifier, so the hidden width is not the graph's output
         model = T5EncoderClassifier(tr.T5EncoderModel(tr.T5Config(
             vocab_size=97, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, dropout_rate=0.0)))
@@ -935,3 +954,5 @@ class T5EncoderClassifier(nn.Module):
 
 #: the Hugging Face acceptance set (tests skip without the [hf] extra)
 HF_ZOO = ["bert", "gpt2", "llama", "qwen2", "vit", "t5_encoder"]
+#: more architectures, measured by tools/bench_transformers.py --extra
+HF_EXTRA = ["mistral", "phi3", "gemma", "opt", "roberta", "distilbert"]

@@ -9,7 +9,10 @@ input-dependent output scale (exact: <= 1e-9), parameters kept, the ONNX parity 
 ONNX Runtime speed-up over the dense export (measured side by side, batch 2, 1 thread). Needs
 ``pip install .[hf]``.
 
-Usage: python tools/bench_transformers.py [--write docs/BENCHMARKS.md] [--json out.json]
+With ``--extra`` also Mistral, Phi-3 (fused q/k/v), Gemma (norm by 1 + weight, computed in float32:
+its fold check is float32), OPT, RoBERTa and DistilBERT.
+
+Usage: python tools/bench_transformers.py [--extra] [--write docs/BENCHMARKS.md] [--json out.json]
 """
 
 from __future__ import annotations
@@ -28,19 +31,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import _bench_common as common
 from equivalence import close_at_random  # the fold tests' masks
-from models import HF_ZOO, build_hf  # the tests' tiny configs
+from models import HF_EXTRA, HF_ZOO, build_hf  # the tests' tiny configs
 
 import hyperflux_fx as hf
 from hyperflux_fx.export.latency import compare_latency
 
 
-def _deviation(masked, compact, inputs) -> float:
-    m64, c64 = copy.deepcopy(masked).double().eval(), copy.deepcopy(compact).double().eval()
-    x64 = tuple(x.double() if x.is_floating_point() else x for x in inputs)
-    with torch.no_grad():
-        a, b = c64(*x64), m64(*x64)
-    a, b = a - a.mean(0), b - b.mean(0)
-    return float((a - b).abs().max() / b.abs().max())
+def _deviation(masked, compact, inputs) -> tuple[float, str]:
+    """(max |compact - masked| / max |masked| on the input-dependent part, the precision): float64, or
+    float32 when the model casts to float32 itself (Gemma's norm), where ~1e-7 is rounding."""
+    for dtype in (torch.float64, torch.float32):
+        m, c = copy.deepcopy(masked).to(dtype).eval(), copy.deepcopy(compact).to(dtype).eval()
+        xs = tuple(x.to(dtype) if x.is_floating_point() else x for x in inputs)
+        try:
+            with torch.no_grad():
+                a, b = c(*xs), m(*xs)
+        except RuntimeError:  # a float32 constant in the graph meets float64
+            continue
+        a, b = a - a.mean(0), b - b.mean(0)
+        return float((a - b).abs().max() / b.abs().max()), "fp64" if dtype == torch.float64 else "fp32"
+    raise RuntimeError("the models run in neither float64 nor float32")
 
 
 def _open_equal(model, inputs, kwargs, granularity: str) -> bool:
@@ -71,7 +81,8 @@ def run_model(name: str, tmp: Path) -> dict:
         close_at_random(gated, closed)
         folded = hf.fold_masks(gated, hf.FoldConfig(round_to=1))
         compact = folded.graph_module
-        cell = {"closed": closed, "deviation": _deviation(gated, compact, inputs),
+        deviation, precision = _deviation(gated, compact, inputs)
+        cell = {"closed": closed, "deviation": deviation, "precision": precision,
                 "deleted": folded.report.deleted_units, "closed_units": folded.report.closed_units,
                 "params_kept": sum(p.numel() for p in compact.parameters()) / row["params"]}
         if closed == 0.5:
@@ -91,14 +102,15 @@ def table(rows: list[dict]) -> str:
              "(weight, channel) | fold at 30 / 50 / 90% closed: max deviation, units deleted of closed, params "
              "kept | ONNX parity at 50% | ORT speed-up at 50% |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        cells = "; ".join(f"{c['deviation']:.1e}, {c['deleted']}/{c['closed_units']}, {c['params_kept']:.2f}"
-                          for c in r["cells"])
+        cells = "; ".join(f"{c['deviation']:.1e}{' (fp32)' if c.get('precision') == 'fp32' else ''}, "
+                          f"{c['deleted']}/{c['closed_units']}, {c['params_kept']:.2f}" for c in r["cells"])
         mid = next(c for c in r["cells"] if c["closed"] == 0.5)
         lines.append(f"| {r['model']} | {r['params']:,} | {r['capture_s']:.2f} / {r['insert_s']:.2f} s | "
                      f"{r['share']:.3f} | {r['head_groups']} / {r['channel_groups']} | {r['open_equal']} | {cells} | "
                      f"{mid['parity']:.1e} | {mid['speedup']:.2f}x |")
     lines += ["", "A group whose units all close keeps FoldConfig.min_channels (1) of them, hence deleted "
-              "< closed in some cells. Reproduce: `python tools/bench_transformers.py --write docs/BENCHMARKS.md`"]
+              "< closed in some cells. (fp32): the model computes in float32 itself; the check ran in float32. "
+              "Reproduce: `python tools/bench_transformers.py --extra --write docs/BENCHMARKS.md`"]
     return "\n".join(lines)
 
 
@@ -106,10 +118,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--write", default=None)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--extra", action="store_true", help="also Mistral, Phi-3, Gemma, OPT, RoBERTa, DistilBERT")
+    parser.add_argument("--from-json", default=None, help="render the rows of an earlier --json run")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    with tempfile.TemporaryDirectory() as tmp:
-        rows = [run_model(name, Path(tmp)) for name in HF_ZOO]
+    if args.from_json:
+        rows = [r for f in args.from_json.split(",") for r in json.loads(Path(f).read_text())]
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = [run_model(name, Path(tmp)) for name in HF_ZOO + (HF_EXTRA if args.extra else [])]
     text = "## Hugging Face transformers through the export front end (tools/bench_transformers.py)\n\n" + table(rows)
     print(text)
     if args.json:
