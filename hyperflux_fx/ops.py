@@ -239,7 +239,7 @@ def _mha_macs(mod: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> int:
 _CONV_SIG = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _CONV_T_SIG = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
 _LINEAR_SIG = ("input", "weight", "bias")
-_SDPA_SIG = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
+_SDPA_SIG = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 _BN_SIG = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
 _BINARY_SIG = ("input", "other")
 _LAYER_NORM_SIG = ("input", "normalized_shape", "weight", "bias", "eps")

@@ -772,6 +772,9 @@ class TinyDecoder(nn.Module):
     def _project(self, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.q(h), self.k(h), self.v(h)
 
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, self._repeat_kv(k), self._repeat_kv(v), is_causal=True)
+
     def _repeat_kv(self, x: torch.Tensor) -> torch.Tensor:
         b, h, s, d = x.shape
         rep = self.heads // self.kv_heads
@@ -784,7 +787,7 @@ class TinyDecoder(nn.Module):
         cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
         q, k, v = (t.view(b, s, -1, self.head_dim).transpose(1, 2) for t in self._project(_rms(x, self.norm1)))
         q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-        a = F.scaled_dot_product_attention(q, self._repeat_kv(k), self._repeat_kv(v), is_causal=True)
+        a = self._attend(q, k, v)
         x = x + self.o(a.transpose(1, 2).reshape(b, s, -1))
         h = _rms(x, self.norm2)
         x = x + self.down(F.silu(self.gate(h)) * self.up(h))
@@ -804,6 +807,13 @@ class TinyDecoderFusedQKV(TinyDecoder):
         qkv = self.qkv(h)
         q_end, k_end = self.heads * self.head_dim, (self.heads + self.kv_heads) * self.head_dim
         return qkv[..., :q_end], qkv[..., q_end:k_end], qkv[..., k_end:]
+
+
+class TinyDecoderSdpaGQA(TinyDecoder):
+    """TinyDecoder with the KV heads left unrepeated: ``sdpa(q, k, v, enable_gqa=True)``."""
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
 
 
 class FusedQKVConv1D(nn.Module):
@@ -872,6 +882,7 @@ def _tokens(vocab: int) -> Callable[[], tuple[torch.Tensor, ...]]:
 EXPORT_ZOO = {
     "tiny_decoder": (_seeded(TinyDecoder), _tokens(23)),
     "tiny_decoder_fused_qkv": (_seeded(TinyDecoderFusedQKV), _tokens(23)),
+    "tiny_decoder_sdpa_gqa": (_seeded(TinyDecoderSdpaGQA), _tokens(23)),
     "fused_qkv_conv1d": (_seeded(FusedQKVConv1D), _tokens(19)),
     "shared_position_bias": (_seeded(SharedPositionBias), _tokens(17)),
 }

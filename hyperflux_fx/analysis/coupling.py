@@ -1016,6 +1016,14 @@ def _heads_alike(c: Coupling, node: fx.Node, labs: list[Label | None], rank: int
     return labs[0]
 
 
+def _repeated_heads(lab: Label | None, heads: int) -> Label | None:
+    """``sdpa(..., enable_gqa=True)``: each of a key's KV heads stands for ``heads / KV`` query heads,
+    as if repeated (then the query heads are grouped alike)."""
+    if lab is None or len(lab.segs) != 1 or lab.segs[0].expand != 1 or heads % lab.width or heads == lab.width:
+        return lab
+    return Label(lab.dim, (replace(lab.segs[0], expand=heads // lab.width),))
+
+
 def _request_head_groups(c: Coupling, lab: Label, repeated: Label) -> bool:
     """``lab`` is a plain head split of H heads, ``repeated`` H/R heads each repeated R times: ask for
     ``lab``'s heads in units of R (True when asked)."""
@@ -1037,6 +1045,8 @@ def _request_head_groups(c: Coupling, lab: Label, repeated: Label) -> bool:
 def _sdpa(gm, node, c, labels, spec):  # F.scaled_dot_product_attention(q, k, v): heads are independent
     q, k, v = (spec.arg(node, name) for name in ("query", "key", "value"))
     labs = [labels.get(t) if isinstance(t, fx.Node) else None for t in (q, k, v)]
+    if spec.arg(node, "enable_gqa", False) is True and labs[0] is not None:  # KV heads not repeated in the graph
+        labs = [labs[0], *(_repeated_heads(lab, labs[0].width) for lab in labs[1:])]
     rank = len(shape_of(node) or ())
     out = _heads_alike(c, node, labs, rank)
     if out is None:
