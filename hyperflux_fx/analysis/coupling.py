@@ -1057,10 +1057,11 @@ def _sdpa(gm, node, c, labels, spec):  # F.scaled_dot_product_attention(q, k, v)
     d = out.dim - (rank - len(shape)) if shape is not None else -1
     if d >= 0 and shape[d] != 1:  # a mask (a position bias) per head: deleted with the heads, or it blocks
         ml = labels.get(mask)
-        if ml is None or ml.dim != d or not _same_layout(ml, out):
+        if ml is not None and ml.dim == d and _same_layout(ml, out):
+            _tie(c, out, ml, "attention mask", node)
+        elif ml is not None or not _sliced_operand(gm, c, out, mask, rank):  # a fixed per-head table: sliced
             _block_inputs(c, node, labels, f"an attention mask that varies over the heads: {node.format_node()}")
             return None
-        _tie(c, out, ml, "attention mask", node)
     return out
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from equivalence import assert_fold_exact
 from torch import nn
 
 import hyperflux_fx as hf
@@ -231,25 +232,37 @@ def test_heads_rule_matches_sdpa_and_blocks_a_reused_projection():
     assert len(heads) == 1 and not heads[0].gated and "also used elsewhere" in heads[0].blocked[0]
 
 
-def test_a_per_head_attention_mask_blocks_the_heads_unless_it_follows_them():
+def test_a_per_head_attention_mask_is_sliced_with_the_heads_or_blocks_them():
     from models import SDPAAttention
 
     x = torch.randn(2, 5, 16)
 
-    class PerHeadMask(SDPAAttention):  # a fixed per-head bias: the fold could not delete its heads
-        def __init__(self):
+    class PerHeadMask(SDPAAttention):
+        def __init__(self, computed: bool):
             super().__init__()
+            self.computed = computed
             self.register_buffer("bias", torch.randn(1, self.heads, 5, 5))
 
         def forward(self, x):
             b, n, c = x.shape
             q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
-            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=self.bias).transpose(1, 2).reshape(b, n, c)
+            mask = self.bias * x.mean() if self.computed else self.bias  # computed from the input: cannot slice
+            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(b, n, c)
             return self.proj(ctx)
 
-    res = hf.insert_gates(PerHeadMask(), hf.GateConfig(granularity="channel"), example_inputs=x)
+    res = hf.insert_gates(PerHeadMask(True), hf.GateConfig(granularity="channel"), example_inputs=x)
     heads = [g for g in res.report.channel_groups if g.unit == "head"]
     assert heads and not heads[0].gated and "varies over the heads" in heads[0].blocked[0]
+    model = PerHeadMask(False).eval()
+    res = hf.insert_gates(model, hf.GateConfig(granularity="channel", seed=0), example_inputs=x)
+    gated = res.graph_module.eval()
+    assert any(g.gated and g.unit == "head" for g in res.report.channel_groups)
+    with torch.no_grad():
+        for g in hf.gates(gated):
+            g.flow.copy_(torch.tensor([-1.0, 1.0]) if g.flow.numel() == 2 else torch.ones_like(g.flow))
+    compact = hf.fold_masks(gated, hf.FoldConfig(round_to=1)).graph_module
+    assert compact.bias.shape == (1, 1, 5, 5)  # the closed head's bias deleted with it
+    assert_fold_exact(gated, compact, (x,))
 
 
 def _analyze(model, x):
