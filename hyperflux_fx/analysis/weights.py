@@ -16,7 +16,14 @@ from torch import fx, nn
 
 from hyperflux_fx.analysis.attention import AttentionInfo, attention_projections, input_dependence
 from hyperflux_fx.ir import MODULE_NODE_META, is_gate_module
-from hyperflux_fx.ops import call_spec, functional_module_call, gateable_module_weights, slot_value, weight_slots
+from hyperflux_fx.ops import (
+    call_spec,
+    functional_module_call,
+    gateable_module_weights,
+    node_spec,
+    slot_value,
+    weight_slots,
+)
 
 __all__ = ["ComputedWeight", "WeightUse", "WeightUses", "end_ops", "find_weight_uses", "op_name"]
 
@@ -156,12 +163,14 @@ def end_ops(gm: fx.GraphModule, uses: list[WeightUse], attention: AttentionInfo)
 
     A patch embedding or a classifier is one conv/linear op: module-level leaves (attention blocks,
     opaque modules) and attention projections are never "the first op" or "the head" even at the
-    graph's ends.
+    graph's ends. Behind an embedding look-up nothing is the first op: the look-up is (a token
+    model's first layers are its attention projections).
     """
     weight_nodes = {u.node for u in uses}
+    lookups = {n for n in gm.graph.nodes if (spec := node_spec(gm, n)) is not None and spec.kind == "embedding"}
     upstream: dict[fx.Node, bool] = {}
     for node in gm.graph.nodes:
-        upstream[node] = any(upstream[a] or a in weight_nodes for a in node.all_input_nodes)
+        upstream[node] = any(upstream[a] or a in weight_nodes or a in lookups for a in node.all_input_nodes)
     downstream: dict[fx.Node, bool] = {}
     for node in reversed(gm.graph.nodes):
         downstream[node] = any(downstream[u] or u in weight_nodes for u in node.users)

@@ -104,3 +104,13 @@ def test_fold_is_exact_and_deletes_heads_units_and_width(name, tmp_path):
             report = hf.export_onnx(compact, inputs, tmp_path / "compact.onnx")
             assert report.max_abs_diff is not None
     assert deleted_heads > 0
+
+
+def test_a_token_models_first_layer_is_not_taken_for_a_patch_embedding():
+    """Behind the embedding look-up nothing is "the first op": at weight granularity layer 0's projections
+    are gated (a transformer keeps only its patch embedding and head dense)."""
+    build, inputs = EXPORT_ZOO["tiny_decoder"]
+    res = hf.insert_gates(build().eval(), hf.GateConfig(granularity="weight"), example_inputs=inputs(),
+                          frontend="export")
+    gated = {g.name for g in res.report.gated}
+    assert {f"{p}.weight" for p in ("q", "k", "v", "o", "gate", "up", "down")} <= gated
