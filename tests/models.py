@@ -772,6 +772,9 @@ class TinyDecoder(nn.Module):
     def _project(self, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.q(h), self.k(h), self.v(h)
 
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return _rms(x, weight)
+
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return F.scaled_dot_product_attention(q, self._repeat_kv(k), self._repeat_kv(v), is_causal=True)
 
@@ -785,13 +788,13 @@ class TinyDecoder(nn.Module):
         b, s, _ = x.shape
         angles = torch.arange(s, dtype=torch.float32)[:, None] * self.freq[None, :]
         cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
-        q, k, v = (t.view(b, s, -1, self.head_dim).transpose(1, 2) for t in self._project(_rms(x, self.norm1)))
+        q, k, v = (t.view(b, s, -1, self.head_dim).transpose(1, 2) for t in self._project(self._norm(x, self.norm1)))
         q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
         a = self._attend(q, k, v)
         x = x + self.o(a.transpose(1, 2).reshape(b, s, -1))
-        h = _rms(x, self.norm2)
+        h = self._norm(x, self.norm2)
         x = x + self.down(F.silu(self.gate(h)) * self.up(h))
-        return self.lm_head(_rms(x, self.norm_out))
+        return self.lm_head(self._norm(x, self.norm_out))
 
 
 class TinyDecoderFusedQKV(TinyDecoder):
@@ -807,6 +810,15 @@ class TinyDecoderFusedQKV(TinyDecoder):
         qkv = self.qkv(h)
         q_end, k_end = self.heads * self.head_dim, (self.heads + self.kv_heads) * self.head_dim
         return qkv[..., :q_end], qkv[..., q_end:k_end], qkv[..., k_end:]
+
+
+class TinyDecoderOffsetNorm(TinyDecoder):
+    """TinyDecoder with Gemma's norm: scaled by ``1 + weight`` and cast back with ``type_as`` (Gemma
+    also computes it in float32, which would keep the fold test from running in float64)."""
+
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return (h * (1.0 + weight)).type_as(x)
 
 
 class TinyDecoderSdpaGQA(TinyDecoder):
@@ -883,6 +895,7 @@ EXPORT_ZOO = {
     "tiny_decoder": (_seeded(TinyDecoder), _tokens(23)),
     "tiny_decoder_fused_qkv": (_seeded(TinyDecoderFusedQKV), _tokens(23)),
     "tiny_decoder_sdpa_gqa": (_seeded(TinyDecoderSdpaGQA), _tokens(23)),
+    "tiny_decoder_offset_norm": (_seeded(TinyDecoderOffsetNorm), _tokens(23)),
     "fused_qkv_conv1d": (_seeded(FusedQKVConv1D), _tokens(19)),
     "shared_position_bias": (_seeded(SharedPositionBias), _tokens(17)),
 }
