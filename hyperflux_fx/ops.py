@@ -475,10 +475,9 @@ _aten = torch.ops.aten
 _RENAMED_OPERANDS = {"self": "input", "train": "training"}
 
 
-def _overload(op: Any, like: OpSpec, **changes: Any) -> OpSpec:
+def _overload(op: Any, like: OpSpec) -> OpSpec:
     """``like`` under the operand names of ATen overload ``op``."""
-    names = tuple(_RENAMED_OPERANDS.get(a.name, a.name) for a in op._schema.arguments)
-    return replace(like, signature=names, **changes)
+    return replace(like, signature=tuple(_RENAMED_OPERANDS.get(a.name, a.name) for a in op._schema.arguments))
 
 
 _CAST = _method_act("cast", True, moves=True)  # dtype/device copies: zero stays zero
@@ -489,7 +488,7 @@ _EMBEDDING = OpSpec("embedding", "embedding", channel_rule=ChannelRule.EMBEDDING
 _CHECK = OpSpec("check", "check", channel_rule=ChannelRule.NO_CHANNELS)
 _SYM_SIZE = OpSpec("sym_size", "shape", channel_rule=ChannelRule.NO_CHANNELS, reads_sizes=True)
 
-#: ATen overload -> (the spec it shares, changes). Built into FUNCTIONS below.
+#: ATen overload -> the spec of the op it is (its operand names follow in FUNCTIONS, below).
 _ATEN_LIKE: dict[Any, OpSpec] = {
     _aten.linear.default: FUNCTIONS[F.linear],
     _aten.conv1d.default: FUNCTIONS[torch.conv1d], _aten.conv2d.default: FUNCTIONS[torch.conv2d],

@@ -2,10 +2,11 @@
 through capture, insert_gates at channel granularity, one training step and fold_masks.
 
 Each phase is timed and its peak resident memory read from the kernel (``VmHWM``, reset before the
-phase through ``/proc/self/clear_refs``; Linux only). The training step is the trainer's: the
-language-modelling loss plus the pressure term, backward, SGD with momentum 0.9 on the weights and
-Adam on the flows. The fold closes a random ``--closed`` of every channel group and deletes them
-(``inplace=True``: no second copy of the model). Needs ``pip install .[hf]``.
+phase through ``/proc/self/clear_refs``; Linux only). The training step does what a trainer step
+does: the language-modelling loss plus the pressure term (as ``hf.pressure_loss``), backward, SGD with
+momentum 0.9 on the weights (without the trainer's weight decay) and Adam on the flows. The fold
+closes a random ``--closed`` of every channel group and deletes them (``inplace=True``: no second copy
+of the model). Needs ``pip install .[hf]``.
 
 Usage: python tools/bench_llm_scale.py [--layers 22] [--seq 64] [--closed 0.5] [--json out.json]
 """

@@ -32,9 +32,8 @@ from hyperflux_fx.ir import VALUE_META, WeightGate
 from hyperflux_fx.ops import ChannelRule, NormOperands, OpSpec, node_spec, norm_operands
 
 __all__ = ["OUTPUT_REASON", "RULES", "ChannelParam", "Consumer", "Coupling", "Group", "Label", "NormUse", "Producer",
-           "Seg",
-           "ShapeArg", "Unit", "analyze_channels", "dead_units", "group_consumers", "kept_count", "label_keep",
-           "param_target", "parent_keep", "plan_keep", "shape_of"]
+           "Seg", "ShapeArg", "Unit", "analyze_channels", "consumer_input", "dead_units", "group_consumers",
+           "kept_count", "label_keep", "param_target", "parent_keep", "plan_keep", "shape_of"]
 
 OUTPUT_REASON = "consumed by the graph output"  # why a group the model's output reads is not gated
 
@@ -1627,8 +1626,13 @@ def _sliced_alike(c: Coupling, uses: list[tuple[int, list[int]]]) -> bool:
     def group(sid: int) -> frozenset[int]:
         return frozenset(nx.node_connected_component(c.ties, sid)) if sid in c.ties else frozenset({sid})
 
-    live = [(dim, group(s)) for dim, spaces in uses for s in spaces if not any(c.blocks[t] for t in group(s))]
+    live = [(dim, group(s)) for dim, spaces in uses for s in spaces if not any(c.blocks.get(t) for t in group(s))]
     return len({dim for dim, _ in live}) <= 1 and len({g for _, g in live}) <= 1
+
+
+def consumer_input(cons: Consumer, nodes: dict[str, fx.Node]) -> Any:
+    """The operand a consumer reads its channels from (``nodes``: the graph's nodes by name)."""
+    return nodes[cons.input] if cons.input is not None else nodes[cons.node].args[0]
 
 
 def group_consumers(c: Coupling, group: Group) -> list[Consumer]:

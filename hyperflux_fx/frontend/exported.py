@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.utils._pytree import tree_leaves
 
 from hyperflux_fx.ops import call_spec
 
@@ -46,9 +47,7 @@ def export_graph(model: nn.Module, inputs: Sequence[Any], kwargs: dict[str, Any]
         program = torch.export.export(model, args, kwargs=kwargs, strict=False,
                                       dynamic_shapes=_dynamic_spec(model, args, kwargs))
     unlifted = program.module()
-    gm = fx.GraphModule(unlifted, _plain_graph(unlifted.graph, kwargs), type(model).__name__)
-    gm.training = model.training
-    return gm
+    return fx.GraphModule(unlifted, _plain_graph(unlifted.graph, kwargs), type(model).__name__)
 
 
 @contextlib.contextmanager
@@ -83,12 +82,14 @@ def _plain_graph(graph: fx.Graph, kwargs: dict[str, Any]) -> fx.Graph:
     for node in [n for n in graph.nodes if n.op == "placeholder"]:
         value = kwargs.get(str(node.target), node)
         if node.target in kwargs and not isinstance(value, torch.Tensor):  # a constant flag
+            def constant(n: fx.Node, node: fx.Node = node, value: Any = value) -> Any:
+                return value if n is node else n
+
             for user in list(node.users):
-                user.args = fx.node.map_arg(user.args, lambda n, node=node, value=value: value if n is node else n)
-                user.kwargs = fx.node.map_arg(user.kwargs, lambda n, node=node, value=value: value if n is node else n)
+                user.args, user.kwargs = fx.node.map_arg(user.args, constant), fx.node.map_arg(user.kwargs, constant)
             graph.erase_node(node)
     out = graph.output_node()
-    flat = [v for v in _flatten(out.args[0]) if isinstance(v, fx.Node)]
+    flat = [v for v in tree_leaves(out.args[0]) if isinstance(v, fx.Node)]
     out.args = (flat[0] if len(flat) == 1 else tuple(flat),)
     graph.eliminate_dead_code()
     graph.lint()
@@ -102,10 +103,3 @@ def _is_check(node: fx.Node) -> bool:
     spec = call_spec(node)
     return spec is not None and spec.kind == "check"
 
-
-def _flatten(value: Any) -> list[Any]:
-    if isinstance(value, (tuple, list)):
-        return [v for item in value for v in _flatten(item)]
-    if isinstance(value, dict):
-        return [v for item in value.values() for v in _flatten(item)]
-    return [value]

@@ -11,6 +11,7 @@ position). Needs ``pip install .[hf]``.
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Any
@@ -44,8 +45,9 @@ def language_model_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Te
     return F.cross_entropy(logits.flatten(0, -2), targets.flatten())
 
 
-def load_hf(folder: Path, input_shape: tuple[int, ...] | None) -> dict[str, Any]:
-    """The model, example inputs, datasets and loss of an ``hf:DIR`` source (see the module docstring).
+def load_hf(folder: Path, input_shape: tuple[int, ...] | None) -> tuple[nn.Module, tuple[Any, ...], Any, Any]:
+    """(model, example inputs, datasets or None, loss or None) of an ``hf:DIR`` source, as a model.py
+    gives them (see the module docstring).
 
     Raises:
         ValueError: DIR has no config.json, an unknown architecture, or transformers is missing.
@@ -72,6 +74,6 @@ def load_hf(folder: Path, input_shape: tuple[int, ...] | None) -> dict[str, Any]
         raise ValueError(f"hf:{folder}: vocab_size {config.vocab_size} < {TEXT_VOCAB}: the offline text set is "
                          "byte-level; give the config vocab_size >= 256")
     inputs = (torch.randint(0, config.vocab_size, shape, generator=torch.Generator().manual_seed(0)),)
-    return {"model": HFLogits(model.eval()), "inputs": inputs, "causal": causal,
-            "datasets": (lambda: text_datasets(shape[-1])) if causal else None,
-            "loss_fn": language_model_loss if causal else None}
+    if not causal:
+        return HFLogits(model.eval()), inputs, None, None
+    return HFLogits(model.eval()), inputs, functools.partial(text_datasets, shape[-1]), language_model_loss

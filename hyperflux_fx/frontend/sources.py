@@ -87,10 +87,9 @@ def load_source(source: str, *, input_shape: Sequence[int] | None = None, weight
     frontend = "auto"
     if source.startswith("hf:"):
         try:
-            found = load_hf(Path(source.split(":", 1)[1]), input_shape)
+            model, inputs, datasets, loss_fn = load_hf(Path(source.split(":", 1)[1]), input_shape)
         except ValueError as exc:
             raise SourceError(str(exc)) from exc
-        model, inputs, datasets, loss_fn = found["model"], found["inputs"], found["datasets"], found["loss_fn"]
         frontend, input_shape = "export", None
     elif source.startswith(("timm:", "torchvision:")):
         model, inputs = _library_model(source, num_classes)

@@ -24,7 +24,14 @@ import torch
 from torch import fx, nn
 
 from hyperflux_fx.analysis.cost import unit_costs
-from hyperflux_fx.analysis.coupling import Coupling, Group, NormUse, analyze_channels, group_consumers
+from hyperflux_fx.analysis.coupling import (
+    Coupling,
+    Group,
+    NormUse,
+    analyze_channels,
+    consumer_input,
+    group_consumers,
+)
 from hyperflux_fx.config import GateConfig
 from hyperflux_fx.frontend.trace import propagate_shapes
 from hyperflux_fx.ir import (
@@ -135,7 +142,7 @@ def _mask_consumers(gm: fx.GraphModule, coupling: Coupling, group_gate: dict[int
         layout = tuple((used.index(g) if g in group_gate else -1, sg.length, sg.expand, sg.replicas)
                        for g, sg in zip(gids, cons.label.segs, strict=True))
         node = nodes[cons.node]
-        x = nodes[cons.input] if cons.input is not None else node.args[0]
+        x = consumer_input(cons, nodes)
         mn = _call_mask(gm, masks, f"{cons.node}_in", ChannelMask(cons.label.dim, layout), node,
                         (x, *(group_gate[g] for g in used)))
         node.replace_input_with(x, mn)

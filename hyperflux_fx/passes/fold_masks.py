@@ -36,6 +36,7 @@ from hyperflux_fx.analysis.coupling import (
     CutArg,
     Group,
     analyze_channels,
+    consumer_input,
     dead_units,
     label_keep,
     param_keep,
@@ -249,8 +250,7 @@ def _fold_channel_masks(gm: fx.GraphModule, coupling: Coupling, report: FoldRepo
             continue
         mask_mod: ChannelMask = gm.get_submodule(str(node.target))
         full = mask_mod.full_mask(*(gm.get_submodule(str(a.target)).mask() for a in node.args[1:]))
-        consumer = next((c for c in coupling.consumers if (c.input == node.name if c.input is not None
-                                                            else any(a is node for a in nodes[c.node].args[:1]))), None)
+        consumer = next((c for c in coupling.consumers if consumer_input(c, nodes) is node), None)
         if consumer is None:
             raise RuntimeError(f"fold_masks: channel mask {node.name} does not feed a known conv/linear")
         w = fetch_attr(gm, consumer.weight)
