@@ -331,10 +331,21 @@ def _report(rows: list[dict], args) -> None:
     if args.figure:
         figure(rows, Path(args.figure))
     if args.write:
-        how = f"python tools/bench_structured.py --archs {args.archs} --seeds {args.seeds} --write {args.write}"
         common.write_section(Path(args.write), "bench_structured",
                              "## Structured pruning against Torch-Pruning at equal MACs (tools/bench_structured.py)"
-                             f"\n\n{text}\n\nReproduce: `pip install -e .[bench] && {how}`")
+                             f"\n\n{text}\n\nReproduce: `pip install -e .[bench]`, then {_commands(rows, args)}")
+
+
+def _commands(rows: list[dict], args) -> str:
+    """The command lines that rerun ``rows``: one per arch when the archs ran different seeds."""
+    seeds = {a: ",".join(str(s) for s in sorted({r["seed"] for r in rows if r["arch"] == a}))
+             for a in dict.fromkeys(r["arch"] for r in rows)}
+    if len(set(seeds.values())) == 1:
+        return f"`python tools/bench_structured.py --archs {','.join(seeds)} --seeds {seeds.popitem()[1]} " \
+               f"--write {args.write}`"
+    runs = [f"`python tools/bench_structured.py --archs {a} --seeds {s} --json {a}.json`" for a, s in seeds.items()]
+    files = ",".join(f"{a}.json" for a in seeds)
+    return " and ".join(runs) + f", then `python tools/bench_structured.py --from-json {files} --write {args.write}`"
 
 
 if __name__ == "__main__":
