@@ -223,10 +223,14 @@ def run_arch(arch: str, seeds: list[int], args, tp, rows: list[dict]) -> None:
                       + f" ({time.time() - t0:.0f}s)", file=sys.stderr, flush=True)
 
 
+def _seeds_by_arch(rows: list[dict]) -> dict[str, str]:
+    """Each arch (in the rows' order) and the seeds it ran, as a ``--seeds`` value."""
+    return {a: ",".join(str(s) for s in sorted({r["seed"] for r in rows if r["arch"] == a}))
+            for a in dict.fromkeys(r["arch"] for r in rows)}
+
+
 def _seeds_per_arch(rows: list[dict]) -> str:
-    archs = dict.fromkeys(r["arch"] for r in rows)
-    return ", ".join(f"{a} " + ",".join(str(s) for s in sorted({r["seed"] for r in rows if r["arch"] == a}))
-                     for a in archs)
+    return ", ".join(f"{a} {s}" for a, s in _seeds_by_arch(rows).items())
 
 
 def table(rows: list[dict], args) -> str:
@@ -268,8 +272,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.from_json:
         rows = [r for f in args.from_json.split(",") for r in json.loads(Path(f).read_text())]
-        args.archs = ",".join(dict.fromkeys(r["arch"] for r in rows))
-        args.seeds = ",".join(str(s) for s in sorted({r["seed"] for r in rows}))
         _report(rows, args)
         return
     try:
@@ -338,8 +340,7 @@ def _report(rows: list[dict], args) -> None:
 
 def _commands(rows: list[dict], args) -> str:
     """The command lines that rerun ``rows``: one per arch when the archs ran different seeds."""
-    seeds = {a: ",".join(str(s) for s in sorted({r["seed"] for r in rows if r["arch"] == a}))
-             for a in dict.fromkeys(r["arch"] for r in rows)}
+    seeds = _seeds_by_arch(rows)
     if len(set(seeds.values())) == 1:
         return f"`python tools/bench_structured.py --archs {','.join(seeds)} --seeds {seeds.popitem()[1]} " \
                f"--write {args.write}`"
