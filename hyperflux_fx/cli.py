@@ -38,7 +38,14 @@ from hyperflux_fx.analysis.cost import count_params_and_macs
 from hyperflux_fx.analysis.cost_model import CostModel
 from hyperflux_fx.analysis.latency_model import LatencyModel
 from hyperflux_fx.analysis.runtime import resolve_fold_config
-from hyperflux_fx.config import FoldConfig, GateConfig, TrainConfig
+from hyperflux_fx.config import (
+    DISTILL_ALPHA,
+    DISTILL_TEMPERATURE,
+    PRESSURE_MODES,
+    FoldConfig,
+    GateConfig,
+    TrainConfig,
+)
 from hyperflux_fx.export.latency import compare_latency
 from hyperflux_fx.export.onnx import ExportCheckError, ExportError, export_onnx
 from hyperflux_fx.frontend.data import DataError, resolve_datasets
@@ -96,8 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
                 description="Learn what to prune with Hyperflux, fold it into a smaller model, export it to ONNX "
                             "and measure it. Multi-GPU: torchrun --nproc-per-node N -m hyperflux_fx.cli SOURCE ...")
     p.add_argument("source", help="model.py (with build_model()), timm:NAME or torchvision:NAME")
-    p.add_argument("--data", default=None, help="digits | mnist1d | cifar10:ROOT | cifar100:ROOT | imagefolder:ROOT | "
-                                                "synthetic (default: model.py's datasets(), else digits)")
+    p.add_argument("--data", default=None, help="digits | mnist1d | mnist1d-hard | cifar10:ROOT | cifar100:ROOT | "
+                                                "imagefolder:ROOT | synthetic (default: model.py's datasets(), "
+                                                "else digits)")
     p.add_argument("--target-sparsity", type=float, default=None,
                    help="fraction of the --target measure to remove, in (0, 1) (default: 0.5 of the MACs for "
                         "channel/hybrid gates, 0.9 of the weights for weight gates)")
@@ -113,6 +121,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=10, help="pruning-phase epochs")
     p.add_argument("--regrowth-epochs", type=int, default=5, help="regrowth-phase epochs")
     p.add_argument("--dense-epochs", type=int, default=10, help="dense training first, when --weights is not given")
+    p.add_argument("--pressure", choices=PRESSURE_MODES, default="auto",
+                   help="coupled: the paper's pressure through the flows' Adam; decoupled: applied after it, in "
+                        "proportion to gamma; auto: decoupled with channel gates (docs/training.md)")
+    p.add_argument("--distill", choices=("auto", "off"), default="auto",
+                   help="auto: distil from the dense model during pruning and fine-tuning when the outputs are class "
+                        "logits (per token for language models); off: the task loss alone")
+    p.add_argument("--distill-alpha", type=float, default=DISTILL_ALPHA,
+                   help="weight of the distillation term in the loss (default %(default)s)")
+    p.add_argument("--distill-temperature", type=float, default=DISTILL_TEMPERATURE,
+                   help="softmax temperature of teacher and student (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=0.1, help="weight learning rate (pruning phase and dense training)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -192,6 +210,10 @@ def _validate(args: argparse.Namespace) -> Path | None:
         args.target_sparsity = 0.9 if args.granularity == "weight" else 0.5
     if not 0.0 < args.target_sparsity < 1.0:
         raise UsageError(f"--target-sparsity must be in (0, 1), got {args.target_sparsity}")
+    if not 0.0 <= args.distill_alpha <= 1.0:
+        raise UsageError(f"--distill-alpha must be in [0, 1], got {args.distill_alpha}")
+    if not args.distill_temperature > 0:
+        raise UsageError(f"--distill-temperature must be > 0, got {args.distill_temperature}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available on this machine (use --device cpu or auto)")
     for name in ("epochs", "batch_size", "dense_epochs"):
@@ -425,7 +447,9 @@ def _hyperflux_stage(job: _Job) -> tuple[PassResult, TrainResult | None, int]:
     cfg = TrainConfig(target_sparsity=args.target_sparsity, epochs=args.epochs, regrowth_epochs=args.regrowth_epochs,
                       lr=args.lr, seed=args.seed, device=args.device, out_dir=str(job.partial), resume=args.resume,
                       progress=not args.quiet, max_intervals=args.max_intervals,
-                      target_measure=args.target, fold=FoldConfig(round_to=args.round_to))
+                      target_measure=args.target, fold=FoldConfig(round_to=args.round_to), pressure=args.pressure,
+                      distill=args.distill, distill_alpha=args.distill_alpha,
+                      distill_temperature=args.distill_temperature)
     job.fold = fold_within_reach(res.graph_module, cfg)
     preferred = resolve_fold_config(cfg.fold).round_to
     if job.fold.round_to != preferred:
@@ -435,7 +459,7 @@ def _hyperflux_stage(job: _Job) -> tuple[PassResult, TrainResult | None, int]:
     try:
         latency = _latency_model(job, res.graph_module, cfg) if args.target == "latency" else None
         result = train(res.graph_module, job.train_loader, job.val_loader, cfg, loss_fn=job.loaded.loss_fn,
-                       latency_model=latency)
+                       latency_model=latency, teacher=job.loaded.model)  # the dense model is the teacher
         if result.completed:
             (job.partial / "latency_dense.onnx").unlink(missing_ok=True)
     except TrainingError as exc:
@@ -564,7 +588,9 @@ def _fold_stage(job: _Job, gated: Any, result: TrainResult, dense_acc: float) ->
         "sparsity_before_landing": (None if result.density_before_landing is None
                                     else 1.0 - result.density_before_landing),
         "controller_lookahead": result.controller_lookahead, "round_to": folded.report.round_to,
-        "land_at": result.land_at, "regrowth_lr": result.regrowth_lr,
+        "land_at": result.land_at, "regrowth_lr": result.regrowth_lr, "pressure": result.pressure,
+        "distilled": result.distilled, "distill_alpha": args.distill_alpha if result.distilled else None,
+        "distill_temperature": args.distill_temperature if result.distilled else None,
         "target_speedup": args.target_speedup, "latency_predicted_ms_compact": None,  # set beside the measurement
         "latency_predicted_speedup": (result.latency_table["predicted_dense_ms"] / result.predicted_latency_ms
                                       if result.predicted_latency_ms else None),

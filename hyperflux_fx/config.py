@@ -66,6 +66,11 @@ class FoldConfig:
 
 
 TARGET_MEASURES = ("count", "params", "macs", "latency")
+PRESSURE_MODES = ("auto", "coupled", "decoupled")
+DISTILL_MODES = ("auto", "on", "off")
+# Distillation defaults, chosen on a validation split carved from the training data (docs/training.md).
+DISTILL_ALPHA = 0.5
+DISTILL_TEMPERATURE = 4.0
 # The regrowth phase starts its weight LR at lr * this (lr 0.1 -> 0.03), with any gates. The paper's 1e-3
 # follows 100 pruning epochs with 60 of regrowth; in the CLI's 10 + 5 it leaves too little to recover
 # (docs/training.md, measured): with channel gates 16x-fewer-MACs mnist1d_cnn models reached 93.1%
@@ -106,6 +111,13 @@ class TrainConfig:
     land_at: float | None = None  # fraction of the regrowth phase after which the landing happens; None: 0.5
     #   with weight gates only, 0.0 (the end of pruning) with channel gates (docs/training.md)
     label_smoothing: float = 0.1  # for the default classification loss
+    distill: str = "auto"  # distil from the dense model the run starts from (the teacher), during pruning and
+    #   regrowth: loss = (1 - alpha) * task + alpha * T^2 * KL(teacher_T || student_T), per class vector (per token
+    #   for language models). "auto": on with channel gates (a structure to recover) when the outputs are class
+    #   logits and the targets class indices, off with weight gates only (the paper's recipe); "on": with any
+    #   gates, an error when the outputs are not class logits; "off": the task loss alone
+    distill_alpha: float = DISTILL_ALPHA  # weight of the distillation term (docs/training.md: how it was chosen)
+    distill_temperature: float = DISTILL_TEMPERATURE  # softmax temperature T of teacher and student
     pressure_step: float = 0.2  # controller step s (0.15 ImageNet)
     regrowth_compensation: float = 11.5 / 13  # pruning phase aims at final remaining * this
     interval_steps: int | None = None  # scheduler interval in steps; None = 1 epoch, or pruning/20 if shorter
@@ -114,6 +126,13 @@ class TrainConfig:
     controller_lookahead: int | None = None  # judge the density extrapolated L intervals ahead; None = the
     #   flows' response lag in intervals (scheduler.response_lag_intervals); 0 = the paper's controller
     controller_scale_down: bool = True  # ahead of plan: scale g by judged/planned first (False = the paper's)
+    pressure: str = "auto"  # "coupled": gamma/N added to the flows' gradient, through Adam (the paper's);
+    #   "decoupled": after Adam's step every flow moves down by flow_lr * gamma * its pressure scale (as AdamW
+    #   decouples weight decay), so gamma acts in proportion; "auto": decoupled with channel gates, else coupled
+    controller_floor: float | None = 0.0  # decoupled pressure: a step's new closings that would take the kept
+    #   fraction below the plan at the interval's end, less this share, wait (their flows held at 0); None: off
+    regrowth_lift: float | None = None  # decoupled pressure: a unit that regrows during pruning has its flow
+    #   lifted to at least this, so it is not probed again at once; None = the mean open flow at the start; 0: off
     device: str = "auto"  # "auto" (CUDA when available), "cpu", "cuda", "cuda:N"
     amp: str = "auto"  # "auto" (bf16 if supported else fp16 on CUDA; off on CPU), "bf16", "fp16", "off"
     compile: bool = False  # torch.compile the gated model
@@ -148,6 +167,18 @@ class TrainConfig:
         if self.target_measure not in TARGET_MEASURES:
             raise ValueError(f"TrainConfig.target_measure must be one of {TARGET_MEASURES}, "
                              f"got {self.target_measure!r}")
+        if self.controller_floor is not None and not 0.0 <= self.controller_floor < 1.0:
+            raise ValueError(f"TrainConfig.controller_floor must be in [0, 1) or None, got {self.controller_floor}")
+        if self.regrowth_lift is not None and self.regrowth_lift < 0:
+            raise ValueError(f"TrainConfig.regrowth_lift must be >= 0 or None, got {self.regrowth_lift}")
+        if self.distill not in DISTILL_MODES:
+            raise ValueError(f"TrainConfig.distill must be one of {DISTILL_MODES}, got {self.distill!r}")
+        if not 0.0 <= self.distill_alpha <= 1.0:
+            raise ValueError(f"TrainConfig.distill_alpha must be in [0, 1], got {self.distill_alpha}")
+        if not self.distill_temperature > 0:
+            raise ValueError(f"TrainConfig.distill_temperature must be > 0, got {self.distill_temperature}")
+        if self.pressure not in PRESSURE_MODES:
+            raise ValueError(f"TrainConfig.pressure must be one of {PRESSURE_MODES}, got {self.pressure!r}")
         if self.resume and self.out_dir is None:
             raise ValueError("TrainConfig.resume needs out_dir (where the checkpoints are)")
 
@@ -159,4 +190,6 @@ class TrainConfig:
         way the regrowth phase starts from ``lr * REGROWTH_LR_RATIO``."""
         land_at = self.land_at if self.land_at is not None else (0.0 if structured else 0.5)
         regrowth_lr = self.regrowth_lr if self.regrowth_lr is not None else self.lr * REGROWTH_LR_RATIO
-        return replace(self, land_at=land_at, regrowth_lr=regrowth_lr)
+        pressure = self.pressure if self.pressure != "auto" else ("decoupled" if structured else "coupled")
+        distill = "off" if (self.distill == "auto" and (not structured or self.distill_alpha == 0.0)) else self.distill
+        return replace(self, land_at=land_at, regrowth_lr=regrowth_lr, pressure=pressure, distill=distill)

@@ -57,6 +57,7 @@ __all__ = [
     "layer_density",
     "named_gates",
     "pressure_loss",
+    "apply_decoupled_pressure",
     "pressure_state",
     "reset_flux",
     "set_pressure",
@@ -158,7 +159,7 @@ class Gate(nn.Module):
 
     def _add_pressure(self, grad: torch.Tensor) -> torch.Tensor:
         state = self._pressure
-        if state is None:
+        if state is None or state.decoupled:  # decoupled: the trainer moves the flows itself
             return grad
         coef = self.pressure_scale / state.total_elements
         return grad + (state.gamma * state.grad_scale * coef).to(grad.dtype)
@@ -528,6 +529,9 @@ class PressureState(nn.Module):
         # Loss scale of fp16 AMP: the hooks see scaled gradients, so the pressure is scaled alike.
         self.register_buffer("grad_scale", torch.ones((), dtype=torch.float32), persistent=False)
         self.total_elements = int(total_elements)
+        # Decoupled pressure (apply_decoupled_pressure): the hooks add nothing, and the trainer moves
+        # every flow down by flow_lr * gamma * pressure_scale after the optimiser's step.
+        self.decoupled = False
 
     def extra_repr(self) -> str:
         return f"gamma={float(self.gamma):.6g}, total_elements={self.total_elements}"
@@ -556,6 +560,28 @@ def set_pressure(module: nn.Module, gamma: float) -> None:
 def get_pressure(module: nn.Module) -> float:
     """Current gamma of the gradient hooks."""
     return float(pressure_state(module).gamma.item())
+
+
+@torch.no_grad()
+def apply_decoupled_pressure(module: nn.Module, lr: float) -> None:
+    """One step of decoupled pressure: every flow moves down by ``lr * gamma * pressure_scale``.
+
+    Coupled pressure (the paper's) is a gradient ``gamma / N`` that passes through the flows' Adam:
+    once it dominates a flow's gradient, Adam's normalisation moves that flow one ``lr`` per step
+    whatever gamma is, so gamma acts as an on/off switch. Applied after the optimiser's step, as
+    AdamW decouples weight decay, the pressure moves every flow by a distance proportional to gamma
+    (gamma = 1: one full Adam step), while the flux still moves it through Adam: a flow sinks when
+    its Adam-normalised flux is below ``gamma`` (docs/training.md)."""
+    gamma = pressure_state(module).gamma
+    for g in gates(module):
+        g.flow.sub_(gamma * (lr * g.pressure_scale))
+
+
+@torch.no_grad()
+def lift_regrown(module: nn.Module, closed_before: list[torch.Tensor], height: float) -> None:
+    """Every unit that was closed before this step and is open now is lifted to at least ``height``."""
+    for g, was in zip(gates(module), closed_before, strict=True):
+        g.flow.copy_(torch.where(was & (g.flow >= 0), g.flow.clamp(min=height), g.flow))
 
 
 def pressure_loss(module: nn.Module, gamma: float | torch.Tensor) -> torch.Tensor:

@@ -49,30 +49,36 @@ def resnet18_digits() -> nn.Module:
 
 
 def mnist1d_loaders(name: str, batch_size: int = 64) -> tuple[DataLoader, DataLoader]:
-    """MNIST-1D (4000 train / 1000 test), shaped for the example ``name`` (Conv1d: 1x40, MLP: 40)."""
+    """MNIST-1D (4000 train / 1000 test), shaped for the example ``name`` (Conv1d: 1x40, MLP: 40); the
+    mnist1d-hard variant for ``mnist1d_hard_*``."""
     from hyperflux_fx.frontend.data import mnist1d_datasets
 
-    train, test = mnist1d_datasets(channels_first=name != "mnist1d_mlp")
+    train, test = mnist1d_datasets(channels_first=name != "mnist1d_mlp", hard=name.startswith("mnist1d_hard"))
     return DataLoader(train, batch_size=batch_size, shuffle=True), DataLoader(test, batch_size=512)
 
 
 ARCHS = {"digits_cnn": digits_cnn, "digits_mlp": digits_mlp, "resnet18": resnet18_digits,
          "mnist1d_cnn": lambda: example_module("mnist1d_cnn").build_model(),
+         "mnist1d_hard_cnn": lambda: example_module("mnist1d_hard_cnn").build_model(),
+         "mnist1d_resnet": lambda: example_module("mnist1d_resnet").build_model(),
          "mnist1d_mlp": lambda: example_module("mnist1d_mlp").build_model()}
 
 
 def dataset(arch: str) -> str:
-    """The data set an architecture trains on (a key of :data:`DATA`): MNIST-1D for mnist1d_*, digits
-    otherwise."""
+    """The data set an architecture trains on (a key of :data:`DATA`): mnist1d-hard for mnist1d_hard_*,
+    MNIST-1D for the other mnist1d_*, digits otherwise."""
+    if arch.startswith("mnist1d_hard"):
+        return "mnist1d-hard"
     return "mnist1d" if arch.startswith("mnist1d") else "digits"
 
 
 def loaders(arch: str) -> tuple[DataLoader, DataLoader]:
     """(train, test) loaders of an architecture's data set (:func:`dataset`)."""
-    return mnist1d_loaders(arch) if dataset(arch) == "mnist1d" else digits_loaders()
+    return mnist1d_loaders(arch) if dataset(arch).startswith("mnist1d") else digits_loaders()
 
 
-DATA = {"digits": "Digits (1437 train / 360 test, 16x16)", "mnist1d": "MNIST-1D (4000 train / 1000 test, 40 samples)"}
+DATA = {"digits": "Digits (1437 train / 360 test, 16x16)", "mnist1d": "MNIST-1D (4000 train / 1000 test, 40 samples)",
+        "mnist1d-hard": "mnist1d-hard (MNIST-1D's generator with stronger noise, shear and translation; 4000 / 1000)"}
 
 
 def machine(device: str = "cpu") -> str:

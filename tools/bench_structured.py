@@ -14,7 +14,10 @@ for each MAC reduction (2x, 4x, 16x by default):
   - (a) ``MagnitudePruner`` with ``GroupMagnitudeImportance`` (L2), one shot, then fine-tune;
   - (b) the same in 5 steps, an equal share of the fine-tuning after each step;
   - (c) ``GroupNormPruner``: sparse training with its regulariser (``pruner.regularize`` after each
-    backward, its default ``reg``) for a third of the budget, then prune, then fine-tune the rest.
+    backward, its default ``reg``) for a third of the budget, then prune, then fine-tune the rest;
+  - (d) (a) fine-tuned with the same distillation from the same dense model as hyperflux-compile's
+    default (``DISTILL_ALPHA``, ``DISTILL_TEMPERATURE``): what the method is worth apart from the
+    recovery trick.
   Fine-tuning is SGD (momentum 0.9, weight decay 5e-4, cosine, label smoothing 0.1), at each LR of
   ``--baseline-lrs``; the best test accuracy counts (this favours the baselines).
 
@@ -23,7 +26,10 @@ side by side with the dense export. Accuracies are on the fixed test split (MNIS
 digits: 360 images), mean ± std over seeds. The per-layer widths each method chose go to
 ``--json`` for diagnosis.
 
-Usage: python tools/bench_structured.py [--archs mnist1d_cnn,digits_cnn] [--seeds 0,1,2]
+Architectures: mnist1d_cnn (MNIST-1D), mnist1d_hard_cnn (the same CNN on mnist1d-hard, dense ~90%),
+mnist1d_resnet (a residual Conv1d network: skip connections couple whole stages), digits_cnn.
+
+Usage: python tools/bench_structured.py [--archs mnist1d_cnn,mnist1d_hard_cnn,...] [--seeds 0,1,2]
            [--write docs/BENCHMARKS.md] [--json out.json] [--quick]
 """
 
@@ -49,22 +55,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _bench_common as common
 
 import hyperflux_fx as hf
+from hyperflux_fx.config import DISTILL_ALPHA, DISTILL_TEMPERATURE
 from hyperflux_fx.export.latency import compare_latency
+from hyperflux_fx.train.distill import distillation_loss
 
 ROOT = common.ROOT
 REDUCTIONS = (2, 4, 16)
+KD_LABEL = "TP magnitude, one-shot + FT with distillation"
+
+
+ARCHS = ("mnist1d_cnn", "mnist1d_hard_cnn", "mnist1d_resnet", "digits_cnn", "mnist1d_mlp")
 
 
 def _arch(name: str):
     """(model.py path, build(), example inputs, train loader, test loader) of an architecture."""
-    if name not in ("mnist1d_cnn", "mnist1d_mlp", "digits_cnn"):
-        raise SystemExit(f"unknown arch {name!r}: mnist1d_cnn, mnist1d_mlp, digits_cnn")
+    if name not in ARCHS:
+        raise SystemExit(f"unknown arch {name!r}: {', '.join(ARCHS)}")
     ex = common.example_module(name)
     return (ROOT / "examples" / f"{name}.py", ex.build_model, ex.example_inputs(), *common.loaders(name))
 
 
-def _finetune(model: nn.Module, loader: DataLoader, epochs: int, lr: float, hook=None) -> None:
-    """SGD (momentum 0.9, weight decay 5e-4 on conv/linear weights), cosine LR, label smoothing 0.1."""
+def _finetune(model: nn.Module, loader: DataLoader, epochs: int, lr: float, hook=None,
+              teacher: nn.Module | None = None) -> None:
+    """SGD (momentum 0.9, weight decay 5e-4 on conv/linear weights), cosine LR, label smoothing 0.1; with a
+    ``teacher``, the loss hyperflux-compile's distillation uses (its default alpha and temperature)."""
     decay = [m.weight for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))]
     ids = {id(p) for p in decay}
     opt = torch.optim.SGD([{"params": decay, "weight_decay": 5e-4},
@@ -77,7 +91,13 @@ def _finetune(model: nn.Module, loader: DataLoader, epochs: int, lr: float, hook
             for g in opt.param_groups:
                 g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * i / total))
             opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y, label_smoothing=0.1).backward()
+            out = model(x)
+            loss = F.cross_entropy(out, y, label_smoothing=0.1)
+            if teacher is not None:
+                with torch.no_grad():
+                    target = teacher(x)
+                loss = (1 - DISTILL_ALPHA) * loss + DISTILL_ALPHA * distillation_loss(out, target, DISTILL_TEMPERATURE)
+            loss.backward()
             if hook is not None:
                 hook(model)
             opt.step()
@@ -119,9 +139,9 @@ def _ratio_for_macs(tp, model: nn.Module, inputs, macs: int) -> float:
 def torch_pruning(tp, recipe: str, dense: nn.Module, inputs, loader: DataLoader, ratio: float, epochs: int,
                   lr: float) -> nn.Module:
     model = copy.deepcopy(dense)
-    if recipe == "one-shot":
+    if recipe in ("one-shot", "one-shot-kd"):
         _tp_pruner(tp, "magnitude", model, inputs, ratio).step()
-        _finetune(model, loader, epochs, lr)
+        _finetune(model, loader, epochs, lr, teacher=dense.eval() if recipe == "one-shot-kd" else None)
     elif recipe == "iterative":
         pruner = _tp_pruner(tp, "magnitude", model, inputs, ratio, steps=5)
         share = [epochs // 5 + (1 if k < epochs % 5 else 0) for k in range(5)]
@@ -203,7 +223,8 @@ def run_arch(arch: str, seeds: list[int], args, tp, rows: list[dict]) -> None:
                 ratio = _ratio_for_macs(tp, dense, inputs, s["macs_compact"])
                 for recipe, label in (("one-shot", "TP magnitude, one-shot + FT"),
                                       ("iterative", "TP magnitude, iterative (5 steps)"),
-                                      ("groupnorm", "TP group-norm sparse training + FT")):
+                                      ("groupnorm", "TP group-norm sparse training + FT"),
+                                      ("one-shot-kd", KD_LABEL)):
                     best = None
                     for lr in lrs:
                         torch.manual_seed(seed)
@@ -255,7 +276,7 @@ def table(rows: list[dict], args) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--archs", default="mnist1d_cnn,digits_cnn")
+    parser.add_argument("--archs", default="mnist1d_cnn,mnist1d_hard_cnn,mnist1d_resnet,digits_cnn")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--reductions", default="2,4,16")
     parser.add_argument("--dense-epochs", type=int, default=10)

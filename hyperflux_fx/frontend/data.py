@@ -1,4 +1,4 @@
-"""Dataset specs for the CLI: ``digits``, ``mnist1d``, ``cifar10:ROOT``, ``cifar100:ROOT``,
+"""Dataset specs for the CLI: ``digits``, ``mnist1d``, ``mnist1d-hard``, ``cifar10:ROOT``, ``cifar100:ROOT``,
 ``imagefolder:ROOT``, ``synthetic``. Nothing is downloaded: roots must hold the data as torchvision
 lays it out; digits and MNIST-1D are generated from installed packages."""
 
@@ -93,11 +93,11 @@ def resolve_datasets(spec: str, *, sample_shape: tuple[int, ...], num_classes: i
             raise DataError(f"digits are 1-channel square images; the model's example input is {sample_shape} "
                             "(use --data synthetic, or a model for 1xNxN inputs)")
         return digits_datasets(size=sample_shape[-1], seed=seed)
-    if kind == "mnist1d":
+    if kind in ("mnist1d", "mnist1d-hard"):
         if tuple(sample_shape) not in ((1, MNIST1D_LENGTH), (MNIST1D_LENGTH,)):
             raise DataError(f"mnist1d signals are 1x{MNIST1D_LENGTH} (Conv1d) or {MNIST1D_LENGTH} (MLP); the "
                             f"model's example input is {tuple(sample_shape)} (without the batch dim)")
-        return mnist1d_datasets(channels_first=len(sample_shape) == 2)
+        return mnist1d_datasets(channels_first=len(sample_shape) == 2, hard=kind == "mnist1d-hard")
     if kind in ("cifar10", "cifar100", "imagefolder"):
         if not root:
             raise DataError(f"{kind} needs a root: --data {kind}:/path/to/data")
@@ -106,6 +106,6 @@ def resolve_datasets(spec: str, *, sample_shape: tuple[int, ...], num_classes: i
         return _cifar(kind, root, size) if kind.startswith("cifar") else _imagefolder(root, size)
     if kind == "synthetic":
         return _synthetic(tuple(sample_shape), num_classes, seed=seed)
-    raise DataError(f"unknown dataset {spec!r}: use digits, mnist1d, cifar10:ROOT, cifar100:ROOT, imagefolder:ROOT "
-                    "or synthetic")
+    raise DataError(f"unknown dataset {spec!r}: use digits, mnist1d, mnist1d-hard, cifar10:ROOT, cifar100:ROOT, "
+                    "imagefolder:ROOT or synthetic")
 

@@ -62,6 +62,8 @@ def fingerprint(gated: nn.Module, cfg: TrainConfig, *, interval_steps: int, flow
         "target_sparsity": cfg.target_sparsity, "epochs": cfg.epochs, "regrowth_epochs": cfg.regrowth_epochs,
         "interval_steps": interval_steps, "lr": cfg.lr, "flow_lr": flow_lr, "seed": cfg.seed,
         "batch_size": batch_size, "dataset_len": dataset_len, "world_size": world,
+        "pressure": cfg.pressure, "distill": cfg.distill, "distill_alpha": cfg.distill_alpha,
+        "distill_temperature": cfg.distill_temperature,
     }
 
 

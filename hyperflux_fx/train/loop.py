@@ -46,7 +46,17 @@ from torch.utils.data import DataLoader
 
 from hyperflux_fx.analysis.latency_model import LatencyModel
 from hyperflux_fx.config import TrainConfig
-from hyperflux_fx.ir import ChannelGate, Gate, PressureState, gates, pressure_state, set_pressure, track_flux
+from hyperflux_fx.ir import (
+    ChannelGate,
+    Gate,
+    PressureState,
+    apply_decoupled_pressure,
+    gates,
+    lift_regrown,
+    pressure_state,
+    set_pressure,
+    track_flux,
+)
 from hyperflux_fx.train.checkpoint import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_NAME,
@@ -56,6 +66,7 @@ from hyperflux_fx.train.checkpoint import (
     rng_state,
     set_rng_state,
 )
+from hyperflux_fx.train.distill import Distiller, frozen_teacher
 from hyperflux_fx.train.distributed import (
     TrainingError,
     check_masks_equal,
@@ -80,6 +91,10 @@ __all__ = ["TrainResult", "TrainingError", "train"]
 
 log = logging.getLogger(__name__)
 
+# Decoupled pressure's controller: gamma *= (measured / planned) ** gain per interval. Chosen on a 256-unit MLP,
+# 4 seeds, gains 1 / 2 / 4 with look-ahead 0 / 1 / 2: 4 with no look-ahead tracked closest (docs/training.md).
+LOG_CONTROLLER_GAIN = 4.0
+
 
 @dataclass
 class TrainResult:
@@ -103,6 +118,8 @@ class TrainResult:
     latency_table: dict[str, Any] | None = None  # "latency": op timings measured / cached, seconds, cache file
     land_at: float | None = None  # the landing point used (TrainConfig.land_at, resolved by the gates' kind)
     regrowth_lr: float | None = None  # the regrowth / fine-tune weight LR used (resolved likewise)
+    pressure: str = "coupled"  # the pressure used (TrainConfig.pressure, resolved by the gates' kind)
+    distilled: bool = False  # whether the loss blended in distillation from the teacher (TrainConfig.distill)
 
     @property
     def density_before_landing(self) -> float | None:
@@ -153,6 +170,8 @@ class _Run:
     fingerprint: dict[str, Any]
     t_start: float
     measure: Measure
+    lift: float = 0.0  # decoupled pressure: a regrown unit's flow is lifted to at least this (0: never)
+    distiller: Distiller | None = None  # the dense teacher and the blend (TrainConfig.distill)
 
     @property
     def writer(self) -> bool:
@@ -178,11 +197,14 @@ class _Progress:
     correct: torch.Tensor | None = None
     metric_sum: float = 0.0
     seen: int = 0
+    task_sum: torch.Tensor | None = None  # the task loss alone, summed like loss_sum (with distillation)
+    distill_sum: torch.Tensor | None = None  # the distillation term, likewise
 
 
 def train(gated: nn.Module, train_loader: DataLoader, val_loader: Iterable[Any] | None = None,
           config: TrainConfig | None = None, *, loss_fn: LossFn | None = None,
-          metric_fn: MetricFn | None = None, latency_model: LatencyModel | None = None) -> TrainResult:
+          metric_fn: MetricFn | None = None, latency_model: LatencyModel | None = None,
+          teacher: nn.Module | None = None) -> TrainResult:
     """Run the Hyperflux pruning and regrowth phases on a gated model.
 
     Args:
@@ -193,6 +215,8 @@ def train(gated: nn.Module, train_loader: DataLoader, val_loader: Iterable[Any] 
         config: the schedule; ``TrainConfig()`` by default.
         loss_fn: ``loss_fn(outputs, targets) -> scalar``; label-smoothed cross-entropy by default.
         metric_fn: ``metric_fn(outputs, targets) -> float`` (batch mean); top-1 accuracy by default.
+        teacher: the dense model to distil from (``config.distill``); None: a frozen copy of ``gated`` as it
+            is when training starts (every gate open: the dense model). It is never trained or changed.
         latency_model: with ``target_measure="latency"``, a calibrated
             :class:`~hyperflux_fx.analysis.latency_model.LatencyModel` of ``gated`` (else one is built,
             calibrated on ``config.latency_dense_ms`` when given).
@@ -214,9 +238,11 @@ def train(gated: nn.Module, train_loader: DataLoader, val_loader: Iterable[Any] 
     try:
         run = _setup(gated, train_loader, cfg, rank, world, device, loss_fn, metric_fn, t_start,
                      Measure(gated, cfg, latency_model))
+        run.distiller = _distiller(cfg, gated, teacher, device)
         progress = _restore_or_start(run)
         _loop(run, progress, train_loader, val_loader)
     finally:
+        pressure_state(gated).decoupled = False  # the gradient hooks carry the pressure outside train()
         if cfg.track_flux:
             track_flux(gated, False)
         if we_initialised:
@@ -232,17 +258,26 @@ def _setup(gated: nn.Module, loader: DataLoader, cfg: TrainConfig, rank: int, wo
     all_gates = gates(gated)
     schedule = _schedule(cfg, loader, world)
     lookahead = cfg.controller_lookahead
+    if lookahead is None and cfg.pressure == "decoupled":
+        lookahead = 0  # proportional pressure answers within the interval; extrapolating it only adds swings
     if lookahead is None:  # the flows' response lag: their mean distance above the threshold now
         lookahead = response_lag_intervals(schedule.flow_lr, schedule.interval, _prune_intervals(schedule),
                                            distance=open_flow_distance(all_gates))
-    controller = PressureController(1.0 - cfg.target_sparsity, _prune_intervals(schedule), step=cfg.pressure_step,
-                                    regrowth_compensation=cfg.regrowth_compensation,
-                                    warmup_intervals=cfg.warmup_intervals, lookahead=lookahead,
-                                    scale_down=cfg.controller_scale_down)
+    decoupled = cfg.pressure == "decoupled"
+    # Landing at the end of pruning freezes the flows: nothing regrows after it, so the pruning phase aims at
+    # the target itself and the landing is only the last correction.
+    compensation = 1.0 if (cfg.land and cfg.land_at == 0.0) else cfg.regrowth_compensation
+    controller = PressureController(
+        1.0 - cfg.target_sparsity, _prune_intervals(schedule), step=cfg.pressure_step,
+        regrowth_compensation=compensation, warmup_intervals=cfg.warmup_intervals, lookahead=lookahead,
+        scale_down=cfg.controller_scale_down, rule="log" if decoupled else "paper",
+        gamma0=open_flow_distance(all_gates) / (schedule.flow_lr * max(schedule.prune_steps, 1) / 2),
+        gain=LOG_CONTROLLER_GAIN)
     flow_ids = {id(g.flow) for g in all_gates}
     params = [p for p in gated.parameters() if id(p) not in flow_ids and p.requires_grad]
     opt_w = weight_optimizer(gated, params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     opt_t = torch.optim.Adam([g.flow for g in all_gates], lr=schedule.flow_lr, weight_decay=0.0, fused=True)
+    pressure_state(gated).decoupled = decoupled
     out_dir = Path(cfg.out_dir) if cfg.out_dir is not None else None
     return _Run(
         cfg=cfg, gated=gated, model=gated, gates=all_gates, pressure=pressure_state(gated), schedule=schedule,
@@ -255,7 +290,19 @@ def _setup(gated: nn.Module, loader: DataLoader, cfg: TrainConfig, rank: int, wo
         fingerprint=fingerprint(gated, cfg, interval_steps=schedule.interval, flow_lr=schedule.flow_lr,
                                 batch_size=loader.batch_size or 1, dataset_len=len(loader.dataset),  # type: ignore
                                 world=world),
-        t_start=t_start, measure=measure)
+        t_start=t_start, measure=measure,
+        lift=(0.0 if not decoupled else cfg.regrowth_lift if cfg.regrowth_lift is not None
+              else open_flow_distance(all_gates)))
+
+
+def _distiller(cfg: TrainConfig, gated: nn.Module, teacher: nn.Module | None, device: torch.device
+               ) -> Distiller | None:
+    """The teacher (given, or a frozen copy of the gated model before any step) on the run's device."""
+    if cfg.distill == "off":
+        return None
+    teacher = frozen_teacher(gated if teacher is None else teacher).to(device)
+    return Distiller(teacher=teacher, alpha=cfg.distill_alpha, temperature=cfg.distill_temperature,
+                     required=cfg.distill == "on")
 
 
 def _schedule(cfg: TrainConfig, loader: DataLoader, world: int) -> _Schedule:
@@ -304,6 +351,8 @@ def _restore_or_start(run: _Run) -> _Progress:
     run.gated.train()
     progress.loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)
     progress.correct = torch.zeros((), dtype=torch.float64, device=run.device)
+    progress.task_sum = torch.zeros((), dtype=torch.float64, device=run.device)
+    progress.distill_sum = torch.zeros((), dtype=torch.float64, device=run.device)
     return progress
 
 
@@ -371,12 +420,19 @@ def _train_step(run: _Run, progress: _Progress, batch: Any) -> None:
         group["lr"] = lr_w
     for group in run.opt_t.param_groups:
         group["lr"] = lr_t
+    watch = lr_t > 0 and run.pressure.decoupled and progress.step < run.schedule.prune_steps
+    closed_before = [g.flow.detach() < 0 for g in run.gates] if watch else None
     inputs, targets = split_batch(move_to(batch, run.device))
     run.opt_w.zero_grad(set_to_none=True)
     run.opt_t.zero_grad(set_to_none=True)
     with autocast(run.device, run.amp_dtype):
         out = run.model(*inputs)
         loss = run.loss_fn(out, targets)
+        if run.distiller is not None and run.distiller.applies(out, targets):
+            task = loss
+            loss, kd = run.distiller.loss(task, out, run.distiller.teacher_outputs(inputs))
+            progress.task_sum += task.detach().double() * int(targets.shape[0])
+            progress.distill_sum += kd.detach().double() * int(targets.shape[0])
     if run.scaler is not None:
         run.pressure.grad_scale.fill_(run.scaler.get_scale())  # pressure must be scaled like the loss
         run.scaler.scale(loss).backward()
@@ -389,6 +445,13 @@ def _train_step(run: _Run, progress: _Progress, batch: Any) -> None:
         run.opt_w.step()
         if lr_t > 0:
             run.opt_t.step()
+    if lr_t > 0 and run.pressure.decoupled:
+        apply_decoupled_pressure(run.gated, lr_t)
+        if closed_before is not None:
+            if run.lift > 0:
+                lift_regrown(run.gated, closed_before, run.lift)
+            if run.cfg.controller_floor is not None:
+                _hold_floor(run, progress, closed_before, run.cfg.controller_floor)
     n = int(targets.shape[0]) if isinstance(targets, torch.Tensor) else 1
     progress.loss_sum += loss.detach().double() * n
     if run.on_device_accuracy:
@@ -397,6 +460,25 @@ def _train_step(run: _Run, progress: _Progress, batch: Any) -> None:
         progress.metric_sum += run.metric_fn(out.detach().float(), targets) * n
     progress.seen += n
     progress.step += 1
+
+
+@torch.no_grad()
+def _hold_floor(run: _Run, progress: _Progress, closed_before: list[torch.Tensor], margin: float) -> None:
+    """Units that closed in this step stay open (flow 0) when closing them takes the measure below the plan at
+    the end of this interval, less ``margin``: the cheapest closings are kept pending first."""
+    fresh = [(g, (g.flow < 0) & ~was) for g, was in zip(run.gates, closed_before, strict=True)]
+    if not any(bool(f.any()) for _, f in fresh):
+        return
+    e = progress.step // run.schedule.interval + 1
+    floor = run.controller.planned(e) * (1.0 - margin)
+    if run.measure.kept(rounded=False) >= floor:
+        return
+    cands = sorted(((g.flow[i].item(), g, i) for g, f in fresh for i in torch.nonzero(f).flatten().tolist()),
+                   key=lambda c: c[0])  # the deepest pushed first
+    for _, g, i in reversed(cands):  # reopen the least pushed until the floor holds
+        g.flow[i] = 0.0
+        if run.measure.kept(rounded=False) >= floor:
+            break
 
 
 def _interval_ends(run: _Run, progress: _Progress) -> bool:
@@ -422,7 +504,7 @@ def _end_interval(run: _Run, progress: _Progress, val_loader: Iterable[Any] | No
     gamma_used = float(run.pressure.gamma)
     gamma_next, planned = _next_pressure(run, run.measure.kept(rounded=False), pruning, step)
     landing = _maybe_land(run, progress)
-    r = landing.density_after if landing is not None else run.measure.kept()
+    r = run.measure.kept(rounded=False)
     if pruning:
         run.measure.refresh_pressure()
     set_pressure(run.gated, gamma_next)
@@ -435,18 +517,33 @@ def _end_interval(run: _Run, progress: _Progress, val_loader: Iterable[Any] | No
     rec = run.recorder.record(
         run.gated, interval=progress.intervals, epoch=(step - 1) // s.spe, step=step,
         phase="prune" if pruning else "regrow", gamma=gamma_used, gamma_next=gamma_next, g=run.controller.g,
-        planned=planned, target_density=1.0 - cfg.target_sparsity, measured_density=r, train_loss=train_loss,
+        planned=planned, target_density=1.0 - cfg.target_sparsity, measured_density=r,
+        measured_density_rounded=landing.density_after if landing is not None else run.measure.kept(),
+        train_loss=train_loss, **_distill_fields(run, progress),
         train_metric=progress.metric_sum / max(progress.seen, 1), val_metric=progress.val_acc if due else None,
         lr=run.opt_w.param_groups[0]["lr"], flow_lr=run.opt_t.param_groups[0]["lr"], flows_frozen=progress.frozen,
         landing=landing, seconds=time.perf_counter() - run.t_start)
     progress.loss_sum.zero_()
     progress.correct.zero_()
+    progress.task_sum.zero_()
+    progress.distill_sum.zero_()
     progress.metric_sum, progress.seen = 0.0, 0
     _after_record(run, progress, rec, bar)
     if cfg.max_intervals is not None and progress.calls_intervals >= cfg.max_intervals and step < s.total_steps:
         progress.stopped_early = True
         return True
     return False
+
+
+def _distill_fields(run: _Run, progress: _Progress) -> dict[str, float | None]:
+    """The interval's mean task loss and distillation term, and the term's share of the blended loss."""
+    if run.distiller is None or not run.distiller.active:
+        return {}
+    n = max(progress.seen, 1)
+    task, kd = float(progress.task_sum) / n, float(progress.distill_sum) / n
+    blended = (1.0 - run.distiller.alpha) * task + run.distiller.alpha * kd
+    return {"train_task_loss": task, "train_distill_loss": kd,
+            "distill_share": run.distiller.alpha * kd / blended if blended > 0 else None}
 
 
 def _next_pressure(run: _Run, r: float, pruning: bool, step: int) -> tuple[float, float | None]:
@@ -502,4 +599,5 @@ def _result(run: _Run, progress: _Progress) -> TrainResult:
                        checkpoint=str(ckpt) if ckpt is not None and ckpt.exists() else None,
                        controller_lookahead=run.controller.lookahead, measure=run.measure.name,
                        predicted_latency_ms=run.measure.predicted_ms(), latency_table=run.measure.latency_info(),
-                       land_at=run.cfg.land_at, regrowth_lr=run.cfg.regrowth_lr)
+                       land_at=run.cfg.land_at, regrowth_lr=run.cfg.regrowth_lr, pressure=run.cfg.pressure,
+                       distilled=bool(run.distiller is not None and run.distiller.active))

@@ -143,7 +143,9 @@ class Measure:
         """Shift every flow by one constant so this measure lands as close to ``target_kept`` as it can."""
         if self.cost_model is None:
             return land_on_density(self.gated, target_kept)
+        before = self.kept(rounded=False)  # what the dynamics reached, as the controller measured it
         landing = self._land_predicted(target_kept)
+        landing.density_before = before
         if self.latency is not None and self.latency.measure is not None:
             landing = self._land_measured(landing, target_kept, self.latency.measure)
         return landing

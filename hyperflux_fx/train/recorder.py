@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import os
+import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from torch import nn
 
 from hyperflux_fx.ir import Gate, gates
 
-__all__ = ["IntervalRecord", "Landing", "LayerRecord", "Recorder"]
+__all__ = ["IntervalRecord", "Landing", "LayerRecord", "Recorder", "Tracking", "tracking"]
 
 
 class _Fields:
@@ -78,7 +79,8 @@ class IntervalRecord(_Fields):
     g: float  # the controller's state (gamma = g ** 1.5)
     planned: float | None  # the plan R(e) (pruning phase)
     target_density: float
-    measured_density: float  # density in the target measure (count or cost), after any landing
+    measured_density: float  # what the controller steers: the target measure (count or cost) of the open
+    #   units, before the fold's rounding to blocks; after any landing
     train_loss: float
     train_metric: float
     val_metric: float | None
@@ -87,6 +89,10 @@ class IntervalRecord(_Fields):
     flows_frozen: bool
     landing: Landing | None
     seconds: float
+    train_task_loss: float | None = None  # with distillation: the task loss alone (train_loss is the blend)
+    train_distill_loss: float | None = None  # with distillation: T^2 KL(teacher || student), interval mean
+    distill_share: float | None = None  # alpha * distillation term / blended loss
+    measured_density_rounded: float | None = None  # the same, with the fold's rounding (what fold_masks keeps)
     density: float = 0.0  # kept fraction of gated units
     sparsity: float = 0.0
     regrown: int = 0
@@ -211,3 +217,31 @@ class Recorder:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.records = [IntervalRecord.from_dict(d) for d in json.loads(state["records"])]
         self._prev = dict(state["prev"])
+
+
+@dataclass
+class Tracking(_Fields):
+    """How closely the pruning phase followed the plan (the controller's record, docs/training.md)."""
+
+    intervals: int  # pruning intervals judged (after the first ``skip``, landing interval excluded)
+    median_gap: float  # median over them of |measured - planned| / planned
+    worst_gap: float  # the signed gap of largest size
+    max_flip_fraction: float  # most units flipped (either way) in one interval, over all gated units
+    landing_move: float | None  # kept fraction after the landing minus before (None: no landing)
+
+
+def tracking(records: list[IntervalRecord], *, skip: int = 2) -> Tracking | None:
+    """Tracking statistics of a run's records: the pruning intervals after the first ``skip`` (the
+    warm-up and the first pressure), the landing's own interval left out (the landing judges itself).
+    None when no such interval exists."""
+    prune = [r for r in records if r.phase == "prune" and r.planned]
+    judged = [r for r in prune[skip:] if r.landing is None]
+    if not judged:
+        return None
+    units = sum(layer.units for layer in records[0].layers.values()) or 1
+    gaps = [(r.measured_density - r.planned) / r.planned for r in judged]
+    flips = [(r.regrown + r.pruned) / units for r in records if r.landing is None]
+    landing = next((r.landing for r in records if r.landing is not None), None)
+    return Tracking(intervals=len(judged), median_gap=statistics.median(abs(g) for g in gaps),
+                    worst_gap=max(gaps, key=abs), max_flip_fraction=max(flips, default=0.0),
+                    landing_move=None if landing is None else landing.density_after - landing.density_before)

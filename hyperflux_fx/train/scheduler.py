@@ -25,6 +25,7 @@ __all__ = [
     "response_lag_intervals",
 ]
 
+CONTROLLER_RULES = ("paper", "log")
 D_MAX = 0.999  # the per-interval decay the curve approaches at the end (pruning nearly stops)
 
 
@@ -121,7 +122,8 @@ class PressureController:
 
     def __init__(self, final_remaining: float, intervals: int, *, step: float = 0.2,
                  regrowth_compensation: float = 11.5 / 13, warmup_intervals: int = 1,
-                 lookahead: int = 0, scale_down: bool = False) -> None:
+                 lookahead: int = 0, scale_down: bool = False, rule: str = "paper",
+                 gamma0: float = 0.1, gain: float = 4.0) -> None:
         if not 0.0 < final_remaining < 1.0:
             raise ValueError(f"final remaining fraction must be in (0, 1), got {final_remaining}")
         if step <= 0:
@@ -137,6 +139,11 @@ class PressureController:
             raise ValueError(f"lookahead must be >= 0, got {lookahead}")
         self.lookahead = int(lookahead)
         self.scale_down = bool(scale_down)
+        if rule not in CONTROLLER_RULES:
+            raise ValueError(f"controller rule must be one of {CONTROLLER_RULES}, got {rule!r}")
+        self.rule = rule
+        self.gamma0 = float(gamma0)
+        self.gain = float(gain)
         self.previous = 1.0  # measured remaining fraction at the previous update
         self.d0 = find_d0(self.prune_target, self.intervals)
         self.g = 0.0
@@ -163,6 +170,8 @@ class PressureController:
             rate = min(1.0, remaining / previous) if previous > 0 else 1.0
             judged, e = remaining * rate ** self.lookahead, e + self.lookahead
         planned = self.planned(e)
+        if self.rule == "log":
+            return self._log_update(judged, planned)
         if judged > planned:  # behind plan: push harder, accelerating
             self.g += s + self.up
             self.up += s / 4
@@ -176,14 +185,28 @@ class PressureController:
         self.gamma = self.g ** 1.5
         return self.gamma
 
+    def _log_update(self, judged: float, planned: float) -> float:
+        """Integral action on log-density: gamma is multiplied by ``(judged / planned) ** gain``, so a
+        density 10% behind plan raises it by ~1.5x per interval and one 10% ahead lowers it alike. For
+        decoupled pressure, where gamma moves the flows in proportion (docs/training.md)."""
+        if self.gamma <= 0.0:
+            self.gamma = self.gamma0
+        else:
+            ratio = max(judged, 1e-9) / planned
+            self.gamma = min(max(self.gamma * ratio ** self.gain, self.gamma0 * 1e-3), self.gamma0 * 1e3)
+        self.g = self.gamma ** (2.0 / 3.0)  # the paper's g, for the record (gamma = g ** 1.5)
+        return self.gamma
+
     def state_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in ("final_remaining", "prune_target", "intervals", "step",
                                                 "warmup_intervals", "lookahead", "scale_down", "previous", "d0",
-                                                "g", "up", "down", "gamma", "completed")}
+                                                "g", "up", "down", "gamma", "completed", "rule", "gamma0", "gain")}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        state = {"lookahead": 0, "scale_down": False, "previous": 1.0, **state}  # saved before these existed
-        for k in ("final_remaining", "intervals", "step", "warmup_intervals", "lookahead", "scale_down"):
+        state = {"lookahead": 0, "scale_down": False, "previous": 1.0, "rule": "paper", **state}  # saved before
+        state.setdefault("gamma0", self.gamma0)
+        state.setdefault("gain", self.gain)
+        for k in ("final_remaining", "intervals", "step", "warmup_intervals", "lookahead", "scale_down", "rule"):
             if state[k] != getattr(self, k):
                 raise ValueError(f"controller state was saved with {k}={state[k]}, this run has {getattr(self, k)}")
         for k, v in state.items():

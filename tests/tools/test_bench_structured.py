@@ -18,8 +18,8 @@ def test_bench_structured_prunes_every_method_to_hyperfluxs_macs(tmp_path):
     bench_structured.main(["--quick", "--json", str(out)])
     rows = json.loads(out.read_text())
     methods = [r["method"] for r in rows]
-    assert methods[0] == "dense" and methods[1].startswith("hyperflux") and len(methods) == 5
-    assert sum(m.startswith("TP ") for m in methods) == 3
+    assert methods[0] == "dense" and methods[1].startswith("hyperflux") and len(methods) == 6
+    assert sum(m.startswith("TP ") for m in methods) == 4 and bench_structured.KD_LABEL in methods
     ours = rows[1]
     assert 0.1 < ours["macs"] < 0.5  # asked for 4x fewer MACs
     for r in rows[1:]:
