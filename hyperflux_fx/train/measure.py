@@ -69,6 +69,7 @@ class Measure:
         self.cost_model: CostModel | None = None
         self.latency: LatencyModel | None = None
         self.landing_checks: list[dict[str, float]] = []  # latency: measured compact/dense at the landing
+        self._floor: dict[int, int] | None = None  # per group, what the fold keeps with every unit closed
         if self.name in (*MEASURES, "latency"):
             if not isinstance(gated, fx.GraphModule) or not any(isinstance(g, ChannelGate) for g in gates(gated)):
                 raise ValueError(f"target_measure={self.name!r} needs channel gates (granularity 'channel' or "
@@ -93,11 +94,19 @@ class Measure:
                              f"blocked layers; see the gating report)")
 
     def kept(self, *, rounded: bool = True) -> float:
-        """The kept fraction in this measure (``rounded=False``: before the fold's rounding, smoother
-        for the controller)."""
+        """The kept fraction in this measure (``rounded=False``: before the fold's rounding to blocks, smoother
+        for the controller, but never below what the fold keeps of a group: :meth:`open_counts`)."""
         if self.cost_model is None:
             return density(self.gated)
-        return self.fraction_at(self.cost_model.counts(rounded=rounded))
+        return self.fraction_at(self.cost_model.counts() if rounded else self.open_counts())
+
+    def open_counts(self) -> dict[int, int]:
+        """Per group, its open units, or what the fold keeps of it with every unit closed (one block) when
+        that is more: units below the first block save nothing the fold can delete."""
+        cm = self.cost_model
+        floor = self._floor if self._floor is not None else _floor(cm)
+        self._floor = floor
+        return {gid: max(n, floor[gid]) for gid, n in cm.counts(rounded=False).items()}
 
     def fraction_at(self, k: dict[int, int]) -> float:
         """The kept fraction when group ``g`` keeps ``k[g]`` units (exact measures and latency)."""
@@ -131,8 +140,12 @@ class Measure:
         cm = self.cost_model
         if cm is None:
             return
-        marginal = self.marginal(cm.counts(rounded=False))
-        scaled = [(gate, max(marginal[gid], 0.0)) for gid, gate in cm.gate_of.items() if gate is not None]
+        open_now, k = cm.counts(rounded=False), self.open_counts()
+        marginal = self.marginal(k)
+        floor = self._floor or {}
+        # a group at its floor (one block) saves nothing the fold can delete by closing more: no pressure on it
+        scaled = [(gate, 0.0 if open_now[gid] <= floor.get(gid, 0) else max(marginal[gid], 0.0))
+                  for gid, gate in cm.gate_of.items() if gate is not None]
         units = sum(g.numel for g, _ in scaled)
         mean = sum(g.numel * m for g, m in scaled) / max(units, 1)
         for gate, m in scaled:
