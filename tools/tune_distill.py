@@ -68,7 +68,8 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         key = "off" if r["alpha"] is None else f"alpha {r['alpha']}, T {r['temperature']}"
         groups.setdefault((r["arch"], r["x"], key), []).append(r)
-    lines = ["| arch | MAC reduction | distillation | validation acc % (mean over seeds) | seeds |", "|---|---|---|---|---|"]
+    lines = ["| arch | MAC reduction | distillation | validation acc % (mean over seeds) | seeds |",
+             "|---|---|---|---|---|"]
     for (arch, x, key), rs in groups.items():
         lines.append(f"| {arch} | {x}x | {key} | {100 * statistics.mean(r['val_acc'] for r in rs):.2f} | "
                      f"{','.join(str(r['seed']) for r in rs)} |")
