@@ -191,6 +191,12 @@ def _speedups(dense: nn.Module, models: list[nn.Module | Path], inputs, batch: i
     return out
 
 
+def _save(rows: list[dict], args) -> None:
+    """Rows so far to ``--json`` (after every seed: a long run stopped early keeps what it finished)."""
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
 def run_arch(arch: str, seeds: list[int], args, tp, rows: list[dict]) -> None:
     path, build, inputs, train_loader, test_loader = _arch(arch)
     budget = args.prune_epochs + args.regrowth_epochs
@@ -242,6 +248,7 @@ def run_arch(arch: str, seeds: list[int], args, tp, rows: list[dict]) -> None:
                 print(f"  {arch} seed {seed} {x}x (MACs {s['macs_compact'] / s['macs_dense']:.4f}): "
                       + ", ".join(f"{f['method']} {100 * f['acc']:.1f}" for f in found)
                       + f" ({time.time() - t0:.0f}s)", file=sys.stderr, flush=True)
+        _save(rows, args)
 
 
 def _seeds_by_arch(rows: list[dict]) -> dict[str, str]:
@@ -309,8 +316,7 @@ def main(argv: list[str] | None = None) -> None:
     for arch in args.archs.split(","):
         run_arch(arch, [int(s) for s in args.seeds.split(",")], args, tp, rows)
     print(f"(total {time.time() - t0:.0f} s)")
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+    _save(rows, args)
     _report(rows, args)
 
 
