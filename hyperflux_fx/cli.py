@@ -60,6 +60,7 @@ from hyperflux_fx.train.distributed import TrainingError
 from hyperflux_fx.train.evaluate import evaluate
 from hyperflux_fx.train.loop import TrainResult, train
 from hyperflux_fx.train.measure import fold_within_reach
+from hyperflux_fx.train.recorder import tracking
 
 __all__ = ["build_parser", "main"]
 
@@ -588,6 +589,7 @@ def _fold_stage(job: _Job, gated: Any, result: TrainResult, dense_acc: float) ->
         "sparsity_before_landing": (None if result.density_before_landing is None
                                     else 1.0 - result.density_before_landing),
         "controller_lookahead": result.controller_lookahead, "round_to": folded.report.round_to,
+        "tracking": None if (t := tracking(result.history)) is None else t.to_dict(),
         "land_at": result.land_at, "regrowth_lr": result.regrowth_lr, "pressure": result.pressure,
         "distilled": result.distilled, "distill_alpha": args.distill_alpha if result.distilled else None,
         "distill_temperature": args.distill_temperature if result.distilled else None,

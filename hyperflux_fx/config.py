@@ -131,6 +131,8 @@ class TrainConfig:
     #   decouples weight decay), so gamma acts in proportion; "auto": decoupled with channel gates, else coupled
     controller_floor: float | None = 0.0  # decoupled pressure: a step's new closings that would take the kept
     #   fraction below the plan at the interval's end, less this share, wait (their flows held at 0); None: off
+    controller_max_close: float | None = 0.08  # decoupled pressure: at most this fraction of the channel units
+    #   closes per interval; later closings wait (their flows held at 0) for the next interval. None: off
     regrowth_lift: float | None = None  # decoupled pressure: a unit that regrows during pruning has its flow
     #   lifted to at least this, so it is not probed again at once; None = the mean open flow at the start; 0: off
     device: str = "auto"  # "auto" (CUDA when available), "cpu", "cuda", "cuda:N"
@@ -169,6 +171,9 @@ class TrainConfig:
                              f"got {self.target_measure!r}")
         if self.controller_floor is not None and not 0.0 <= self.controller_floor < 1.0:
             raise ValueError(f"TrainConfig.controller_floor must be in [0, 1) or None, got {self.controller_floor}")
+        if self.controller_max_close is not None and not 0.0 < self.controller_max_close <= 1.0:
+            raise ValueError(f"TrainConfig.controller_max_close must be in (0, 1] or None, "
+                             f"got {self.controller_max_close}")
         if self.regrowth_lift is not None and self.regrowth_lift < 0:
             raise ValueError(f"TrainConfig.regrowth_lift must be >= 0 or None, got {self.regrowth_lift}")
         if self.distill not in DISTILL_MODES:

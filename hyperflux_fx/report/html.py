@@ -55,19 +55,38 @@ KEPT_LABELS = {"count": "kept fraction of the gated units", "params": "kept frac
 
 
 def _density_figure(plt: Any, history: list[Any], measure: str) -> tuple[str, str]:
+    """The kept fraction against the plan, and below it on the same steps what the model learned: the
+    validation metric per interval and, with distillation, the distillation term's share of the loss."""
     x = [r["step"] for r in history]
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
-    ax.plot(x, [r["measured_density"] for r in history], label="measured density", lw=2)
+    fig, (ax, low) = plt.subplots(2, 1, figsize=(6.4, 5.6), sharex=True, gridspec_kw={"height_ratios": [3, 2]})
+    ax.plot(x, [r["measured_density"] for r in history], label="measured (what the controller steers)", lw=2)
+    rounded = [(r["step"], r.get("measured_density_rounded")) for r in history
+               if r.get("measured_density_rounded") is not None]
+    if rounded and any(abs(v - r["measured_density"]) > 1e-9 for (_, v), r in zip(rounded, history, strict=False)):
+        ax.plot(*zip(*rounded, strict=True), lw=0.8, alpha=0.6, label="with the fold's rounding to blocks")
     planned = [(r["step"], r["planned"]) for r in history if r.get("planned") is not None]
     if planned:
         ax.plot(*zip(*planned, strict=True), "--", label="planned R(e) (pruning phase)")
     ax.axhline(history[-1]["target_density"], color="k", lw=0.8, ls=":", label="target")
     ax.set_yscale("log")
-    ax.set_xlabel("step")
     ax.set_ylabel(KEPT_LABELS.get(measure, "density"))
-    ax.legend()
-    ax.set_title("Density trajectory vs plan")
-    return "Density trajectory vs planned", _png(fig)
+    ax.legend(fontsize=7)
+    ax.set_title("Density trajectory vs plan, and what the model learned")
+    val = [(r["step"], r["val_metric"]) for r in history if r.get("val_metric") is not None]
+    if val:
+        low.plot(*zip(*val, strict=True), "o-", ms=3, color="#2a7", label="validation metric")
+    low.plot(x, [r["train_metric"] for r in history], lw=0.8, color="#999", label="train metric")
+    low.set_ylabel("metric")
+    low.set_xlabel("step")
+    share = [(r["step"], r["distill_share"]) for r in history if r.get("distill_share") is not None]
+    if share:
+        twin = low.twinx()
+        twin.plot(*zip(*share, strict=True), ":", color="#a52", label="distillation share of the loss")
+        twin.set_ylabel("distillation share", color="#a52")
+        twin.set_ylim(0, 1)
+        twin.legend(fontsize=7, loc="lower right")
+    low.legend(fontsize=7, loc="lower left")
+    return "Density trajectory vs planned, validation and distillation", _png(fig)
 
 
 def _pressure_figure(plt: Any, history: list[Any]) -> tuple[str, str]:

@@ -86,6 +86,13 @@ def asked_and_got(s: dict[str, Any]) -> list[tuple[str, str, str]]:
             ("accuracy", "-", f"{_pct(s.get('dense_accuracy'))} dense → "
                                               f"{_pct(s.get('pruned_accuracy'))} pruned → "
                                               f"{_pct(s.get('compact_accuracy'))} compact")]
+    if (t := s.get("tracking")) is not None:
+        rows.append(("plan tracking (pruning)", "-", f"median gap {_pct(t['median_gap'])}, worst "
+                     f"{100 * t['worst_gap']:+.1f}%, at most {_pct(t['max_flip_fraction'])} of the units flipped "
+                     "in one interval"))
+    if s.get("distilled"):
+        rows.append(("distillation", "-", f"from the dense model, alpha {s.get('distill_alpha')}, "
+                                          f"T {s.get('distill_temperature')}"))
     if s.get("params_dense"):
         rows.append(("parameters", "-", f"{fmt(s['params_dense'])} → {fmt(s.get('params_compact'))} non-zero, "
                                         f"{fmt(s.get('params_compact_stored'))} stored"))

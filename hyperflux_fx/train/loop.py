@@ -171,6 +171,7 @@ class _Run:
     t_start: float
     measure: Measure
     lift: float = 0.0  # decoupled pressure: a regrown unit's flow is lifted to at least this (0: never)
+    channel_units: int = 0  # units of the channel gates (controller_max_close is a fraction of them)
     distiller: Distiller | None = None  # the dense teacher and the blend (TrainConfig.distill)
 
     @property
@@ -197,6 +198,7 @@ class _Progress:
     correct: torch.Tensor | None = None
     metric_sum: float = 0.0
     seen: int = 0
+    closed: int = 0  # channel units closed by the dynamics in the current interval (controller_max_close)
     task_sum: torch.Tensor | None = None  # the task loss alone, summed like loss_sum (with distillation)
     distill_sum: torch.Tensor | None = None  # the distillation term, likewise
 
@@ -291,6 +293,7 @@ def _setup(gated: nn.Module, loader: DataLoader, cfg: TrainConfig, rank: int, wo
                                 batch_size=loader.batch_size or 1, dataset_len=len(loader.dataset),  # type: ignore
                                 world=world),
         t_start=t_start, measure=measure,
+        channel_units=sum(g.numel for g in all_gates if isinstance(g, ChannelGate)),
         lift=(0.0 if not decoupled else cfg.regrowth_lift if cfg.regrowth_lift is not None
               else open_flow_distance(all_gates)))
 
@@ -450,8 +453,7 @@ def _train_step(run: _Run, progress: _Progress, batch: Any) -> None:
         if closed_before is not None:
             if run.lift > 0:
                 lift_regrown(run.gated, closed_before, run.lift)
-            if run.cfg.controller_floor is not None:
-                _hold_floor(run, progress, closed_before, run.cfg.controller_floor)
+            _pace_closings(run, progress, closed_before)
     n = int(targets.shape[0]) if isinstance(targets, torch.Tensor) else 1
     progress.loss_sum += loss.detach().double() * n
     if run.on_device_accuracy:
@@ -463,22 +465,28 @@ def _train_step(run: _Run, progress: _Progress, batch: Any) -> None:
 
 
 @torch.no_grad()
-def _hold_floor(run: _Run, progress: _Progress, closed_before: list[torch.Tensor], margin: float) -> None:
-    """Units that closed in this step stay open (flow 0) when closing them takes the measure below the plan at
-    the end of this interval, less ``margin``: the cheapest closings are kept pending first."""
-    fresh = [(g, (g.flow < 0) & ~was) for g, was in zip(run.gates, closed_before, strict=True)]
-    if not any(bool(f.any()) for _, f in fresh):
+def _pace_closings(run: _Run, progress: _Progress, closed_before: list[torch.Tensor]) -> None:
+    """Channel units that closed in this step wait (flow held at 0, still open) when closing them would
+    close more than ``controller_max_close`` of the units in this interval, or take the measure below the
+    plan at the end of this interval less ``controller_floor``; the least pushed wait first."""
+    cfg = run.cfg
+    fresh = [(g, (g.flow < 0) & ~was) for g, was in zip(run.gates, closed_before, strict=True)
+             if isinstance(g, ChannelGate)]
+    cands = sorted(((float(g.flow[i]), g, i) for g, f in fresh if bool(f.any())
+                    for i in torch.nonzero(f).flatten().tolist()), key=lambda c: c[0])  # deepest pushed first
+    if not cands:
         return
-    e = progress.step // run.schedule.interval + 1
-    floor = run.controller.planned(e) * (1.0 - margin)
-    if run.measure.kept(rounded=False) >= floor:
-        return
-    cands = sorted(((g.flow[i].item(), g, i) for g, f in fresh for i in torch.nonzero(f).flatten().tolist()),
-                   key=lambda c: c[0])  # the deepest pushed first
-    for _, g, i in reversed(cands):  # reopen the least pushed until the floor holds
-        g.flow[i] = 0.0
-        if run.measure.kept(rounded=False) >= floor:
-            break
+    if cfg.controller_max_close is not None:
+        allowed = max(0, math.floor(cfg.controller_max_close * run.channel_units) - progress.closed)
+        for _, g, i in cands[allowed:]:
+            g.flow[i] = 0.0
+        cands = cands[:allowed]
+    if cfg.controller_floor is not None and cands:
+        floor = run.controller.planned(progress.step // run.schedule.interval + 1) * (1.0 - cfg.controller_floor)
+        while cands and run.measure.kept(rounded=False) < floor:
+            _, g, i = cands.pop()  # reopen the least pushed until the floor holds
+            g.flow[i] = 0.0
+    progress.closed += len(cands)
 
 
 def _interval_ends(run: _Run, progress: _Progress) -> bool:
@@ -527,6 +535,7 @@ def _end_interval(run: _Run, progress: _Progress, val_loader: Iterable[Any] | No
     progress.correct.zero_()
     progress.task_sum.zero_()
     progress.distill_sum.zero_()
+    progress.closed = 0
     progress.metric_sum, progress.seen = 0.0, 0
     _after_record(run, progress, rec, bar)
     if cfg.max_intervals is not None and progress.calls_intervals >= cfg.max_intervals and step < s.total_steps:
