@@ -54,6 +54,7 @@ from hyperflux_fx.frontend.trace import FRONTENDS, ExampleInputError, TraceError
 from hyperflux_fx.ir import TRAINING_ONLY_META, gates
 from hyperflux_fx.passes import PassResult, fold_masks, insert_gates
 from hyperflux_fx.report.html import render_report
+from hyperflux_fx.report.outdir import OutputLocked, RunLock, atomic_write_text
 from hyperflux_fx.report.summary import FASTER, asked_and_got, headline, slower_note, speedup
 from hyperflux_fx.train.dense import train_dense
 from hyperflux_fx.train.distributed import TrainingError
@@ -271,6 +272,20 @@ class _Job:
 
 def _run(args: argparse.Namespace) -> int:
     out = _validate(args)
+    lock = None
+    if out is not None and int(os.environ.get("RANK", "0")) == 0:  # under DDP only rank 0 writes, and locks
+        try:
+            lock = RunLock(out).acquire()  # before anything is written; held until OUT.partial is OUT
+        except OutputLocked as exc:
+            raise UsageError(str(exc)) from exc
+    try:
+        return _run_locked(args, out)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_locked(args: argparse.Namespace, out: Path | None) -> int:
     torch.manual_seed(args.seed)
     loaded = _load(args)
     gate_cfg = GateConfig(granularity=args.granularity, exclude=tuple(args.exclude), seed=args.seed,
@@ -640,9 +655,9 @@ def _report_stage(job: _Job, summary: dict[str, Any], result: TrainResult, gated
     _say(job.args, "[5/5] report")
     law = result.law.to_dict() if result.law is not None else None
     summary["law"], summary["law_note"] = law, result.law_note
-    (job.partial / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    atomic_write_text(job.partial / "summary.json", json.dumps(summary, indent=2, default=float))
     page = render_report(summary, result.history, gated.report.to_dict(), folded.report.to_dict(), law)
-    (job.partial / "report.html").write_text(page, encoding="utf-8")
+    atomic_write_text(job.partial / "report.html", page)
     if job.out.exists():
         shutil.rmtree(job.out)
     os.replace(job.partial, job.out)

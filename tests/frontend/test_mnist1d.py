@@ -38,3 +38,20 @@ def test_the_mnist1d_spec_checks_the_models_input_shape():
     assert flat[0][0].shape == (MNIST1D_LENGTH,)
     with pytest.raises(DataError, match="mnist1d signals are 1x40"):
         resolve_datasets("mnist1d", sample_shape=(1, 16, 16), num_classes=10)
+
+
+def test_mnist1d_hard_is_the_same_generator_with_stronger_distortions():
+    easy, easy_test = mnist1d_datasets()
+    hard, hard_test = resolve_datasets("mnist1d-hard", sample_shape=(1, MNIST1D_LENGTH), num_classes=10)
+    assert len(hard) == 4000 and len(hard_test) == 1000
+    assert set(hard.tensors[1].tolist()) == set(range(MNIST1D_CLASSES))
+    assert not torch.equal(easy.tensors[0], hard.tensors[0])
+    # a nearest-class-mean classifier on the raw signals: the hard set is harder
+    def ncm_accuracy(train, test):
+        xs, ys = train.tensors[0].flatten(1), train.tensors[1]
+        means = torch.stack([xs[ys == c].mean(0) for c in range(MNIST1D_CLASSES)])
+        pred = torch.cdist(test.tensors[0].flatten(1), means).argmin(1)
+        return float((pred == test.tensors[1]).float().mean())
+    assert ncm_accuracy(hard, hard_test) < ncm_accuracy(easy, easy_test)
+    again, _ = mnist1d_datasets(hard=True)
+    assert torch.equal(again.tensors[0], hard.tensors[0])  # deterministic
