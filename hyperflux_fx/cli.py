@@ -100,6 +100,20 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+def _add_learning_flags(p: argparse.ArgumentParser) -> None:
+    """How the pruning learns: the pressure's form and the distillation from the dense model."""
+    p.add_argument("--pressure", choices=PRESSURE_MODES, default="auto",
+                   help="coupled: the paper's pressure through the flows' Adam; decoupled: applied after it, in "
+                        "proportion to gamma; auto: decoupled with channel gates (docs/training.md)")
+    p.add_argument("--distill", choices=("auto", "off"), default="auto",
+                   help="auto: with channel gates, distil from the dense model during pruning and fine-tuning when "
+                        "the outputs are class logits (per token for language models); off: the task loss alone")
+    p.add_argument("--distill-alpha", type=float, default=DISTILL_ALPHA,
+                   help="weight of the distillation term in the loss")
+    p.add_argument("--distill-temperature", type=float, default=DISTILL_TEMPERATURE,
+                   help="softmax temperature of teacher and student")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="hyperflux-compile", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                 description="Learn what to prune with Hyperflux, fold it into a smaller model, export it to ONNX "
@@ -123,16 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=10, help="pruning-phase epochs")
     p.add_argument("--regrowth-epochs", type=int, default=5, help="regrowth-phase epochs")
     p.add_argument("--dense-epochs", type=int, default=10, help="dense training first, when --weights is not given")
-    p.add_argument("--pressure", choices=PRESSURE_MODES, default="auto",
-                   help="coupled: the paper's pressure through the flows' Adam; decoupled: applied after it, in "
-                        "proportion to gamma; auto: decoupled with channel gates (docs/training.md)")
-    p.add_argument("--distill", choices=("auto", "off"), default="auto",
-                   help="auto: distil from the dense model during pruning and fine-tuning when the outputs are class "
-                        "logits (per token for language models); off: the task loss alone")
-    p.add_argument("--distill-alpha", type=float, default=DISTILL_ALPHA,
-                   help="weight of the distillation term in the loss (default %(default)s)")
-    p.add_argument("--distill-temperature", type=float, default=DISTILL_TEMPERATURE,
-                   help="softmax temperature of teacher and student (default %(default)s)")
+    _add_learning_flags(p)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=0.1, help="weight learning rate (pruning phase and dense training)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
