@@ -63,7 +63,10 @@ def fingerprint(gated: nn.Module, cfg: TrainConfig, *, interval_steps: int, flow
         "interval_steps": interval_steps, "lr": cfg.lr, "flow_lr": flow_lr, "seed": cfg.seed,
         "batch_size": batch_size, "dataset_len": dataset_len, "world_size": world,
         "pressure": cfg.pressure, "distill": cfg.distill, "distill_alpha": cfg.distill_alpha,
-        "distill_temperature": cfg.distill_temperature,
+        "distill_temperature": cfg.distill_temperature, "target_measure": cfg.target_measure,
+        "round_to": cfg.fold.round_to, "land": cfg.land, "land_at": cfg.land_at, "regrowth_lr": cfg.regrowth_lr,
+        "controller_floor": cfg.controller_floor, "controller_max_close": cfg.controller_max_close,
+        "regrowth_lift": cfg.regrowth_lift,
     }
 
 

@@ -167,6 +167,12 @@ def test_resume_with_a_different_run_lists_the_mismatch(tmp_path):
     hf.train(_gated(), train_loader, None, _cfg(out_dir=str(tmp_path), max_intervals=2))
     with pytest.raises(ValueError, match=r"target_sparsity: checkpoint=0.8, now=0.9"):
         hf.train(_gated(), train_loader, None, _cfg(out_dir=str(tmp_path), resume=True, target_sparsity=0.9))
+    for change, said in (({"land_at": 0.2}, "land_at: checkpoint=0.5, now=0.2"),
+                         ({"regrowth_lr": 0.01}, "regrowth_lr: checkpoint=0.015"),
+                         ({"distill": "on"}, "distill: checkpoint='off', now='on'"),
+                         ({"pressure": "decoupled"}, "pressure: checkpoint='coupled', now='decoupled'")):
+        with pytest.raises(ValueError, match=said):  # a resumed run never mixes two configurations
+            hf.train(_gated(), train_loader, None, _cfg(out_dir=str(tmp_path), resume=True, **change))
     other = hf.insert_gates(nn.Sequential(nn.Linear(10, 4))).graph_module
     with pytest.raises(ValueError, match="gates differ"):
         hf.train(other, train_loader, None, _cfg(out_dir=str(tmp_path), resume=True))
