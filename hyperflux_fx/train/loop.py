@@ -476,6 +476,17 @@ def _pace_closings(run: _Run, progress: _Progress, closed_before: list[torch.Ten
                     for i in torch.nonzero(f).flatten().tolist()), key=lambda c: c[0])  # deepest pushed first
     if not cands:
         return
+    floors = run.measure.gate_floors()
+    if floors:  # never below the block the fold keeps anyway: the least pushed of those closings wait
+        open_now = {id(g): int((g.flow >= 0).sum()) for g, _ in fresh}
+        waiting = []
+        for c in reversed(cands):
+            g = c[1]
+            if open_now[id(g)] < floors.get(g, 0):
+                g.flow[c[2]] = 0.0
+                open_now[id(g)] += 1
+                waiting.append(c)
+        cands = [c for c in cands if c not in waiting]
     if cfg.controller_max_close is not None:
         allowed = max(0, math.floor(cfg.controller_max_close * run.channel_units) - progress.closed)
         for _, g, i in cands[allowed:]:

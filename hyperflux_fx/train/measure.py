@@ -100,6 +100,15 @@ class Measure:
             return density(self.gated)
         return self.fraction_at(self.cost_model.counts() if rounded else self.open_counts())
 
+    def gate_floors(self) -> dict[ChannelGate, int]:
+        """Per channel gate, the units the fold keeps of its group with every unit closed (one block):
+        closing below that saves nothing (empty without an exact measure)."""
+        if self.cost_model is None:
+            return {}
+        self.open_counts()  # fills self._floor
+        return {gate: self._floor[gid] for gid, gate in self.cost_model.gate_of.items()
+                if gate is not None and gid in self._floor}
+
     def open_counts(self) -> dict[int, int]:
         """Per group, its open units, or what the fold keeps of it with every unit closed (one block) when
         that is more: units below the first block save nothing the fold can delete."""

@@ -26,6 +26,7 @@ __all__ = [
 ]
 
 CONTROLLER_RULES = ("paper", "log")
+LOG_GAMMA_MAX = 2.0  # the log rule's largest gamma (decoupled pressure: flow-LR steps per step)
 D_MAX = 0.999  # the per-interval decay the curve approaches at the end (pruning nearly stops)
 
 
@@ -191,9 +192,10 @@ class PressureController:
         decoupled pressure, where gamma moves the flows in proportion (docs/training.md)."""
         if self.gamma <= 0.0:
             self.gamma = self.gamma0
-        else:
-            ratio = max(judged, 1e-9) / planned
-            self.gamma = min(max(self.gamma * ratio ** self.gain, self.gamma0 * 1e-3), self.gamma0 * 1e3)
+        else:  # at most 2x up or down per interval (no wind-up while the flows travel to the threshold), and
+            # at most LOG_GAMMA_MAX: two Adam steps per step outweigh any flux, more only drives flows deep
+            factor = min(max((max(judged, 1e-9) / planned) ** self.gain, 0.5), 2.0)
+            self.gamma = min(max(self.gamma * factor, self.gamma0 * 1e-3), LOG_GAMMA_MAX)
         self.g = self.gamma ** (2.0 / 3.0)  # the paper's g, for the record (gamma = g ** 1.5)
         return self.gamma
 

@@ -195,3 +195,16 @@ def test_a_poor_fit_on_equilibria_is_not_shown():
     law, note = fit_run_law(noisy)
     assert law is None and "below 0.9" in note
 
+
+
+def test_the_log_rule_moves_gamma_at_most_2x_per_interval_and_caps_it():
+    from hyperflux_fx.train.scheduler import LOG_GAMMA_MAX
+
+    c = PressureController(0.0625, 20, rule="log", gamma0=0.1, gain=4.0)
+    gammas = [c.update(1.0) for _ in range(12)]  # the density never moves: a plant that has not answered yet
+    assert gammas[0] == pytest.approx(0.1)  # gamma0 for the interval after the warm-up
+    assert all(b <= 2 * a + 1e-12 for a, b in itertools.pairwise(gammas))  # no wind-up
+    assert max(gammas) == LOG_GAMMA_MAX
+    assert c.update(1e-6) == pytest.approx(LOG_GAMMA_MAX / 2)  # far ahead of plan: halved, not zeroed
+    with pytest.raises(ValueError, match="rule"):
+        PressureController(0.1, 20, rule="pid")
