@@ -55,9 +55,15 @@ def _summary(out: Path) -> dict:
     return {k: v for k, v in json.loads((out / "summary.json").read_text()).items() if k not in TIMINGS}
 
 
-def test_a_second_run_on_the_same_out_exits_2_and_touches_nothing(tmp_path):
-    solo = tmp_path / "solo"
-    assert subprocess.run(_cli("--out", str(solo), *FAST), cwd=ROOT, env=ENV).returncode == 0
+@pytest.fixture(scope="module")
+def solo(tmp_path_factory) -> dict:
+    """The summary of the run alone (no other process on its --out), to compare the contended runs with."""
+    out = tmp_path_factory.mktemp("solo") / "run"
+    assert subprocess.run(_cli("--out", str(out), *FAST), cwd=ROOT, env=ENV).returncode == 0
+    return _summary(out)
+
+
+def test_a_second_run_on_the_same_out_exits_2_and_touches_nothing(tmp_path, solo):
     out = tmp_path / "run"
     first = _start(out)
     partial = out.with_name("run.partial")
@@ -76,10 +82,10 @@ def test_a_second_run_on_the_same_out_exits_2_and_touches_nothing(tmp_path):
         assert (partial / "run.log").read_text().splitlines()[0] == log_head
     assert first.wait(timeout=300) == 0, first.communicate()
     assert not lock_path(out).exists() and not partial.exists()
-    assert _summary(out) == _summary(solo)  # the first run is what it would have been alone
+    assert _summary(out) == solo  # the first run is what it would have been alone
 
 
-def test_a_lock_left_by_a_killed_run_is_taken_over(tmp_path):
+def test_a_lock_left_by_a_killed_run_is_taken_over(tmp_path, solo):
     out = tmp_path / "run"
     first = _start(out)
     first.send_signal(signal.SIGKILL)
@@ -88,7 +94,7 @@ def test_a_lock_left_by_a_killed_run_is_taken_over(tmp_path):
     resumed = subprocess.run(_cli("--out", str(out), *FAST, "--resume"), cwd=ROOT, env=ENV, capture_output=True,
                              text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
-    assert (out / "summary.json").exists() and not lock_path(out).exists()
+    assert _summary(out) == solo and not lock_path(out).exists()  # resumed after kill -9: the uninterrupted result
     # a plain run after a kill proceeds too (stopped after one interval: the lock is what is checked)
     other = tmp_path / "other"
     killed = _start(other)
