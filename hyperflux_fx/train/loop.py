@@ -259,13 +259,14 @@ def _setup(gated: nn.Module, loader: DataLoader, cfg: TrainConfig, rank: int, wo
     gated.to(device)
     all_gates = gates(gated)
     schedule = _schedule(cfg, loader, world)
-    lookahead = cfg.controller_lookahead
-    if lookahead is None and cfg.pressure == "decoupled":
-        lookahead = 0  # proportional pressure answers within the interval; extrapolating it only adds swings
-    if lookahead is None:  # the flows' response lag: their mean distance above the threshold now
-        lookahead = response_lag_intervals(schedule.flow_lr, schedule.interval, _prune_intervals(schedule),
-                                           distance=open_flow_distance(all_gates))
     decoupled = cfg.pressure == "decoupled"
+    distance = open_flow_distance(all_gates)  # the open flows' mean height above the threshold now
+    lookahead = cfg.controller_lookahead
+    if lookahead is None and decoupled:
+        lookahead = 0  # proportional pressure answers within the interval; extrapolating it only adds swings
+    if lookahead is None:  # the flows' response lag, from their distance to the threshold
+        lookahead = response_lag_intervals(schedule.flow_lr, schedule.interval, _prune_intervals(schedule),
+                                           distance=distance)
     # Landing at the end of pruning freezes the flows: nothing regrows after it, so the pruning phase aims at
     # the target itself and the landing is only the last correction.
     compensation = 1.0 if (cfg.land and cfg.land_at == 0.0) else cfg.regrowth_compensation
@@ -273,7 +274,7 @@ def _setup(gated: nn.Module, loader: DataLoader, cfg: TrainConfig, rank: int, wo
         1.0 - cfg.target_sparsity, _prune_intervals(schedule), step=cfg.pressure_step,
         regrowth_compensation=compensation, warmup_intervals=cfg.warmup_intervals, lookahead=lookahead,
         scale_down=cfg.controller_scale_down, rule="log" if decoupled else "paper",
-        gamma0=open_flow_distance(all_gates) / (schedule.flow_lr * max(schedule.prune_steps, 1) / 2),
+        gamma0=distance / (schedule.flow_lr * max(schedule.prune_steps, 1) / 2),
         gain=LOG_CONTROLLER_GAIN)
     flow_ids = {id(g.flow) for g in all_gates}
     params = [p for p in gated.parameters() if id(p) not in flow_ids and p.requires_grad]
@@ -294,8 +295,7 @@ def _setup(gated: nn.Module, loader: DataLoader, cfg: TrainConfig, rank: int, wo
                                 world=world),
         t_start=t_start, measure=measure,
         channel_units=sum(g.numel for g in all_gates if isinstance(g, ChannelGate)),
-        lift=(0.0 if not decoupled else cfg.regrowth_lift if cfg.regrowth_lift is not None
-              else open_flow_distance(all_gates)))
+        lift=(0.0 if not decoupled else cfg.regrowth_lift if cfg.regrowth_lift is not None else distance))
 
 
 def _distiller(cfg: TrainConfig, gated: nn.Module, teacher: nn.Module | None, device: torch.device
@@ -479,14 +479,15 @@ def _pace_closings(run: _Run, progress: _Progress, closed_before: list[torch.Ten
     floors = run.measure.gate_floors()
     if floors:  # never below the block the fold keeps anyway: the least pushed of those closings wait
         open_now = {id(g): int((g.flow >= 0).sum()) for g, _ in fresh}
-        waiting = []
+        kept = []
         for c in reversed(cands):
-            g = c[1]
+            _, g, i = c
             if open_now[id(g)] < floors.get(g, 0):
-                g.flow[c[2]] = 0.0
+                g.flow[i] = 0.0
                 open_now[id(g)] += 1
-                waiting.append(c)
-        cands = [c for c in cands if c not in waiting]
+            else:
+                kept.append(c)
+        cands = kept[::-1]
     if cfg.controller_max_close is not None:
         allowed = max(0, math.floor(cfg.controller_max_close * run.channel_units) - progress.closed)
         for _, g, i in cands[allowed:]:

@@ -70,6 +70,7 @@ class Measure:
         self.latency: LatencyModel | None = None
         self.landing_checks: list[dict[str, float]] = []  # latency: measured compact/dense at the landing
         self._floor: dict[int, int] | None = None  # per group, what the fold keeps with every unit closed
+        self._gate_floors: dict[ChannelGate, int] | None = None  # the same per channel gate
         if self.name in (*MEASURES, "latency"):
             if not isinstance(gated, fx.GraphModule) or not any(isinstance(g, ChannelGate) for g in gates(gated)):
                 raise ValueError(f"target_measure={self.name!r} needs channel gates (granularity 'channel' or "
@@ -100,22 +101,28 @@ class Measure:
             return density(self.gated)
         return self.fraction_at(self.cost_model.counts() if rounded else self.open_counts())
 
+    def floors(self) -> dict[int, int]:
+        """Per group, the units the fold keeps of it with every unit closed (one block): closing below that
+        saves nothing the fold can delete. Fixed for the run, so computed once."""
+        if self._floor is None:
+            self._floor = _floor(self.cost_model)
+        return self._floor
+
     def gate_floors(self) -> dict[ChannelGate, int]:
-        """Per channel gate, the units the fold keeps of its group with every unit closed (one block):
-        closing below that saves nothing (empty without an exact measure)."""
+        """:meth:`floors` keyed by each group's channel gate (empty without an exact measure)."""
         if self.cost_model is None:
             return {}
-        self.open_counts()  # fills self._floor
-        return {gate: self._floor[gid] for gid, gate in self.cost_model.gate_of.items()
-                if gate is not None and gid in self._floor}
+        if self._gate_floors is None:
+            floors = self.floors()
+            self._gate_floors = {gate: floors[gid] for gid, gate in self.cost_model.gate_of.items()
+                                 if gate is not None}
+        return self._gate_floors
 
-    def open_counts(self) -> dict[int, int]:
-        """Per group, its open units, or what the fold keeps of it with every unit closed (one block) when
-        that is more: units below the first block save nothing the fold can delete."""
-        cm = self.cost_model
-        floor = self._floor if self._floor is not None else _floor(cm)
-        self._floor = floor
-        return {gid: max(n, floor[gid]) for gid, n in cm.counts(rounded=False).items()}
+    def open_counts(self, open_now: dict[int, int] | None = None) -> dict[int, int]:
+        """Per group, its open units (``open_now``, else counted now), or :meth:`floors` when that is more."""
+        floors = self.floors()
+        open_now = self.cost_model.counts(rounded=False) if open_now is None else open_now
+        return {gid: max(n, floors[gid]) for gid, n in open_now.items()}
 
     def fraction_at(self, k: dict[int, int]) -> float:
         """The kept fraction when group ``g`` keeps ``k[g]`` units (exact measures and latency)."""
@@ -149,11 +156,11 @@ class Measure:
         cm = self.cost_model
         if cm is None:
             return
-        open_now, k = cm.counts(rounded=False), self.open_counts()
-        marginal = self.marginal(k)
-        floor = self._floor or {}
+        open_now = cm.counts(rounded=False)
+        marginal = self.marginal(self.open_counts(open_now))
+        floors = self.floors()
         # a group at its floor (one block) saves nothing the fold can delete by closing more: no pressure on it
-        scaled = [(gate, 0.0 if open_now[gid] <= floor.get(gid, 0) else max(marginal[gid], 0.0))
+        scaled = [(gate, 0.0 if open_now[gid] <= floors[gid] else max(marginal[gid], 0.0))
                   for gid, gate in cm.gate_of.items() if gate is not None]
         units = sum(g.numel for g, _ in scaled)
         mean = sum(g.numel * m for g, m in scaled) / max(units, 1)
