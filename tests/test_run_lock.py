@@ -31,7 +31,7 @@ def _start(out: Path) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True)
     partial = out.with_name(out.name + ".partial")
     deadline = time.time() + 120
-    while not ((partial / "run.log").exists() and lock_path(out).exists()
+    while not ((partial / "run.log").exists() and (partial / "run.log").stat().st_size > 0 and lock_path(out).exists()
                and lock_path(out).read_text().strip() == str(proc.pid)):
         assert proc.poll() is None, proc.communicate()
         assert time.time() < deadline, "the first run never took the lock"
