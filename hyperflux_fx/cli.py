@@ -82,7 +82,7 @@ def _shape(text: str) -> tuple[int, ...]:
     return dims
 
 
-def _round_to(text: str) -> int | str:
+def _multiple(text: str) -> int | str:
     if text == "auto":
         return text
     try:
@@ -92,6 +92,27 @@ def _round_to(text: str) -> int | str:
     if value < 1:
         raise argparse.ArgumentTypeError(f"not a channel multiple: {text!r} (expected auto or an integer >= 1)")
     return value
+
+
+def _round_to(text: str) -> int | str | dict[str, int]:
+    """auto, an integer, or an earlier run's summary.json: the multiples that run resolved (both)."""
+    if not text.endswith(".json"):
+        return _multiple(text)
+    try:
+        summary = json.loads(Path(text).read_text())
+        return {"round_to": int(summary["round_to"]), "round_to_width": int(summary["round_to_width"])}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise argparse.ArgumentTypeError(f"{text}: not a summary.json with round_to and round_to_width ({exc})"
+                                         ) from exc
+
+
+def _fold_config(args: argparse.Namespace) -> FoldConfig:
+    """The fold the flags ask for; --round-to SUMMARY.json reuses both multiples that run resolved
+    (an explicit --round-to-width still wins)."""
+    if isinstance(args.round_to, dict):
+        width = args.round_to_width if args.round_to_width != "auto" else args.round_to["round_to_width"]
+        return FoldConfig(round_to=args.round_to["round_to"], round_to_width=width)
+    return FoldConfig(round_to=args.round_to, round_to_width=args.round_to_width)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -148,9 +169,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", action="store_true", help="print the gating/coupling plan and exit without training")
     p.add_argument("--no-export", action="store_true", help="skip ONNX export and latency")
     p.add_argument("--round-to", type=_round_to, default="auto",
-                   help="keep kept channel counts multiples of this when folding; auto = the block ONNX Runtime's "
-                        "fast conv kernels need on this CPU (measured), halved while a params/MACs target is out "
-                        "of reach with whole blocks")
+                   help="keep a 2-D conv's kept channel counts multiples of this when folding; auto = the block "
+                        "ONNX Runtime's fast conv kernels need on this CPU (measured), halved while a params/MACs "
+                        "target is out of reach with whole blocks; or an earlier run's summary.json: reuse the "
+                        "multiples it resolved (also for --round-to-width)")
+    p.add_argument("--round-to-width", type=_multiple, default="auto",
+                   help="the same for every other width (linear/matmul features, MLP units, 1-D/3-D conv "
+                        "channels); auto = 1 (measured: ONNX Runtime is never faster for a multiple there). "
+                        "Attention heads are never rounded")
     p.add_argument("--input-shape", type=_shape, default=None, help="example input shape incl. batch, e.g. 2,3,32,32")
     p.add_argument("--weights", default=None, help="state-dict file of trained dense weights (weights_only load)")
     p.add_argument("--num-classes", type=int, default=None, help="classifier width for timm/torchvision models")
@@ -468,7 +494,7 @@ def _hyperflux_stage(job: _Job) -> tuple[PassResult, TrainResult | None, int]:
     cfg = TrainConfig(target_sparsity=args.target_sparsity, epochs=args.epochs, regrowth_epochs=args.regrowth_epochs,
                       lr=args.lr, seed=args.seed, device=args.device, out_dir=str(job.partial), resume=args.resume,
                       progress=not args.quiet, max_intervals=args.max_intervals,
-                      target_measure=args.target, fold=FoldConfig(round_to=args.round_to), pressure=args.pressure,
+                      target_measure=args.target, fold=_fold_config(args), pressure=args.pressure,
                       distill=args.distill, distill_alpha=args.distill_alpha,
                       distill_temperature=args.distill_temperature)
     job.fold = fold_within_reach(res.graph_module, cfg)
@@ -609,6 +635,7 @@ def _fold_stage(job: _Job, gated: Any, result: TrainResult, dense_acc: float) ->
         "sparsity_before_landing": (None if result.density_before_landing is None
                                     else 1.0 - result.density_before_landing),
         "controller_lookahead": result.controller_lookahead, "round_to": folded.report.round_to,
+        "round_to_width": folded.report.round_to_width,
         "tracking": None if (t := tracking(result.history)) is None else t.to_dict(),
         "land_at": result.land_at, "regrowth_lr": result.regrowth_lr, "pressure": result.pressure,
         "distilled": result.distilled, "distill_alpha": args.distill_alpha if result.distilled else None,

@@ -52,15 +52,20 @@ class GateConfig:
 class FoldConfig:
     """How ``fold_masks`` compacts."""
 
-    round_to: int | str = "auto"  # keep kept channel counts multiples of this (extra = strongest closed units);
-    #   "auto" = the multiple ONNX Runtime's blocked-layout kernels need on this CPU (analysis.runtime.nchwc_block)
+    round_to: int | str = "auto"  # keep a 2-D conv's kept channel counts multiples of this (extra = strongest
+    #   closed units); "auto" = ONNX Runtime's NCHWc block on this CPU (analysis.runtime.nchwc_block)
+    round_to_width: int | str = "auto"  # the same for every other width: linear/matmul features, MLP units, the
+    #   residual width, 1-D/3-D conv channels; "auto" = 1 (ORT's GEMM and plain convs are never faster for a
+    #   multiple: docs/BENCHMARKS.md, tools/bench_rounding.py). Attention heads are always kept whole, never rounded
     min_channels: int = 1  # never delete a group down to fewer channels
     delete_dead: bool = True  # also delete channels whose weights and bias are all zero (weight masks alone)
     fold_batchnorm: bool = False  # merge inference BatchNorms into their convs (the result is for inference)
 
     def __post_init__(self) -> None:
-        if self.round_to != "auto" and not (isinstance(self.round_to, int) and self.round_to >= 1):
-            raise ValueError(f"FoldConfig.round_to must be 'auto' or an int >= 1, got {self.round_to!r}")
+        for name in ("round_to", "round_to_width"):
+            value = getattr(self, name)
+            if value != "auto" and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+                raise ValueError(f"FoldConfig.{name} must be 'auto' or an int >= 1, got {value!r}")
         if self.min_channels < 1:
             raise ValueError(f"FoldConfig.min_channels must be >= 1, got {self.min_channels}")
 

@@ -18,12 +18,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from speedup import measured_speedup
 
 from hyperflux_fx.analysis.runtime import nchwc_block
 from hyperflux_fx.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = str(ROOT / "examples" / "digits_cnn.py")
+SPEEDUP_BAND = 0.10  # README: latency targets land within 10% of the speed-up asked
 FAST = ["--dense-epochs", "2", "--epochs", "2", "--regrowth-epochs", "1", "--quiet"]
 
 
@@ -157,7 +159,11 @@ def test_a_speedup_target_predicts_and_measures_latency(tmp_path, monkeypatch):
     assert s["target_sparsity"] == pytest.approx(1 - 1 / 1.5)
     table = s["latency_table"]
     assert table["measured"] > 0 and table["timed_ops"] > 0 and (tmp_path / "cache").exists()  # a cold cache
-    assert s["latency_predicted_ms_compact"] > 0 and s["ort_latency_ms_compact"] > 0 and s["speedup"] > 0
+    assert s["latency_predicted_ms_compact"] > 0 and s["ort_latency_ms_compact"] > 0
+    # the claim (README): a latency target lands within 10% of the speed-up asked, measured in ORT. One
+    # retry for noise: the dense model exported again and timed side by side with compact.onnx
+    measured = measured_speedup(s, out, EXAMPLE, lambda x: abs(x / 1.5 - 1) <= SPEEDUP_BAND)
+    assert abs(measured / 1.5 - 1) <= SPEEDUP_BAND, (s["speedup"], measured)
     # what the predicted latency fraction says is what training reported (the measured one is benchmarked)
     assert s["achieved_sparsity"] == pytest.approx(1 - table["predicted_compact_ms"] / table["predicted_dense_ms"],
                                                    abs=1e-9)

@@ -208,7 +208,7 @@ class CostModel:
         params = self._effective_params()  # once: masking every gated weight is the costly part
         for g in self.groups:
             n_closed = int(self.closed(g, overrides, params).sum()) if g.deletable else 0
-            out[g.id] = (kept_count(g.size, n_closed, self.fold, normalised=g.normalised) if rounded
+            out[g.id] = (kept_count(g, n_closed, self.fold) if rounded
                          else max(g.size - n_closed, 1))
         return out
 

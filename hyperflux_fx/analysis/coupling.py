@@ -33,7 +33,7 @@ from hyperflux_fx.ops import ChannelRule, NormOperands, OpSpec, node_spec, norm_
 
 __all__ = ["OUTPUT_REASON", "RULES", "ChannelParam", "Consumer", "Coupling", "Group", "Label", "NormUse", "Producer",
            "Seg", "ShapeArg", "Unit", "analyze_channels", "consumer_input", "dead_units", "group_consumers",
-           "kept_count", "label_keep", "param_target", "parent_keep", "plan_keep", "shape_of"]
+           "kept_count", "label_keep", "param_target", "parent_keep", "plan_keep", "round_multiple", "shape_of"]
 
 OUTPUT_REASON = "consumed by the graph output"  # why a group the model's output reads is not gated
 
@@ -203,6 +203,7 @@ class Group:
     zero_preserving: bool = True  # every path producer -> consumer keeps an exact zero exactly zero
     normalised: bool = False  # a norm's statistics count its channels: the fold keeps exactly the open ones
     replicas: int = 1  # channels per unit: a space split over conv groups has one per group
+    nchwc: bool = False  # a 2-D conv makes or reads these channels: ONNX Runtime runs them in its blocked layout
 
     @property
     def deletable(self) -> bool:
@@ -262,12 +263,18 @@ class Coupling:
             if len(sizes) != 1:
                 blocked.append(f"tied spaces have different sizes {sorted(sizes)}")
             heads = any(self.producers[s].parent is not None for s in comp)
-            out.append(Group(id=gid, spaces=comp, size=min(sizes), producers=[self.producers[s].name for s in comp],
+            out.append(Group(nchwc=not heads and self._conv2d_channels(set(comp)),id=gid, spaces=comp, size=min(sizes), producers=[self.producers[s].name for s in comp],
                              unit="head" if heads else "channel", blocked=list(dict.fromkeys(blocked)),
                              zero_preserving=not any(s in self.revived for s in comp),
                              normalised=any(s in normalised for s in comp),
                              replicas=1 if heads else self.producers[comp[0]].replicas))
         return out
+
+    def _conv2d_channels(self, spaces: set[int]) -> bool:
+        """True when a 2-D conv (a 4-D weight) produces or reads any of ``spaces``."""
+        weights = [self.producers[s].weight for s in spaces]
+        weights += [c.weight for c in self.consumers if spaces & set(c.label.spaces())]
+        return any(w in self.parameters and self.parameters[w].dim() == 4 for w in weights)
 
     def group_of(self) -> dict[int, int]:
         return {s: g.id for g in self.groups() for s in g.spaces}
@@ -1735,19 +1742,29 @@ def dead_units(gm: fx.GraphModule, c: Coupling, group: Group,
     return dead
 
 
-def kept_count(size: int, n_closed: int, config: FoldConfig, *, normalised: bool = False) -> int:
-    """Units a deletable group of ``size`` keeps when ``n_closed`` are closed: at least
-    ``config.min_channels``, rounded up to a multiple of ``config.round_to`` (never above ``size``).
-    A ``normalised`` group (a norm's statistics count its channels) keeps exactly its open units: a
-    closed one kept would enter the folded norm's statistics."""
+def round_multiple(group: Group, config: FoldConfig) -> int:
+    """The multiple ``group``'s kept count is rounded to: ``config.round_to`` for 2-D conv channels
+    (ONNX Runtime's blocked layout), ``config.round_to_width`` for every other width, 1 for heads."""
+    if not isinstance(config.round_to, int) or not isinstance(config.round_to_width, int):
+        raise ValueError("round_multiple needs a resolved FoldConfig (analysis.runtime.resolve_fold_config)")
+    if group.unit == "head":
+        return 1
+    return config.round_to if group.nchwc else config.round_to_width
+
+
+def kept_count(group: Group, n_closed: int, config: FoldConfig) -> int:
+    """Units ``group`` keeps when ``n_closed`` are closed: at least ``config.min_channels``, rounded up
+    to a multiple of :func:`round_multiple` (never above its size). A normalised group (a norm's
+    statistics count its channels) keeps exactly its open units: a closed one kept would enter the
+    folded norm's statistics."""
+    size = group.size
     if n_closed == 0:
         return size
-    n_keep = max(size - n_closed, config.min_channels)
-    if normalised and n_closed < size:
+    multiple = round_multiple(group, config)
+    if group.normalised and n_closed < size:
         return size - n_closed
-    if not isinstance(config.round_to, int):
-        raise ValueError("kept_count needs a resolved FoldConfig (analysis.runtime.resolve_fold_config)")
-    return min(size, math.ceil(n_keep / config.round_to) * config.round_to)
+    n_keep = max(size - n_closed, config.min_channels)
+    return min(size, math.ceil(n_keep / multiple) * multiple)
 
 
 def plan_keep(group: Group, closed: torch.Tensor, strength: torch.Tensor, config: FoldConfig) -> torch.Tensor | None:
@@ -1757,7 +1774,7 @@ def plan_keep(group: Group, closed: torch.Tensor, strength: torch.Tensor, config
     if not group.deletable or n_closed == 0:
         return None
     kept = ~closed
-    extra = kept_count(group.size, n_closed, config, normalised=group.normalised) - int(kept.sum())
+    extra = kept_count(group, n_closed, config) - int(kept.sum())
     if extra > 0:
         cand = torch.nonzero(closed).flatten()
         kept[cand[torch.argsort(strength[cand], descending=True)][:extra]] = True

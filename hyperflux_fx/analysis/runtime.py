@@ -7,7 +7,10 @@ takes a slow path), and widths that are not a multiple of the block are padded u
 padding is computed anyway. :func:`nchwc_block` finds the block by letting ORT optimise
 ``conv(32 -> C) -> conv(C -> 32)`` for C = 4, 8, 16, 32 and reading, in the optimised graph, the
 smallest C for which the chain stays blocked; ``FoldConfig(round_to="auto")`` keeps every deleted
-group at a multiple of it (so at least one block): what the kernels would compute anyway.
+group of 2-D conv channels at a multiple of it (so at least one block): what the kernels would compute
+anyway. Only 2-D convs are rewritten so: ORT runs 1-D and 3-D convs, GEMMs and MatMuls in the plain
+layout, where a width rounded up to a multiple of 8 or 16 is never faster (measured side by side by
+``tools/bench_rounding.py``), so ``round_to_width="auto"`` resolves to 1.
 """
 
 from __future__ import annotations
@@ -88,8 +91,10 @@ def nchwc_block() -> int:
 
 
 def resolve_fold_config(config: FoldConfig) -> FoldConfig:
-    """``config`` with ``round_to="auto"`` replaced by the multiple the runtime's kernels need (the
-    NCHWc block; 1 where there is none)."""
-    if config.round_to != "auto":
-        return config
-    return dataclasses.replace(config, round_to=nchwc_block() or 1)
+    """``config`` with ``"auto"`` replaced by the multiples the runtime's kernels need: ``round_to`` the
+    NCHWc block (1 where there is none), ``round_to_width`` 1."""
+    if config.round_to == "auto":
+        config = dataclasses.replace(config, round_to=nchwc_block() or 1)
+    if config.round_to_width == "auto":
+        config = dataclasses.replace(config, round_to_width=1)
+    return config

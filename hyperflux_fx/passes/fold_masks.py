@@ -43,6 +43,7 @@ from hyperflux_fx.analysis.coupling import (
     parent_keep,
     plan_keep,
     producer_keep,
+    round_multiple,
 )
 from hyperflux_fx.analysis.runtime import resolve_fold_config
 from hyperflux_fx.config import FoldConfig
@@ -82,6 +83,7 @@ class FoldGroup:
     closed: int  # units whose mask is 0 (or dead: all producer rows zero)
     deleted: int  # units deleted (closed ones kept for round_to / min_channels are not)
     reason: str = ""  # why closed units were kept (blocked group, round_to), empty otherwise
+    deletable: bool = True  # False: the coupling blocks deleting this group's units (reason says why)
 
 
 @dataclass
@@ -94,7 +96,8 @@ class FoldReport:
     module_calls_restored: int = 0
     params_before: int = 0
     params_after: int = 0
-    round_to: int = 1  # the multiple kept channel counts were rounded to (round_to="auto" resolved)
+    round_to: int = 1  # the multiple kept 2-D conv channel counts were rounded to ("auto" resolved)
+    round_to_width: int = 1  # the same for every other width (heads are never rounded)
     rule_counts: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -144,7 +147,8 @@ def fold_masks(gm: fx.GraphModule, config: FoldConfig | None = None, *, example_
     if not inplace:
         gm = copy.deepcopy(gm)
     inputs = normalize_inputs(example_inputs) if example_inputs is not None else gm.meta.get(INPUTS_META)
-    report = FoldReport(params_before=count_params(gm), round_to=int(config.round_to))
+    report = FoldReport(params_before=count_params(gm), round_to=int(config.round_to),
+                        round_to_width=int(config.round_to_width))
     rules: dict[str, int] = defaultdict(int)
     with torch.no_grad():
         _fold_weight_masks(gm, report)
@@ -276,7 +280,8 @@ def _plan_group(gm: fx.GraphModule, coupling: Coupling, g: Group, gate: ChannelG
         closed = closed | dead
     n_closed = int(closed.sum())
     info = FoldGroup(name=gate.target if gate is not None else group_name(g), unit=g.unit, before=g.size,
-                     after=g.size, closed=n_closed, deleted=0, reason="; ".join(g.blocked))
+                     after=g.size, closed=n_closed, deleted=0, reason="; ".join(g.blocked),
+                     deletable=g.deletable)
     report.groups.append(info)
     if n_closed and not g.deletable:
         rules["blocked_closed_units"] += n_closed
@@ -285,7 +290,8 @@ def _plan_group(gm: fx.GraphModule, coupling: Coupling, g: Group, gate: ChannelG
         return None
     extra = int(kept.sum()) - (g.size - n_closed)
     if extra > 0:
-        info.reason = f"kept {extra} closed channel(s) for round_to={config.round_to}/min_channels"
+        knob = "round_to" if g.nchwc else "round_to_width"
+        info.reason = f"kept {extra} closed {g.unit}(s) for {knob}={round_multiple(g, config)}/min_channels"
     info.after = int(kept.sum())
     info.deleted = g.size - info.after
     return torch.nonzero(kept).flatten()

@@ -25,7 +25,7 @@ import torch
 from torch import fx, nn
 
 from hyperflux_fx.analysis.cost_model import MEASURES, CostModel
-from hyperflux_fx.analysis.coupling import kept_count
+from hyperflux_fx.analysis.coupling import kept_count, round_multiple
 from hyperflux_fx.analysis.latency_model import LatencyModel
 from hyperflux_fx.analysis.runtime import resolve_fold_config
 from hyperflux_fx.config import FoldConfig, TrainConfig
@@ -38,7 +38,7 @@ __all__ = ["Measure", "fold_within_reach", "land_on_measure"]
 
 def _floor(cm: CostModel) -> dict[int, int]:
     """Per group, the fewest units the fold keeps: every gated unit closed (rounding as ``cm.fold``)."""
-    return {g.id: kept_count(g.size, g.size, cm.fold, normalised=g.normalised)
+    return {g.id: kept_count(g, g.size, cm.fold)
             if cm.gate_of[g.id] is not None and g.deletable else g.size for g in cm.groups}
 
 
@@ -210,7 +210,7 @@ class Measure:
 
     def _land_predicted(self, target_kept: float) -> Landing:
         landing = land_on_measure(self.gated, lambda: self.kept(), target_kept)
-        if self.cost_model.fold.round_to > 1:
+        if any(round_multiple(g, self.cost_model.fold) > 1 for g in self.cost_model.groups):
             round_groups(self.cost_model, self.fraction_at, target_kept)
             landing.density_after = self.kept()
         return landing
@@ -236,11 +236,11 @@ def round_groups(cm: CostModel, fraction_at: Callable[[dict[int, int]], float], 
     strongest closed units open (their flows set to just below / at zero; the flows are frozen after
     the landing). The masked model then computes what the compact model will.
     """
-    step = int(cm.fold.round_to)
-    gated = {g.id: g for g in cm.groups if g.deletable and cm.gate_of[g.id] is not None}
+    gated = {g.id: g for g in cm.groups if g.deletable and cm.gate_of[g.id] is not None
+             and round_multiple(g, cm.fold) > 1}
     k = cm.counts(rounded=False)
     opened = {gid: min(k[gid], gated[gid].size) for gid in gated}
-    choices = {gid: _block_choices(gated[gid].size, opened[gid], step) for gid in gated}
+    choices = {gid: _block_choices(g.size, opened[gid], round_multiple(g, cm.fold)) for gid, g in gated.items()}
     chosen = cm.counts()  # the fold's own rounding (up) is where the search starts
 
     def error(counts: dict[int, int]) -> float:

@@ -47,13 +47,28 @@ def test_a_new_batch_size_misses_the_cache(tmp_path):
         assert (model.measured > 0) == expect_measured, batch
 
 
-def test_calibration_makes_the_dense_prediction_the_measurement(tmp_path):
+def test_dense_calibration_scales_the_untimed_rest_by_activation_volume(tmp_path):
+    """Uncalibrated, a prediction is the table read at the kept widths (interpolated between grid
+    points); calibrate_dense(ms) adds the dense model's untimed rest, ms less its timed ops, scaled by
+    the activation volume kept. Each figure is rebuilt here from the table, not from predict_ms."""
     model = LatencyModel(CostModel(_gated(), hf.FoldConfig(round_to=8)), cache_dir=tmp_path, repeats=3)
-    model.calibrate_dense(5.0)
-    assert model.dense_ms == pytest.approx(5.0)
-    assert model.fraction({g.id: g.size for g in model.cost_model.groups}) == pytest.approx(1.0)
-    marginal = model.marginal({g.id: g.size for g in model.cost_model.groups})
-    assert set(marginal) == {g.id for g in model.cost_model.groups}
+    groups = model.cost_model.groups
+    full = {g.id: g.size for g in groups}
+    half = {g.id: max(8, g.size // 2) if g.deletable else g.size for g in groups}
+    at_grid = sum(model.table[model._key(op, *op.widths(full))] for op in model.ops)  # dense widths are grid points
+    assert model.predict_ms(full) == pytest.approx(at_grid)
+    assert model.predict_ms(half) < model.predict_ms(full)
+    ops_half = model.predict_ms(half)
+    volume = sum(op.widths(half)[1] * op.positions for op in model.ops) / sum(
+        op.widths(full)[1] * op.positions for op in model.ops)
+    rest = 3 * at_grid  # a dense measurement four times the timed ops
+    model.calibrate_dense(at_grid + rest)
+    assert model.predict_ms(full) == pytest.approx(at_grid + rest)
+    assert model.predict_ms(half) == pytest.approx(ops_half + rest * volume)
+    assert 0.3 < volume < 0.8
+    marginal = model.marginal(full)
+    gated = [g.id for g in groups if g.deletable and model.cost_model.gate_of[g.id] is not None]
+    assert gated and all(marginal[gid] > 0 for gid in gated), marginal  # closing a unit saves time
 
 
 def _mac_law(tmp_path):

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from speedup import measured_speedup
 
 from hyperflux_fx.cli import main
+from hyperflux_fx.report.summary import FASTER
 from hyperflux_fx.frontend import SourceError, load_source
 from hyperflux_fx.frontend.text import TEXT_VOCAB, text_corpus, text_datasets
 
@@ -51,6 +53,8 @@ def test_hf_end_to_end_gives_a_faster_compact_model(tmp_path):
     assert (out / "compact.onnx").is_file()
     assert summary["macs_compact"] < 0.75 * summary["macs_dense"]
     assert summary["params_compact"] < summary["params_dense"]
+    speedup = measured_speedup(summary, out, TINY_LLAMA, lambda x: x >= FASTER, input_shape=(2, 32))
+    assert speedup >= FASTER, (summary["speedup"], speedup)  # faster in ORT, as the name says
 
 
 def test_hf_folder_with_safetensors_loads_its_weights(tmp_path):

@@ -21,7 +21,7 @@ def test_bench_structured_prunes_every_method_to_hyperfluxs_macs(tmp_path):
     assert methods[0] == "dense" and methods[1].startswith("hyperflux") and len(methods) == 6
     assert sum(m.startswith("TP ") for m in methods) == 4 and bench_structured.KD_LABEL in methods
     ours = rows[1]
-    assert 0.1 < ours["macs"] < 0.5  # asked for 4x fewer MACs
+    assert ours["macs"] == pytest.approx(0.25, rel=0.03)  # asked for 4x fewer MACs: the landing hits them
     for r in rows[1:]:
         assert r["macs"] == pytest.approx(ours["macs"], abs=0.05)  # equal work, up to whole channels
         assert 0.0 <= r["acc"] <= 1.0 and r["speedup"] > 0 and r["params"] < rows[0]["params"]
