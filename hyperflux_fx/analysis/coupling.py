@@ -263,11 +263,12 @@ class Coupling:
             if len(sizes) != 1:
                 blocked.append(f"tied spaces have different sizes {sorted(sizes)}")
             heads = any(self.producers[s].parent is not None for s in comp)
-            out.append(Group(nchwc=not heads and self._conv2d_channels(set(comp)),id=gid, spaces=comp, size=min(sizes), producers=[self.producers[s].name for s in comp],
+            out.append(Group(id=gid, spaces=comp, size=min(sizes), producers=[self.producers[s].name for s in comp],
                              unit="head" if heads else "channel", blocked=list(dict.fromkeys(blocked)),
                              zero_preserving=not any(s in self.revived for s in comp),
                              normalised=any(s in normalised for s in comp),
-                             replicas=1 if heads else self.producers[comp[0]].replicas))
+                             replicas=1 if heads else self.producers[comp[0]].replicas,
+                             nchwc=not heads and self._conv2d_channels(set(comp))))
         return out
 
     def _conv2d_channels(self, spaces: set[int]) -> bool:

@@ -10,9 +10,9 @@ import torch
 from speedup import measured_speedup
 
 from hyperflux_fx.cli import main
-from hyperflux_fx.report.summary import FASTER
 from hyperflux_fx.frontend import SourceError, load_source
 from hyperflux_fx.frontend.text import TEXT_VOCAB, text_corpus, text_datasets
+from hyperflux_fx.report.summary import FASTER
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_LLAMA = f"hf:{ROOT / 'examples' / 'hf_tiny_llama'}"

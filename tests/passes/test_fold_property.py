@@ -1,9 +1,9 @@
 """Property test: on generated small networks mixing conv / BN / activations / depthwise (with a channel
 multiplier) / grouped convs / strided convs with upsampling / add / cat / split / chunk / narrow /
 channel slices / permute + LayerNorm / GroupNorm / per-channel scale and shift parameters / response
-norm / squeeze-excite / pooling / view_as / dropout / flatten / linear chains, fold is exact for random masks and
-deletes closed units wherever a group has any, every time: each closed unit of a deletable group is deleted (500 gated networks per run, derandomised so
-CI sees the same ones; a network with nothing gated is replaced by another)."""
+norm / squeeze-excite / pooling / view_as / dropout / flatten / linear chains, fold is exact for random
+masks and deletes every closed unit of a deletable group, every time (500 gated networks per run,
+derandomised so CI sees the same ones; a network with nothing gated is replaced by another)."""
 
 from __future__ import annotations
 
