@@ -34,9 +34,9 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from hyperflux_fx.analysis.cost import count_params_and_macs
-from hyperflux_fx.analysis.cost_model import CostModel
-from hyperflux_fx.analysis.latency_model import LatencyModel
+from hyperflux_fx.analysis.cost import count_costs
+from hyperflux_fx.analysis.cost_model import MEASURES, CostModel
+from hyperflux_fx.analysis.latency_model import LatencyModel, cache_key, cache_path
 from hyperflux_fx.analysis.runtime import resolve_fold_config
 from hyperflux_fx.config import (
     DISTILL_ALPHA,
@@ -59,8 +59,8 @@ from hyperflux_fx.report.summary import FASTER, asked_and_got, headline, slower_
 from hyperflux_fx.train.dense import train_dense
 from hyperflux_fx.train.distributed import TrainingError
 from hyperflux_fx.train.evaluate import evaluate
-from hyperflux_fx.train.loop import TrainResult, train
-from hyperflux_fx.train.measure import fold_within_reach
+from hyperflux_fx.train.loop import TrainResult, resume_problems, train
+from hyperflux_fx.train.measure import Measure, fold_within_reach
 from hyperflux_fx.train.recorder import tracking
 
 __all__ = ["build_parser", "main"]
@@ -294,7 +294,11 @@ class _Job:
     gate_cfg: GateConfig
     device: str  # "cuda" or "cpu"
     t_start: float
-    fold: FoldConfig = field(default_factory=FoldConfig)  # the run's fold (round_to resolved for the target)
+    train_cfg: TrainConfig = field(default_factory=TrainConfig)  # checked before anything was written
+
+    @property
+    def fold(self) -> FoldConfig:  # the run's fold (round_to resolved for the target)
+        return self.train_cfg.fold
 
     @property
     def inputs(self) -> tuple[Any, ...]:
@@ -335,7 +339,35 @@ def _run_locked(args: argparse.Namespace, out: Path | None) -> int:
         raise UsageError(str(exc)) from exc
     train_set, val_set, data_name = _datasets(args, loaded)
     assert out is not None
-    return _compile(args, out, loaded, train_set, val_set, data_name, gate_cfg)
+    train_cfg = _preflight(args, out, res, train_set)
+    return _compile(args, out, loaded, train_set, val_set, data_name, gate_cfg, train_cfg)
+
+
+def _train_config(args: argparse.Namespace, partial: Path) -> TrainConfig:
+    return TrainConfig(target_sparsity=args.target_sparsity, epochs=args.epochs, regrowth_epochs=args.regrowth_epochs,
+                       lr=args.lr, seed=args.seed, device=args.device, out_dir=str(partial), resume=args.resume,
+                       progress=not args.quiet, max_intervals=args.max_intervals,
+                       target_measure=args.target, fold=_fold_config(args), pressure=args.pressure,
+                       distill=args.distill, distill_alpha=args.distill_alpha,
+                       distill_temperature=args.distill_temperature)
+
+
+def _preflight(args: argparse.Namespace, out: Path, res: PassResult, train_set: Dataset) -> TrainConfig:
+    """The run's TrainConfig, after every check that can be made before the first byte is written: the
+    target within reach of the fold (params/MACs), and a --resume whose checkpoint matches these
+    settings. A usage error (exit 2, nothing written) otherwise."""
+    try:
+        cfg = _train_config(args, out.with_name(out.name + ".partial"))
+        cfg = dataclasses.replace(cfg, fold=fold_within_reach(res.graph_module, cfg))
+        if cfg.target_measure in MEASURES:
+            Measure(res.graph_module, cfg)  # raises when closing every gated unit cannot reach the target
+        loader = DataLoader(train_set, batch_size=args.batch_size)
+        if problems := resume_problems(res.graph_module, loader, cfg):
+            raise UsageError(f"--resume: {cfg.out_dir} was started with other settings ({'; '.join(problems)}): "
+                             f"resume with that run's flags, or start again with --force")
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    return cfg
 
 
 def _check_open_gates_change_nothing(loaded: LoadedModel, gated: Any) -> None:
@@ -401,6 +433,7 @@ def _print_plan(args: argparse.Namespace, loaded: LoadedModel, res: PassResult, 
         data = report.to_dict()
         data["source"] = args.source
         data["seconds"] = {"insert_gates": seconds}
+        data["latency_cache_key"] = cache_key()
         print(json.dumps(data, indent=2))
         return 0
     total = sum(p.numel() for p in loaded.model.parameters())
@@ -408,11 +441,17 @@ def _print_plan(args: argparse.Namespace, loaded: LoadedModel, res: PassResult, 
     print(f"parameters: {total:,}  gated units: {report.gated_elements:,}  insert_gates: {seconds:.2f}s")
     print()
     print(report.text(verbose=args.verbose))
+    if args.verbose:
+        key = cache_key()
+        isa = ",".join(key["isa"]) or "-"
+        print(f"\nlatency cache key (--target-speedup's op table): cpu {key['cpu']!r}, isa {isa}, "
+              f"{key['threads']} thread, onnxruntime {key['ort']}, NCHWc block {key['nchwc_block']}, "
+              f"table schema {key['schema']} ({cache_path().name})")
     return 0
 
 
 def _compile(args: argparse.Namespace, out: Path, loaded: LoadedModel, train_set: Dataset, val_set: Dataset,
-             data_name: str, gate_cfg: GateConfig) -> int:
+             data_name: str, gate_cfg: GateConfig, train_cfg: TrainConfig) -> int:
     """Prepare OUT.partial and its run.log, then run the stages."""
     t_start = time.perf_counter()
     if args.force and out.exists() and not args.resume:
@@ -432,7 +471,7 @@ def _compile(args: argparse.Namespace, out: Path, loaded: LoadedModel, train_set
     job = _Job(args=args, out=out, partial=partial, loaded=loaded,
                train_loader=DataLoader(train_set, batch_size=args.batch_size, shuffle=True, num_workers=args.workers),
                val_loader=DataLoader(val_set, batch_size=max(args.batch_size, 256), num_workers=args.workers),
-               data_name=data_name, gate_cfg=gate_cfg, device=device, t_start=t_start)
+               data_name=data_name, gate_cfg=gate_cfg, device=device, t_start=t_start, train_cfg=train_cfg)
     try:
         return _pipeline(job)
     finally:
@@ -491,18 +530,11 @@ def _hyperflux_stage(job: _Job) -> tuple[PassResult, TrainResult | None, int]:
                        frontend=job.loaded.frontend)
     _say(args, f"[2/5] Hyperflux: target sparsity {args.target_sparsity} ({args.target}), granularity "
                f"{args.granularity}, {args.epochs} pruning + {args.regrowth_epochs} regrowth epochs")
-    cfg = TrainConfig(target_sparsity=args.target_sparsity, epochs=args.epochs, regrowth_epochs=args.regrowth_epochs,
-                      lr=args.lr, seed=args.seed, device=args.device, out_dir=str(job.partial), resume=args.resume,
-                      progress=not args.quiet, max_intervals=args.max_intervals,
-                      target_measure=args.target, fold=_fold_config(args), pressure=args.pressure,
-                      distill=args.distill, distill_alpha=args.distill_alpha,
-                      distill_temperature=args.distill_temperature)
-    job.fold = fold_within_reach(res.graph_module, cfg)
-    preferred = resolve_fold_config(cfg.fold).round_to
+    cfg = job.train_cfg
+    preferred = resolve_fold_config(_fold_config(args)).round_to
     if job.fold.round_to != preferred:
         _say(args, f"      round_to {job.fold.round_to}: with whole blocks of {preferred} channels (ONNX Runtime's on "
                    f"this CPU) {args.target_sparsity} of the {args.target} is out of reach")
-    cfg = dataclasses.replace(cfg, fold=job.fold)
     try:
         latency = _latency_model(job, res.graph_module, cfg) if args.target == "latency" else None
         result = train(res.graph_module, job.train_loader, job.val_loader, cfg, loss_fn=job.loaded.loss_fn,
@@ -512,8 +544,9 @@ def _hyperflux_stage(job: _Job) -> tuple[PassResult, TrainResult | None, int]:
     except TrainingError as exc:
         log.error("%s", exc)
         return res, None, _fail(f"training failed: {exc} (resume with --resume after fixing the cause)", code=1)
-    except ValueError as exc:  # a checkpoint that does not match
-        return res, None, _fail(str(exc))
+    except ValueError as exc:  # the checks before any write passed: an error here keeps the partial run
+        log.error("%s", exc)
+        return res, None, _fail(f"training failed: {exc} (partial run kept in {job.partial})", code=1)
     if not result.completed:
         _say(args, f"stopped after {result.intervals} intervals (--max-intervals); continue with --resume. "
                    f"Partial run in {job.partial}")
@@ -528,18 +561,32 @@ def _latency_model(job: _Job, gated: Any, cfg: TrainConfig) -> LatencyModel:
     model = LatencyModel(CostModel(gated, cfg.fold), progress=not job.args.quiet)
     info = f"{model.measured} op timings measured in {model.build_seconds:.1f} s" if model.measured else "cached"
     _say(job.args, f"      latency table of {len(model.ops)} ops: {info} ({model.path})")
-    saved = job.partial / "latency_calibration.json"
-    if saved.exists():
-        points = [({int(g): n for g, n in k.items()}, ms) for k, ms in json.loads(saved.read_text())]
-    else:
+    points = _saved_calibration(job)
+    if points is None:
         points = _calibration_points(job, gated, model, cfg.fold)
-        saved.write_text(json.dumps(points))
+        atomic_write_text(job.partial / CALIBRATION_FILE, json.dumps({"key": cache_key(), "points": points}))
     model.calibrate(points)
     model.measure = lambda: _measured_fraction(job, gated, cfg.fold)
     worst = max(abs(p["predicted_ms"] / p["measured_ms"] - 1) for p in model.calibration)
     _say(job.args, f"      calibrated on {len(points)} whole models (dense {points[0][1]:.3f} ms); "
                    f"largest fit error {100 * worst:.1f}%")
     return model
+
+
+CALIBRATION_FILE = "latency_calibration.json"
+
+
+def _saved_calibration(job: _Job) -> list[tuple[dict[int, int], float]] | None:
+    """The calibration a resumed run measured, if it was measured on a machine of this cache key."""
+    path = job.partial / CALIBRATION_FILE
+    if not path.exists():
+        return None
+    saved = json.loads(path.read_text())
+    if not isinstance(saved, dict) or saved.get("key") != cache_key():
+        _say(job.args, f"      {CALIBRATION_FILE} was measured on another machine (or an older table): measured "
+                       "again here")
+        return None
+    return [({int(g): n for g, n in k.items()}, ms) for k, ms in saved["points"]]
 
 
 def _dense_onnx(job: _Job) -> Path:
@@ -582,23 +629,24 @@ def _calibration_points(job: _Job, gated: Any, model: LatencyModel, fold: FoldCo
     batch = int(job.inputs[0].shape[0])
     flows = [g.flow.detach().clone() for g in gates(gated)]
     counts, paths = [], []
-    with tempfile.TemporaryDirectory() as tmp:
-        for i, closed in enumerate(_calibration_closed(gated)):
-            gen = torch.Generator().manual_seed(i)
-            with torch.no_grad():
-                for g, f, c in zip(gates(gated), flows, closed, strict=True):
-                    g.flow.copy_(torch.rand(g.flow.shape, generator=gen) - c if i else f.abs() + 1e-3)
-            counts.append(model.cost_model.counts())
-            if not i:
-                paths.append(_dense_onnx(job))
-                continue
-            paths.append(Path(tmp) / f"calibration{i}.onnx")
-            export_onnx(fold_masks(gated, fold).graph_module.eval(), job.inputs, paths[-1])
-        points = _paired_ms(counts, paths, batch)
-    with torch.no_grad():
-        for g, f in zip(gates(gated), flows, strict=True):
-            g.flow.copy_(f)
-    return points
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            for i, closed in enumerate(_calibration_closed(gated)):
+                gen = torch.Generator().manual_seed(i)
+                with torch.no_grad():
+                    for g, f, c in zip(gates(gated), flows, closed, strict=True):
+                        g.flow.copy_(torch.rand(g.flow.shape, generator=gen) - c if i else f.abs() + 1e-3)
+                counts.append(model.cost_model.counts())
+                if not i:
+                    paths.append(_dense_onnx(job))
+                    continue
+                paths.append(Path(tmp) / f"calibration{i}.onnx")
+                export_onnx(fold_masks(gated, fold).graph_module.eval(), job.inputs, paths[-1])
+            return _paired_ms(counts, paths, batch)
+    finally:  # the run's own flows, also when an export or a measurement fails
+        with torch.no_grad():
+            for g, f in zip(gates(gated), flows, strict=True):
+                g.flow.copy_(f)
 
 
 def _paired_ms(counts: list[dict[int, int]], paths: list[Path], batch: int) -> list[tuple[dict[int, int], float]]:
@@ -620,8 +668,14 @@ def _fold_stage(job: _Job, gated: Any, result: TrainResult, dense_acc: float) ->
     _say(args, "[3/5] fold_masks")
     folded = fold_masks(gated, job.fold)  # the fold the exact targets counted
     compact = folded.graph_module.eval()
-    params_dense, macs_dense = count_params_and_macs(model, inputs)
-    params_stored, macs_compact = count_params_and_macs(compact, inputs)
+    dense_costs = count_costs(model, inputs, frontend=job.loaded.frontend)
+    compact_costs = count_costs(compact, inputs)
+    params_dense, macs_dense = dense_costs.params, dense_costs.macs
+    params_stored, macs_compact = compact_costs.params, compact_costs.macs
+    macs_note = "; ".join(f"{what}: {c.note}" for what, c in (("dense", dense_costs), ("compact", compact_costs))
+                          if c.note)
+    if macs_note:
+        log.warning("MAC count may be incomplete: %s", macs_note)
     return folded, {
         "source": args.source, "data": job.data_name, "target_sparsity": args.target_sparsity,
         "achieved_sparsity": result.sparsity, "target_measure": args.target, "granularity": args.granularity,
@@ -629,6 +683,7 @@ def _fold_stage(job: _Job, gated: Any, result: TrainResult, dense_acc: float) ->
         "compact_accuracy": evaluate(compact, job.val_loader),
         "params_dense": params_dense, "params_compact": sum(int((p != 0).sum()) for p in compact.parameters()),
         "params_compact_stored": params_stored, "macs_dense": macs_dense, "macs_compact": macs_compact,
+        "macs_note": macs_note or None,  # what the MAC counts may miss (a model not captured whole)
         "onnx_parity_max_abs_diff": None, "ort_latency_ms_dense": None, "ort_latency_ms_compact": None,
         "deleted_units": folded.report.deleted_units, "closed_units": folded.report.closed_units,
         # what the dynamics reached before the landing put the density on the target (docs/training.md)
@@ -706,8 +761,9 @@ def _print_summary(summary: dict[str, Any], out: Path) -> None:
     print()
     for what, asked, got in rows:
         print(f"  {what:<{width}}  {got}" + (f"   (asked: {asked})" if asked != "-" else ""))
-    if summary.get("law_note"):
-        print(f"  {summary['law_note']}")
+    for note in ("law_note", "macs_note"):
+        if summary.get(note):
+            print(f"  {summary[note]}")
     print(f"\n  written to {out}/ (compact.onnx, compact.pt, summary.json, metrics.jsonl, report.html, run.log)")
 
 

@@ -201,15 +201,22 @@ def _product_macs(operand: int) -> MacFormula:
 
 
 def _einsum_macs(args: tuple[Any, ...], kwargs: dict[str, Any], out: torch.Tensor) -> int:
-    """Product of the sizes of every index letter (each output element sums over the others)."""
+    """Product of the sizes of every index (each output element sums over the others). The dims an
+    ellipsis stands for are indices too, aligned from the right and broadcast across operands."""
     equation, operands = args[0], args[1:]
     if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
         operands = tuple(operands[0])
     sizes: dict[str, int] = {}
     for spec, t in zip(equation.replace(" ", "").split("->")[0].split(","), operands, strict=False):
-        if "..." in spec or not isinstance(t, torch.Tensor):
-            return 0  # ellipsis: not counted
-        sizes.update(zip(spec, t.shape, strict=False))
+        if not isinstance(t, torch.Tensor):
+            return 0
+        letters: list[str] = list(spec)
+        if "..." in spec:
+            head, tail = spec.split("...")
+            n = t.dim() - len(head) - len(tail)
+            letters = [*head, *(f"...{n - i}" for i in range(n)), *tail]  # ...k: the k-th ellipsis dim from the right
+        for letter, size in zip(letters, t.shape, strict=True):
+            sizes[letter] = max(sizes.get(letter, 1), int(size))
     return math.prod(sizes.values()) if len(operands) > 1 else 0
 
 

@@ -20,8 +20,13 @@ import pytest
 import torch
 from speedup import measured_speedup
 
+from hyperflux_fx.analysis.cost_model import CostModel
+from hyperflux_fx.analysis.latency_model import LatencyModel
 from hyperflux_fx.analysis.runtime import nchwc_block
 from hyperflux_fx.cli import main
+from hyperflux_fx.config import FoldConfig, GateConfig
+from hyperflux_fx.frontend.sources import load_source
+from hyperflux_fx.passes import insert_gates
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = str(ROOT / "examples" / "digits_cnn.py")
@@ -172,9 +177,12 @@ def test_a_speedup_target_predicts_and_measures_latency(tmp_path, monkeypatch):
     anchored = s["ort_latency_ms_dense"] / s["latency_predicted_speedup"]
     assert s["latency_predicted_ms_compact"] == pytest.approx(anchored)
     assert len(table["calibration"]) == 10  # the dense model and nine compact ones, each timed beside the dense
-    again = tmp_path / "again"
-    assert main([EXAMPLE, "--out", str(again), "--target-speedup", "1.5", *FAST]) == 0
-    assert json.loads((again / "summary.json").read_text())["latency_table"]["measured"] == 0  # warm: all cached
+    # warm: the table of the same gated model, the same batch and fold, is all read from the cache
+    loaded = load_source(EXAMPLE)
+    gated = insert_gates(loaded.model, GateConfig(granularity="channel"), example_inputs=loaded.example_inputs)
+    fold = FoldConfig(round_to=s["round_to"], round_to_width=s["round_to_width"])
+    warm = LatencyModel(CostModel(gated.graph_module, fold), cache_dir=tmp_path / "cache")
+    assert warm.measured == 0 and len(warm.ops) == table["timed_ops"]
 
 
 def test_resume_after_an_interrupted_run(tmp_path):
@@ -188,6 +196,24 @@ def test_resume_after_an_interrupted_run(tmp_path):
     assert abs(s["achieved_sparsity"] - 0.5) <= 0.01 and not partial.exists()  # the default: 0.5 of the MACs
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["interval"] for r in records] == list(range(1, len(records) + 1))
+
+
+def _tree(root):
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
+
+
+def test_resume_with_other_settings_is_refused_before_anything_is_written(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main([EXAMPLE, "--out", str(out), "--max-intervals", "2", "--round-to", "8", *FAST]) == 0
+    partial = out.with_name("run.partial")
+    before = _tree(partial)
+    capsys.readouterr()
+    assert main([EXAMPLE, "--out", str(out), "--resume", "--round-to", "4", *FAST]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("hyperflux-compile: error: --resume:") and "\n" not in err, err
+    assert "fold: checkpoint={'round_to': 8" in err and "'round_to': 4" in err, err  # says which setting differs
+    assert _tree(partial) == before and not out.exists()  # not a byte written, run.log included
+    assert main([EXAMPLE, "--out", str(out), "--resume", "--round-to", "8", *FAST]) == 0  # its own settings resume
 
 
 def test_resume_after_the_landing_gives_the_uninterrupted_result(tmp_path):
@@ -211,6 +237,7 @@ def test_resume_after_the_landing_gives_the_uninterrupted_result(tmp_path):
 
 
 BAD_FILES = {
+    "not_a_summary.json": ('{"accuracy": 0.9}', ""),
     "syntax.py": ("def build_model(:\n", "syntax error"),
     "nobuild.py": ("x = 1\n", "build_model"),
     "untraceable.py": (("import torch\nclass M(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n"
@@ -264,6 +291,13 @@ BAD_FILES = {
     ([EXAMPLE, "--target-speedup", "2", "--target-sparsity", "0.5"], "give one of them"),
     ([EXAMPLE, "--target-speedup", "2", "--target", "params"], "cannot go with --target params"),
     ([EXAMPLE, "--granularity", "weight", "--target", "latency"], "needs --granularity channel or hybrid"),
+    # checks on the gated model before the dense training: the default 10 dense epochs never start
+    ([EXAMPLE, "--dense-epochs", "10", "--target", "params", "--target-sparsity", "0.99", "--round-to", "16"],
+     "out of reach"),
+    ([EXAMPLE, "--round-to", "FILE:not_a_summary.json"], "not a summary.json with round_to"),
+    ([EXAMPLE, "--round-to-width", "0"], "not a channel multiple"),
+    ([EXAMPLE, "--distill-alpha", "1.5"], "--distill-alpha must be in [0, 1]"),
+    ([EXAMPLE, "--distill-temperature", "0"], "--distill-temperature must be > 0"),
     ([EXAMPLE, "--round-to", "0"], "not a channel multiple"),
     ([EXAMPLE, "--round-to", "eight"], "not a channel multiple"),
 ])

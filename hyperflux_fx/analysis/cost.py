@@ -3,19 +3,20 @@ one unit of a channel group costs. MAC formulas come from the op table (:mod:`hy
 
 from __future__ import annotations
 
-import contextlib
 import math
+import warnings
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import fx, nn
 
 from hyperflux_fx.analysis.coupling import Coupling, Group, group_consumers, shape_of
-from hyperflux_fx.frontend.trace import TraceError, normalize_inputs, trace
-from hyperflux_fx.ir import STATE_ATTRS
+from hyperflux_fx.frontend.trace import ExampleInputError, TraceError, normalize_inputs, trace
+from hyperflux_fx.ir import OPAQUE_META, STATE_ATTRS
 from hyperflux_fx.ops import call_spec, module_macs, module_spec
 
-__all__ = ["count_params", "count_params_and_macs", "unit_costs"]
+__all__ = ["Costs", "count_costs", "count_params", "count_params_and_macs", "unit_costs"]
 
 
 def count_params(model: nn.Module) -> int:
@@ -26,38 +27,83 @@ def count_params(model: nn.Module) -> int:
 class _Counter(fx.Interpreter):
     """Runs a GraphModule, adding up the MACs of its functional ops and methods."""
 
-    def __init__(self, gm: fx.GraphModule) -> None:
+    def __init__(self, gm: fx.GraphModule, by_kind: dict[str, int]) -> None:
         super().__init__(gm)
-        self.macs = 0
+        self.by_kind = by_kind
 
     def run_node(self, n: fx.Node) -> Any:
         out = super().run_node(n)
         spec = call_spec(n)
         if spec is not None and spec.macs is not None:
             args, kwargs = self.fetch_args_kwargs_from_env(n)
-            self.macs += spec.macs(args, kwargs, out)
+            self.by_kind[spec.kind] = self.by_kind.get(spec.kind, 0) + spec.macs(args, kwargs, out)
         return out
 
 
-def count_params_and_macs(model: nn.Module, example_inputs: Any) -> tuple[int, int]:
-    """``(parameters, multiply-accumulates)`` of one forward on ``example_inputs``.
+@dataclass(frozen=True)
+class Costs:
+    """What :func:`count_costs` measured, and how completely."""
+
+    params: int
+    macs: int
+    counted_on: str  # "graph": every op of the traced graph; "layers": forward hooks on layers only
+    note: str | None = None  # what may be missing from ``macs`` (None: nothing)
+    by_kind: dict[str, int] = field(default_factory=dict)  # MACs per op kind of the op table (conv, linear, ...)
+
+
+def count_costs(model: nn.Module, example_inputs: Any, *, example_kwargs: dict[str, Any] | None = None,
+                frontend: str = "auto") -> Costs:
+    """Parameters and multiply-accumulates of one forward on ``example_inputs``, and what they cover.
 
     Parameters exclude hyperflux's own state (flow parameters). MACs count every op whose entry in
-    the op table has a formula (conv, conv-transpose, linear, matmul family, attention), whole batch
-    included. Any other module is traced first (so its functional ops count too); only a model that
-    cannot be traced at all is counted off forward hooks on its layers.
+    the op table has a formula (conv, conv-transpose, linear, matmul family, einsum, attention), whole
+    batch included. The model is captured first (``frontend`` as in :func:`~hyperflux_fx.trace`; with
+    "auto", torch.export is tried too when torch.fx keeps submodules opaque) so its functional ops
+    count too. Where capture fails, or submodules stay opaque, only the layers (conv/linear/attention
+    modules) inside them are counted, and ``note`` says so.
     """
     inputs = normalize_inputs(example_inputs)
-    params = count_params(model)
+    kwargs = dict(example_kwargs or {})
     original, was_training = model, model.training
+    note = None
     if not isinstance(model, fx.GraphModule):
-        with contextlib.suppress(TraceError):  # untraceable: counted with hooks, layers only
-            model = trace(model)
+        try:
+            model = _capture(model, inputs, kwargs, frontend)
+        except (TraceError, ExampleInputError) as exc:
+            note = (f"the model could not be captured for counting ({str(exc).splitlines()[0]}): MACs are counted "
+                    "on its conv/linear/attention layers only; functional ops (matmul, einsum, ...) are not")
+    if isinstance(model, fx.GraphModule) and (opaque := model.meta.get(OPAQUE_META)):
+        names = ", ".join(o.path for o in opaque[:3]) + (" ..." if len(opaque) > 3 else "")
+        note = (f"{len(opaque)} submodule(s) stayed opaque to the trace ({names}): inside them only conv/linear/"
+                "attention layers are counted")
     model.eval()
-    total = [0]
+    try:
+        graph_kwargs = {} if isinstance(model, fx.GraphModule) else kwargs  # a capture holds them
+        by_kind = _count_macs(model, inputs, graph_kwargs)
+    finally:
+        original.train(was_training)
+    return Costs(count_params(original), sum(by_kind.values()),
+                 "graph" if isinstance(model, fx.GraphModule) else "layers", note, by_kind)
+
+
+def _capture(model: nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, Any], frontend: str) -> fx.GraphModule:
+    """The graph to count on: ``frontend``'s; with "auto", torch.export's where torch.fx kept submodules
+    opaque and export captures the whole model."""
+    gm = trace(model, inputs, example_kwargs=kwargs or None, frontend=frontend)
+    if frontend == "auto" and gm.meta.get(OPAQUE_META):
+        try:
+            return trace(model, inputs, example_kwargs=kwargs or None, frontend="export")
+        except (TraceError, ExampleInputError):
+            pass
+    return gm
+
+
+def _count_macs(model: nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, int]:
+    by_kind: dict[str, int] = {}
 
     def hook(mod: nn.Module, args: Any, out: Any) -> None:
-        total[0] += module_macs(mod, args, out)
+        kind = module_spec(mod).kind  # type: ignore[union-attr]
+        by_kind[kind] = by_kind.get(kind, 0) + module_macs(mod, args, out)
 
     # modules actually called (leaf convs, layers inside opaque leaves, attention); functional ops of a
     # GraphModule are counted by the interpreter (their holder modules are never called)
@@ -66,16 +112,22 @@ def count_params_and_macs(model: nn.Module, example_inputs: Any) -> tuple[int, i
     try:
         with torch.no_grad():
             if isinstance(model, fx.GraphModule):
-                counter = _Counter(model)
-                counter.run(*inputs)
-                total[0] += counter.macs
+                _Counter(model, by_kind).run(*inputs)
             else:
-                model(*inputs)
+                model(*inputs, **kwargs)
     finally:
         for h in handles:
             h.remove()
-        original.train(was_training)
-    return params, int(total[0])
+    return {kind: int(macs) for kind, macs in by_kind.items()}
+
+
+def count_params_and_macs(model: nn.Module, example_inputs: Any) -> tuple[int, int]:
+    """``(parameters, multiply-accumulates)`` of one forward on ``example_inputs``
+    (:func:`count_costs`); warns when the MACs may be incomplete (its ``note``)."""
+    costs = count_costs(model, example_inputs)
+    if costs.note:
+        warnings.warn(f"count_params_and_macs: {costs.note}", UserWarning, stacklevel=2)
+    return costs.params, costs.macs
 
 
 def unit_costs(gm: fx.GraphModule, coupling: Coupling, group: Group) -> tuple[float, float]:

@@ -1,7 +1,7 @@
 """A latency model of ONNX Runtime (CPU, one intra-op thread) for the compact model, as a function of
 each channel group's kept units.
 
-Every conv (regular or depthwise, 2-D) and linear whose widths the fold changes is timed alone in ONNX
+Every conv (regular or depthwise; 1-D, 2-D or 3-D) and linear whose widths the fold changes is timed alone in ONNX
 Runtime at the run's batch, on a grid of (input width, output width) pairs — multiples of the fold's
 rounding between one block and the dense width, at most ``GRID`` per side — less the fixed cost of
 one ORT run on the same input (a model that only copies it), and interpolated bilinearly in between.
@@ -15,8 +15,10 @@ bound models follow the op table, memory-bound ones (mobilenet_v2's depthwise/po
 small sizes) follow the MACs. ``calibrate_dense(ms)`` fits the dense model alone (table + rest
 scaled by volume).
 
-Timings are cached on disk (JSON) per op signature, width pair and batch, in one file per CPU model,
-thread count and ORT version, so only the first run on a machine measures.
+Timings are cached on disk (JSON) per op signature, width pair and batch, in one file per
+:func:`cache_key`: the CPU's name and instruction-set features (AVX2 / AVX-512 / VNNI / NEON, ...),
+one thread, the ORT version, its NCHWc block and the table's schema. Only the first run on a machine
+measures; a file whose key differs (another schema) is dropped.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ import json
 import logging
 import math
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -40,9 +41,10 @@ from torch import fx
 
 from hyperflux_fx.analysis.cost_model import CostModel, Width
 from hyperflux_fx.analysis.coupling import shape_of
+from hyperflux_fx.analysis.runtime import machine_key
 from hyperflux_fx.ops import call_spec
 
-__all__ = ["GRID", "LatencyModel", "cache_path"]
+__all__ = ["GRID", "SCHEMA", "LatencyModel", "cache_key", "cache_path"]
 
 log = logging.getLogger(__name__)
 
@@ -68,23 +70,20 @@ class _Op:
         return at(self.cin), at(self.cout)
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+SCHEMA = 2  # the table's layout; a file of another schema is dropped (2: n-d conv geometry, explicit pads)
+
+
+def cache_key() -> dict[str, Any]:
+    """The key of this machine's table: :func:`~hyperflux_fx.analysis.runtime.machine_key` (CPU name and
+    instruction-set features, one thread, ORT version, NCHWc block) and the table's schema."""
+    return {**machine_key(threads=1), "schema": SCHEMA}
 
 
 def cache_path(cache_dir: str | Path | None = None) -> Path:
-    """The cache file of this CPU model, thread count (1) and ORT version (``HYPERFLUX_CACHE`` or
-    ``~/.cache/hyperflux_fx`` unless ``cache_dir`` is given)."""
-    import onnxruntime as ort
-
+    """The cache file of :func:`cache_key` (``HYPERFLUX_CACHE`` or ``~/.cache/hyperflux_fx`` unless
+    ``cache_dir`` is given)."""
     root = Path(cache_dir or os.environ.get("HYPERFLUX_CACHE") or Path.home() / ".cache" / "hyperflux_fx")
-    tag = hashlib.sha1(f"{_cpu_name()}|threads=1|ort={ort.__version__}".encode()).hexdigest()[:12]
+    tag = hashlib.sha1(json.dumps(cache_key(), sort_keys=True).encode()).hexdigest()[:12]
     return root / f"latency-{tag}.json"
 
 
@@ -280,7 +279,7 @@ def _loo_error(a: Any, b: Any) -> float:
 
 
 def _timed_ops(cm: CostModel) -> list[_Op]:
-    """Every conv2d / linear term of the cost model whose weight the fold slices."""
+    """Every conv (1-D, 2-D, 3-D) / linear term of the cost model whose weight the fold slices."""
     nodes = {n.name: n for n in cm.gm.graph.nodes}
     ops = []
     for name, weight in cm.weight_ops():
@@ -302,16 +301,15 @@ def _op_of(node: fx.Node, w: Any) -> _Op | None:
         rows = math.prod(out[:-1])
         return _Op(node.name, "linear", (rows,), dims.get(1, shape[1]), dims.get(0, shape[0]), shape[1], shape[0],
                    rows)
-    if spec.kind != "conv" or len(x) != 4:
+    if spec.kind != "conv" or len(x) not in (3, 4, 5):  # conv1d, conv2d, conv3d
         return None
-    shape = w.shape
-    stride, padding, dilation = (spec.arg(node, name, default) for name, default in
-                                 (("stride", 1), ("padding", 0), ("dilation", 1)))
+    shape, rank = w.shape, len(x) - 2
+    kernel = tuple(shape[2:])
+    stride, dilation = (_ntuple(spec.arg(node, name, 1), rank) for name in ("stride", "dilation"))
+    pads = _pads(spec.arg(node, "padding", 0), kernel, dilation)
     groups = spec.arg(node, "groups", 1)
-    if isinstance(padding, str):
-        return None
-    geometry = (tuple(shape[2:]), _pair(stride), _pair(padding), _pair(dilation), x[0], x[2], x[3])
-    positions = out[0] * out[2] * out[3]
+    geometry = (kernel, stride, pads, dilation, x[0], *x[2:])
+    positions = out[0] * math.prod(out[2:])
     if groups == 1:
         return _Op(node.name, "conv", geometry, dims.get(1, shape[1]), dims.get(0, shape[0]), shape[1], shape[0],
                    positions)
@@ -321,8 +319,20 @@ def _op_of(node: fx.Node, w: Any) -> _Op | None:
     return None
 
 
-def _pair(v: Any) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else tuple(v)
+def _ntuple(v: Any, n: int) -> tuple[int, ...]:
+    return (v,) * n if isinstance(v, int) else tuple(v)
+
+
+def _pads(padding: Any, kernel: tuple[int, ...], dilation: tuple[int, ...]) -> tuple[int, ...]:
+    """ONNX pads (every begin, then every end) of a torch conv's ``padding``: ints, or "valid" / "same"
+    (torch puts the odd one of "same" at the end)."""
+    if padding == "valid":
+        return (0,) * (2 * len(kernel))
+    if padding == "same":
+        total = [d * (k - 1) for k, d in zip(kernel, dilation, strict=True)]
+        return (*(t // 2 for t in total), *(t - t // 2 for t in total))
+    p = _ntuple(padding, len(kernel))
+    return (*p, *p)
 
 
 def _op_model(op: _Op, cin: int, cout: int) -> bytes:
@@ -337,12 +347,12 @@ def _op_model(op: _Op, cin: int, cout: int) -> bytes:
         node = helper.make_node("MatMul", ["x", "w"], ["y"])
         x_shape, y_shape = [rows, cin], [rows, cout]
     else:
-        kernel, stride, padding, dilation, batch, h, wd = op.geometry
+        kernel, stride, pads, dilation, batch, *spatial = op.geometry
         group = cin if op.kind == "dwconv" else 1
         w = numpy_helper.from_array(rng.standard_normal((cout, cin // group, *kernel)).astype(np.float32), "w")
-        node = helper.make_node("Conv", ["x", "w"], ["y"], strides=list(stride), pads=[*padding, *padding],
+        node = helper.make_node("Conv", ["x", "w"], ["y"], strides=list(stride), pads=list(pads),
                                 dilations=list(dilation), group=group)
-        x_shape, y_shape = [batch, cin, h, wd], None
+        x_shape, y_shape = [batch, cin, *spatial], None
     graph = helper.make_graph([node], "op", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)], initializer=[w])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -351,7 +361,7 @@ def _op_model(op: _Op, cin: int, cout: int) -> bytes:
 
 
 def _input_shape(op: _Op, cin: int) -> list[int]:
-    return [op.geometry[0], cin] if op.kind == "linear" else [op.geometry[4], cin, op.geometry[5], op.geometry[6]]
+    return [op.geometry[0], cin] if op.kind == "linear" else [op.geometry[4], cin, *op.geometry[5:]]
 
 
 def _identity_model(shape: tuple[int, ...]) -> bytes:
@@ -389,18 +399,22 @@ def _time_model(model: bytes, shape: tuple[int, ...], repeats: int) -> float:
 
 
 def _load(path: Path) -> dict[str, float]:
+    """The cached table, or {} when there is none, or it is of another schema or machine (dropped)."""
     try:
-        return {str(k): float(v) for k, v in json.loads(path.read_text()).items()}
-    except (OSError, ValueError):
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict) or data.get("key") != cache_key():
+            return {}
+        return {str(k): float(v) for k, v in data["table"].items()}
+    except (OSError, ValueError, KeyError, AttributeError):
         return {}
 
 
 def _save(path: Path, table: dict[str, float]) -> None:
-    """Write the cache atomically (a concurrent run at worst re-measures)."""
+    """Write the cache atomically (a concurrent run at worst re-measures), with its key."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     with os.fdopen(fd, "w") as f:
-        json.dump(table, f, sort_keys=True)
+        json.dump({"key": cache_key(), "table": table}, f, sort_keys=True)
     os.chmod(tmp, 0o666 & ~_umask())
     os.replace(tmp, path)
 

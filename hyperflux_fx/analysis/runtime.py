@@ -18,12 +18,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import platform
+import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from hyperflux_fx.config import FoldConfig
 
-__all__ = ["nchwc_block", "resolve_fold_config"]
+__all__ = ["cpu_isa", "cpu_name", "machine_key", "nchwc_block", "resolve_fold_config"]
 
 log = logging.getLogger(__name__)
 
@@ -98,3 +101,64 @@ def resolve_fold_config(config: FoldConfig) -> FoldConfig:
     if config.round_to_width == "auto":
         config = dataclasses.replace(config, round_to_width=1)
     return config
+
+
+# CPU features that decide which kernels ONNX Runtime's MLAS runs (x86: /proc/cpuinfo "flags"; Arm:
+# "Features", where asimd is NEON)
+ISA_FLAGS = ("avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile",
+             "amx_bf16", "asimd", "asimddp", "sve", "sve2", "i8mm", "bf16")
+
+
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo ({} where there is none)."""
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if ":" in line:
+                key, value = (part.strip() for part in line.split(":", 1))
+                fields.setdefault(key, value)
+    except OSError:
+        pass
+    return fields
+
+
+def _sysctl(name: str) -> str:
+    try:
+        return subprocess.run(["sysctl", "-n", name], capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+@functools.cache
+def cpu_name() -> str:
+    """The CPU's model name: /proc/cpuinfo, sysctl on macOS (Apple M1, M2, ...), else the platform's."""
+    info = _cpuinfo()
+    name = info.get("model name") or info.get("Model") or info.get("Hardware")
+    if not name and platform.system() == "Darwin":
+        name = _sysctl("machdep.cpu.brand_string")
+    return name or platform.processor() or platform.machine()
+
+
+@functools.cache
+def cpu_isa() -> tuple[str, ...]:
+    """The instruction-set features of :data:`ISA_FLAGS` this CPU has (sorted). Apple silicon has NEON
+    (asimd) and, from M2 on, bf16 and i8mm, which sysctl reports."""
+    info = _cpuinfo()
+    present = set((info.get("flags") or info.get("Features") or "").split())
+    if platform.system() == "Darwin" and platform.machine() == "arm64":
+        present.add("asimd")
+        present |= {f for f in ("bf16", "i8mm") if _sysctl(f"hw.optional.arm.FEAT_{f.upper()}") == "1"}
+    return tuple(sorted(f for f in ISA_FLAGS if f in present))
+
+
+def machine_key(threads: int = 1) -> dict[str, Any]:
+    """What decides ONNX Runtime's CPU kernels, so what a latency measurement holds for: the CPU's name
+    and instruction-set features, the intra-op threads, the ORT version and its NCHWc block."""
+    try:
+        import onnxruntime as ort
+
+        version = ort.__version__
+    except ImportError:
+        version = None
+    return {"cpu": cpu_name(), "isa": list(cpu_isa()), "machine": platform.machine(), "threads": threads,
+            "ort": version, "nchwc_block": nchwc_block()}

@@ -319,7 +319,8 @@ def _trace_train(model: nn.Module, tracer: _Tracer, concrete_args: dict[str, Any
     try:
         return tracer.trace(model, concrete_args=concrete_args)
     except Exception as exc:  # noqa: BLE001 - fx raises many types; the eval graph stands on its own
-        log.info("trace: the train-mode trace failed (%s); training-only code is not checked", short_error(exc))
+        log.warning("trace: the train-mode trace failed (%s), so code that runs only in training (dropout, drop "
+                    "path, batch statistics) is not checked against the graph", short_error(exc))
         return None
 
 

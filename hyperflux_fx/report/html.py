@@ -193,6 +193,8 @@ def render_report(summary: dict[str, Any], history: list[Any], gate_report: dict
         "<h2>What you asked, what you got</h2>",
         _table(["", "asked", "got"], [list(row) for row in asked_and_got(summary)]),
         f"<p>{html.escape(str(summary.get('law_note', '')))}</p>" if summary.get("law_note") else "",
+        (f"<p class='warning'>MAC counts may be incomplete: {html.escape(str(summary['macs_note']))}</p>"
+         if summary.get("macs_note") else ""),
         "<h2>Figures</h2>", fig_html or "<p>(no figures)</p>",
     ]
     if gated_rows:  # weight/hybrid granularity

@@ -3,6 +3,7 @@ fingerprint that refuses to resume a different run."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 from pathlib import Path
@@ -15,11 +16,11 @@ from torch import nn
 from hyperflux_fx.config import TrainConfig
 from hyperflux_fx.ir import gates
 
-__all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_NAME", "atomic_save", "fingerprint", "load_checkpoint", "rng_state",
-           "set_rng_state"]
+__all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_NAME", "RUN_ONLY_FIELDS", "atomic_save", "checkpoint_problems",
+           "fingerprint", "load_checkpoint", "rng_state", "set_rng_state"]
 
 CHECKPOINT_NAME = "last.pt"
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: the fingerprint holds every TrainConfig field
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:
@@ -55,18 +56,21 @@ def atomic_save(obj: Any, path: Path) -> None:
             tmp.unlink()
 
 
+# TrainConfig fields that say how a run is carried out, not what it computes: a resume may change them
+RUN_ONLY_FIELDS = frozenset({"out_dir", "resume", "progress", "max_intervals", "latency_cache", "device", "compile"})
+
+
 def fingerprint(gated: nn.Module, cfg: TrainConfig, *, interval_steps: int, flow_lr: float, batch_size: int,
                  dataset_len: int, world: int) -> dict[str, Any]:
+    """What a checkpoint must share with the run that resumes it: every TrainConfig field (its fold
+    included, resolved) but :data:`RUN_ONLY_FIELDS`, derived from the dataclass so a new field is
+    covered, and what the loader and the gates make of it."""
+    config = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in RUN_ONLY_FIELDS}
+    config["fold"] = dataclasses.asdict(cfg.fold)
     return {
-        "gates": {g.target: list(g.flow.shape) for g in gates(gated)},
-        "target_sparsity": cfg.target_sparsity, "epochs": cfg.epochs, "regrowth_epochs": cfg.regrowth_epochs,
-        "interval_steps": interval_steps, "lr": cfg.lr, "flow_lr": flow_lr, "seed": cfg.seed,
-        "batch_size": batch_size, "dataset_len": dataset_len, "world_size": world,
-        "pressure": cfg.pressure, "distill": cfg.distill, "distill_alpha": cfg.distill_alpha,
-        "distill_temperature": cfg.distill_temperature, "target_measure": cfg.target_measure,
-        "round_to": cfg.fold.round_to, "land": cfg.land, "land_at": cfg.land_at, "regrowth_lr": cfg.regrowth_lr,
-        "controller_floor": cfg.controller_floor, "controller_max_close": cfg.controller_max_close,
-        "regrowth_lift": cfg.regrowth_lift,
+        **config, "gates": {g.target: list(g.flow.shape) for g in gates(gated)},
+        "interval_steps": interval_steps, "flow_lr": flow_lr, "batch_size": batch_size, "dataset_len": dataset_len,
+        "world_size": world,
     }
 
 
@@ -85,6 +89,18 @@ def _mismatch(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     return out
 
 
+def _problems(ckpt: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    problems = _mismatch(ckpt.get("fingerprint", {}), now)
+    if ckpt.get("format") != CHECKPOINT_FORMAT:
+        problems.insert(0, f"format: checkpoint={ckpt.get('format')!r}, now={CHECKPOINT_FORMAT}")
+    return problems
+
+
+def checkpoint_problems(path: Path, now: dict[str, Any]) -> list[str]:
+    """How the checkpoint at ``path`` differs from the run fingerprinted ``now`` ([] when it matches)."""
+    return _problems(torch.load(path, map_location="cpu", weights_only=True), now)
+
+
 def load_checkpoint(path: Path, now: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """The checkpoint at ``path``, after checking that it belongs to the run fingerprinted ``now``.
 
@@ -92,9 +108,6 @@ def load_checkpoint(path: Path, now: dict[str, Any], device: torch.device) -> di
         ValueError: the checkpoint's format or fingerprint does not match this run.
     """
     ckpt = torch.load(path, map_location=device, weights_only=True)
-    problems = _mismatch(ckpt.get("fingerprint", {}), now)
-    if ckpt.get("format") != CHECKPOINT_FORMAT:
-        problems.insert(0, f"format: checkpoint={ckpt.get('format')!r}, now={CHECKPOINT_FORMAT}")
-    if problems:
+    if problems := _problems(ckpt, now):
         raise ValueError(f"checkpoint {path} does not match this run: " + "; ".join(problems))
     return ckpt

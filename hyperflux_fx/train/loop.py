@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import time
 from collections.abc import Iterable, Iterator
@@ -61,6 +62,7 @@ from hyperflux_fx.train.checkpoint import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_NAME,
     atomic_save,
+    checkpoint_problems,
     fingerprint,
     load_checkpoint,
     rng_state,
@@ -87,7 +89,7 @@ from hyperflux_fx.train.scheduler import (
     response_lag_intervals,
 )
 
-__all__ = ["TrainResult", "TrainingError", "train"]
+__all__ = ["TrainResult", "TrainingError", "resume_problems", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -250,6 +252,21 @@ def train(gated: nn.Module, train_loader: DataLoader, val_loader: Iterable[Any] 
         if we_initialised:
             dist.destroy_process_group()
     return _result(run, progress)
+
+
+def resume_problems(gated: nn.Module, train_loader: DataLoader, config: TrainConfig) -> list[str]:
+    """Why :func:`train` with ``config.resume`` would refuse the checkpoint in ``config.out_dir`` ([] when
+    it matches, or when there is none to resume), checked without training or writing anything."""
+    cfg = config.resolved(structured=any(isinstance(g, ChannelGate) for g in gates(gated)))
+    path = Path(cfg.out_dir) / "checkpoints" / CHECKPOINT_NAME if cfg.out_dir is not None else None
+    if not cfg.resume or path is None or not path.exists():
+        return []
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    schedule = _schedule(cfg, train_loader, world)
+    now = fingerprint(gated, cfg, interval_steps=schedule.interval, flow_lr=schedule.flow_lr,
+                      batch_size=train_loader.batch_size or 1, dataset_len=len(train_loader.dataset),  # type: ignore
+                      world=world)
+    return checkpoint_problems(path, now)
 
 
 def _setup(gated: nn.Module, loader: DataLoader, cfg: TrainConfig, rank: int, world: int, device: torch.device,

@@ -267,14 +267,27 @@ def _wide_mlp():
     return nn.Sequential(nn.Linear(10, 48), nn.ReLU(), nn.Linear(48, 40), nn.ReLU(), nn.Linear(40, 4))
 
 
+class _WideConv(nn.Module):
+    """_wide_mlp's widths as 1x1 2-D convs: channels round_to applies to (ORT's blocked layout)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1, self.c2, self.fc = nn.Conv2d(10, 48, 1), nn.Conv2d(48, 40, 1), nn.Linear(40, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.c2(torch.relu(self.c1(x.reshape(-1, 10, 1, 1)))))
+        return self.fc(x.flatten(1))
+
+
 @pytest.mark.parametrize("measure", ["params", "macs"])
 def test_exact_target_with_rounding_lands_on_whole_blocks(measure):
-    """round_to=8: the landing rounds every group to whole blocks (up or down, whichever lands
-    closest), the masks say so, and the fold deletes exactly the closed units."""
+    """round_to_width=8 (linear widths): the landing rounds every group to whole blocks (up or down,
+    whichever lands closest), the masks say so, and the fold deletes exactly the closed units."""
     train_loader, val_loader = _loaders()
     gated = hf.insert_gates(_wide_mlp(), hf.GateConfig(granularity="channel", seed=0),
                             example_inputs=torch.randn(2, 10)).graph_module
-    fold = hf.FoldConfig(round_to=8)
+    fold = hf.FoldConfig(round_to=1, round_to_width=8)
     res = hf.train(gated, train_loader, val_loader, _cfg(target_sparsity=0.5, target_measure=measure, fold=fold))
     for g in hf.gates(gated):
         kept = int(g.mask().sum())
@@ -295,7 +308,7 @@ def test_exact_targets_refuse_what_cannot_be_reached():
                                    example_inputs=torch.randn(2, 10)).graph_module
     with pytest.raises(ValueError, match="needs channel gates"):
         hf.train(weight_gated, train_loader, None, _cfg(target_measure="macs"))
-    gated = hf.insert_gates(_wide_mlp(), hf.GateConfig(granularity="channel"),
+    gated = hf.insert_gates(_WideConv(), hf.GateConfig(granularity="channel"),
                             example_inputs=torch.randn(2, 10)).graph_module
     with pytest.raises(ValueError, match="out of reach"):  # the first and last layers' own weights stay
         hf.train(gated, train_loader, None, _cfg(target_sparsity=0.99, target_measure="params",
@@ -303,7 +316,7 @@ def test_exact_targets_refuse_what_cannot_be_reached():
 
 
 def test_auto_rounding_gives_way_to_a_target_whole_blocks_cannot_reach(monkeypatch):
-    # A 48/40-unit MLP with blocks of 16: every group keeps a block at least, so 0.9 of the MACs is out
+    # 48/40 2-D conv channels with blocks of 16: every group keeps a block at least, so 0.9 of the MACs is out
     # of reach; round_to="auto" halves the block until it is reachable, and no further. An explicit
     # round_to is kept (and the run refuses the target), as is a target whole blocks can reach.
     from hyperflux_fx.analysis import runtime
@@ -311,7 +324,7 @@ def test_auto_rounding_gives_way_to_a_target_whole_blocks_cannot_reach(monkeypat
     from hyperflux_fx.train.measure import fold_within_reach
 
     monkeypatch.setattr(runtime, "nchwc_block", lambda: 16)
-    gated = hf.insert_gates(_wide_mlp(), hf.GateConfig(granularity="channel"),
+    gated = hf.insert_gates(_WideConv(), hf.GateConfig(granularity="channel"),
                             example_inputs=torch.randn(2, 10)).graph_module
 
     def least(r):  # the smallest MAC fraction the fold can reach with blocks of r
