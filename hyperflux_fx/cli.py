@@ -613,9 +613,8 @@ CALIBRATION_MIXED = 6  # compact models with each group closed at its own random
 
 def _calibration_closed(gated: Any) -> list[list[float]]:
     """Per calibration model, the fraction of each gate's units to close: the dense model, three
-    uniform ones and six mixed ones. Learned masks are uneven across layers; measured on
-    mobilenet_v2 (32x32), a fit on the uniform ones alone missed held-out mixed models by up to 15%
-    (7% on average), one on uniform + mixed by up to 7% (4%)."""
+    uniform ones and six mixed ones. Learned masks are uneven across layers, and a fit on uniform
+    models alone misses mixed ones (docs/BENCHMARKS.md, "Measurements behind the design")."""
     n = len(gates(gated))
     gen = torch.Generator().manual_seed(1234)
     mixed = [(0.1 + 0.8 * torch.rand(n, generator=gen)).tolist() for _ in range(CALIBRATION_MIXED)]
@@ -652,9 +651,9 @@ def _calibration_points(job: _Job, gated: Any, model: LatencyModel, fold: FoldCo
 def _paired_ms(counts: list[dict[int, int]], paths: list[Path], batch: int) -> list[tuple[dict[int, int], float]]:
     """(counts, ms) with paths[0] the dense model: each compact model is timed beside the dense one, as
     the landing checks and the final figures are (the same statistic), and its ms is its measured
-    fraction of the dense model times the dense model's median over the pairs. Alternating many models
-    at once, or timing them minutes apart, moves the ms by up to 20% on this kind of machine; the
-    fraction within a pair, timed in its quietest block (``compare_latency``), by about 1%."""
+    fraction of the dense model times the dense model's median over the pairs: a machine's speed
+    drifts between measurements minutes apart, the fraction within a pair, timed in its quietest block
+    (``compare_latency``), much less (docs/BENCHMARKS.md, "Measurements behind the design")."""
     pairs = [compare_latency([paths[0], p], batch=batch) for p in paths[1:]]
     dense = statistics.median(d["median_ms"] for d, _ in pairs)
     return [(counts[0], dense)] + [(k, dense * c["median_ms"] / d["median_ms"])

@@ -78,8 +78,7 @@ DISTILL_ALPHA = 0.5
 DISTILL_TEMPERATURE = 4.0
 # The regrowth phase starts its weight LR at lr * this (lr 0.1 -> 0.03), with any gates. The paper's 1e-3
 # follows 100 pruning epochs with 60 of regrowth; in the CLI's 10 + 5 it leaves too little to recover
-# (docs/training.md, measured): with channel gates 16x-fewer-MACs mnist1d_cnn models reached 93.1%
-# against 98.4% for Torch-Pruning; with weight gates the MNIST-1D MLP lost 2-10 pt to 0.3 * lr.
+# (docs/training.md; the figures in docs/BENCHMARKS.md, "Measurements behind the design").
 REGROWTH_LR_RATIO = 0.3
 
 

@@ -248,15 +248,14 @@ FEATURES = ("ops", "macs", "volume", "constant")
 FORMS = ((0, 3), (1, 3), (0, 2, 3), (1, 2, 3))  # candidate feature sets (indices into FEATURES)
 
 
-DENSE_WEIGHT = 1e3  # the dense point's weight in the fit: it is met to about 0.1%
+DENSE_WEIGHT = 1e3  # the dense point's weight in the fit (docs/BENCHMARKS.md, "Measurements behind the design")
 
 
 def _nnls_relative(a: Any, b: Any) -> Any:
     """Non-negative coefficients minimising the squared *relative* errors of ``a @ x`` against ``b``,
     row 0 (the dense model) weighted by :data:`DENSE_WEIGHT`. Every use of the model is a fraction of
-    its dense prediction, so an error there moves every prediction alike: fitted as one point among
-    ten, the dense model came out 9% low on resnet18 (32x32), every compact fraction ~10% high, and
-    the 2x landings were predicted at 1.77x where 2.0x ran."""
+    its dense prediction, so an error there moves every prediction alike (what a fit with the dense
+    model as one point among ten did: docs/BENCHMARKS.md, "Measurements behind the design")."""
     import numpy as np
     from scipy.optimize import nnls
 

@@ -77,11 +77,10 @@ def compare_latency(paths: list[str | Path], *, batch: int, threads: int = 1, wa
     ``median_all_ms`` over every block.
 
     Why the quietest block: on a shared machine a neighbour's load comes and goes in spells of
-    seconds. It slows a small model relatively more than a big one (measured: mobilenet_v2 at 32x32,
-    dense 0.65 → 0.87 ms, its 2.9x compact model's speed-up 2.9x → 2.5x). A median over a short
-    window then reports whichever spell it fell in. The quietest block is the machine's own speed,
-    and it repeats: 10 of 12 windows of 1.5 s gave speed-ups within ±1.2% there, against ±7% for
-    the median.
+    seconds, and it slows a small model relatively more than a big one. A median over a short window
+    then reports whichever spell it fell in. The quietest block is the machine's own speed, and it
+    repeats far better than the median (the figures: docs/BENCHMARKS.md, "Measurements behind the
+    design").
 
     ``repeats`` (tests): exactly that many rounds in one block, with no time budget.
     """

@@ -168,6 +168,8 @@ def test_resume_with_a_different_run_lists_the_mismatch(tmp_path):
     with pytest.raises(ValueError, match=r"target_sparsity: checkpoint=0.8, now=0.9"):
         hf.train(_gated(), train_loader, None, _cfg(out_dir=str(tmp_path), resume=True, target_sparsity=0.9))
     for change, said in (({"land_at": 0.2}, "land_at: checkpoint=0.5, now=0.2"),
+                         ({"fold": hf.FoldConfig(round_to=4)}, "fold: checkpoint="),
+                         ({"weight_decay": 1e-4}, "weight_decay: checkpoint=0.0005, now=0.0001"),
                          ({"regrowth_lr": 0.01}, "regrowth_lr: checkpoint=0.015"),
                          ({"distill": "on"}, "distill: checkpoint='off', now='on'"),
                          ({"pressure": "decoupled"}, "pressure: checkpoint='coupled', now='decoupled'")):
@@ -176,6 +178,24 @@ def test_resume_with_a_different_run_lists_the_mismatch(tmp_path):
     other = hf.insert_gates(nn.Sequential(nn.Linear(10, 4))).graph_module
     with pytest.raises(ValueError, match="gates differ"):
         hf.train(other, train_loader, None, _cfg(out_dir=str(tmp_path), resume=True))
+
+
+def test_the_fingerprint_covers_every_field_that_changes_the_result():
+    """Derived from the dataclass: every TrainConfig field but the run-only ones, so a field added
+    later is covered without editing a list; the fold too, field by field."""
+    import dataclasses
+
+    from hyperflux_fx.train.checkpoint import RUN_ONLY_FIELDS, fingerprint
+
+    cfg = _cfg()
+    fp = fingerprint(_gated(), cfg, interval_steps=3, flow_lr=0.01, batch_size=32, dataset_len=128, world=1)
+    fields = {f.name for f in dataclasses.fields(hf.TrainConfig)}
+    assert RUN_ONLY_FIELDS < fields and fields - RUN_ONLY_FIELDS <= set(fp)
+    assert not RUN_ONLY_FIELDS & set(fp)
+    assert fp["fold"] == {f.name: getattr(cfg.fold, f.name) for f in dataclasses.fields(hf.FoldConfig)}
+    changed = fingerprint(_gated(), dataclasses.replace(cfg, momentum=0.8), interval_steps=3, flow_lr=0.01,
+                          batch_size=32, dataset_len=128, world=1)
+    assert changed["momentum"] != fp["momentum"]  # a field no hand list had named
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
