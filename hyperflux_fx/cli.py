@@ -141,8 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "and measure it. Multi-GPU: torchrun --nproc-per-node N -m hyperflux_fx.cli SOURCE ...")
     p.add_argument("source", help="model.py (with build_model()), timm:NAME or torchvision:NAME")
     p.add_argument("--data", default=None, help="digits | mnist1d | mnist1d-hard | cifar10:ROOT | cifar100:ROOT | "
-                                                "imagefolder:ROOT | synthetic (default: model.py's datasets(), "
-                                                "else digits)")
+                                                "imagefolder:ROOT | synthetic | text:PATH (a .txt, .jsonl or folder, "
+                                                "tokenised with the hf: folder's tokenizer.json) (default: "
+                                                "model.py's datasets(), else digits)")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="language models: tokens per window (the example input is 2 x this); default "
+                        "min(512, the model's positions) with --data text:, else 64")
     p.add_argument("--target-sparsity", type=float, default=None,
                    help="fraction of the --target measure to remove, in (0, 1) (default: 0.5 of the MACs for "
                         "channel/hybrid gates, 0.9 of the weights for weight gates)")
@@ -393,7 +397,31 @@ def _check_open_gates_change_nothing(loaded: LoadedModel, gated: Any) -> None:
                          f"{worst:.3g}){': ' + notes if notes else ''}. Its graph cannot be kept exact")
 
 
+def _sequence_length(args: argparse.Namespace) -> None:
+    """--seq-len (or text:'s default, min(512, the model's positions)) as the example input shape of an
+    hf: source."""
+    if not args.source.startswith("hf:") or args.input_shape is not None:
+        if args.seq_len is not None:
+            raise UsageError("--seq-len is for hf: sources without --input-shape (it sets the input shape to "
+                             "2 x seq_len)")
+        return
+    config = Path(args.source[3:]) / "config.json"
+    try:
+        settings = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return  # load_source says what is wrong with the folder
+    positions = settings.get("max_position_embeddings") or settings.get("n_positions")
+    if args.seq_len is None and (args.data or "").startswith("text:"):
+        args.seq_len = min(512, positions or 512)
+    if args.seq_len is None:
+        return
+    if args.seq_len < 1 or (positions and args.seq_len > positions):
+        raise UsageError(f"--seq-len {args.seq_len}: the model takes 1 to {positions} positions")
+    args.input_shape = (2, args.seq_len)
+
+
 def _load(args: argparse.Namespace) -> LoadedModel:
+    _sequence_length(args)
     try:
         loaded = load_source(args.source, input_shape=args.input_shape, weights=args.weights,
                              num_classes=args.num_classes)
@@ -409,20 +437,38 @@ def _datasets(args: argparse.Namespace, loaded: LoadedModel) -> tuple[Dataset, D
     """(train, val, name) from model.py's datasets() or --data (digits by default)."""
     inputs = loaded.example_inputs
     sample_shape = tuple(inputs[0].shape[1:])
+    if (args.data or "").startswith("text:") and loaded.loss_fn is None:
+        raise UsageError(f"--data {args.data} trains a language model: give an hf: source of a causal LM (or a "
+                         "model.py with a loss_fn for next-token targets)")
     try:
         if args.data is None and loaded.datasets is not None:
             train_set, val_set = loaded.datasets()
             data_name = f"{args.source}:datasets()"
         else:
             data_name = args.data or "digits"
+            tokenizer_dir = args.source[3:] if args.source.startswith("hf:") else None
             train_set, val_set = resolve_datasets(data_name, sample_shape=sample_shape,
-                                                  num_classes=_num_classes(loaded.model, inputs), seed=args.seed)
+                                                  num_classes=_num_classes(loaded.model, inputs), seed=args.seed,
+                                                  tokenizer_dir=tokenizer_dir)
     except DataError as exc:
         raise UsageError(str(exc)) from exc
+    _check_token_ids(train_set, loaded, inputs)
     got = tuple(train_set[0][0].shape)
     if got != sample_shape:
         raise UsageError(f"the data's inputs have shape {got} but the model's example input is {sample_shape}")
     return train_set, val_set, data_name
+
+
+def _check_token_ids(train_set: Dataset, loaded: LoadedModel, inputs: tuple[Any, ...]) -> None:
+    """Token ids (integer inputs) must index the model's vocabulary (its output width)."""
+    tensors = getattr(train_set, "tensors", None)
+    if not tensors or tensors[0].is_floating_point() or not tensors[0].numel():
+        return
+    vocab = _num_classes(loaded.model, inputs)
+    if int(tensors[0].max()) >= vocab:
+        raise UsageError(f"the data's token ids go up to {int(tensors[0].max())} but the model predicts {vocab} "
+                         "tokens (the offline text set is bytes, 0-255: give the model a vocab_size >= 256, or "
+                         "--data text:PATH with the folder's tokenizer)")
 
 
 def _print_plan(args: argparse.Namespace, loaded: LoadedModel, res: PassResult, seconds: float) -> int:

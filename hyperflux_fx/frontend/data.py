@@ -1,6 +1,7 @@
 """Dataset specs for the CLI: ``digits``, ``mnist1d``, ``mnist1d-hard``, ``cifar10:ROOT``, ``cifar100:ROOT``,
-``imagefolder:ROOT``, ``synthetic``. Nothing is downloaded: roots must hold the data as torchvision
-lays it out; digits and MNIST-1D are generated from installed packages."""
+``imagefolder:ROOT``, ``synthetic``, ``text:PATH`` (a language model's corpus: frontend/text.py).
+Nothing is downloaded: roots must hold the data as torchvision lays it out; digits and MNIST-1D are
+generated from installed packages."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 from hyperflux_fx.frontend.digits import digits_datasets
 from hyperflux_fx.frontend.mnist1d import MNIST1D_LENGTH, mnist1d_datasets
+from hyperflux_fx.frontend.text import TextError, corpus_datasets, load_tokens
 
 __all__ = ["DataError", "digits_datasets", "mnist1d_datasets", "resolve_datasets"]
 
@@ -79,14 +81,35 @@ def _synthetic(sample_shape: tuple[int, ...], num_classes: int, n_train: int = 2
     return make(n_train), make(n_val)
 
 
+def _text(path: str, sample_shape: tuple[int, ...], vocab: int, tokenizer_dir: str | Path | None
+          ) -> tuple[Dataset, Dataset]:
+    if not path:
+        raise DataError("text needs a path: --data text:FILE.txt, text:FILE.jsonl or text:FOLDER")
+    if len(sample_shape) != 1:
+        raise DataError(f"text gives token windows (batch, seq_len); the model's example input is {sample_shape} "
+                        "without the batch dim")
+    try:
+        tokens = load_tokens(tokenizer_dir)
+        if tokens.vocab_size > vocab:
+            raise DataError(f"the tokenizer has {tokens.vocab_size} tokens but the model's output has {vocab}: its "
+                            "ids would index past the embedding (use the tokenizer the model was trained with)")
+        return corpus_datasets(path, sample_shape[0], tokens)
+    except TextError as exc:
+        raise DataError(str(exc)) from exc
+
+
 def resolve_datasets(spec: str, *, sample_shape: tuple[int, ...], num_classes: int,
-                     seed: int = 0) -> tuple[Dataset, Dataset]:
+                     seed: int = 0, tokenizer_dir: str | Path | None = None) -> tuple[Dataset, Dataset]:
     """(train, val) datasets for a spec; ``sample_shape`` is one example input without the batch dim.
+    ``text:PATH`` tokenises with ``tokenizer_dir``'s tokenizer.json (bytes where there is none), and
+    ``num_classes`` is then the vocabulary the model predicts.
 
     Raises:
         DataError: unknown spec, missing root or files, or images the model cannot take.
     """
     kind, _, root = spec.partition(":")
+    if kind == "text":
+        return _text(root, tuple(sample_shape), num_classes, tokenizer_dir)
     size = sample_shape[-1] if len(sample_shape) == 3 else 32
     if kind == "digits":
         if len(sample_shape) != 3 or sample_shape[0] != 1 or sample_shape[1] != sample_shape[2]:
@@ -107,5 +130,5 @@ def resolve_datasets(spec: str, *, sample_shape: tuple[int, ...], num_classes: i
     if kind == "synthetic":
         return _synthetic(tuple(sample_shape), num_classes, seed=seed)
     raise DataError(f"unknown dataset {spec!r}: use digits, mnist1d, mnist1d-hard, cifar10:ROOT, cifar100:ROOT, "
-                    "imagefolder:ROOT or synthetic")
+                    "imagefolder:ROOT, synthetic or text:PATH")
 

@@ -5,8 +5,9 @@ The class is the config's first ``architectures`` entry (``LlamaForCausalLM``), 
 The model is wrapped so that it takes the inputs positionally and returns its logits (a plain call
 signature, what hyperflux-compile trains and exports); the wrapper is captured with torch.export
 (docs/frontends.md). A causal language model comes with the offline text set (frontend/text.py,
-next-byte prediction: ``vocab_size >= 256``) and a language-modelling loss (cross-entropy over every
-position). Needs ``pip install .[hf]``.
+next-byte prediction: ``vocab_size >= 256``, checked by the CLI) and a language-modelling loss
+(cross-entropy over every position); ``--data text:PATH`` trains on the user's corpus instead, tokenised
+with the folder's ``tokenizer.json``. Needs ``pip install .[hf]``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hyperflux_fx.frontend.text import TEXT_VOCAB, text_datasets
+from hyperflux_fx.frontend.text import text_datasets
 
 __all__ = ["HFLogits", "language_model_loss", "load_hf"]
 
@@ -45,6 +46,19 @@ def language_model_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Te
     return F.cross_entropy(logits.flatten(0, -2), targets.flatten())
 
 
+def _quietly(load: Any) -> Any:
+    """``load()`` without transformers' weight-loading progress bar (one line of errors stays one line)."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return load()
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 def load_hf(folder: Path, input_shape: tuple[int, ...] | None) -> tuple[nn.Module, tuple[Any, ...], Any, Any]:
     """(model, example inputs, datasets or None, loss or None) of an ``hf:DIR`` source, as a model.py
     gives them (see the module docstring).
@@ -65,14 +79,11 @@ def load_hf(folder: Path, input_shape: tuple[int, ...] | None) -> tuple[nn.Modul
     if cls is None:
         raise ValueError(f"hf:{folder}: architecture {arch!r} is not in transformers {transformers.__version__}")
     if any(folder.glob("*.safetensors")):
-        model = cls.from_pretrained(folder, local_files_only=True)
+        model = _quietly(lambda: cls.from_pretrained(folder, local_files_only=True))
     else:
         model = cls.from_config(config) if cls is transformers.AutoModel else cls(config)
     causal = arch.endswith("ForCausalLM") or arch.endswith("LMHeadModel")
     shape = tuple(input_shape) if input_shape is not None else (2, SEQUENCE)
-    if causal and config.vocab_size < TEXT_VOCAB:
-        raise ValueError(f"hf:{folder}: vocab_size {config.vocab_size} < {TEXT_VOCAB}: the offline text set is "
-                         "byte-level; give the config vocab_size >= 256")
     inputs = (torch.randint(0, config.vocab_size, shape, generator=torch.Generator().manual_seed(0)),)
     if not causal:
         return HFLogits(model.eval()), inputs, None, None

@@ -190,7 +190,7 @@ def test_the_fingerprint_covers_every_field_that_changes_the_result():
     cfg = _cfg()
     fp = fingerprint(_gated(), cfg, interval_steps=3, flow_lr=0.01, batch_size=32, dataset_len=128, world=1)
     fields = {f.name for f in dataclasses.fields(hf.TrainConfig)}
-    assert RUN_ONLY_FIELDS < fields and fields - RUN_ONLY_FIELDS <= set(fp)
+    assert fields > RUN_ONLY_FIELDS and fields - RUN_ONLY_FIELDS <= set(fp)
     assert not RUN_ONLY_FIELDS & set(fp)
     assert fp["fold"] == {f.name: getattr(cfg.fold, f.name) for f in dataclasses.fields(hf.FoldConfig)}
     changed = fingerprint(_gated(), dataclasses.replace(cfg, momentum=0.8), interval_steps=3, flow_lr=0.01,
