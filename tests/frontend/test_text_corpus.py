@@ -18,7 +18,9 @@ from hyperflux_fx.frontend.text import (
     split_documents,
 )
 
-WORDS = ["the", "cat", "sat", "on", "a", "mat", "while", "dogs", "ran", "past", "fields", "of", "green", "grass", "under", "blue", "skies", "and", "children", "laughed", "at", "kites", "flying", "high", "above", "old", "stone", "walls"]
+WORDS = ["the", "cat", "sat", "on", "a", "mat", "while", "dogs", "ran", "past", "fields", "of", "green", "grass",
+         "under", "blue", "skies", "and", "children", "laughed", "at", "kites", "flying", "high", "above", "old",
+         "stone", "walls"]
 
 
 def _documents(n: int = 60, seed: int = 0) -> list[str]:
