@@ -52,11 +52,12 @@ class GateConfig:
 class FoldConfig:
     """How ``fold_masks`` compacts."""
 
-    round_to: int | str = "auto"  # keep a 2-D conv's kept channel counts multiples of this (extra = strongest
-    #   closed units); "auto" = ONNX Runtime's NCHWc block on this CPU (analysis.runtime.nchwc_block)
-    round_to_width: int | str = "auto"  # the same for every other width: linear/matmul features, MLP units, the
-    #   residual width, 1-D/3-D conv channels; "auto" = 1 (ORT's GEMM and plain convs are never faster for a
-    #   multiple: docs/BENCHMARKS.md, tools/bench_rounding.py). Attention heads are always kept whole, never rounded
+    round_to: int | str = "auto"  # keep a conv's kept channel counts multiples of this (extra = strongest closed
+    #   units); "auto" = ONNX Runtime's NCHWc block on this CPU (analysis.runtime.nchwc_block). On 2-D convs the
+    #   blocked layout runs faster; on 1-D/3-D convs it is not faster, but the block keeps every conv layer at least
+    #   that wide, which the accuracy of the MNIST-1D benchmarks depends on (docs/folding.md, measured)
+    round_to_width: int | str = "auto"  # the same for linear/matmul widths (MLP units, the residual width);
+    #   "auto" = 1 (ORT's GEMM is never faster for a multiple: tools/bench_rounding.py). Heads are never rounded
     min_channels: int = 1  # never delete a group down to fewer channels
     delete_dead: bool = True  # also delete channels whose weights and bias are all zero (weight masks alone)
     fold_batchnorm: bool = False  # merge inference BatchNorms into their convs (the result is for inference)

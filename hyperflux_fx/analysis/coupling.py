@@ -203,7 +203,7 @@ class Group:
     zero_preserving: bool = True  # every path producer -> consumer keeps an exact zero exactly zero
     normalised: bool = False  # a norm's statistics count its channels: the fold keeps exactly the open ones
     replicas: int = 1  # channels per unit: a space split over conv groups has one per group
-    nchwc: bool = False  # a 2-D conv makes or reads these channels: ONNX Runtime runs them in its blocked layout
+    conv: bool = False  # a conv (1-D, 2-D or 3-D) makes or reads these channels: FoldConfig.round_to applies
 
     @property
     def deletable(self) -> bool:
@@ -268,14 +268,14 @@ class Coupling:
                              zero_preserving=not any(s in self.revived for s in comp),
                              normalised=any(s in normalised for s in comp),
                              replicas=1 if heads else self.producers[comp[0]].replicas,
-                             nchwc=not heads and self._conv2d_channels(set(comp))))
+                             conv=not heads and self._conv_channels(set(comp))))
         return out
 
-    def _conv2d_channels(self, spaces: set[int]) -> bool:
-        """True when a 2-D conv (a 4-D weight) produces or reads any of ``spaces``."""
+    def _conv_channels(self, spaces: set[int]) -> bool:
+        """True when a conv (a weight of 3 or more dims) produces or reads any of ``spaces``."""
         weights = [self.producers[s].weight for s in spaces]
         weights += [c.weight for c in self.consumers if spaces & set(c.label.spaces())]
-        return any(w in self.parameters and self.parameters[w].dim() == 4 for w in weights)
+        return any(w in self.parameters and self.parameters[w].dim() >= 3 for w in weights)
 
     def group_of(self) -> dict[int, int]:
         return {s: g.id for g in self.groups() for s in g.spaces}
@@ -1744,13 +1744,13 @@ def dead_units(gm: fx.GraphModule, c: Coupling, group: Group,
 
 
 def round_multiple(group: Group, config: FoldConfig) -> int:
-    """The multiple ``group``'s kept count is rounded to: ``config.round_to`` for 2-D conv channels
-    (ONNX Runtime's blocked layout), ``config.round_to_width`` for every other width, 1 for heads."""
+    """The multiple ``group``'s kept count is rounded to: ``config.round_to`` for conv channels,
+    ``config.round_to_width`` for every other width (linear/matmul features), 1 for heads."""
     if not isinstance(config.round_to, int) or not isinstance(config.round_to_width, int):
         raise ValueError("round_multiple needs a resolved FoldConfig (analysis.runtime.resolve_fold_config)")
     if group.unit == "head":
         return 1
-    return config.round_to if group.nchwc else config.round_to_width
+    return config.round_to if group.conv else config.round_to_width
 
 
 def kept_count(group: Group, n_closed: int, config: FoldConfig) -> int:

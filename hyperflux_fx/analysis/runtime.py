@@ -7,10 +7,10 @@ takes a slow path), and widths that are not a multiple of the block are padded u
 padding is computed anyway. :func:`nchwc_block` finds the block by letting ORT optimise
 ``conv(32 -> C) -> conv(C -> 32)`` for C = 4, 8, 16, 32 and reading, in the optimised graph, the
 smallest C for which the chain stays blocked; ``FoldConfig(round_to="auto")`` keeps every deleted
-group of 2-D conv channels at a multiple of it (so at least one block): what the kernels would compute
-anyway. Only 2-D convs are rewritten so: ORT runs 1-D and 3-D convs, GEMMs and MatMuls in the plain
-layout, where a width rounded up to a multiple of 8 or 16 is never faster (measured side by side by
-``tools/bench_rounding.py``), so ``round_to_width="auto"`` resolves to 1.
+group of conv channels at a multiple of it (so at least one block): what the kernels would compute
+anyway. Only 2-D convs are rewritten so; ORT runs GEMMs and MatMuls in the plain layout, where a width
+rounded up to a multiple of 8 or 16 is never faster (measured side by side by
+``tools/bench_rounding.py``), so ``round_to_width="auto"`` (linear widths) resolves to 1.
 """
 
 from __future__ import annotations

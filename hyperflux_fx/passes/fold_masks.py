@@ -96,7 +96,7 @@ class FoldReport:
     module_calls_restored: int = 0
     params_before: int = 0
     params_after: int = 0
-    round_to: int = 1  # the multiple kept 2-D conv channel counts were rounded to ("auto" resolved)
+    round_to: int = 1  # the multiple kept conv channel counts were rounded to ("auto" resolved)
     round_to_width: int = 1  # the same for every other width (heads are never rounded)
     rule_counts: dict[str, int] = field(default_factory=dict)
 
@@ -290,7 +290,7 @@ def _plan_group(gm: fx.GraphModule, coupling: Coupling, g: Group, gate: ChannelG
         return None
     extra = int(kept.sum()) - (g.size - n_closed)
     if extra > 0:
-        knob = "round_to" if g.nchwc else "round_to_width"
+        knob = "round_to" if g.conv else "round_to_width"
         info.reason = f"kept {extra} closed {g.unit}(s) for {knob}={round_multiple(g, config)}/min_channels"
     info.after = int(kept.sum())
     info.deleted = g.size - info.after
