@@ -173,13 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", action="store_true", help="print the gating/coupling plan and exit without training")
     p.add_argument("--no-export", action="store_true", help="skip ONNX export and latency")
     p.add_argument("--round-to", type=_round_to, default="auto",
-                   help="keep a 2-D conv's kept channel counts multiples of this when folding; auto = the block "
+                   help="keep a conv's kept channel counts multiples of this when folding; auto = the block "
                         "ONNX Runtime's fast conv kernels need on this CPU (measured), halved while a params/MACs "
                         "target is out of reach with whole blocks; or an earlier run's summary.json: reuse the "
                         "multiples it resolved (also for --round-to-width)")
     p.add_argument("--round-to-width", type=_multiple, default="auto",
-                   help="the same for every other width (linear/matmul features, MLP units, 1-D/3-D conv "
-                        "channels); auto = 1 (measured: ONNX Runtime is never faster for a multiple there). "
+                   help="the same for linear/matmul widths (MLP units, the residual width); auto = 1 (measured: "
+                        "ONNX Runtime is never faster for a multiple there). "
                         "Attention heads are never rounded")
     p.add_argument("--input-shape", type=_shape, default=None, help="example input shape incl. batch, e.g. 2,3,32,32")
     p.add_argument("--weights", default=None, help="state-dict file of trained dense weights (weights_only load)")

@@ -91,15 +91,16 @@ def main(argv: list[str] | None = None) -> int:
     for label, _, r8, r16 in rows:
         best[label] = min(best.get(label, 9.0), r8, r16)
     faster = [label for label, b in best.items() if b < 0.95]
-    verdict = ("Rounding up pays only for " + ", ".join(faster) if faster else "Rounding up never pays here") + (
+    verdict = ("Rounding up pays for " + ", ".join(faster) if faster else "Rounding up never pays here") + (
         "; for every other kind the rounded width is as fast or slower (best ratio "
         + ", ".join(f"{label} {b:.2f}" for label, b in best.items() if label not in faster) + ").")
     text = (f"## Rounding widths up, per layer kind (tools/bench_rounding.py)\n\n"
             f"Machine: {machine()}, ONNX Runtime NCHWc block {nchwc_block()}. Below 1.00 the rounded width "
-            f"(more channels) runs faster than the unrounded one.\n\n{table(rows)}\n\n{verdict} So "
-            f"`round_to=\"auto\"` (the NCHWc block) applies to 2-D conv channels only, and "
-            f"`round_to_width=\"auto\"` is 1.\n\nReproduce: `python tools/bench_rounding.py --write "
-            f"docs/BENCHMARKS.md`\n")
+            f"(more channels) runs faster than the unrounded one.\n\n{table(rows)}\n\n{verdict} "
+            f"So `round_to_width=\"auto\"` (linear widths) is 1. `round_to=\"auto\"` (the NCHWc block) "
+            f"applies to conv channels: on 2-D convs for speed; on 1-D/3-D convs it is not faster, but it "
+            f"keeps every conv layer at least one block wide, and the MNIST-1D accuracy depends on that "
+            f"(docs/folding.md).\n\nReproduce: `python tools/bench_rounding.py --write docs/BENCHMARKS.md`\n")
     print(text)
     if args.write:
         write_section(Path(args.write), "bench_rounding", text)

@@ -14,7 +14,7 @@
 For the last three the pressure on each channel group follows what closing one more of its units
 would save at the current masks (refreshed every interval), and the landing bisects the flow
 threshold on the measure, then rounds every group to whole blocks of the fold (groups with a multiple
-above 1: 2-D conv channels under ``round_to``).
+above 1: conv channels under ``round_to``).
 """
 
 from __future__ import annotations

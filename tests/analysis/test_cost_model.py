@@ -134,7 +134,7 @@ def _close_all_but(gm: torch.nn.Module, kept_open: int) -> None:
 
 
 @pytest.mark.parametrize("round_to", ["auto", 8])
-def test_round_to_applies_to_conv2d_channels_and_not_to_linear_widths(round_to):
+def test_round_to_applies_to_conv_channels_and_not_to_linear_widths(round_to):
     """Each gate keeps 5 open units: the 2-D conv groups are rounded up to the block (deleted down to
     a multiple of it), the linear widths keep exactly 5 (round_to_width resolves to 1)."""
     x = torch.randn(2, 3, 8, 8)
@@ -182,3 +182,17 @@ def test_cost_model_needs_example_inputs_and_refuses_batchnorm_folding():
     _, _, res = _gated("residual_add", "channel")
     with pytest.raises(ValueError, match="fold_batchnorm"):
         CostModel(res.graph_module, hf.FoldConfig(fold_batchnorm=True))
+
+
+def test_round_to_applies_to_1d_conv_channels_too():
+    """round_to is each conv layer's minimum width as well as the kernels' block: a Conv1d keeps whole
+    blocks (docs/folding.md), its linear head does not."""
+    net = torch.nn.Sequential(torch.nn.Conv1d(2, 48, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv1d(48, 48, 3),
+                              torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(48 * 6, 40), torch.nn.ReLU(),
+                              torch.nn.Linear(40, 3))
+    x = torch.randn(2, 2, 8)
+    gm = hf.insert_gates(net.eval(), hf.GateConfig(granularity="channel"), example_inputs=x).graph_module
+    _close_all_but(gm, 5)
+    report = hf.fold_masks(gm, hf.FoldConfig(round_to=8)).report
+    after = {g.name: g.after for g in report.groups if g.before > 10}
+    assert sorted(after.values()) == [5, 8, 8], after
