@@ -20,6 +20,7 @@ import copy
 import dataclasses
 import json
 import logging
+import math
 import os
 import shutil
 import statistics
@@ -49,6 +50,7 @@ from hyperflux_fx.config import (
 from hyperflux_fx.export.latency import compare_latency
 from hyperflux_fx.export.onnx import ExportCheckError, ExportError, export_onnx
 from hyperflux_fx.frontend.data import DataError, resolve_datasets
+from hyperflux_fx.frontend.hf import language_model_loss
 from hyperflux_fx.frontend.sources import LoadedModel, SourceError, load_source
 from hyperflux_fx.frontend.trace import FRONTENDS, ExampleInputError, TraceError, modes_restored, trace
 from hyperflux_fx.ir import TRAINING_ONLY_META, gates
@@ -58,7 +60,7 @@ from hyperflux_fx.report.outdir import OutputLocked, RunLock, atomic_write_text
 from hyperflux_fx.report.summary import FASTER, asked_and_got, headline, slower_note, speedup
 from hyperflux_fx.train.dense import train_dense
 from hyperflux_fx.train.distributed import TrainingError
-from hyperflux_fx.train.evaluate import evaluate
+from hyperflux_fx.train.evaluate import evaluate, evaluate_loss
 from hyperflux_fx.train.loop import TrainResult, resume_problems, train
 from hyperflux_fx.train.measure import Measure, fold_within_reach
 from hyperflux_fx.train.recorder import tracking
@@ -706,6 +708,19 @@ def _paired_ms(counts: list[dict[int, int]], paths: list[Path], batch: int) -> l
                                    for k, (d, c) in zip(counts[1:], pairs, strict=True)]
 
 
+def _language_model_figures(job: _Job, dense: Any, gated: Any, compact: Any) -> dict[str, float]:
+    """Validation loss per token and perplexity, dense → pruned → compact, for a language model (an hf:
+    causal LM's loss); {} for other models."""
+    if job.loaded.loss_fn is not language_model_loss:
+        return {}
+    out = {}
+    for name, model in (("dense", dense), ("pruned", gated), ("compact", compact)):
+        loss = evaluate_loss(model.to(job.device), job.val_loader, language_model_loss)
+        model.cpu()
+        out[f"val_loss_{name}"], out[f"perplexity_{name}"] = loss, math.exp(min(loss, 80.0))
+    return out
+
+
 def _fold_stage(job: _Job, gated: Any, result: TrainResult, dense_acc: float) -> tuple[PassResult, dict[str, Any]]:
     """[3/5] fold_masks; (its result, the summary with the accuracy, size and MAC figures)."""
     args, model, inputs = job.args, job.loaded.model, job.inputs
@@ -713,6 +728,7 @@ def _fold_stage(job: _Job, gated: Any, result: TrainResult, dense_acc: float) ->
     _say(args, "[3/5] fold_masks")
     folded = fold_masks(gated, job.fold)  # the fold the exact targets counted
     compact = folded.graph_module.eval()
+    lm = _language_model_figures(job, model, gated, compact)
     dense_costs = count_costs(model, inputs, frontend=job.loaded.frontend)
     compact_costs = count_costs(compact, inputs)
     params_dense, macs_dense = dense_costs.params, dense_costs.macs
@@ -729,6 +745,7 @@ def _fold_stage(job: _Job, gated: Any, result: TrainResult, dense_acc: float) ->
         "params_dense": params_dense, "params_compact": sum(int((p != 0).sum()) for p in compact.parameters()),
         "params_compact_stored": params_stored, "macs_dense": macs_dense, "macs_compact": macs_compact,
         "macs_note": macs_note or None,  # what the MAC counts may miss (a model not captured whole)
+        **lm,
         "onnx_parity_max_abs_diff": None, "ort_latency_ms_dense": None, "ort_latency_ms_compact": None,
         "deleted_units": folded.report.deleted_units, "closed_units": folded.report.closed_units,
         # what the dynamics reached before the landing put the density on the target (docs/training.md)

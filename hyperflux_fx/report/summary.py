@@ -86,6 +86,10 @@ def asked_and_got(s: dict[str, Any]) -> list[tuple[str, str, str]]:
             ("accuracy", "-", f"{_pct(s.get('dense_accuracy'))} dense → "
                                               f"{_pct(s.get('pruned_accuracy'))} pruned → "
                                               f"{_pct(s.get('compact_accuracy'))} compact")]
+    if s.get("perplexity_dense") is not None:
+        rows.append(("perplexity (validation)", "-", f"{s['perplexity_dense']:.2f} dense → "
+                     f"{s['perplexity_pruned']:.2f} pruned → {s['perplexity_compact']:.2f} compact (loss per token "
+                     f"{s['val_loss_dense']:.3f} → {s['val_loss_compact']:.3f})"))
     if (t := s.get("tracking")) is not None:
         rows.append(("plan tracking (pruning)", "-", f"median gap {_pct(t['median_gap'])}, worst "
                      f"{100 * t['worst_gap']:+.1f}%, at most {_pct(t['max_flip_fraction'])} of the units flipped "

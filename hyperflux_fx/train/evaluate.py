@@ -10,7 +10,7 @@ from torch import nn
 
 from hyperflux_fx.train.optim import autocast
 
-__all__ = ["LossFn", "MetricFn", "accuracy", "evaluate", "move_to", "split_batch"]
+__all__ = ["LossFn", "MetricFn", "accuracy", "evaluate", "evaluate_loss", "move_to", "split_batch"]
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 MetricFn = Callable[[Any, Any], float]
@@ -56,6 +56,26 @@ def evaluate(model: nn.Module, loader: Iterable[Any], *, metric_fn: MetricFn | N
                 out = model(*inputs)
             n = int(targets.shape[0]) if isinstance(targets, torch.Tensor) else 1
             total += metric_fn(out.float(), targets) * n
+            count += n
+    finally:
+        model.train(was_training)
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def evaluate_loss(model: nn.Module, loader: Iterable[Any], loss_fn: LossFn, *,
+                  device: torch.device | str | None = None) -> float:
+    """Mean of ``loss_fn`` over ``loader``, weighted by the targets' elements (per token for a language
+    model: its exponential is the perplexity), eval mode, float32."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for batch in loader:
+            inputs, targets = split_batch(move_to(batch, device))
+            n = int(targets.numel()) if isinstance(targets, torch.Tensor) else 1
+            total += float(loss_fn(model(*inputs).float(), targets)) * n
             count += n
     finally:
         model.train(was_training)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 
 import pytest
@@ -122,6 +123,12 @@ def test_a_language_model_trains_on_the_users_text(llama, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["data"] == f"text:{llama / 'corpus.jsonl'}"
     assert summary["macs_compact"] < summary["macs_dense"]
+    for stage in ("dense", "pruned", "compact"):  # a language model's figures: loss per token and perplexity
+        assert summary[f"perplexity_{stage}"] == pytest.approx(math.exp(summary[f"val_loss_{stage}"]))
+    assert summary["perplexity_compact"] == pytest.approx(summary["perplexity_pruned"], rel=1e-4)  # exact fold
+    vocab = json.loads((llama / "llama" / "config.json").read_text())["vocab_size"]
+    assert 0.5 * vocab < summary["perplexity_dense"] < 1.2 * vocab  # per token: about a uniform guess after one
+    #   epoch of the CLI's SGD recipe on this tiny model (an LM recipe is issue 25's next step)
 
 
 @pytest.mark.parametrize(("case", "match"), [
