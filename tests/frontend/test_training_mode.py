@@ -146,3 +146,24 @@ def test_timm_models_with_drop_rates_keep_invariant_1_from_train_mode(name, gran
     assert _train_random(gated, x)
     if name == "convnext_atto":  # its drop paths are kept as leaves
         assert sum(isinstance(m, EvalIdentity) for m in gated.modules()) > 0
+
+
+class _UntraceableInTraining(nn.Module):
+    """Traceable in eval; in training a branch on the data, which torch.fx cannot trace."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc(x)
+        if self.training and y.sum() > 0:
+            y = y * 2
+        return y
+
+
+def test_a_failed_train_mode_trace_is_a_warning_naming_what_is_not_checked(caplog):
+    with caplog.at_level("WARNING", logger="hyperflux_fx"):
+        hf.trace(_UntraceableInTraining(), torch.randn(2, 4))
+    (record,) = [r for r in caplog.records if "train-mode trace failed" in r.getMessage()]
+    assert record.levelname == "WARNING" and "not checked" in record.getMessage()
