@@ -365,3 +365,31 @@ def test_auto_rounding_gives_way_to_a_target_whole_blocks_cannot_reach(monkeypat
                                                  fold=hf.FoldConfig(round_to=16)))
     res = hf.train(gated, train_loader, None, _cfg(target_sparsity=0.9, target_measure="macs", fold=fold))
     assert abs(res.sparsity - 0.9) <= 0.05
+
+
+@pytest.mark.parametrize("exact_on", [1, 2])
+def test_a_measured_landing_records_the_shift_of_the_try_it_keeps(exact_on):
+    """The latency landing measures, lands again, and keeps the closest try: its record carries that
+    try's total shift of the flows (the first try's when it is kept, a different one otherwise)."""
+    from hyperflux_fx.train.measure import Measure
+
+    gated = hf.insert_gates(_WideConv(), hf.GateConfig(granularity="channel", seed=0),
+                            example_inputs=torch.randn(2, 10)).graph_module
+    with torch.no_grad():
+        for g in hf.gates(gated):
+            g.flow.copy_(torch.linspace(-0.5, 1.0, g.numel))
+    measure = Measure(gated, _cfg(target_sparsity=0.5, target_measure="macs", fold=hf.FoldConfig(round_to=1)))
+    first = measure._land_predicted(0.5)
+    calls = {"n": 0}
+
+    def check():  # the runtime: 30% slower than predicted, then on target from call ``exact_on`` on
+        calls["n"] += 1
+        return 0.5 if calls["n"] >= exact_on else 0.65
+
+    landing = measure._land_measured(first, 0.5, check)
+    assert calls["n"] == exact_on
+    if exact_on == 1:
+        assert landing.shift == first.shift
+    else:
+        assert landing.shift != pytest.approx(first.shift)  # the record follows the try that was kept
+        assert landing.density_after == pytest.approx(measure.kept())
