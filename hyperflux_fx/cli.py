@@ -5,11 +5,13 @@
 local Hugging Face transformers folder: config.json, optional safetensors; ``pip install .[hf]``). The run:
 dense training (unless ``--weights``), gate insertion, Hyperflux pruning + regrowth, fold, ONNX export
 with parity check, latency, then ``--out`` receives compact.onnx, compact.pt, summary.json,
-metrics.jsonl, checkpoints/, report.html and run.log. Everything is written to ``OUT.partial`` and
-renamed to ``OUT`` at the end; an interrupted run continues with ``--resume``.
+metrics.jsonl, checkpoints/, report.html and run.log (and, for an hf: causal LM whose layers kept the
+same sizes, compact_hf/: a folder ``from_pretrained`` loads). Everything is written to ``OUT.partial``
+and renamed to ``OUT`` at the end; an interrupted run continues with ``--resume``.
 
-Exit codes: 0 success, 1 training failed (e.g. non-finite loss; the last good checkpoint is kept),
-2 bad input (one line on stderr, nothing written). Multi-GPU:
+Exit codes: 0 success; 2 bad input (one line on stderr, nothing written: every check that can be made
+before training is); 1 an error after that (training or export; the partial run and the last good
+checkpoint are kept). Multi-GPU:
 ``torchrun --nproc-per-node N -m hyperflux_fx.cli SOURCE ...``.
 """
 
@@ -47,6 +49,7 @@ from hyperflux_fx.config import (
     GateConfig,
     TrainConfig,
 )
+from hyperflux_fx.export.hf_folder import NotUniform, check_hf_folder, save_hf_folder
 from hyperflux_fx.export.latency import compare_latency
 from hyperflux_fx.export.onnx import ExportCheckError, ExportError, export_onnx
 from hyperflux_fx.frontend.data import DataError, resolve_datasets
@@ -542,6 +545,7 @@ def _pipeline(job: _Job) -> int:
         if failure is not None:
             return failure
     _save_compact(job, folded.graph_module)
+    summary.update(_hf_folder(job, folded.graph_module))
     summary["wall_seconds"] = time.perf_counter() - job.t_start
     _report_stage(job, summary, result, gated_res, folded)
     return 0
@@ -798,6 +802,27 @@ def _save_compact(job: _Job, compact: Any) -> None:
                 "example_input_shapes": [list(x.shape) for x in job.inputs]}, job.partial / "compact.pt")
 
 
+HF_FOLDER = "compact_hf"
+
+
+def _hf_folder(job: _Job, compact: Any) -> dict[str, Any]:
+    """For an hf: causal LM: the compact model as a Hugging Face folder (OUT/compact_hf), loaded back and
+    checked against the compact graph; or why there is none."""
+    if job.loaded.loss_fn is not language_model_loss or not job.args.source.startswith("hf:"):
+        return {}
+    path = job.partial / HF_FOLDER
+    try:
+        folder = save_hf_folder(compact.state_dict(), job.args.source[3:], path)
+        diff = check_hf_folder(path, compact, job.inputs)
+    except NotUniform as exc:
+        shutil.rmtree(path, ignore_errors=True)
+        _say(job.args, f"      no {HF_FOLDER}/ written: {exc}")
+        return {"hf_folder": None, "hf_folder_note": str(exc)}
+    _say(job.args, f"      {HF_FOLDER}/: from_pretrained loads it ({folder.config}); logits within {diff:.2e} of the "
+                   "compact graph")
+    return {"hf_folder": HF_FOLDER, "hf_folder_config": folder.config, "hf_folder_max_abs_diff": diff}
+
+
 def _report_stage(job: _Job, summary: dict[str, Any], result: TrainResult, gated: PassResult,
                   folded: PassResult) -> None:
     """[5/5] summary.json and report.html; OUT.partial becomes OUT."""
@@ -826,7 +851,9 @@ def _print_summary(summary: dict[str, Any], out: Path) -> None:
     for note in ("law_note", "macs_note"):
         if summary.get(note):
             print(f"  {summary[note]}")
-    print(f"\n  written to {out}/ (compact.onnx, compact.pt, summary.json, metrics.jsonl, report.html, run.log)")
+    hf_folder = f"{summary['hf_folder']}/, " if summary.get("hf_folder") else ""
+    print(f"\n  written to {out}/ (compact.onnx, compact.pt, {hf_folder}summary.json, metrics.jsonl, report.html, "
+          "run.log)")
 
 
 if __name__ == "__main__":  # pragma: no cover - `python -m hyperflux_fx.cli`

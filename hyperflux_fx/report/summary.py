@@ -90,6 +90,12 @@ def asked_and_got(s: dict[str, Any]) -> list[tuple[str, str, str]]:
         rows.append(("perplexity (validation)", "-", f"{s['perplexity_dense']:.2f} dense → "
                      f"{s['perplexity_pruned']:.2f} pruned → {s['perplexity_compact']:.2f} compact (loss per token "
                      f"{s['val_loss_dense']:.3f} → {s['val_loss_compact']:.3f})"))
+    if "hf_folder" in s:
+        c = s.get("hf_folder_config") or {}
+        rows.append(("Hugging Face folder", "-", f"{s['hf_folder']}/: hidden {c.get('hidden_size')}, "
+                     f"{c.get('num_attention_heads')} heads over {c.get('num_key_value_heads')} KV, "
+                     f"{c.get('intermediate_size')} MLP units" if s["hf_folder"] else
+                     f"none: {s.get('hf_folder_note')}"))
     if (t := s.get("tracking")) is not None:
         rows.append(("plan tracking (pruning)", "-", f"median gap {_pct(t['median_gap'])}, worst "
                      f"{100 * t['worst_gap']:+.1f}%, at most {_pct(t['max_flip_fraction'])} of the units flipped "
