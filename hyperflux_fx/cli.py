@@ -140,11 +140,23 @@ def _add_learning_flags(p: argparse.ArgumentParser) -> None:
                    help="softmax temperature of teacher and student")
 
 
+def _add_fold_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--round-to", type=_round_to, default="auto",
+                   help="keep a conv's kept channel counts multiples of this when folding; auto = the block "
+                        "ONNX Runtime's fast conv kernels need on this CPU (measured), halved while a params/MACs "
+                        "target is out of reach with whole blocks; or an earlier run's summary.json: reuse the "
+                        "multiples it resolved (also for --round-to-width)")
+    p.add_argument("--round-to-width", type=_multiple, default="auto",
+                   help="the same for linear/matmul widths (MLP units, the residual width); auto = 1 (measured: "
+                        "ONNX Runtime is never faster for a multiple there). "
+                        "Attention heads are never rounded")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="hyperflux-compile", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                 description="Learn what to prune with Hyperflux, fold it into a smaller model, export it to ONNX "
                             "and measure it. Multi-GPU: torchrun --nproc-per-node N -m hyperflux_fx.cli SOURCE ...")
-    p.add_argument("source", help="model.py (with build_model()), timm:NAME or torchvision:NAME")
+    p.add_argument("source", help="model.py (with build_model()), timm:NAME, torchvision:NAME or hf:DIR")
     p.add_argument("--data", default=None, help="digits | mnist1d | mnist1d-hard | cifar10:ROOT | cifar100:ROOT | "
                                                 "imagefolder:ROOT | synthetic | text:PATH (a .txt, .jsonl or folder, "
                                                 "tokenised with the hf: folder's tokenizer.json) (default: "
@@ -177,15 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.add_argument("--plan", action="store_true", help="print the gating/coupling plan and exit without training")
     p.add_argument("--no-export", action="store_true", help="skip ONNX export and latency")
-    p.add_argument("--round-to", type=_round_to, default="auto",
-                   help="keep a conv's kept channel counts multiples of this when folding; auto = the block "
-                        "ONNX Runtime's fast conv kernels need on this CPU (measured), halved while a params/MACs "
-                        "target is out of reach with whole blocks; or an earlier run's summary.json: reuse the "
-                        "multiples it resolved (also for --round-to-width)")
-    p.add_argument("--round-to-width", type=_multiple, default="auto",
-                   help="the same for linear/matmul widths (MLP units, the residual width); auto = 1 (measured: "
-                        "ONNX Runtime is never faster for a multiple there). "
-                        "Attention heads are never rounded")
+    _add_fold_flags(p)
     p.add_argument("--input-shape", type=_shape, default=None, help="example input shape incl. batch, e.g. 2,3,32,32")
     p.add_argument("--weights", default=None, help="state-dict file of trained dense weights (weights_only load)")
     p.add_argument("--num-classes", type=int, default=None, help="classifier width for timm/torchvision models")
