@@ -36,8 +36,10 @@ from hyperflux_fx.train import (
     TrainResult,
     evaluate,
     fit_scaling_law,
+    timeline,
     train,
     train_dense,
+    unit_events,
 )
 
 __version__ = "0.1.0"
@@ -80,8 +82,10 @@ __all__ = [
     "pressure_loss",
     "reset_flux",
     "set_pressure",
+    "timeline",
     "trace",
     "track_flux",
     "train",
     "train_dense",
+    "unit_events",
 ]

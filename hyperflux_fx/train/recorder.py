@@ -3,7 +3,8 @@
 Each record holds: interval, epoch, step, phase, global and per-layer density, gamma, the controller's
 g, the planned remaining fraction R(e), flips pruned->active (regrowth) and active->pruned per layer
 since the previous record, flux statistics of survivors vs pruned units (mean, min among survivors)
-over the interval, train loss/accuracy and validation accuracy.
+over the interval, train loss/accuracy and validation accuracy. Beside it, ``timeline.npz`` holds every
+channel unit's mask per interval (train/timeline.py).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from hyperflux_fx.ir import Gate, gates
+from hyperflux_fx.ir import ChannelGate, Gate, gates
+from hyperflux_fx.train.timeline import TIMELINE_FILE, write_timeline
 
 __all__ = ["IntervalRecord", "Landing", "LayerRecord", "Recorder", "Tracking", "tracking"]
 
@@ -128,6 +130,9 @@ class Recorder:
         self.path = Path(path) if path is not None else None
         self.records: list[IntervalRecord] = []
         self._prev: dict[str, torch.Tensor] = {g.target: g.flow.detach() >= 0 for g in gates(model)}
+        # per gate, one row per interval: a channel gate's unit masks, a weight gate's density
+        self.timeline: dict[str, list[torch.Tensor]] = {g.target: [] for g in gates(model)}
+        self._kinds = {g.target: "units" if isinstance(g, ChannelGate) else "density" for g in gates(model)}
 
     def record(self, model: nn.Module, **fields: Any) -> IntervalRecord:
         """Measure the model now, complete ``fields`` (interval, epoch, gamma, ...: the trainer's part
@@ -138,11 +143,23 @@ class Recorder:
         data = rec.to_dict()
         rec = IntervalRecord.from_dict(data)  # JSON-clean, as a resumed run reads it back
         self.records.append(rec)
+        for g in all_gates:
+            mask = (g.flow.detach() >= 0).cpu()
+            self.timeline.setdefault(g.target, []).append(
+                mask.flatten() if isinstance(g, ChannelGate) else mask.float().mean().reshape(1))
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(data) + "\n")
+            self._write_timeline()
         return rec
+
+    def _write_timeline(self) -> None:
+        names = [n for n, rows in self.timeline.items() if rows]
+        arrays = [torch.stack(self.timeline[n]).numpy() if self._kinds.get(n) == "units"
+                  else torch.cat(self.timeline[n]).numpy() for n in names]
+        write_timeline(self.path.with_name(TIMELINE_FILE), names, [self._kinds.get(n, "units") for n in names],
+                       arrays)
 
     def _statistics(self, all_gates: list[Gate]) -> list[list[float]]:
         """Per gate: kept, regrown, pruned, flux sums of survivors / pruned, min survivor flux, steps.
@@ -210,13 +227,16 @@ class Recorder:
         with open(tmp, "w", encoding="utf-8") as fh:
             fh.writelines(json.dumps(rec.to_dict()) + "\n" for rec in self.records)
         os.replace(tmp, self.path)
+        self._write_timeline()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"records": json.dumps([rec.to_dict() for rec in self.records]), "prev": dict(self._prev)}
+        return {"records": json.dumps([rec.to_dict() for rec in self.records]), "prev": dict(self._prev),
+                "timeline": {n: torch.stack(rows) if rows else torch.empty(0) for n, rows in self.timeline.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.records = [IntervalRecord.from_dict(d) for d in json.loads(state["records"])]
         self._prev = dict(state["prev"])
+        self.timeline = {n: list(rows.cpu()) if rows.numel() else [] for n, rows in state.get("timeline", {}).items()}
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -160,6 +161,8 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path):
         assert torch.equal(a[k], b[k]), k
     assert (tmp_path / "a" / "metrics.jsonl").read_text().count("\n") == (
         tmp_path / "b" / "metrics.jsonl").read_text().count("\n")
+    ta, tb = hf.timeline(tmp_path / "a"), hf.timeline(tmp_path / "b")  # the unit timeline resumes too
+    assert ta.keys() == tb.keys() and all(np.array_equal(ta[k], tb[k]) for k in ta)
 
 
 def test_resume_with_a_different_run_lists_the_mismatch(tmp_path):

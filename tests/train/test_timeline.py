@@ -1,0 +1,70 @@
+"""The unit timeline (timeline.npz): every channel unit's mask per interval, and the events read off it."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import hyperflux_fx as hf
+from hyperflux_fx.train.timeline import TIMELINE_FILE
+
+
+def _loaders():
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(4, 3, 6, 6, generator=g)
+    y = torch.randint(0, 4, (256,), generator=g)
+    x = centers[y] + torch.randn(256, 3, 6, 6, generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True), DataLoader(TensorDataset(x, y), 256)
+
+
+def _cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 24, 3, padding=1), nn.ReLU(), nn.Conv2d(24, 24, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, 4))
+
+
+def _run(tmp_path, granularity, **cfg):
+    train_loader, val_loader = _loaders()
+    gated = hf.insert_gates(_cnn(), hf.GateConfig(granularity=granularity, seed=0),
+                            example_inputs=torch.randn(2, 3, 6, 6)).graph_module
+    config = hf.TrainConfig(epochs=4, regrowth_epochs=2, lr=0.05, out_dir=str(tmp_path), **cfg)
+    return gated, hf.train(gated, train_loader, val_loader, config)
+
+
+def test_the_last_row_is_what_the_fold_keeps(tmp_path):
+    fold = hf.FoldConfig(round_to=4)
+    gated, res = _run(tmp_path, "channel", target_sparsity=0.5, target_measure="macs", fold=fold)
+    lines = hf.timeline(tmp_path)
+    assert set(lines) == {g.target for g in hf.gates(gated)}
+    assert all(rows.shape == (res.intervals, g.numel) for g in hf.gates(gated) for rows in [lines[g.target]])
+    report = hf.fold_masks(gated, fold).report
+    for group in report.groups:
+        if group.name in lines:
+            last = lines[group.name][-1]
+            assert int(last.sum()) == group.after, group  # exactly the units the compact model keeps
+    gate = next(g for g in hf.gates(gated))
+    assert np.array_equal(lines[gate.target][-1], (gate.flow.detach() >= 0).numpy())
+    assert lines[gate.target].dtype == bool and (tmp_path / TIMELINE_FILE).stat().st_size < 20_000
+
+
+def test_weight_gates_store_one_density_per_interval(tmp_path):
+    gated, res = _run(tmp_path, "weight", target_sparsity=0.8)
+    lines = hf.timeline(tmp_path / TIMELINE_FILE)
+    for g in hf.gates(gated):
+        assert lines[g.target].shape == (res.intervals,)
+        assert abs(lines[g.target][-1] - float((g.flow.detach() >= 0).float().mean())) < 1e-6
+
+
+def test_unit_events():
+    kept, pruned = True, False
+    masks = np.array([[kept, kept, pruned],
+                      [pruned, kept, pruned],
+                      [pruned, pruned, kept],
+                      [kept, pruned, kept]])
+    ev = hf.unit_events(masks)
+    # unit 0: pruned at 2, back at 4 (2 intervals pruned); unit 2: pruned at 1, back at 3 (2); unit 1 leaves at 3
+    assert ev.regrowths == 2 and ev.regrown_units == 2 and sorted(ev.pruned_spells) == [2, 2]
+    assert ev.survivors == 2 and ev.survivors_once_pruned == 1.0
+    assert ev.departures == [(3, 1)]
