@@ -67,6 +67,7 @@ from hyperflux_fx.train.evaluate import evaluate, evaluate_loss
 from hyperflux_fx.train.loop import TrainResult, resume_problems, train
 from hyperflux_fx.train.measure import Measure, fold_within_reach
 from hyperflux_fx.train.recorder import tracking
+from hyperflux_fx.train.timeline import TIMELINE_FILE, timeline
 
 __all__ = ["build_parser", "main"]
 
@@ -834,7 +835,8 @@ def _report_stage(job: _Job, summary: dict[str, Any], result: TrainResult, gated
     law = result.law.to_dict() if result.law is not None else None
     summary["law"], summary["law_note"] = law, result.law_note
     atomic_write_text(job.partial / "summary.json", json.dumps(summary, indent=2, default=float))
-    page = render_report(summary, result.history, gated.report.to_dict(), folded.report.to_dict(), law)
+    lines = timeline(job.partial) if (job.partial / TIMELINE_FILE).exists() else None
+    page = render_report(summary, result.history, gated.report.to_dict(), folded.report.to_dict(), law, lines)
     atomic_write_text(job.partial / "report.html", page)
     if job.out.exists():
         shutil.rmtree(job.out)

@@ -144,6 +144,9 @@ def _check_report(path: Path, summary: dict) -> None:
     # law plot only with a law; the page opens on the headline and the asked/got table
     assert len(parser.imgs) >= 5
     assert ("Surviving channels per layer" in text) == (summary["deleted_units"] > 0)
+    channel_run = summary["granularity"] != "weight"  # the unit timeline's figures: channel units only
+    assert ("Kept fraction per group and interval" in text) == channel_run
+    assert ("most active groups" in text) == channel_run
     assert "fitted law" not in text and "no law fitted" in text
     assert "<p class='headline'>" in text and "What you asked, what you got" in text
     assert "0.43440999" not in text and str(summary["wall_seconds"]) not in text  # no raw float noise

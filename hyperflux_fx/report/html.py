@@ -25,9 +25,9 @@ def _png(fig: Any) -> str:
 
 
 def figures(history: list[Any], summary: dict[str, Any], fold_groups: list[dict[str, Any]],
-            law: dict[str, float] | None) -> list[tuple[str, str]]:
+            law: dict[str, float] | None, timeline: dict[str, Any] | None = None) -> list[tuple[str, str]]:
     """(title, base64 PNG) for each figure the run has data for (``history``: the run's interval
-    records, read by name)."""
+    records, read by name; ``timeline``: the unit timeline, train/timeline.py)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -38,6 +38,9 @@ def figures(history: list[Any], summary: dict[str, Any], fold_groups: list[dict[
         out += [_density_figure(plt, history, summary.get("target_measure", "count")), _pressure_figure(plt, history),
                 _flips_figure(plt, history)]
         out += _layer_figure(plt, history) + _law_figure(plt, history, law)
+    units = {name: rows for name, rows in (timeline or {}).items() if getattr(rows, "ndim", 0) == 2 and len(rows)}
+    if units:
+        out += [_heatmap_figure(plt, units), _raster_figure(plt, units)]
     if any(g["deleted"] > 0 for g in fold_groups):  # only where something was deleted
         out.append(_fold_figure(plt, fold_groups))
     if summary.get("ort_latency_ms_dense") and summary.get("ort_latency_ms_compact"):
@@ -144,6 +147,41 @@ def _law_figure(plt: Any, history: list[Any], law: dict[str, float] | None) -> l
     return [("Density vs pressure (log-log) with the fitted law", _png(fig))]
 
 
+def _heatmap_figure(plt: Any, units: dict[str, Any]) -> tuple[str, str]:
+    """Groups x intervals, the kept fraction of each group's units (the macroscopic picture per group)."""
+    import numpy as np
+
+    names = list(units)
+    grid = np.stack([units[n].mean(axis=1) for n in names])
+    fig, ax = plt.subplots(figsize=(6.4, max(2.2, 0.22 * len(names) + 1.2)))
+    image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest",
+                      extent=(0.5, grid.shape[1] + 0.5, len(names) - 0.5, -0.5))
+    ax.set_yticks(range(len(names)), [n[:28] for n in names], fontsize=7)
+    ax.set_xlabel("interval")
+    fig.colorbar(image, ax=ax, label="kept fraction")
+    return "Kept fraction per group and interval", _png(fig)
+
+
+def _raster_figure(plt: Any, units: dict[str, Any], top: int = 5) -> tuple[str, str]:
+    """Unit by unit, kept (dark) or pruned (light) per interval, for the ``top`` groups with the most
+    flips: where units left, and which came back."""
+    import numpy as np
+
+    def flips(rows: Any) -> int:
+        return int((rows[1:] != rows[:-1]).sum())
+
+    names = sorted(units, key=lambda n: -flips(units[n]))[:top]
+    fig, axes = plt.subplots(len(names), 1, figsize=(6.4, 1.3 * len(names) + 0.6), squeeze=False, sharex=True)
+    for ax, name in zip(axes[:, 0], names, strict=True):
+        rows = np.asarray(units[name], dtype=float)
+        ax.imshow(rows.T, aspect="auto", cmap="Greys", vmin=0, vmax=1.4, interpolation="nearest",
+                  extent=(0.5, rows.shape[0] + 0.5, rows.shape[1] - 0.5, -0.5))
+        ax.set_ylabel(f"{name[:20]}\n({flips(units[name])} flips)", fontsize=7)
+        ax.set_yticks([])
+    axes[-1, 0].set_xlabel("interval")
+    return f"Unit events of the {len(names)} most active groups (dark: kept)", _png(fig)
+
+
 def _fold_figure(plt: Any, fold_groups: list[dict[str, Any]]) -> tuple[str, str]:
     groups = [g for g in fold_groups if g["before"] > 0][:60]
     fig, ax = plt.subplots(figsize=(6.4, max(2.5, 0.18 * len(groups) + 1)))
@@ -167,9 +205,10 @@ def _table(headers: list[str], rows: list[list[Any]]) -> str:
 
 
 def render_report(summary: dict[str, Any], history: list[Any], gate_report: dict[str, Any],
-                  fold_report: dict[str, Any] | None, law: dict[str, float] | None) -> str:
+                  fold_report: dict[str, Any] | None, law: dict[str, float] | None,
+                  timeline: dict[str, Any] | None = None) -> str:
     """The whole report as one HTML string."""
-    figs = figures(history, summary, (fold_report or {}).get("groups", []), law)
+    figs = figures(history, summary, (fold_report or {}).get("groups", []), law, timeline)
     fig_html = "".join(f"<figure><img alt='{html.escape(t)}' src='data:image/png;base64,{b}'/>"
                        f"<figcaption>{html.escape(t)}</figcaption></figure>" for t, b in figs)
     summary_rows = [[k, fmt(v)] for k, v in summary.items()]
