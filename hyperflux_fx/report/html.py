@@ -37,7 +37,7 @@ def figures(history: list[Any], summary: dict[str, Any], fold_groups: list[dict[
     if history:
         out += [_density_figure(plt, history, summary.get("target_measure", "count")), _pressure_figure(plt, history),
                 _flips_figure(plt, history)]
-        out += _layer_figure(plt, history) + _law_figure(plt, history, law)
+        out += _layer_figure(plt, history) + _law_figure(plt, history, law) + _flux_figure(plt, history)
     units = {name: rows for name, rows in (timeline or {}).items() if getattr(rows, "ndim", 0) == 2 and len(rows)}
     if units:
         out += [_heatmap_figure(plt, units), _raster_figure(plt, units)]
@@ -145,6 +145,26 @@ def _law_figure(plt: Any, history: list[Any], law: dict[str, float] | None) -> l
     ax.legend(fontsize=7)
     ax.set_title("Density vs pressure")
     return [("Density vs pressure (log-log) with the fitted law", _png(fig))]
+
+
+def _flux_figure(plt: Any, history: list[Any]) -> list[tuple[str, str]]:
+    """Mean flux (−dL/dm) of the survivors and of the pruned units per interval, beside the pressure in
+    effect: flux holds a unit open where it outweighs the pressure (HYPERFLUX.md), pruned units sit below."""
+    rows = [r for r in history if r.get("flux_survivors_mean") is not None]
+    if not rows:
+        return []
+    fig, ax = plt.subplots(figsize=(6.4, 3.0))
+    x = [r["interval"] for r in rows]
+    ax.plot(x, [r["flux_survivors_mean"] for r in rows], label="survivors", color="#2a7")
+    ax.plot(x, [r["flux_pruned_mean"] if r.get("flux_pruned_mean") is not None else float("nan") for r in rows],
+            label="pruned", color="#c33")
+    ax.set_xlabel("interval")
+    ax.set_ylabel("mean flux")
+    other = ax.twinx()
+    other.plot(x, [r["gamma"] for r in rows], color="#888", linestyle="--", label="pressure (gamma)")
+    other.set_ylabel("gamma", color="#888")
+    ax.legend(loc="upper left", fontsize=7)
+    return [("Flux of survivors and pruned units, with the pressure", _png(fig))]
 
 
 def _heatmap_figure(plt: Any, units: dict[str, Any]) -> tuple[str, str]:

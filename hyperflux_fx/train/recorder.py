@@ -174,7 +174,7 @@ class Recorder:
             flux = g.mean_flux()
             if flux is not None:
                 row += [torch.where(mask, flux, 0.0).sum(), torch.where(mask, 0.0, flux).sum(),
-                        torch.where(mask, flux, math.inf).min(), g.flux_steps]
+                        torch.where(mask, flux, math.inf).min(), g.flux_steps.clone()]  # a copy: reset zeroes it
                 g.reset_flux()
             else:
                 zero = mask.new_zeros((), dtype=torch.float64)

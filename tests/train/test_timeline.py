@@ -68,3 +68,13 @@ def test_unit_events():
     assert ev.regrowths == 2 and ev.regrown_units == 2 and sorted(ev.pruned_spells) == [2, 2]
     assert ev.survivors == 2 and ev.survivors_once_pruned == 1.0
     assert ev.departures == [(3, 1)]
+
+
+def test_every_interval_records_the_flux_of_survivors_and_pruned_units(tmp_path):
+    """The flux read-out (HYPERFLUX.md §8) is in the records: its step count is read before it is reset."""
+    _, res = _run(tmp_path, "channel", target_sparsity=0.5)
+    with_flux = [r for r in res.history if r.flux_survivors_mean is not None]
+    assert len(with_flux) == len(res.history)
+    assert any(r.flux_pruned_mean is not None for r in res.history)
+    layer = next(iter(res.history[-1].layers.values()))
+    assert layer.flux_survivors_mean is not None
