@@ -60,6 +60,7 @@ from hyperflux_fx.ir import TRAINING_ONLY_META, gates
 from hyperflux_fx.passes import PassResult, fold_masks, insert_gates
 from hyperflux_fx.report.html import render_report
 from hyperflux_fx.report.outdir import OutputLocked, RunLock, atomic_write_text
+from hyperflux_fx.report.rerender import rerender, save_reports
 from hyperflux_fx.report.summary import FASTER, asked_and_got, headline, slower_note, speedup
 from hyperflux_fx.train.dense import train_dense
 from hyperflux_fx.train.distributed import TrainingError
@@ -220,8 +221,32 @@ def _say(args: argparse.Namespace, text: str) -> None:
     log.info(text)
 
 
+def _report_command(argv: list[str]) -> int:
+    """``hyperflux-compile report RUN_DIR``: report.html again from what the run left (report/rerender.py)."""
+    p = _Parser(prog="hyperflux-compile report", description="Render report.html again from a finished run "
+                "(--out) or an interrupted one (--out.partial), without training.")
+    p.add_argument("run_dir", help="the run's --out (its .partial is used when the run was interrupted)")
+    try:
+        args = p.parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    out = Path(args.run_dir.removesuffix(".partial"))
+    try:
+        with RunLock(out):
+            page, stopped = rerender(args.run_dir)
+    except OutputLocked as exc:
+        return _fail(str(exc))
+    except (FileNotFoundError, ValueError) as exc:
+        return _fail(str(exc))
+    print(f"{page}" + (f"  ({stopped})" if stopped else ""))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["report"]:
+        return _report_command(argv[1:])
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:
@@ -585,6 +610,7 @@ def _hyperflux_stage(job: _Job) -> tuple[PassResult, TrainResult | None, int]:
     args = job.args
     res = insert_gates(job.loaded.model, job.gate_cfg, example_inputs=job.inputs, leaf_modules=tuple(args.leaf),
                        frontend=job.loaded.frontend)
+    save_reports(job.partial, gates=res.report.to_dict())  # for `hyperflux-compile report` on any run
     _say(args, f"[2/5] Hyperflux: target sparsity {args.target_sparsity} ({args.target}), granularity "
                f"{args.granularity}, {args.epochs} pruning + {args.regrowth_epochs} regrowth epochs")
     cfg = job.train_cfg
@@ -736,6 +762,7 @@ def _fold_stage(job: _Job, gated: Any, result: TrainResult, dense_acc: float) ->
     pruned_acc = evaluate(gated, job.val_loader)
     _say(args, "[3/5] fold_masks")
     folded = fold_masks(gated, job.fold)  # the fold the exact targets counted
+    save_reports(job.partial, fold=folded.report.to_dict())
     compact = folded.graph_module.eval()
     lm = _language_model_figures(job, model, gated, compact)
     dense_costs = count_costs(model, inputs, frontend=job.loaded.frontend)

@@ -383,3 +383,26 @@ def test_a_calibration_from_another_machine_is_measured_again(tmp_path):
     assert _saved_calibration(job) is None
     (tmp_path / CALIBRATION_FILE).write_text(json.dumps(points))  # the format before the key
     assert _saved_calibration(job) is None
+
+
+def test_report_renders_a_finished_and_an_interrupted_run_again(tmp_path, capsys):
+    import re
+
+    out = tmp_path / "run"
+    assert main([EXAMPLE, "--out", str(out), "--max-intervals", "3", "--no-export", *FAST]) == 0
+    partial = out.with_name("run.partial")
+    assert not (partial / "report.html").exists()
+    capsys.readouterr()
+    assert main(["report", str(out)]) == 0  # the interrupted run: what exists, and where it stopped
+    page = (partial / "report.html").read_text()
+    assert "stopped after interval 3" in page and "--resume" in page and "Kept fraction per group" in page
+    assert "stopped after interval 3" in capsys.readouterr().out
+    assert main([EXAMPLE, "--out", str(out), "--resume", "--no-export", *FAST]) == 0
+    first = (out / "report.html").read_text()
+    (out / "report.html").unlink()
+    assert main(["report", str(out)]) == 0  # a finished run: the same page, figures and tables
+    again = (out / "report.html").read_text()
+    figures = re.compile(r"<img alt='([^']*)'")
+    assert figures.findall(again) == figures.findall(first) and "Interrupted" not in again
+    assert again.count("<tr>") == first.count("<tr>")
+    assert main(["report", str(tmp_path / "nothing")]) == 2
