@@ -40,7 +40,14 @@ def test_plan_on_the_embedded_example(capsys):
     assert "10 weight tensors gated" in out and "layer3.conv2.weight" in out
     assert "bn1.weight" not in out and "9  normalisation parameter (BatchNorm2d)" in out  # counted by reason
     assert main([EXAMPLE, "--plan", "--granularity", "weight", "--verbose"]) == 0
-    assert "bn1.weight" in capsys.readouterr().out  # and listed one by one
+    out = capsys.readouterr().out
+    assert "bn1.weight" in out  # and listed one by one
+    from hyperflux_fx.analysis.latency_model import cache_key, cache_path
+
+    key = cache_key()  # the latency table's key, ISA flags included, and its file
+    line = next(line for line in out.splitlines() if line.startswith("latency cache key"))
+    assert f"isa {','.join(key['isa']) or '-'}," in line and f"onnxruntime {key['ort']}" in line
+    assert f"NCHWc block {key['nchwc_block']}" in line and cache_path().name in line
 
 
 def test_plan_channel_granularity_leads_with_the_groups(capsys):
@@ -56,6 +63,7 @@ def test_plan_json(capsys):
     data = json.loads(capsys.readouterr().out)
     names = [g["name"] for g in data["gated"]]
     assert len(names) == 9 and "fc.weight" not in names
+    assert set(data["latency_cache_key"]) >= {"cpu", "isa", "ort", "nchwc_block", "schema"}
 
 
 RUNS = {"weight": ["--granularity", "weight", "--target-sparsity", "0.7"],
