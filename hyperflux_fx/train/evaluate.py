@@ -41,10 +41,9 @@ def split_batch(batch: Any) -> tuple[tuple[Any, ...], Any]:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable[Any], *, metric_fn: MetricFn | None = None,
-             device: torch.device | str | None = None, amp_dtype: torch.dtype | None = None) -> float:
-    """Mean of ``metric_fn`` (accuracy by default) over ``loader``, weighted by batch size, eval mode."""
-    metric_fn = metric_fn or accuracy
+def _weighted_mean(model: nn.Module, loader: Iterable[Any], device: torch.device | str | None,
+                   amp_dtype: torch.dtype | None, score: Callable[[torch.Tensor, Any], tuple[float, int]]) -> float:
+    """Mean of ``score(outputs, targets) = (value, weight)`` over ``loader``, weighted, in eval mode."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -54,29 +53,31 @@ def evaluate(model: nn.Module, loader: Iterable[Any], *, metric_fn: MetricFn | N
             inputs, targets = split_batch(move_to(batch, device))
             with autocast(device, amp_dtype):
                 out = model(*inputs)
-            n = int(targets.shape[0]) if isinstance(targets, torch.Tensor) else 1
-            total += metric_fn(out.float(), targets) * n
+            value, n = score(out.float(), targets)
+            total += value * n
             count += n
     finally:
         model.train(was_training)
     return total / max(count, 1)
 
 
-@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable[Any], *, metric_fn: MetricFn | None = None,
+             device: torch.device | str | None = None, amp_dtype: torch.dtype | None = None) -> float:
+    """Mean of ``metric_fn`` (accuracy by default) over ``loader``, weighted by batch size, eval mode."""
+    metric_fn = metric_fn or accuracy
+
+    def score(out: torch.Tensor, targets: Any) -> tuple[float, int]:
+        return metric_fn(out, targets), int(targets.shape[0]) if isinstance(targets, torch.Tensor) else 1
+
+    return _weighted_mean(model, loader, device, amp_dtype, score)
+
+
 def evaluate_loss(model: nn.Module, loader: Iterable[Any], loss_fn: LossFn, *,
                   device: torch.device | str | None = None) -> float:
     """Mean of ``loss_fn`` over ``loader``, weighted by the targets' elements (per token for a language
     model: its exponential is the perplexity), eval mode, float32."""
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    try:
-        for batch in loader:
-            inputs, targets = split_batch(move_to(batch, device))
-            n = int(targets.numel()) if isinstance(targets, torch.Tensor) else 1
-            total += float(loss_fn(model(*inputs).float(), targets)) * n
-            count += n
-    finally:
-        model.train(was_training)
-    return total / max(count, 1)
+
+    def score(out: torch.Tensor, targets: Any) -> tuple[float, int]:
+        return float(loss_fn(out, targets)), int(targets.numel()) if isinstance(targets, torch.Tensor) else 1
+
+    return _weighted_mean(model, loader, device, None, score)
