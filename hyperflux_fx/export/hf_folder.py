@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from hyperflux_fx.frontend.hf import quietly
+
 __all__ = ["HF_DECODERS", "HFFolder", "NotUniform", "check_hf_folder", "compact_config", "save_hf_folder"]
 
 HF_DECODERS = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
@@ -114,16 +116,9 @@ def check_hf_folder(path: str | Path, compact: torch.nn.Module, inputs: tuple[to
     its logits from the compact graph's on ``inputs``. Raises :class:`NotUniform` when loading reports
     missing, unexpected or mismatched keys."""
     import transformers
-    from transformers.utils import logging as hf_logging
 
-    was = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        model, info = transformers.AutoModelForCausalLM.from_pretrained(str(path), output_loading_info=True,
-                                                                         local_files_only=True)
-    finally:
-        if was:
-            hf_logging.enable_progress_bar()
+    model, info = quietly(lambda: transformers.AutoModelForCausalLM.from_pretrained(
+        str(path), output_loading_info=True, local_files_only=True))
     problems = {k: sorted(v) for k, v in info.items() if k != "error_msgs" and v}
     if problems or info.get("error_msgs"):
         raise NotUniform(f"from_pretrained({path}) reports {problems or info['error_msgs']}")

@@ -23,7 +23,7 @@ from torch import nn
 
 from hyperflux_fx.frontend.text import text_datasets
 
-__all__ = ["HFLogits", "language_model_loss", "load_hf"]
+__all__ = ["HFLogits", "language_model_loss", "load_hf", "quietly"]
 
 SEQUENCE = 64  # tokens per example and per training window
 
@@ -46,7 +46,7 @@ def language_model_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Te
     return F.cross_entropy(logits.flatten(0, -2), targets.flatten())
 
 
-def _quietly(load: Any) -> Any:
+def quietly(load: Any) -> Any:
     """``load()`` without transformers' weight-loading progress bar (one line of errors stays one line)."""
     from transformers.utils import logging as hf_logging
 
@@ -79,7 +79,7 @@ def load_hf(folder: Path, input_shape: tuple[int, ...] | None) -> tuple[nn.Modul
     if cls is None:
         raise ValueError(f"hf:{folder}: architecture {arch!r} is not in transformers {transformers.__version__}")
     if any(folder.glob("*.safetensors")):
-        model = _quietly(lambda: cls.from_pretrained(folder, local_files_only=True))
+        model = quietly(lambda: cls.from_pretrained(folder, local_files_only=True))
     else:
         model = cls.from_config(config) if cls is transformers.AutoModel else cls(config)
     causal = arch.endswith("ForCausalLM") or arch.endswith("LMHeadModel")

@@ -9,6 +9,7 @@ import torch
 
 import hyperflux_fx as hf
 from hyperflux_fx.export.hf_folder import NotUniform, check_hf_folder, save_hf_folder
+from hyperflux_fx.frontend.hf import quietly
 from hyperflux_fx.frontend.sources import load_source
 
 transformers = pytest.importorskip("transformers")
@@ -23,11 +24,7 @@ def _folder(tmp_path, kind: str):
                  intermediate_size=48, max_position_embeddings=64)
     config.architectures = [cls.__name__]
     torch.manual_seed(0)
-    transformers.utils.logging.disable_progress_bar()
-    try:
-        cls(config).save_pretrained(tmp_path / kind)
-    finally:
-        transformers.utils.logging.enable_progress_bar()
+    quietly(lambda: cls(config).save_pretrained(tmp_path / kind))
     return tmp_path / kind
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from hyperflux_fx.cli import main
+from hyperflux_fx.frontend.hf import quietly
 from hyperflux_fx.frontend.text import (
     VALIDATION_PERCENT,
     TextError,
@@ -97,11 +98,7 @@ def _tiny_llama(folder, vocab: int):
     config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
                                       num_key_value_heads=2, intermediate_size=24, max_position_embeddings=64)
     config.architectures = ["LlamaForCausalLM"]
-    transformers.utils.logging.disable_progress_bar()
-    try:
-        transformers.LlamaForCausalLM(config).save_pretrained(folder)
-    finally:
-        transformers.utils.logging.enable_progress_bar()
+    quietly(lambda: transformers.LlamaForCausalLM(config).save_pretrained(folder))
 
 
 @pytest.fixture(scope="module")
