@@ -43,8 +43,9 @@ class HFFolder:
     config: dict  # the changed fields: hidden_size, heads, KV heads, intermediate_size, head_dim
 
 
-def _weights(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v.detach().cpu().contiguous() for k, v in state.items() if k.startswith(prefix)}
+def _stripped(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors under ``prefix``, by their Hugging Face names (no copy)."""
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def _per_layer(weights: dict[str, torch.Tensor], head_dim: int) -> dict[int, tuple[int, int, int]]:
@@ -69,7 +70,7 @@ def compact_config(config: dict, state: Mapping[str, torch.Tensor], prefix: str 
     arch = (config.get("architectures") or ["?"])[0]
     if arch not in HF_DECODERS:
         raise NotUniform(f"{arch}: a Hugging Face folder is written for {', '.join(HF_DECODERS)} only")
-    weights = _weights(state, prefix)
+    weights = _stripped(state, prefix)  # only their shapes are read
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     layers = _per_layer(weights, head_dim)
     if not layers:
@@ -99,7 +100,7 @@ def save_hf_folder(state: Mapping[str, torch.Tensor], source: str | Path, out: s
     source, out = Path(source), Path(out)
     config = json.loads((source / "config.json").read_text())
     changed = compact_config(config, state, prefix)
-    weights = _weights(state, prefix)
+    weights = {k: v.detach().cpu().contiguous() for k, v in _stripped(state, prefix).items()}
     if config.get("tie_word_embeddings") and "lm_head.weight" in weights:
         weights.pop("lm_head.weight")  # tied: the embedding is the head
     out.mkdir(parents=True, exist_ok=True)
