@@ -139,20 +139,30 @@ class Recorder:
         of an :class:`IntervalRecord`), store and write."""
         all_gates = gates(model)
         rec = IntervalRecord(**fields)
-        self._measure(rec, all_gates, self._statistics(all_gates))
+        table = self._statistics(all_gates)
+        self._measure(rec, all_gates, table)
         data = rec.to_dict()
         rec = IntervalRecord.from_dict(data)  # JSON-clean, as a resumed run reads it back
         self.records.append(rec)
-        for g in all_gates:
-            mask = (g.flow.detach() >= 0).cpu()
-            self.timeline.setdefault(g.target, []).append(
-                mask.flatten() if isinstance(g, ChannelGate) else mask.float().mean().reshape(1))
+        self._append_timeline(all_gates, table)
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(data) + "\n")
             self._write_timeline()
         return rec
+
+    def _append_timeline(self, all_gates: list[Gate], table: list[list[float]]) -> None:
+        """One timeline row per gate: the channel gates' masks (kept by :meth:`_statistics`), copied to the
+        host together, and the weight gates' densities from the kept counts already there."""
+        channel = [g for g in all_gates if isinstance(g, ChannelGate)]
+        if channel:
+            masks = torch.cat([self._prev[g.target].flatten() for g in channel]).cpu()
+            for g, mask in zip(channel, masks.split([g.numel for g in channel]), strict=True):
+                self.timeline.setdefault(g.target, []).append(mask)
+        for g, row in zip(all_gates, table, strict=True):
+            if not isinstance(g, ChannelGate):
+                self.timeline.setdefault(g.target, []).append(torch.tensor([row[0] / g.numel]))
 
     def _write_timeline(self) -> None:
         names = [n for n, rows in self.timeline.items() if rows]
