@@ -262,11 +262,14 @@ def resume_problems(gated: nn.Module, train_loader: DataLoader, config: TrainCon
     if not cfg.resume or path is None or not path.exists():
         return []
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    schedule = _schedule(cfg, train_loader, world)
-    now = fingerprint(gated, cfg, interval_steps=schedule.interval, flow_lr=schedule.flow_lr,
-                      batch_size=train_loader.batch_size or 1, dataset_len=len(train_loader.dataset),  # type: ignore
-                      world=world)
-    return checkpoint_problems(path, now)
+    return checkpoint_problems(path, _fingerprint(gated, cfg, train_loader, _schedule(cfg, train_loader, world), world))
+
+
+def _fingerprint(gated: nn.Module, cfg: TrainConfig, loader: DataLoader, schedule: _Schedule, world: int
+                 ) -> dict[str, Any]:
+    return fingerprint(gated, cfg, interval_steps=schedule.interval, flow_lr=schedule.flow_lr,
+                       batch_size=loader.batch_size or 1, dataset_len=len(loader.dataset),  # type: ignore[arg-type]
+                       world=world)
 
 
 def _setup(gated: nn.Module, loader: DataLoader, cfg: TrainConfig, rank: int, world: int, device: torch.device,
@@ -307,9 +310,7 @@ def _setup(gated: nn.Module, loader: DataLoader, cfg: TrainConfig, rank: int, wo
         loss_fn=loss_fn or (lambda out, y: F.cross_entropy(out, y, label_smoothing=cfg.label_smoothing)),
         metric_fn=metric_fn or accuracy, on_device_accuracy=metric_fn is None,
         ckpt_path=out_dir / "checkpoints" / CHECKPOINT_NAME if out_dir is not None else None,
-        fingerprint=fingerprint(gated, cfg, interval_steps=schedule.interval, flow_lr=schedule.flow_lr,
-                                batch_size=loader.batch_size or 1, dataset_len=len(loader.dataset),  # type: ignore
-                                world=world),
+        fingerprint=_fingerprint(gated, cfg, loader, schedule, world),
         t_start=t_start, measure=measure,
         channel_units=sum(g.numel for g in all_gates if isinstance(g, ChannelGate)),
         lift=(0.0 if not decoupled else cfg.regrowth_lift if cfg.regrowth_lift is not None else distance))
