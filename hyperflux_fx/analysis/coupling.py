@@ -33,7 +33,8 @@ from hyperflux_fx.ops import ChannelRule, NormOperands, OpSpec, node_spec, norm_
 
 __all__ = ["OUTPUT_REASON", "RULES", "ChannelParam", "Consumer", "Coupling", "Group", "Label", "NormUse", "Producer",
            "Seg", "ShapeArg", "Unit", "analyze_channels", "consumer_input", "dead_units", "group_consumers",
-           "kept_count", "label_keep", "param_target", "parent_keep", "plan_keep", "round_multiple", "shape_of"]
+           "kept_count", "label_keep", "param_target", "parent_keep", "plan_keep", "round_field", "round_multiple",
+           "shape_of"]
 
 OUTPUT_REASON = "consumed by the graph output"  # why a group the model's output reads is not gated
 
@@ -1743,14 +1744,20 @@ def dead_units(gm: fx.GraphModule, c: Coupling, group: Group,
     return dead
 
 
+def round_field(group: Group) -> str | None:
+    """The FoldConfig field ``group``'s kept count is rounded by: ``round_to`` for conv channels,
+    ``round_to_width`` for every other width (linear/matmul features), None for heads (never rounded)."""
+    if group.unit == "head":
+        return None
+    return "round_to" if group.conv else "round_to_width"
+
+
 def round_multiple(group: Group, config: FoldConfig) -> int:
-    """The multiple ``group``'s kept count is rounded to: ``config.round_to`` for conv channels,
-    ``config.round_to_width`` for every other width (linear/matmul features), 1 for heads."""
+    """The multiple ``group``'s kept count is rounded to (:func:`round_field`; 1 for heads)."""
     if not isinstance(config.round_to, int) or not isinstance(config.round_to_width, int):
         raise ValueError("round_multiple needs a resolved FoldConfig (analysis.runtime.resolve_fold_config)")
-    if group.unit == "head":
-        return 1
-    return config.round_to if group.conv else config.round_to_width
+    field_name = round_field(group)
+    return 1 if field_name is None else getattr(config, field_name)
 
 
 def kept_count(group: Group, n_closed: int, config: FoldConfig) -> int:
@@ -1761,10 +1768,10 @@ def kept_count(group: Group, n_closed: int, config: FoldConfig) -> int:
     size = group.size
     if n_closed == 0:
         return size
-    multiple = round_multiple(group, config)
     if group.normalised and n_closed < size:
         return size - n_closed
     n_keep = max(size - n_closed, config.min_channels)
+    multiple = round_multiple(group, config)
     return min(size, math.ceil(n_keep / multiple) * multiple)
 
 

@@ -43,6 +43,7 @@ from hyperflux_fx.analysis.coupling import (
     parent_keep,
     plan_keep,
     producer_keep,
+    round_field,
     round_multiple,
 )
 from hyperflux_fx.analysis.runtime import resolve_fold_config
@@ -290,7 +291,7 @@ def _plan_group(gm: fx.GraphModule, coupling: Coupling, g: Group, gate: ChannelG
         return None
     extra = int(kept.sum()) - (g.size - n_closed)
     if extra > 0:
-        knob = "round_to" if g.conv else "round_to_width"
+        knob = round_field(g) or "round_to_width"  # heads: no rounding, so min_channels kept them
         info.reason = f"kept {extra} closed {g.unit}(s) for {knob}={round_multiple(g, config)}/min_channels"
     info.after = int(kept.sum())
     info.deleted = g.size - info.after
