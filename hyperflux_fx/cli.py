@@ -29,7 +29,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -475,6 +475,7 @@ def _datasets(args: argparse.Namespace, loaded: LoadedModel) -> tuple[Dataset, D
     if (args.data or "").startswith("text:") and loaded.loss_fn is None:
         raise UsageError(f"--data {args.data} trains a language model: give an hf: source of a causal LM (or a "
                          "model.py with a loss_fn for next-token targets)")
+    num_classes = None
     try:
         if args.data is None and loaded.datasets is not None:
             train_set, val_set = loaded.datasets()
@@ -482,24 +483,25 @@ def _datasets(args: argparse.Namespace, loaded: LoadedModel) -> tuple[Dataset, D
         else:
             data_name = args.data or "digits"
             tokenizer_dir = args.source[3:] if args.source.startswith("hf:") else None
-            train_set, val_set = resolve_datasets(data_name, sample_shape=sample_shape,
-                                                  num_classes=_num_classes(loaded.model, inputs), seed=args.seed,
-                                                  tokenizer_dir=tokenizer_dir)
+            num_classes = _num_classes(loaded.model, inputs)
+            train_set, val_set = resolve_datasets(data_name, sample_shape=sample_shape, num_classes=num_classes,
+                                                  seed=args.seed, tokenizer_dir=tokenizer_dir)
     except DataError as exc:
         raise UsageError(str(exc)) from exc
-    _check_token_ids(train_set, loaded, inputs)
+    _check_token_ids(train_set, lambda: num_classes or _num_classes(loaded.model, inputs))
     got = tuple(train_set[0][0].shape)
     if got != sample_shape:
         raise UsageError(f"the data's inputs have shape {got} but the model's example input is {sample_shape}")
     return train_set, val_set, data_name
 
 
-def _check_token_ids(train_set: Dataset, loaded: LoadedModel, inputs: tuple[Any, ...]) -> None:
-    """Token ids (integer inputs) must index the model's vocabulary (its output width)."""
+def _check_token_ids(train_set: Dataset, vocabulary: Callable[[], int]) -> None:
+    """Token ids (integer inputs) must index the model's vocabulary (its output width, ``vocabulary()``:
+    a forward pass, made only for integer inputs and only when the data step has not made it)."""
     tensors = getattr(train_set, "tensors", None)
     if not tensors or tensors[0].is_floating_point() or not tensors[0].numel():
         return
-    vocab = _num_classes(loaded.model, inputs)
+    vocab = vocabulary()
     if int(tensors[0].max()) >= vocab:
         raise UsageError(f"the data's token ids go up to {int(tensors[0].max())} but the model predicts {vocab} "
                          "tokens (the offline text set is bytes, 0-255: give the model a vocab_size >= 256, or "
