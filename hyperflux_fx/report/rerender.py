@@ -11,7 +11,7 @@ from typing import Any
 
 from hyperflux_fx.report.html import render_report
 from hyperflux_fx.report.outdir import atomic_write_text
-from hyperflux_fx.train.recorder import IntervalRecord
+from hyperflux_fx.train.recorder import METRICS_FILE, IntervalRecord
 from hyperflux_fx.train.timeline import TIMELINE_FILE, timeline
 
 __all__ = ["REPORTS_FILE", "RunFiles", "find_run", "rerender", "save_reports"]
@@ -36,7 +36,7 @@ class RunFiles:
         reports = self._json(REPORTS_FILE) or {}
         self.gates: dict[str, Any] = reports.get("gates") or {"gated": [], "skipped": [], "channel_groups": []}
         self.fold: dict[str, Any] | None = reports.get("fold")
-        metrics = run_dir / "metrics.jsonl"
+        metrics = run_dir / METRICS_FILE
         lines = metrics.read_text().splitlines() if metrics.exists() else []
         self.history = [IntervalRecord.from_dict(json.loads(line)) for line in lines if line.strip()]
         self.timeline = timeline(run_dir) if (run_dir / TIMELINE_FILE).exists() else None
@@ -61,7 +61,7 @@ def find_run(path: str | Path) -> Path:
     """``path`` if it holds a run, else ``path.partial`` (an interrupted run), else FileNotFoundError."""
     path = Path(path)
     for candidate in (path, path.with_name(path.name + ".partial")):
-        if (candidate / "metrics.jsonl").exists() or (candidate / "summary.json").exists():
+        if (candidate / METRICS_FILE).exists() or (candidate / "summary.json").exists():
             return candidate
     raise FileNotFoundError(f"{path}: no run there (no metrics.jsonl or summary.json in it or in "
                             f"{path.name}.partial)")

@@ -80,7 +80,7 @@ from hyperflux_fx.train.evaluate import LossFn, MetricFn, accuracy, evaluate, mo
 from hyperflux_fx.train.landing import open_flow_distance
 from hyperflux_fx.train.measure import Measure
 from hyperflux_fx.train.optim import amp_dtype, autocast, cosine, grad_scaler, progress_bar, weight_optimizer
-from hyperflux_fx.train.recorder import IntervalRecord, Landing, Recorder
+from hyperflux_fx.train.recorder import METRICS_FILE, IntervalRecord, Landing, Recorder
 from hyperflux_fx.train.scheduler import (
     PressureController,
     ScalingLaw,
@@ -305,7 +305,7 @@ def _setup(gated: nn.Module, loader: DataLoader, cfg: TrainConfig, rank: int, wo
     return _Run(
         cfg=cfg, gated=gated, model=gated, gates=all_gates, pressure=pressure_state(gated), schedule=schedule,
         controller=controller, opt_w=opt_w, opt_t=opt_t, scaler=grad_scaler(dtype),
-        recorder=Recorder(gated, out_dir / "metrics.jsonl" if (out_dir is not None and rank == 0) else None),
+        recorder=Recorder(gated, out_dir / METRICS_FILE if (out_dir is not None and rank == 0) else None),
         device=device, amp_dtype=dtype, rank=rank, world=world,
         loss_fn=loss_fn or (lambda out, y: F.cross_entropy(out, y, label_smoothing=cfg.label_smoothing)),
         metric_fn=metric_fn or accuracy, on_device_accuracy=metric_fn is None,

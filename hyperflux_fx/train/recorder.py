@@ -24,7 +24,9 @@ from torch import nn
 from hyperflux_fx.ir import ChannelGate, Gate, gates
 from hyperflux_fx.train.timeline import TIMELINE_FILE, write_timeline
 
-__all__ = ["IntervalRecord", "Landing", "LayerRecord", "Recorder", "Tracking", "tracking"]
+__all__ = ["METRICS_FILE", "IntervalRecord", "Landing", "LayerRecord", "Recorder", "Tracking", "tracking"]
+
+METRICS_FILE = "metrics.jsonl"  # one record per interval, beside the run's timeline.npz
 
 
 class _Fields:
