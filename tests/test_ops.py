@@ -13,6 +13,7 @@ import ast
 import dataclasses
 import importlib
 import operator
+import pkgutil
 from pathlib import Path
 
 import pytest
@@ -68,8 +69,11 @@ def test_every_channel_rule_has_its_code_and_the_analysis_keeps_no_op_table():
     assert set(RULES) == set(ops.ChannelRule)
     used = {s.channel_rule for s in [*ops.FUNCTIONS.values(), *ops.METHODS.values(), *(e.spec for e in ops.MODULES)]}
     assert used - {None} <= set(RULES)
-    coupling = importlib.import_module("hyperflux_fx.analysis.coupling")
-    tables = [k for k, v in vars(coupling).items() if isinstance(v, dict) and any(_in_table(x) for x in v)]
+    package = importlib.import_module("hyperflux_fx.analysis.coupling")
+    modules = [importlib.import_module(m.name) for m in pkgutil.walk_packages(package.__path__, package.__name__ + ".")]
+    assert len(modules) >= 10  # every module of the analysis package is looked at, rules/ included
+    tables = [f"{m.__name__}.{k}" for m in [package, *modules] for k, v in vars(m).items()
+              if isinstance(v, dict) and any(_in_table(x) for x in v)]
     assert not tables
 
 

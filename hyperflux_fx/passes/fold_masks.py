@@ -38,6 +38,7 @@ from hyperflux_fx.analysis.coupling import (
     analyze_channels,
     consumer_input,
     dead_units,
+    kept_ranges,
     label_keep,
     param_keep,
     parent_keep,
@@ -350,7 +351,7 @@ def _resize(gm: fx.GraphModule, coupling: Coupling, keep: dict[int, torch.Tensor
         _set_size_arg(nodes[sa.node], sa.dim, sa.label.width if idx is None else int(idx.numel()))
         rules["shape_args_updated"] += int(idx is not None)
     for cut in coupling.cut_args:  # split / chunk / narrow / slice bounds in the kept channels
-        ranges = cut.kept_ranges(keep, group_of)
+        ranges = kept_ranges(cut, keep, group_of)
         if ranges != list(cut.ranges):
             _set_cut_args(gm.graph, nodes[cut.node], cut, ranges)
             rules["cut_args_updated"] += 1

@@ -1,0 +1,109 @@
+"""Elementwise and broadcast ops: unary maths keeps the label (and notes ops that revive zeros); add,
+sub, mul, div, where and addcmul tie the labels of their operands or keep the one label with a
+broadcast operand."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import fx
+
+from hyperflux_fx.analysis.coupling.labels import Coupling, Label, Rule, block_inputs, only_label, shape_of
+from hyperflux_fx.analysis.coupling.rules.links import same_layout, split_alike, tie
+from hyperflux_fx.analysis.coupling.rules.params import broadcast_operand
+from hyperflux_fx.ops import ChannelRule
+
+
+def _elementwise(gm, node, c, labels, spec):  # per element: f(0) != 0 revives zeros
+    lab = only_label(node, labels)
+    if lab is not None and not spec.zero_preserving:
+        c.revived.update(lab.spaces())
+    return lab
+
+
+def _addcmul(gm, node, c, labels, spec):
+    """input + value * tensor1 * tensor2: labelled operands are tied (as add / mul), the others must
+    broadcast (a parameter over the channels is sliced); a closed channel stays zero only if the
+    input and one of the factors carry it."""
+    operands = [spec.arg(node, name) for name in spec.signature[:3]]
+    labs = [labels.get(o) if isinstance(o, fx.Node) else None for o in operands]
+    ref = next((lab for lab in labs if lab is not None), None)
+    if ref is None:
+        return None
+    for operand, lab in zip(operands, labs, strict=True):
+        if lab is None:
+            if not broadcast_operand(gm, c, node, ref, operand):
+                c.block(ref, f"addcmul with an operand that varies over the channels: {node.format_node()}")
+        elif lab is not ref:
+            if same_layout(lab, ref):
+                tie(c, ref, lab, "addcmul", node)
+            else:
+                c.block(ref, f"addcmul of differently laid out channels: {node.format_node()}")
+                c.block(lab, f"addcmul of differently laid out channels: {node.format_node()}")
+    if labs[0] is None or (labs[1] is None and labs[2] is None):
+        c.revived.update(ref.spaces())
+    return ref
+
+
+def _binary(kind: str) -> Rule:
+    """add/sub/mul/div: two labelled operands are tied; one labelled with a scalar or broadcast passes."""
+    def rule(gm, node, c, labels, spec):
+        return _combine(gm, node, c, labels, kind, node.args[0], spec.arg(node, spec.signature[1]))
+    return rule
+
+
+def _combine(gm: fx.GraphModule, node: fx.Node, c: Coupling, labels: dict[fx.Node, Label], kind: str, a: Any,
+             b: Any) -> Label | None:
+    """The label of an elementwise op of ``a`` and ``b`` (see :func:`_binary`)."""
+    la = labels.get(a) if isinstance(a, fx.Node) else None
+    lb = labels.get(b) if isinstance(b, fx.Node) else None
+    if la is None and lb is None:
+        return None
+    if la is not None and lb is not None:
+        if not same_layout(la, lb):
+            sa, sb = shape_of(a), shape_of(b)
+            # broadcasting against a size-1 channel dim keeps the other label
+            if sb is not None and len(sb) > la.dim and sb[la.dim] == 1:
+                return la
+            if sa is not None and len(sa) > lb.dim and sa[lb.dim] == 1:
+                return lb
+            if split_alike(c, la, lb) or split_alike(c, lb, la):
+                return la
+            c.block(la, f"{kind} of differently laid out channels: {node.format_node()}")
+            c.block(lb, f"{kind} of differently laid out channels: {node.format_node()}")
+            return la
+        tie(c, la, lb, kind, node)
+        return la
+    lab, other = (la, b) if la is not None else (lb, a)
+    if not broadcast_operand(gm, c, node, lab, other):
+        c.block(lab, f"{kind} with an operand that varies over the channels: {node.format_node()}")
+    if kind in ("add", "sub", "where") and other is not None and not (isinstance(other, (int, float)) and other == 0):
+        c.revived.update(lab.spaces())
+    if kind == "div" and lab is lb:
+        c.block(lab, f"division by channels: {node.format_node()}")
+    return lab
+
+
+def _where(gm, node, c, labels, spec):  # where(condition, x, y): as an add of x and y, the condition broadcast
+    cond = spec.arg(node, "condition")
+    out = _combine(gm, node, c, labels, "where", spec.arg(node, "input"), spec.arg(node, "other"))
+    if isinstance(cond, fx.Node) and cond in labels:
+        block_inputs(c, node, labels, f"a condition over the channels: {node.format_node()}")
+        return None
+    if out is not None and not broadcast_operand(gm, c, node, out, cond):
+        c.block(out, f"where with a condition that varies over the channels: {node.format_node()}")
+    return out
+
+
+#: this family's channel rules (the op table names them; ``rules.RULES`` merges the families)
+
+
+RULES: dict[ChannelRule, Rule] = {
+    ChannelRule.ELEMENTWISE: _elementwise,
+    ChannelRule.ADD: _binary('add'),
+    ChannelRule.SUB: _binary('sub'),
+    ChannelRule.MUL: _binary('mul'),
+    ChannelRule.DIV: _binary('div'),
+    ChannelRule.WHERE: _where,
+    ChannelRule.ADDCMUL: _addcmul,
+}

@@ -1,0 +1,113 @@
+"""How labels are linked: ties between spaces of the same layout, splits over conv groups and cuts into
+runs asked of the next pass. Shared by every rule family."""
+
+from __future__ import annotations
+
+import itertools
+
+from torch import fx
+
+from hyperflux_fx.analysis.coupling.labels import Coupling, CutArg, Label, Producer, Seg
+
+
+def _plain_producer(c: Coupling, prod: Producer) -> bool:
+    """A conv/linear space a next pass can still split or cut: one row per unit, not a head space,
+    not split over conv groups."""
+    return prod.replicas == 1 and prod.unit_rows == 1 and prod.parent is None and prod.node not in c.split
+
+
+def request_split(c: Coupling, lab: Label, groups: int) -> bool:
+    """Ask the next pass to split ``lab``'s space over ``groups`` (True when it can: one plain
+    conv/linear space); until then the space is blocked, so this pass's result is not used."""
+    seg = lab.segs[0] if len(lab.segs) == 1 else None
+    if seg is None or seg.space is None or seg.replicas != 1 or seg.expand != 1 or seg.length % groups:
+        return False
+    prod = c.producers[seg.space]
+    if not _plain_producer(c, prod):
+        return False
+    c.requests.setdefault(prod.node, groups)
+    c.block(lab, f"split over {groups} conv groups on the next pass")
+    return True
+
+
+def split_alike(c: Coupling, plain: Label, split: Label) -> bool:
+    """``split``'s one space is split over conv groups and ``plain``'s is not yet, or the two are cut
+    into different runs: ask the next pass to split or cut them alike (True when asked)."""
+    if plain.dim != split.dim or plain.width != split.width:
+        return False
+    if len(split.segs) == 1 and split.segs[0].replicas > 1:
+        return request_split(c, plain, split.segs[0].replicas)
+    if any(sg.expand != 1 or sg.replicas != 1 for sg in plain.segs + split.segs):
+        return False
+    asked = [_request_cut(c, plain, _bounds(split)), _request_cut(c, split, _bounds(plain))]
+    return any(asked) and all(ok is not False for ok in asked)
+
+
+def _bounds(lab: Label) -> set[int]:
+    """Where the runs of a label start and end along its dim."""
+    return set(itertools.accumulate((sg.width for sg in lab.segs), initial=0))
+
+
+def _request_cut(c: Coupling, lab: Label, at: set[int]) -> bool | None:
+    """Ask the next pass to cut ``lab``'s runs at the positions ``at`` (along its dim). True when asked,
+    None when nothing needs cutting, False when a run cannot be cut (not a plain conv/linear space)."""
+    asked, offset = None, 0
+    for sg in lab.segs:
+        inner = {p - offset for p in at if offset < p < offset + sg.width}
+        offset += sg.width
+        if not inner or sg.space is None:
+            continue  # runs nobody owns are cut for free
+        prod = c.producers[sg.space]
+        rows = {prod.offset + p for p in inner}
+        if sg.expand != 1 or sg.replicas != 1 or not _plain_producer(c, prod) or rows <= c.cuts.get(
+                prod.node, frozenset()):
+            return False
+        c.cut_requests[prod.node] |= rows
+        c.block(Label(lab.dim, (sg,)), f"cut at rows {sorted(rows)} on the next pass")
+        asked = True
+    return asked
+
+
+def cut(c: Coupling, node: fx.Node, lab: Label, ranges: list[tuple[int, int]], kind: str,
+         index_pos: int = 0) -> list[Label | None]:
+    """The labels of ``ranges`` of a label's dim (split / chunk / narrow / a slice): the runs inside each,
+    the op's bounds recorded to follow the fold (:class:`CutArg`). A range that ends inside a run asks
+    for that run's space to be cut there (next pass); meanwhile, or when it cannot be cut, the pieces
+    carry no label."""
+    at = {p for r in ranges for p in r}
+    asked = _request_cut(c, lab, at)
+    if asked is False:
+        c.block(lab, f"slicing into channels that cannot be cut: {node.format_node()}")
+    if asked is not None:
+        return [None] * len(ranges)
+    bounds = tuple(sorted(at | {0, lab.width}))
+    parts = tuple(_runs(lab, a, b) for a, b in itertools.pairwise(bounds))
+    c.cut_args.append(CutArg(node.name, kind, lab.dim, bounds, parts, tuple(ranges), index_pos))
+    return [_runs(lab, a, b) if a < b else None for a, b in ranges]
+
+
+def _runs(lab: Label, start: int, stop: int) -> Label:
+    """The runs of ``lab`` within [start, stop) (aligned on its runs, or inside runs nobody owns)."""
+    segs, offset = [], 0
+    for sg in lab.segs:
+        lo, hi = max(start, offset), min(stop, offset + sg.width)
+        if lo < hi:
+            segs.append(sg if (lo, hi) == (offset, offset + sg.width) else Seg(None, hi - lo))
+        offset += sg.width
+    return Label(lab.dim, tuple(segs))
+
+
+def same_layout(la: Label, lb: Label) -> bool:
+    """The two labels put the same runs of channels on the same dim (so they can be tied)."""
+    return la.dim == lb.dim and [(s.length, s.expand, s.replicas) for s in la.segs] == [
+        (s.length, s.expand, s.replicas) for s in lb.segs]
+
+
+def tie(c: Coupling, la: Label, lb: Label, kind: str, node: fx.Node) -> None:
+    """Tie two labels of the same layout segment by segment (their channels go together)."""
+    for sa, sb in zip(la.segs, lb.segs, strict=True):
+        if sa.space is not None and sb.space is not None:
+            c.ties.add_edge(sa.space, sb.space)
+        elif sa.space is not None or sb.space is not None:
+            c.block(la, f"{kind} ties channels to ones that cannot be deleted: {node.format_node()}")
+            c.block(lb, f"{kind} ties channels to ones that cannot be deleted: {node.format_node()}")
