@@ -115,6 +115,7 @@ class ChannelRule(enum.Enum):
     UNBIND = "unbind"  # items keep the label (dim shifted)
     SPLIT = "split"  # split / chunk / narrow: on the channel dim, runs of channels (a space cut where needed)
     ADDCMUL = "addcmul"  # input + value * tensor1 * tensor2: the three tied or broadcast, as add and mul
+    GLU = "glu"  # a * sigmoid(b), the halves of a dim: over the channels, the halves cut apart and tied
     SHIFT = "shift"  # roll / flip / pad along other dims: channels untouched (pad: revived by a non-zero value)
     BLOCK = "block"  # mixes the channels: blocks them with the entry's block_reason
     NO_CHANNELS = "no_channels"  # its output carries no channels (shape reads, weight gates)
@@ -312,6 +313,7 @@ def _spatial(name: str) -> OpSpec:
     return OpSpec(name, "pool", ("input",), channel_rule=ChannelRule.SPATIAL)
 
 
+_GLU = OpSpec("glu", "elementwise", ("input", "dim"), channel_rule=ChannelRule.GLU, zero_preserving=True)
 _SOFTMAX = OpSpec("softmax", "softmax", ("input", "dim"), channel_rule=ChannelRule.SOFTMAX, attention_glue=True)
 _SPLIT = OpSpec("split", "index", ("input", "split_size_or_sections", "dim"), channel_rule=ChannelRule.SPLIT,
                 attention_glue=True)
@@ -390,6 +392,7 @@ FUNCTIONS: dict[Any, OpSpec] = {
                     reads_sizes=True),  # x.shape: read at run time
     # activations: f(0) = 0 keeps a deleted channel exactly zero; f(0) != 0 revives it
     F.relu: _act("relu", True), torch.relu: _act("relu", True), F.relu6: _act("relu6", True),
+    F.glu: _GLU,  # gated linear unit over a dim (the channels: two tied halves)
     F.gelu: _act("gelu", True), F.silu: _act("silu", True), F.hardswish: _act("hardswish", True),
     F.hardtanh: _act("hardtanh", True), F.leaky_relu: _act("leaky_relu", True), F.elu: _act("elu", True),
     F.mish: _act("mish", True), torch.tanh: _act("tanh", True), F.tanh: _act("tanh", True),
@@ -512,7 +515,7 @@ _ATEN_LIKE: dict[Any, OpSpec] = {
     _aten.embedding.default: _EMBEDDING,
     _aten.add.Tensor: FUNCTIONS[torch.add], _aten.sub.Tensor: FUNCTIONS[torch.sub],
     _aten.mul.Tensor: FUNCTIONS[torch.mul], _aten.div.Tensor: FUNCTIONS[torch.div],
-    _aten.addcmul.default: FUNCTIONS[torch.addcmul], _aten.where.self: FUNCTIONS[torch.where],
+    _aten.addcmul.default: FUNCTIONS[torch.addcmul], _aten.glu.default: _GLU, _aten.where.self: FUNCTIONS[torch.where],
     _aten.where.ScalarOther: FUNCTIONS[torch.where], _aten.where.ScalarSelf: FUNCTIONS[torch.where],
     _aten.cat.default: FUNCTIONS[torch.cat],
     _aten.flatten.using_ints: FUNCTIONS[torch.flatten],
@@ -645,6 +648,8 @@ MODULES: tuple[ModuleEntry, ...] = (
     _module_spatial(nn.AdaptiveAvgPool1d), _module_spatial(nn.AdaptiveAvgPool2d),
     _module_spatial(nn.AdaptiveAvgPool3d), _module_spatial(nn.AdaptiveMaxPool2d), _module_spatial(nn.Upsample),
     ModuleEntry(nn.Flatten, OpSpec("Flatten", "shape", channel_rule=ChannelRule.RESHAPE)),  # as torch.flatten
+    ModuleEntry(nn.GLU, OpSpec("GLU", "elementwise", channel_rule=ChannelRule.GLU,
+                               zero_preserving=True)),  # as F.glu over its dim attribute
     ModuleEntry(nn.Softmax, OpSpec("Softmax", "softmax", channel_rule=ChannelRule.SOFTMAX,
                                    attention_glue=True)),  # as F.softmax over its dim attribute
     ModuleEntry(Gate, OpSpec("gate", "gate", channel_rule=ChannelRule.NO_CHANNELS)),  # weights or masks, no channels

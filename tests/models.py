@@ -571,6 +571,25 @@ class ResponseNorm(nn.Module):
         return self.head(x.mean((2, 3)))
 
 
+class GluHalves(nn.Module):
+    """Gated linear units over the channels: ``F.glu`` on a conv's output (its two halves tied unit by
+    unit) and an ``nn.GLU`` module on an MLP's hidden units, beside a GLU over a spatial dim (the label
+    passes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.mix = nn.Conv2d(8, 12, 1)
+        self.fc1 = nn.Linear(6, 20)
+        self.glu = nn.GLU(dim=-1)
+        self.fc2 = nn.Linear(10, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.glu(self.conv(x), dim=1)
+        y = F.glu(self.mix(y), dim=2)  # over the rows: the channels pass
+        return self.fc2(self.glu(self.fc1(y.mean(2).mean(2)[:, :6])))
+
+
 class TrainingBranch(nn.Module):
     """``if self.training:`` code that is neither a dropout nor a drop path."""
 
@@ -687,6 +706,7 @@ FOLD_ZOO.update({
     "shifted_windows": (_seeded(ShiftedWindows), _inputs(2, 3, 5, 5)),
     "response_norm": (_seeded(ResponseNorm), _inputs(2, 3, 6, 6)),
     "view_as": (_seeded(ViewAs), _inputs(2, 3, 6, 6)),
+    "glu_halves": (_seeded(GluHalves), _inputs(2, 3, 6, 6)),
     "tiny_vit": (_seeded(TinyViT), _inputs(2, 3, 6, 6)),
     "norm_variety": (_seeded(NormVariety), _inputs(2, 3, 6, 6)),
 })

@@ -3,6 +3,8 @@ matching (the group is blocked, with the node in the reason)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -338,3 +340,42 @@ def test_group_norm_is_mask_aware_and_splits_its_space_over_its_groups():
 
     _, groups = _analyze(Mismatch(), torch.randn(2, 3, 4, 4))
     assert any("split another way" in r for r in groups["a"].blocked), groups["a"].blocked
+
+
+ARCHITECTURE_MD = Path(__file__).resolve().parents[2] / "docs" / "ARCHITECTURE.md"
+
+
+def test_the_worked_example_in_architecture_md_runs():
+    # docs/ARCHITECTURE.md, "Adding the channel rule for a new op": the check a contributor runs is
+    # the code on that page, run here as written (its asserts are the test)
+    text = ARCHITECTURE_MD.read_text()
+    block = text.split("<!-- worked-example:begin -->", 1)[1].split("<!-- worked-example:end -->", 1)[0]
+    code = block.split("```python\n", 1)[1].rsplit("```", 1)[0]
+    assert "analyze_channels" in code and "fold_masks" in code and "assert" in code
+    exec(compile(code, f"{ARCHITECTURE_MD}:worked-example", "exec"), {"__name__": "worked_example"})
+
+
+@pytest.mark.parametrize(("how", "expect"), [
+    ("channels", [(["conv[0:4]", "conv[4:8]"], 4)]),  # one conv's space, cut between its halves and tied
+    ("cat", [(["conv", "other"], 8)]),  # two convs concatenated: the halves are the two spaces, tied
+    ("rows", [(["conv"], 8)]),  # over the rows: the channel label passes
+])
+def test_glu_ties_the_halves_over_the_channels_and_passes_over_other_dims(how, expect):
+    class Glu(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.other = nn.Conv2d(3, 8, 3, padding=1)
+            self.head = nn.Conv2d(8 if how != "channels" else 4, 2, 1)
+
+        def forward(self, x):
+            y = self.conv(x)
+            if how == "cat":
+                y = torch.cat([y, self.other(x)], 1)
+            return self.head(F.glu(y, dim=2 if how == "rows" else 1)).mean((2, 3))
+
+    gm = hf.trace(Glu())
+    propagate_shapes(gm, (torch.randn(2, 3, 6, 6),))
+    groups = [g for g in analyze_channels(gm).groups() if "consumed by the graph output" not in g.blocked]
+    assert [(sorted(g.producers), g.size) for g in groups] == expect
+    assert not any(g.blocked for g in groups)

@@ -1,12 +1,14 @@
 """Property test: on generated small networks mixing conv / BN / activations / depthwise (with a channel
 multiplier) / grouped convs / strided convs with upsampling / add / cat / split / chunk / narrow /
 channel slices / permute + LayerNorm / GroupNorm / per-channel scale and shift parameters / response
-norm / squeeze-excite / pooling / view_as / dropout / flatten / linear chains, fold is exact for random
-masks and deletes every closed unit of a deletable group, every time (500 gated networks per run,
-derandomised so CI sees the same ones; a network with nothing gated is replaced by another)."""
+norm / squeeze-excite / gated linear units over the channels / pooling / view_as / dropout / flatten /
+linear chains, fold is exact for random masks and deletes every closed unit of a deletable group,
+every time (500 gated networks per run, derandomised so CI sees the same ones; a network with
+nothing gated is replaced by another). Every construct must be drawn into a fold that deleted."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from equivalence import assert_fold_exact
@@ -15,6 +17,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 import hyperflux_fx as hf
+
+#: the constructs of the networks whose fold deleted units (filled by the property test, read after it)
+DELETED_WITH: set[str] = set()
 
 _ACTS = {"relu": F.relu, "silu": F.silu, "gelu": F.gelu, "sigmoid": torch.sigmoid, "none": lambda t: t}
 
@@ -35,6 +40,7 @@ step = st.one_of(
     st.tuples(st.just("gn"), st.integers(0, 99), st.sampled_from([1, 2])),
     st.tuples(st.just("scale"), st.integers(0, 99)),
     st.tuples(st.just("grn"), st.integers(0, 99)),
+    st.tuples(st.just("glu"), st.integers(0, 99)),
 )
 
 
@@ -130,6 +136,11 @@ class RandomNet(nn.Module):
                 src = s[1] % len(chans)
                 self.plan.append(("grn", src))
                 chans.append(chans[src])
+            elif kind == "glu":  # a gated linear unit over the channels (even widths): two halves tied
+                src = s[1] % len(chans)
+                if chans[src] % 2 == 0:
+                    self.plan.append(("glu", src))
+                    chans.append(chans[src] // 2)
             elif kind == "se":
                 src = s[1] % len(chans)
                 c = chans[src]
@@ -164,6 +175,8 @@ class RandomNet(nn.Module):
             elif p[0] == "grn":
                 g = ts[p[1]].norm(p=2, dim=(2, 3), keepdim=True)
                 ts.append(ts[p[1]] + ts[p[1]] * (g / (g.mean(1, keepdim=True) + 1e-6)))
+            elif p[0] == "glu":
+                ts.append(F.glu(ts[p[1]], dim=1))
             elif p[0] == "add":
                 ts.append(ts[p[1]] + ts[p[2]])
             elif p[0] == "cat":
@@ -219,3 +232,12 @@ def test_fold_is_exact_on_generated_networks(steps, head, granularity, closed, s
     if report.deleted_units:  # which constructs the exact, deleting folds covered
         for kind in sorted({p[2] if p[0] == "cut" else p[4] if len(p) > 4 else p[0] for p in model.plan}):
             event(f"deleted, with {kind}")
+            DELETED_WITH.add(kind)
+
+
+def test_every_construct_is_drawn_into_a_deleting_fold():
+    if not DELETED_WITH:
+        pytest.skip("reads what the property test above saw: run the module whole")
+    drawn = {"conv", "add", "cat", "se", "pool", "grouped", "dwmult", "stride", "split", "chunk", "narrow", "slice",
+             "ln", "gn", "scale", "grn", "glu"}
+    assert drawn <= DELETED_WITH, f"never in a fold that deleted: {sorted(drawn - DELETED_WITH)}"

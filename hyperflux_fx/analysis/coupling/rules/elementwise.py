@@ -8,8 +8,8 @@ from typing import Any
 
 from torch import fx
 
-from hyperflux_fx.analysis.coupling.labels import Coupling, Label, Rule, block_inputs, only_label, shape_of
-from hyperflux_fx.analysis.coupling.rules.links import same_layout, split_alike, tie
+from hyperflux_fx.analysis.coupling.labels import Coupling, Label, Rule, block_inputs, norm_dim, only_label, shape_of
+from hyperflux_fx.analysis.coupling.rules.links import request_cut, runs, same_layout, split_alike, tie
 from hyperflux_fx.analysis.coupling.rules.params import broadcast_operand
 from hyperflux_fx.ops import ChannelRule
 
@@ -95,6 +95,32 @@ def _where(gm, node, c, labels, spec):  # where(condition, x, y): as an add of x
     return out
 
 
+def _glu(gm, node, c, labels, spec):
+    """glu(x, dim) = a * sigmoid(b), a and b the two halves of x along dim. Over the channels, channel i
+    of a goes with channel i of b: the space is cut between the halves (by the next pass, when a
+    producer makes both), the halves are tied unit by unit and the output carries a's runs. Over
+    another dim the label passes. f(0) = 0: nothing is revived."""
+    lab = only_label(node, labels)
+    shape = shape_of(node.args[0])
+    if lab is None or shape is None:
+        return None
+    dim = gm.get_submodule(str(node.target)).dim if node.op == "call_module" else spec.arg(node, "dim", -1)
+    if norm_dim(dim, len(shape)) != lab.dim:
+        return lab
+    half = lab.width // 2
+    asked = request_cut(c, lab, {half})
+    if asked is False:
+        c.block(lab, f"glu over channels that cannot be cut in halves: {node.format_node()}")
+    if asked is not None:
+        return None
+    a, b = runs(lab, 0, half), runs(lab, half, lab.width)
+    if not same_layout(a, b):
+        c.block(lab, f"glu over halves laid out differently: {node.format_node()}")
+        return None
+    tie(c, a, b, "glu", node)
+    return a
+
+
 #: this family's channel rules (the op table names them; ``rules.RULES`` merges the families)
 
 
@@ -106,4 +132,5 @@ RULES: dict[ChannelRule, Rule] = {
     ChannelRule.DIV: _binary('div'),
     ChannelRule.WHERE: _where,
     ChannelRule.ADDCMUL: _addcmul,
+    ChannelRule.GLU: _glu,
 }

@@ -39,7 +39,7 @@ def split_alike(c: Coupling, plain: Label, split: Label) -> bool:
         return request_split(c, plain, split.segs[0].replicas)
     if any(sg.expand != 1 or sg.replicas != 1 for sg in plain.segs + split.segs):
         return False
-    asked = [_request_cut(c, plain, _bounds(split)), _request_cut(c, split, _bounds(plain))]
+    asked = [request_cut(c, plain, _bounds(split)), request_cut(c, split, _bounds(plain))]
     return any(asked) and all(ok is not False for ok in asked)
 
 
@@ -48,7 +48,7 @@ def _bounds(lab: Label) -> set[int]:
     return set(itertools.accumulate((sg.width for sg in lab.segs), initial=0))
 
 
-def _request_cut(c: Coupling, lab: Label, at: set[int]) -> bool | None:
+def request_cut(c: Coupling, lab: Label, at: set[int]) -> bool | None:
     """Ask the next pass to cut ``lab``'s runs at the positions ``at`` (along its dim). True when asked,
     None when nothing needs cutting, False when a run cannot be cut (not a plain conv/linear space)."""
     asked, offset = None, 0
@@ -75,18 +75,18 @@ def cut(c: Coupling, node: fx.Node, lab: Label, ranges: list[tuple[int, int]], k
     for that run's space to be cut there (next pass); meanwhile, or when it cannot be cut, the pieces
     carry no label."""
     at = {p for r in ranges for p in r}
-    asked = _request_cut(c, lab, at)
+    asked = request_cut(c, lab, at)
     if asked is False:
         c.block(lab, f"slicing into channels that cannot be cut: {node.format_node()}")
     if asked is not None:
         return [None] * len(ranges)
     bounds = tuple(sorted(at | {0, lab.width}))
-    parts = tuple(_runs(lab, a, b) for a, b in itertools.pairwise(bounds))
+    parts = tuple(runs(lab, a, b) for a, b in itertools.pairwise(bounds))
     c.cut_args.append(CutArg(node.name, kind, lab.dim, bounds, parts, tuple(ranges), index_pos))
-    return [_runs(lab, a, b) if a < b else None for a, b in ranges]
+    return [runs(lab, a, b) if a < b else None for a, b in ranges]
 
 
-def _runs(lab: Label, start: int, stop: int) -> Label:
+def runs(lab: Label, start: int, stop: int) -> Label:
     """The runs of ``lab`` within [start, stop) (aligned on its runs, or inside runs nobody owns)."""
     segs, offset = [], 0
     for sg in lab.segs:
