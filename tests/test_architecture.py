@@ -78,7 +78,7 @@ def _lint_imports(cwd: Path, pythonpath: Path) -> subprocess.CompletedProcess[st
 def test_the_layer_contract_holds():
     proc = _lint_imports(ROOT, ROOT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "3 kept, 0 broken" in proc.stdout  # the package layers, the channel analysis's, its rules'
+    assert "4 kept, 0 broken" in proc.stdout  # the package layers; the channel analysis, its rules, the CLI
 
 
 UPWARD = [  # (module, the import added to it, the broken edge import-linter must name)

@@ -374,28 +374,29 @@ def test_console_script_runs_as_module():
 
 def test_round_to_from_a_summary_reuses_both_resolved_multiples(tmp_path):
     """A fold on another machine can reuse what a run resolved: --round-to OLD/summary.json."""
-    from hyperflux_fx.cli import _fold_config, build_parser
+    from hyperflux_fx.cli import build_parser
+    from hyperflux_fx.cli.args import fold_config
 
     summary = tmp_path / "summary.json"
     summary.write_text(json.dumps({"round_to": 8, "round_to_width": 1, "accuracy": 0.9}))
     args = build_parser().parse_args([EXAMPLE, "--round-to", str(summary)])
-    assert _fold_config(args) == FoldConfig(round_to=8, round_to_width=1)
+    assert fold_config(args) == FoldConfig(round_to=8, round_to_width=1)
     args = build_parser().parse_args([EXAMPLE, "--round-to", str(summary), "--round-to-width", "4"])
-    assert _fold_config(args) == FoldConfig(round_to=8, round_to_width=4)  # an explicit flag still wins
+    assert fold_config(args) == FoldConfig(round_to=8, round_to_width=4)  # an explicit flag still wins
 
 
 def test_a_calibration_from_another_machine_is_measured_again(tmp_path):
     from types import SimpleNamespace
 
     from hyperflux_fx.analysis.latency_model import cache_key
-    from hyperflux_fx.cli import CALIBRATION_FILE, _saved_calibration
+    from hyperflux_fx.cli.latency import CALIBRATION_FILE, saved_calibration
 
     job = SimpleNamespace(partial=tmp_path, args=SimpleNamespace(quiet=True))
     points = [[{"0": 16}, 2.0], [{"0": 8}, 1.2]]
     (tmp_path / CALIBRATION_FILE).write_text(json.dumps({"key": cache_key(), "points": points}))
-    assert _saved_calibration(job) == [({0: 16}, 2.0), ({0: 8}, 1.2)]
+    assert saved_calibration(job) == [({0: 16}, 2.0), ({0: 8}, 1.2)]
     other = {**cache_key(), "isa": ["avx2", "fma"]}
     (tmp_path / CALIBRATION_FILE).write_text(json.dumps({"key": other, "points": points}))
-    assert _saved_calibration(job) is None
+    assert saved_calibration(job) is None
     (tmp_path / CALIBRATION_FILE).write_text(json.dumps(points))  # the format before the key
-    assert _saved_calibration(job) is None
+    assert saved_calibration(job) is None
