@@ -39,8 +39,6 @@ def say(args: argparse.Namespace, text: str) -> None:
 
 
 @dataclass
-
-
 class Job:
     """What every stage of a compile run reads: the arguments, where to write, the model and data."""
 

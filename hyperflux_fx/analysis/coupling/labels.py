@@ -27,8 +27,6 @@ Unit = Literal["channel", "head"]  # what one unit of a group is: a channel (hid
 
 
 @dataclass(frozen=True)
-
-
 class Seg:
     """A run of channels owned by one space (``space=None``: channels no op can delete, e.g. the input)."""
 
@@ -50,8 +48,6 @@ class Seg:
 
 
 @dataclass(frozen=True)
-
-
 class Label:
     """Which dim of a tensor carries channels, and who owns them."""
 
@@ -67,8 +63,6 @@ class Label:
 
 
 @dataclass
-
-
 class Producer:
     """A conv/linear op creating a space: slice ``weight`` (and ``bias``) on ``weight_dim``."""
 
@@ -108,8 +102,6 @@ class Producer:
 
 
 @dataclass
-
-
 class ShapeArg:
     """A size argument of a reshape/view that must follow a label's width after deletion."""
 
@@ -119,8 +111,6 @@ class ShapeArg:
 
 
 @dataclass
-
-
 class CutArg:
     """A split / chunk / narrow / channel slice whose bounds must follow the deleted channels: the
     channel dim partitioned at every bound (``parts``: the label of each part, in order), and the
@@ -136,8 +126,6 @@ class CutArg:
 
 
 @dataclass
-
-
 class Consumer:
     """A conv/linear op reading labelled channels: slice ``weight`` on ``weight_dim``."""
 
@@ -154,8 +142,6 @@ class Consumer:
 
 
 @dataclass
-
-
 class ChannelParam:
     """A parameter or buffer indexed by a space's channels (BN statistics, depthwise weights, ...):
     positions ``offset + seg.positions(units)`` of its dim ``dim`` (several entries may share a
@@ -175,8 +161,6 @@ class ChannelParam:
 
 
 @dataclass
-
-
 class NormUse:
     """A LayerNorm / RMSNorm whose statistics run over a space's channels (the last dim): gated, it
     counts the open channels only (:class:`~hyperflux_fx.ir.MaskedNorm`); folded, it is narrower."""
@@ -186,8 +170,6 @@ class NormUse:
 
 
 @dataclass
-
-
 class Group:
     """Spaces deleted together."""
 
@@ -208,8 +190,6 @@ class Group:
 
 
 @dataclass
-
-
 class Coupling:
     """The analysis result."""
 

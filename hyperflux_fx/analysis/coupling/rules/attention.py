@@ -44,8 +44,6 @@ def _matmul(gm, node, c, labels, spec):  # q @ k^T, attn @ v: a head label on a 
 
 
 #: this family's channel rules (the op table names them; ``rules.RULES`` merges the families)
-
-
 RULES: dict[ChannelRule, Rule] = {
     ChannelRule.ATTENTION: _sdpa,
     ChannelRule.MATMUL: _matmul,

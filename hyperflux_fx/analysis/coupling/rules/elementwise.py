@@ -122,8 +122,6 @@ def _glu(gm, node, c, labels, spec):
 
 
 #: this family's channel rules (the op table names them; ``rules.RULES`` merges the families)
-
-
 RULES: dict[ChannelRule, Rule] = {
     ChannelRule.ELEMENTWISE: _elementwise,
     ChannelRule.ADD: _binary('add'),

@@ -40,8 +40,6 @@ def unsupported(gm, node, c, labels, spec):
 
 
 #: this family's channel rules (the op table names them; ``rules.RULES`` merges the families)
-
-
 RULES: dict[ChannelRule, Rule] = {
     ChannelRule.BLOCK: _block,
     ChannelRule.NO_CHANNELS: _no_channels,

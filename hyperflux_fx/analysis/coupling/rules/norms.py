@@ -156,8 +156,6 @@ def _batch_norm_module(gm, node, c, labels, spec):  # a BatchNorm leaf: its para
 
 
 #: this family's channel rules (the op table names them; ``rules.RULES`` merges the families)
-
-
 RULES: dict[ChannelRule, Rule] = {
     ChannelRule.BATCH_NORM: _f_batch_norm,
     ChannelRule.BATCH_NORM_MODULE: _batch_norm_module,

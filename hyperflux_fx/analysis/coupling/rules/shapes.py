@@ -328,8 +328,6 @@ def _embedding(gm, node, c, labels, spec):  # aten.embedding(weight, indices): r
 
 
 #: this family's channel rules (the op table names them; ``rules.RULES`` merges the families)
-
-
 RULES: dict[ChannelRule, Rule] = {
     ChannelRule.CAT: _cat,
     ChannelRule.RESHAPE: _reshape_like,

@@ -205,8 +205,6 @@ def _module_weight(gm, node, c, labels, mod, path, kind):
 
 
 #: this family's channel rules (the op table names them; ``rules.RULES`` merges the families)
-
-
 RULES: dict[ChannelRule, Rule] = {
     ChannelRule.CONV: _f_conv,
     ChannelRule.CONV_TRANSPOSE: _f_conv_t,
