@@ -590,6 +590,32 @@ class GluHalves(nn.Module):
         return self.fc2(self.glu(self.fc1(y.mean(2).mean(2)[:, :6])))
 
 
+class SplitAttention(nn.Module):
+    """ResNeSt's split attention (radix 2): a conv grouped by radix, its halves summed for a squeeze, and
+    a radix softmax (a softmax across the two halves of each channel) weighting the halves before they
+    are summed again. The channel count is read at run time and divided by the radix."""
+
+    def __init__(self, radix: int = 2) -> None:
+        super().__init__()
+        self.radix = radix
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv = nn.Conv2d(8, 6 * radix, 3, padding=1, groups=radix)
+        self.bn0 = nn.BatchNorm2d(6 * radix)
+        self.fc1 = nn.Conv2d(6, 4, 1)
+        self.fc2 = nn.Conv2d(4, 6 * radix, 1)
+        self.head = nn.Conv2d(6, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn0(self.conv(F.relu(self.stem(x)))))
+        b, rc, h, w = x.shape
+        x = x.reshape((b, self.radix, rc // self.radix, h, w))
+        gap = F.relu(self.fc1(x.sum(dim=1).mean((2, 3), keepdim=True)))
+        attn = self.fc2(gap)
+        attn = F.softmax(attn.view(b, 1, self.radix, -1).transpose(1, 2), dim=1).reshape(b, -1)
+        attn = attn.view(b, -1, 1, 1).reshape((b, self.radix, rc // self.radix, 1, 1))
+        return self.head((x * attn).sum(dim=1)).mean((2, 3))
+
+
 class TrainingBranch(nn.Module):
     """``if self.training:`` code that is neither a dropout nor a drop path."""
 
@@ -707,6 +733,7 @@ FOLD_ZOO.update({
     "response_norm": (_seeded(ResponseNorm), _inputs(2, 3, 6, 6)),
     "view_as": (_seeded(ViewAs), _inputs(2, 3, 6, 6)),
     "glu_halves": (_seeded(GluHalves), _inputs(2, 3, 6, 6)),
+    "split_attention": (_seeded(SplitAttention), _inputs(2, 3, 6, 6)),
     "tiny_vit": (_seeded(TinyViT), _inputs(2, 3, 6, 6)),
     "norm_variety": (_seeded(NormVariety), _inputs(2, 3, 6, 6)),
 })

@@ -1,7 +1,7 @@
 """Property test: on generated small networks mixing conv / BN / activations / depthwise (with a channel
 multiplier) / grouped convs / strided convs with upsampling / add / cat / split / chunk / narrow /
 channel slices / permute + LayerNorm / GroupNorm / per-channel scale and shift parameters / response
-norm / squeeze-excite / gated linear units over the channels / pooling / view_as / dropout / flatten /
+norm / squeeze-excite / gated linear units over the channels / split attention / pooling / view_as / dropout / flatten /
 linear chains, fold is exact for random masks and deletes every closed unit of a deletable group,
 every time (500 gated networks per run, derandomised so CI sees the same ones; a network with
 nothing gated is replaced by another). Every construct must be drawn into a fold that deleted."""
@@ -41,7 +41,19 @@ step = st.one_of(
     st.tuples(st.just("scale"), st.integers(0, 99)),
     st.tuples(st.just("grn"), st.integers(0, 99)),
     st.tuples(st.just("glu"), st.integers(0, 99)),
+    st.tuples(st.just("radix"), st.integers(0, 99), st.integers(2, 6)),
 )
+
+
+def _split_attention(x: torch.Tensor, conv: nn.Module, fc1: nn.Module, fc2: nn.Module) -> torch.Tensor:
+    """Radix-2 split attention (as timm's SplitAttn): the conv's halves summed for a squeeze, weighted
+    by a softmax across the halves of each channel, summed again."""
+    x = F.relu(conv(x))
+    b, rc, h, w = x.shape
+    x = x.reshape((b, 2, rc // 2, h, w))
+    attn = fc2(F.relu(fc1(x.sum(dim=1).mean((2, 3), keepdim=True))))
+    attn = F.softmax(attn.view(b, 1, 2, -1).transpose(1, 2), dim=1).reshape(b, -1)
+    return (x * attn.view(b, -1, 1, 1).reshape((b, 2, rc // 2, 1, 1))).sum(dim=1)
 
 
 class RandomNet(nn.Module):
@@ -141,6 +153,14 @@ class RandomNet(nn.Module):
                 if chans[src] % 2 == 0:
                     self.plan.append(("glu", src))
                     chans.append(chans[src] // 2)
+            elif kind == "radix":  # ResNeSt's split attention, radix 2 (even input widths: a conv grouped by 2)
+                _, src, out = s
+                src %= len(chans)
+                if chans[src] % 2 == 0:
+                    self.layers.append(nn.ModuleList([nn.Conv2d(chans[src], 2 * out, 3, padding=1, groups=2),
+                                                      nn.Conv2d(out, 2, 1), nn.Conv2d(2, 2 * out, 1)]))
+                    self.plan.append(("radix", src, len(self.layers) - 1))
+                    chans.append(out)
             elif kind == "se":
                 src = s[1] % len(chans)
                 c = chans[src]
@@ -177,6 +197,8 @@ class RandomNet(nn.Module):
                 ts.append(ts[p[1]] + ts[p[1]] * (g / (g.mean(1, keepdim=True) + 1e-6)))
             elif p[0] == "glu":
                 ts.append(F.glu(ts[p[1]], dim=1))
+            elif p[0] == "radix":
+                ts.append(_split_attention(ts[p[1]], *self.layers[p[2]]))
             elif p[0] == "add":
                 ts.append(ts[p[1]] + ts[p[2]])
             elif p[0] == "cat":
@@ -239,5 +261,5 @@ def test_every_construct_is_drawn_into_a_deleting_fold():
     if not DELETED_WITH:
         pytest.skip("reads what the property test above saw: run the module whole")
     drawn = {"conv", "add", "cat", "se", "pool", "grouped", "dwmult", "stride", "split", "chunk", "narrow", "slice",
-             "ln", "gn", "scale", "grn", "glu"}
+             "ln", "gn", "scale", "grn", "glu", "radix"}
     assert drawn <= DELETED_WITH, f"never in a fold that deleted: {sorted(drawn - DELETED_WITH)}"

@@ -32,10 +32,22 @@ def check_width_reads(gm: fx.GraphModule, c: Coupling) -> None:
         else:
             widths = [u for u in read.users if not _width_free_item(gm, u, lab.dim, rank)]
         for width in widths:
-            for use in width.users:
-                if use.name not in normed and not any((use.name, d) in written and _size_arg(use, d) is width
-                                                      for d in range(rank + 1)):
-                    c.block(lab, f"the channel count is read at run time and used to compute: {use.format_node()}")
+            for use in _computing_uses(width, written, normed, rank):
+                c.block(lab, f"the channel count is read at run time and used to compute: {use.format_node()}")
+
+
+def _computing_uses(width: fx.Node, written: set[tuple[str, int]], normed: set[str], rank: int) -> list[fx.Node]:
+    """The uses of a channel count other than a norm's shape or a size the fold writes. Scalar arithmetic
+    with constants (``c // radix``) is followed: what it computes may size a written dim too (the fold
+    writes the kept count there, so the arithmetic is not run on the narrower width)."""
+    bad = []
+    for use in width.users:
+        if use.name in normed or any((use.name, d) in written and _size_arg(use, d) is width for d in range(rank + 1)):
+            continue
+        scalar = use.op == "call_function" and not use.kwargs and shape_of(use) is None and all(
+            a is width or not isinstance(a, fx.Node) for a in use.args)
+        bad += _computing_uses(use, written, normed, rank) if scalar else [use]
+    return bad
 
 
 def _width_free_item(gm: fx.GraphModule, use: fx.Node, dim: int, rank: int) -> bool:

@@ -9,7 +9,7 @@ from dataclasses import replace
 from torch import fx
 
 from hyperflux_fx.analysis.coupling.labels import Coupling, Label, Producer, Seg
-from hyperflux_fx.analysis.coupling.rules.links import same_layout, tie
+from hyperflux_fx.analysis.coupling.rules.links import request_split, same_layout, tie
 
 
 def is_head_split(c: Coupling, lab: Label) -> bool:
@@ -35,6 +35,21 @@ def split_heads(c: Coupling, node: fx.Node, lab: Label, dims: tuple[int, ...], j
         c.revived.add(sid)
     c.split_parents[parent] = f"split into units of {units} x {feat} by {node.name}: deleted through that group"
     return Label(j0 + len(dims) - 2, (Seg(sid, units, expand=per_unit),))
+
+
+def heads_as_replicas(c: Coupling, lab: Label) -> bool:
+    """An op that mixes the units of a head split (a softmax across them: ResNeSt's radix softmax) reads
+    the split the other way round: not U heads of D channels but U replicas of D channels, each
+    channel present once in every replica. Ask the next pass to split the parent space over U
+    replicas (True when asked); the reshape then puts the replicas on their own dim
+    (``rules.shapes``), and the op mixes only the copies of one channel."""
+    seg = lab.segs[0] if len(lab.segs) == 1 else None
+    if seg is None or seg.space is None or seg.expand != 1:
+        return False
+    prod = c.producers[seg.space]
+    if prod.parent is None or prod.replicas != 1:
+        return False
+    return request_split(c, Label(lab.dim, (Seg(prod.parent, c.sizes[prod.parent]),)), prod.units)
 
 
 def _same_label(labs: list[Label | None]) -> bool:

@@ -16,6 +16,7 @@ from hyperflux_fx.analysis.coupling.labels import (
     param_target,
     shape_of,
 )
+from hyperflux_fx.analysis.coupling.rules.heads import heads_as_replicas
 from hyperflux_fx.analysis.coupling.rules.links import request_split
 from hyperflux_fx.ops import ChannelRule, NormOperands, OpSpec, norm_operands
 
@@ -111,7 +112,8 @@ def _softmax(gm, node, c, labels, spec):  # softmax over a dim other than the ch
     rank = len(shape_of(node) or ())
     dim = gm.get_submodule(str(node.target)).dim if node.op == "call_module" else spec.arg(node, "dim")
     if dim is None or norm_dim(dim, rank) == lab.dim:
-        c.block(lab, f"softmax over the channels: {node.format_node()}")
+        if dim is None or not heads_as_replicas(c, lab):  # across a radix split's copies: asked anew
+            c.block(lab, f"softmax over the channels: {node.format_node()}")
         return None
     return lab
 

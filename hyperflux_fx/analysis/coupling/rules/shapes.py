@@ -148,6 +148,10 @@ def _reshape_like(gm, node, c, labels, spec):
             elif j == j0 and lab.dim == i0:  # merged, channel dim first: expand
                 inner = math.prod(ins[i0 + 1:i + 1])
                 out = Label(j0, tuple(replace(s, expand=s.expand * inner) for s in lab.segs))
+            elif j == j0 and (merged := _merged_replicas(lab, ins[i0:i + 1], lab.dim - i0)) is not None:
+                out = Label(j0, (merged,))  # (R, C, Q) -> R*C*Q: every r holds the same channels
+            elif i == i0 and (at := _replica_split(lab, outs[j0:j + 1])) is not None:
+                out = Label(j0 + at, (replace(lab.segs[0], replicas=1),))  # R*C -> (R, C): the replicas apart
             elif i == i0 and j - j0 >= 1 and is_head_split(c, lab):
                 out = split_heads(c, node, lab, outs[j0:j + 1], j0)
             else:
@@ -161,6 +165,29 @@ def _reshape_like(gm, node, c, labels, spec):
         # skip size-1 dims on either side
     c.block(lab, f"reshape not understood: {node.format_node()}")
     return None
+
+
+def _replica_split(lab: Label, dims: tuple[int, ...]) -> int | None:
+    """The channel dim of a space laid out as R replicas of its C units (unit u at r * C + u: a grouped
+    conv's output, or a merge below) split into (R, C), size-1 dims anywhere: the position of the C
+    dim among ``dims`` (None for any other split)."""
+    seg = lab.segs[0] if len(lab.segs) == 1 else None
+    if seg is None or seg.space is None or seg.replicas == 1 or seg.expand != 1:
+        return None
+    sized = [(k, d) for k, d in enumerate(dims) if d != 1]
+    if [d for _, d in sized] != [seg.replicas, seg.length]:
+        return None
+    return sized[1][0]
+
+
+def _merged_replicas(lab: Label, dims: tuple[int, ...], at: int) -> Seg | None:
+    """Dims (R.., C, Q..) merged into one, the channels C at ``at`` (not first): unit u's features sit at
+    r * C * Q + u * Q + q for every r, as a run replicated R times with Q features per unit (one
+    plain run of one space; None otherwise)."""
+    seg = lab.segs[0] if len(lab.segs) == 1 else None
+    if seg is None or seg.space is None or seg.replicas != 1 or seg.expand != 1 or at == 0:
+        return None
+    return replace(seg, expand=math.prod(dims[at + 1:]), replicas=math.prod(dims[:at]))
 
 
 def _unbind(gm, node, c, labels, spec):  # unbind(x, dim) -> tuple; items keep the label (dim shifted)
