@@ -616,6 +616,52 @@ class SplitAttention(nn.Module):
         return self.head((x * attn).sum(dim=1)).mean((2, 3))
 
 
+class NarrowKeys(nn.Module):
+    """LeViT's attention: one fused projection with a BatchNorm (over the tokens flattened into the
+    batch, put back with ``reshape_as``), viewed as heads whose rows are cut into q and k narrower than
+    v; attention with a learned bias, then the values' heads projected."""
+
+    def __init__(self, heads: int = 2, key_dim: int = 2, val_dim: int = 4) -> None:
+        super().__init__()
+        self.heads, self.key_dim, self.val_dim = heads, key_dim, val_dim
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.qkv = nn.Linear(8, heads * (2 * key_dim + val_dim), bias=False)
+        self.bn = nn.BatchNorm1d(heads * (2 * key_dim + val_dim))
+        self.bias = nn.Parameter(torch.randn(heads, 36, 36) * 0.1)
+        self.proj = nn.Linear(heads * val_dim, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.stem(x).flatten(2).transpose(1, 2)
+        b, n, _ = t.shape
+        qkv = self.qkv(t)
+        qkv = self.bn(qkv.flatten(0, 1)).reshape_as(qkv)
+        q, k, v = qkv.view(b, n, self.heads, -1).split([self.key_dim, self.key_dim, self.val_dim], dim=3)
+        attn = (q.permute(0, 2, 1, 3) @ k.permute(0, 2, 3, 1)) * self.key_dim ** -0.5 + self.bias
+        out = (attn.softmax(dim=-1) @ v.permute(0, 2, 1, 3)).transpose(1, 2).reshape(b, n, -1)
+        return self.head((t + self.proj(F.relu(out))).mean(1))
+
+
+class MultiplierResidual(nn.Module):
+    """FastViT's downsampling: a depthwise conv with a channel multiplier of 2 (each input channel owns
+    two outputs), then a block adding a 1x1 conv's output to a BatchNorm of its input: the 1x1 conv's
+    rows are tied two by two to the multiplier's channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.dw = nn.Conv2d(4, 8, 3, stride=2, padding=1, groups=4)
+        self.pw = nn.Conv2d(8, 8, 1)
+        self.identity = nn.BatchNorm2d(8)
+        self.dw2 = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.head = nn.Conv2d(8, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.dw(F.relu(self.stem(x)))
+        y = F.relu(self.identity(y) + self.pw(y))
+        return self.head(y + self.dw2(y)).mean((2, 3))
+
+
 class TrainingBranch(nn.Module):
     """``if self.training:`` code that is neither a dropout nor a drop path."""
 
@@ -734,6 +780,8 @@ FOLD_ZOO.update({
     "view_as": (_seeded(ViewAs), _inputs(2, 3, 6, 6)),
     "glu_halves": (_seeded(GluHalves), _inputs(2, 3, 6, 6)),
     "split_attention": (_seeded(SplitAttention), _inputs(2, 3, 6, 6)),
+    "narrow_keys": (_seeded(NarrowKeys), _inputs(2, 3, 6, 6)),
+    "multiplier_residual": (_seeded(MultiplierResidual), _inputs(2, 3, 6, 6)),
     "tiny_vit": (_seeded(TinyViT), _inputs(2, 3, 6, 6)),
     "norm_variety": (_seeded(NormVariety), _inputs(2, 3, 6, 6)),
 })

@@ -341,9 +341,9 @@ def _resize(gm: fx.GraphModule, coupling: Coupling, keep: dict[int, torch.Tensor
         if hasattr(owner, "num_channels"):  # GroupNorm
             owner.num_channels = n
         if cp.groups_arg is not None:  # one group per input channel: the kept outputs over the multiplier
-            node_name, pos = cp.groups_arg
+            node_name, pos, multiplier = cp.groups_arg
             args = list(nodes[node_name].args)
-            args[pos] = n // cp.expand
+            args[pos] = n // multiplier
             nodes[node_name].args = tuple(args)
             rules["depthwise_groups_updated"] += 1
     for sa in coupling.shape_args:  # reshape/view sizes that follow a label's width: constants now

@@ -21,29 +21,35 @@ def analyze_channels(gm: fx.GraphModule) -> Coupling:
     A pass may find that a space must be split over conv groups (a grouped conv reads it, or an add
     ties it to such a space) or cut into pieces (a split, chunk, narrow or slice takes part of it, or
     an add ties it to a space cut so): the analysis then runs again with those spaces split or cut
-    from their producer on, until no pass asks for more (each pass adds a split or a cut)."""
+    from their producer on, until no pass asks for more (each pass adds a split or a cut). So may a
+    space tied to channels that each own several consecutive positions (a depthwise multiplier's
+    output): its producer then makes units of that many rows."""
     split: dict[str, int] = {}
     cuts: dict[str, frozenset[int]] = {}
     heads: dict[str, int] = {}
+    rows: dict[str, int] = {}
     while True:
-        c = _analyze(gm, split, cuts, heads)
+        c = _analyze(gm, split, cuts, heads, rows)
         new = {k: v for k, v in c.requests.items() if k not in split}
         new_cuts = {k: cuts.get(k, frozenset()) | v for k, v in c.cut_requests.items()
                     if not v <= cuts.get(k, frozenset())}
         new_heads = {k: v for k, v in c.head_group_requests.items() if k not in heads}
-        if not new and not new_cuts and not new_heads:
+        new_rows = {k: v for k, v in c.rows_requests.items() if k not in rows}
+        if not new and not new_cuts and not new_heads and not new_rows:
             return c
         split.update(new)
         cuts.update(new_cuts)
         heads.update(new_heads)
+        rows.update(new_rows)
 
 
 def _analyze(gm: fx.GraphModule, split: dict[str, int], cuts: dict[str, frozenset[int]],
-             heads: dict[str, int] | None = None) -> Coupling:
+             heads: dict[str, int] | None = None, rows: dict[str, int] | None = None) -> Coupling:
     """One pass of :func:`analyze_channels`: the spaces of ``split``'s producers split over conv groups,
-    those of ``cuts``' cut into pieces, the head splits of ``heads``' in units of that many heads."""
+    those of ``cuts``' cut into pieces, the head splits of ``heads``' in units of that many heads, the
+    spaces of ``rows``' producers in units of that many consecutive rows."""
     c = Coupling(parameters=dict(gm.named_parameters()), buffers=dict(gm.named_buffers()), split=dict(split),
-                 cuts=dict(cuts), head_groups=dict(heads or {}))
+                 cuts=dict(cuts), head_groups=dict(heads or {}), rows=dict(rows or {}))
     labels: dict[fx.Node, Label] = {}
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "get_attr"):

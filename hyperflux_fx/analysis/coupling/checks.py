@@ -4,6 +4,7 @@ whole, weights shared by ops that slice them differently. Each blocks the groups
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import replace
 from typing import Any
 
 import networkx as nx
@@ -66,7 +67,16 @@ def _size_arg(node: fx.Node, dim: int) -> Any:
 
 
 def check_head_splits(c: Coupling) -> None:
-    """A head space deletes rows of its parent's producer: only if nothing else uses the parent space."""
+    """A head space deletes rows of its parent's producer: only if nothing else uses the parent space.
+    Per-channel parameters of the parent (a BatchNorm on the fused projection: LeViT's qkv) follow
+    the head space of a parent split once, each head owning its rows."""
+    children: dict[int, list[int]] = defaultdict(list)
+    for sid, prod in c.producers.items():
+        if prod.parent is not None:
+            children[prod.parent].append(sid)
+    for parent, sids in children.items():
+        if len(sids) == 1:
+            _params_to_heads(c, parent, sids[0])
     for sid, prod in c.producers.items():
         if prod.parent is None:
             continue
@@ -76,6 +86,15 @@ def check_head_splits(c: Coupling) -> None:
             cp.space == parent for cp in c.params) or c.ties.degree(parent) > 0
         if others or used:
             c.blocks[sid].append(f"the split space is also used elsewhere: {'; '.join(others) or 'consumed/tied'}")
+
+
+def _params_to_heads(c: Coupling, parent: int, head: int) -> None:
+    """The parent's per-channel parameters indexed by the head space: row r * U * D + u * D + d of the
+    parent is feature d of head u in replica r, as the head producer lays its rows out."""
+    prod = c.producers[head]
+    for k, cp in enumerate(c.params):
+        if cp.space == parent and cp.expand == 1 and cp.replicas == 1:
+            c.params[k] = replace(cp, space=head, expand=prod.unit_rows, replicas=prod.replicas)
 
 
 def block_shared_weights(c: Coupling) -> None:

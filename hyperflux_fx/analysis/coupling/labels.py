@@ -151,7 +151,7 @@ class ChannelParam:
     dim: int
     space: int
     module: str | None = None  # a module whose num_features follows the channel count
-    groups_arg: tuple[str, int] | None = None  # (node, arg index) of a depthwise conv's groups
+    groups_arg: tuple[str, int, int] | None = None  # a depthwise conv's groups: (node, arg index, multiplier)
     offset: int = 0  # where the space's run starts along dim
     expand: int = 1  # as Seg: features per unit (a depthwise conv with a channel multiplier: the multiplier)
     replicas: int = 1  # as Seg (a space split over conv groups)
@@ -209,6 +209,8 @@ class Coupling:
     norms: list[NormUse] = field(default_factory=list)  # norms over a space's channels
     means: list[NormUse] = field(default_factory=list)  # means over a space's channels (mask-aware, as norms)
     split: dict[str, int] = field(default_factory=dict)  # producer node -> conv groups its space is split over
+    rows: dict[str, int] = field(default_factory=dict)  # producer node -> consecutive rows per unit of its space
+    rows_requests: dict[str, int] = field(default_factory=dict)  # units of several rows found needed
     requests: dict[str, int] = field(default_factory=dict)  # splits this pass found needed (for the next)
     cuts: dict[str, frozenset[int]] = field(default_factory=dict)  # producer node -> rows its space is cut at
     cut_requests: dict[str, set[int]] = field(default_factory=lambda: defaultdict(set))  # cuts found needed

@@ -30,13 +30,31 @@ def request_split(c: Coupling, lab: Label, groups: int) -> bool:
     return True
 
 
+def request_rows(c: Coupling, lab: Label, rows: int) -> bool:
+    """Ask the next pass to build ``lab``'s space in units of ``rows`` consecutive rows of its producer
+    (True when it can: one plain conv/linear space, not a piece of one); blocked until then."""
+    seg = lab.segs[0] if len(lab.segs) == 1 else None
+    if seg is None or seg.space is None or seg.replicas != 1 or seg.expand != 1 or seg.length % rows:
+        return False
+    prod = c.producers[seg.space]
+    if not _plain_producer(c, prod) or prod.piece is not None or prod.node in c.rows:
+        return False
+    c.rows_requests.setdefault(prod.node, rows)
+    c.block(lab, f"units of {rows} rows on the next pass")
+    return True
+
+
 def split_alike(c: Coupling, plain: Label, split: Label) -> bool:
-    """``split``'s one space is split over conv groups and ``plain``'s is not yet, or the two are cut
-    into different runs: ask the next pass to split or cut them alike (True when asked)."""
+    """``split``'s one space is split over conv groups and ``plain``'s is not yet, or its units own
+    several consecutive positions each (a depthwise multiplier's output) and ``plain``'s one row each,
+    or the two are cut into different runs: ask the next pass to split, group or cut them alike (True
+    when asked)."""
     if plain.dim != split.dim or plain.width != split.width:
         return False
     if len(split.segs) == 1 and split.segs[0].replicas > 1:
         return request_split(c, plain, split.segs[0].replicas)
+    if len(split.segs) == 1 and split.segs[0].expand > 1 and split.segs[0].replicas == 1:
+        return request_rows(c, plain, split.segs[0].expand)
     if any(sg.expand != 1 or sg.replicas != 1 for sg in plain.segs + split.segs):
         return False
     asked = [request_cut(c, plain, _bounds(split)), request_cut(c, split, _bounds(plain))]
@@ -107,7 +125,8 @@ def tie(c: Coupling, la: Label, lb: Label, kind: str, node: fx.Node) -> None:
     """Tie two labels of the same layout segment by segment (their channels go together)."""
     for sa, sb in zip(la.segs, lb.segs, strict=True):
         if sa.space is not None and sb.space is not None:
-            c.ties.add_edge(sa.space, sb.space)
+            if sa.space != sb.space:  # a space tied to itself (x.reshape_as(x)) adds nothing
+                c.ties.add_edge(sa.space, sb.space)
         elif sa.space is not None or sb.space is not None:
             c.block(la, f"{kind} ties channels to ones that cannot be deleted: {node.format_node()}")
             c.block(lb, f"{kind} ties channels to ones that cannot be deleted: {node.format_node()}")

@@ -59,22 +59,21 @@ def _depthwise(c: Coupling, node: fx.Node, in_label: Label | None, wt: str, bt: 
                groups_pos: int) -> Label | None:
     """Depthwise (groups = input channels), with a channel multiplier ``mult``: output channels
     i*mult .. i*mult+mult-1 read input channel i only, so the input's label passes, each channel
-    owning ``mult`` consecutive outputs; the weight and bias rows and the groups follow."""
+    owning ``mult`` consecutive outputs; the weight and bias rows and the groups follow. A unit that
+    already owns ``e`` consecutive positions (the output of an earlier multiplier) owns ``e * mult``."""
     if in_label is None or in_label.dim != 1:
-        return None
-    if any(seg.expand != 1 for seg in in_label.segs):
-        c.block(in_label, f"depthwise conv over flattened channels: {node.format_node()}")
         return None
     offset = 0
     for seg in in_label.segs:  # each run of the input owns its run of outputs and weight rows
         if seg.space is not None:
-            c.params.append(ChannelParam(wt, 0, seg.space, groups_arg=(node.name, groups_pos), offset=offset,
-                                         expand=mult, replicas=seg.replicas))
+            c.params.append(ChannelParam(wt, 0, seg.space, groups_arg=(node.name, groups_pos, mult), offset=offset,
+                                         expand=seg.expand * mult, replicas=seg.replicas))
             if bt is not None:
-                c.params.append(ChannelParam(bt, 0, seg.space, offset=offset, expand=mult, replicas=seg.replicas))
+                c.params.append(ChannelParam(bt, 0, seg.space, offset=offset, expand=seg.expand * mult,
+                                             replicas=seg.replicas))
                 c.revived.add(seg.space)
         offset += seg.width * mult
-    return Label(1, tuple(replace(seg, expand=mult) for seg in in_label.segs))
+    return Label(1, tuple(replace(seg, expand=seg.expand * mult) for seg in in_label.segs))
 
 
 def _grouped_conv(c: Coupling, node: fx.Node, x: Any, in_label: Label | None, wt: str, bt: str | None, groups: int,
@@ -123,10 +122,12 @@ def _consume_produce(c: Coupling, node: fx.Node, x: Any, in_label: Label | None,
     if node.name in c.cuts:
         return Label(ch_dim, _pieces(c, node, wt, bt, w_out, out_ch))
     g = c.split.get(node.name, 1)  # requested only where it divides out_ch (request_split)
-    sid = c.new_space(Producer(node.name, -1, wt, bt, w_out, replicas=g, units=out_ch // g), out_ch // g)
+    e = c.rows.get(node.name, 1)  # consecutive rows per unit (request_rows), never with a split
+    units = out_ch // (g * e)
+    sid = c.new_space(Producer(node.name, -1, wt, bt, w_out, replicas=g, unit_rows=e, units=units), units)
     if bt is not None:
         c.revived.add(sid)
-    return Label(ch_dim, (Seg(sid, out_ch // g, replicas=g),))
+    return Label(ch_dim, (Seg(sid, units, expand=e, replicas=g),))
 
 
 def _pieces(c: Coupling, node: fx.Node, wt: str, bt: str | None, w_out: int, out_ch: int) -> tuple[Seg, ...]:
