@@ -74,6 +74,9 @@ EXTENDED = [
     ("timm", "edgenext_xx_small", 64),  # split depthwise + transposed attention
     ("timm", "regnetx_002", 32),  # grouped convolutions
     ("timm", "selecsls42b", 32),  # cat of stage features
+    ("timm", "mobileone_s0", 32),  # reparameterisable multi-branch blocks (identity BN + conv branches), eval
+    ("timm", "levit_128s", 224),  # one fused q/k/v projection with a BatchNorm, q and k narrower than v per head
+    ("timm", "fastvit_t8", 64),  # depthwise channel multiplier added to a 1x1 conv; reparameterisable mixers
 ]
 
 SETS = {"public": REAL_ZOO, "extended": EXTENDED, "all": REAL_ZOO + EXTENDED}
