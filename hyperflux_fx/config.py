@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-__all__ = ["FoldConfig", "GateConfig", "Granularity", "TrainConfig"]
+__all__ = ["LANGUAGE_MODEL_RECIPE", "FoldConfig", "GateConfig", "Granularity", "TrainConfig"]
 
 Granularity = Literal["weight", "channel", "hybrid"]
 
@@ -81,6 +81,15 @@ DISTILL_TEMPERATURE = 4.0
 # follows 100 pruning epochs with 60 of regrowth; in the CLI's 10 + 5 it leaves too little to recover
 # (docs/training.md; the figures in docs/BENCHMARKS.md, "Measurements behind the design").
 REGROWTH_LR_RATIO = 0.3
+OPTIMIZERS = ("sgd", "adamw")
+# The language-model recipe (docs/frontends.md, with its sources): AdamW (betas 0.9/0.95, weight decay 0.1,
+# as LLaMA was trained), a peak LR of 1e-4 as Sheared-LLaMA's and Minitron's continued training use on a
+# pretrained model, linear warm-up over the first 3% of the steps, cosine to 10% of the peak, gradient
+# norms clipped at 1.0, no label smoothing. The flows keep their own Adam.
+LANGUAGE_MODEL_RECIPE: dict[str, object] = {
+    "optimizer": "adamw", "lr": 1e-4, "lr_final_ratio": 0.1, "weight_decay": 0.1, "betas": (0.9, 0.95),
+    "warmup_fraction": 0.03, "clip_grad_norm": 1.0, "regrowth_lr_final": 1e-5, "label_smoothing": 0.0,
+}
 
 
 @dataclass(frozen=True)
@@ -96,8 +105,12 @@ class TrainConfig:
     regrowth_epochs: int = 5  # regrowth-phase epochs (gamma = 0)
     lr: float = 0.1  # weight LR at the start of pruning, cosine-decayed to lr * lr_final_ratio
     lr_final_ratio: float = 1 / 30  # end of the pruning phase's cosine, relative to lr
+    optimizer: str = "sgd"  # the weights' optimiser: "sgd" (the paper's) or "adamw" (LANGUAGE_MODEL_RECIPE)
     momentum: float = 0.9  # SGD momentum on the weights
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW's betas
     weight_decay: float = 5e-4  # on conv/linear weights only (none on norms, biases, flows)
+    warmup_fraction: float = 0.0  # the weight LR rises linearly from 0 over this fraction of the pruning steps
+    clip_grad_norm: float | None = None  # clip the weights' gradient norm to this (None: never)
     flow_lr: float | None = None  # Adam LR of the flow parameters; None = 1e-3, raised for short runs
     flow_travel: float = 5.0  # short-run rule: flow_lr >= flow_travel / pruning steps (paper: ~39)
     regrowth_lr: float | None = None  # weight LR at the start of regrowth, cosine-decayed to regrowth_lr_final;
@@ -181,6 +194,12 @@ class TrainConfig:
                              f"got {self.controller_max_close}")
         if self.regrowth_lift is not None and self.regrowth_lift < 0:
             raise ValueError(f"TrainConfig.regrowth_lift must be >= 0 or None, got {self.regrowth_lift}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"TrainConfig.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if not 0.0 <= self.warmup_fraction < 1.0:
+            raise ValueError(f"TrainConfig.warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+        if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
+            raise ValueError(f"TrainConfig.clip_grad_norm must be > 0 or None, got {self.clip_grad_norm}")
         if self.distill not in DISTILL_MODES:
             raise ValueError(f"TrainConfig.distill must be one of {DISTILL_MODES}, got {self.distill!r}")
         if not 0.0 <= self.distill_alpha <= 1.0:
@@ -191,6 +210,11 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.pressure must be one of {PRESSURE_MODES}, got {self.pressure!r}")
         if self.resume and self.out_dir is None:
             raise ValueError("TrainConfig.resume needs out_dir (where the checkpoints are)")
+
+    @classmethod
+    def for_language_models(cls, **changes: object) -> TrainConfig:
+        """A config with :data:`LANGUAGE_MODEL_RECIPE` (AdamW, warm-up, cosine, clipping), ``changes`` on top."""
+        return cls(**{**LANGUAGE_MODEL_RECIPE, **changes})  # type: ignore[arg-type]
 
     def resolved(self, structured: bool) -> TrainConfig:
         """This config with the defaults that depend on the gates filled in. With channel gates

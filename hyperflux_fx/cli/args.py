@@ -7,6 +7,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -14,6 +15,7 @@ from hyperflux_fx.cli.job import UsageError
 from hyperflux_fx.config import (
     DISTILL_ALPHA,
     DISTILL_TEMPERATURE,
+    LANGUAGE_MODEL_RECIPE,
     PRESSURE_MODES,
     FoldConfig,
 )
@@ -54,6 +56,31 @@ def _round_to(text: str) -> int | str | dict[str, int]:
                                          ) from exc
 
 
+RECIPES = ("auto", "cnn", "lm")
+#: the TrainConfig fields the language-model recipe sets besides the LR (which --lr may replace)
+_LM_FIELDS = ("optimizer", "betas", "weight_decay", "warmup_fraction", "clip_grad_norm", "lr_final_ratio",
+              "regrowth_lr_final", "label_smoothing")
+_DENSE_FIELDS = ("optimizer", "betas", "weight_decay", "warmup_fraction", "clip_grad_norm", "label_smoothing")
+
+
+def resolve_recipe(args: argparse.Namespace, language_model: bool, pretrained: bool) -> None:
+    """--recipe auto: lm for a causal language model, cnn otherwise; then --lr and --dense-epochs default
+    by it (an hf: folder with weights is the dense model: no dense training unless asked)."""
+    if args.recipe == "auto":
+        args.recipe = "lm" if language_model else "cnn"
+    if args.lr is None:
+        args.lr = float(LANGUAGE_MODEL_RECIPE["lr"]) if args.recipe == "lm" else 0.1  # type: ignore[arg-type]
+    if args.dense_epochs is None:
+        args.dense_epochs = 0 if pretrained else 10
+
+
+def recipe_fields(args: argparse.Namespace, dense: bool = False) -> dict[str, Any]:
+    """The TrainConfig (or, ``dense``, train_dense) settings of the resolved recipe besides the LR."""
+    if args.recipe != "lm":
+        return {}
+    return {k: LANGUAGE_MODEL_RECIPE[k] for k in (_DENSE_FIELDS if dense else _LM_FIELDS)}
+
+
 def fold_config(args: argparse.Namespace) -> FoldConfig:
     """The fold the flags ask for; --round-to SUMMARY.json reuses both multiples that run resolved
     (an explicit --round-to-width still wins)."""
@@ -74,6 +101,9 @@ def _add_learning_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pressure", choices=PRESSURE_MODES, default="auto",
                    help="coupled: the paper's pressure through the flows' Adam; decoupled: applied after it, in "
                         "proportion to gamma; auto: decoupled with channel gates (docs/training.md)")
+    p.add_argument("--recipe", choices=RECIPES, default="auto",
+                   help="how the weights learn: cnn = SGD with momentum, cosine (the paper's); lm = AdamW, warm-up, "
+                        "cosine, gradient clipping (docs/frontends.md); auto: lm for a causal language model")
     p.add_argument("--distill", choices=("auto", "off"), default="auto",
                    help="auto: with channel gates, distil from the dense model during pruning and fine-tuning when "
                         "the outputs are class logits (per token for language models); off: the task loss alone")
@@ -121,10 +151,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="aim at this ONNX Runtime speed-up: --target latency with --target-sparsity 1 - 1/X")
     p.add_argument("--epochs", type=int, default=10, help="pruning-phase epochs")
     p.add_argument("--regrowth-epochs", type=int, default=5, help="regrowth-phase epochs")
-    p.add_argument("--dense-epochs", type=int, default=10, help="dense training first, when --weights is not given")
+    p.add_argument("--dense-epochs", type=int, default=None,
+                   help="dense training first, when --weights is not given (default: 10; 0 for an hf: folder "
+                        "with weights, which is the dense model)")
     _add_learning_flags(p)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=0.1, help="weight learning rate (pruning phase and dense training)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="weight learning rate (pruning phase and dense training); default: the recipe's "
+                        "(0.1 with SGD, 1e-4 with the language-model recipe)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="output directory (default: runs/<model name>)")
@@ -178,7 +212,7 @@ def validate(args: argparse.Namespace) -> Path | None:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available on this machine (use --device cpu or auto)")
     for name in ("epochs", "batch_size", "dense_epochs"):
-        if getattr(args, name) < (0 if name == "dense_epochs" else 1):
+        if getattr(args, name) is not None and getattr(args, name) < (0 if name == "dense_epochs" else 1):
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.regrowth_epochs < 0:
         raise UsageError(f"--regrowth-epochs must be >= 0, got {args.regrowth_epochs}")

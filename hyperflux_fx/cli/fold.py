@@ -49,6 +49,7 @@ def fold_stage(job: Job, gated: Any, result: TrainResult, dense_acc: float) -> t
     return folded, {
         "source": args.source, "data": job.data_name, "target_sparsity": args.target_sparsity,
         "achieved_sparsity": result.sparsity, "target_measure": args.target, "granularity": args.granularity,
+        "recipe": args.recipe, "lr": args.lr, "dense_epochs": args.dense_epochs,
         "dense_accuracy": dense_acc, "pruned_accuracy": pruned_acc,
         "compact_accuracy": evaluate(compact, job.val_loader),
         "params_dense": params_dense, "params_compact": sum(int((p != 0).sum()) for p in compact.parameters()),

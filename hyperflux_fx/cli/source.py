@@ -16,12 +16,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from hyperflux_fx.analysis.cost_model import MEASURES
 from hyperflux_fx.analysis.latency_model import cache_key, cache_path
-from hyperflux_fx.cli.args import fold_config
+from hyperflux_fx.cli.args import fold_config, recipe_fields, resolve_recipe
 from hyperflux_fx.cli.job import UsageError
 from hyperflux_fx.config import (
     TrainConfig,
 )
 from hyperflux_fx.frontend.data import DataError, resolve_datasets
+from hyperflux_fx.frontend.hf import language_model_loss
 from hyperflux_fx.frontend.sources import LoadedModel, SourceError, load_source
 from hyperflux_fx.frontend.trace import modes_restored
 from hyperflux_fx.ir import TRAINING_ONLY_META
@@ -47,7 +48,7 @@ def _train_config(args: argparse.Namespace, partial: Path) -> TrainConfig:
                        progress=not args.quiet, max_intervals=args.max_intervals,
                        target_measure=args.target, fold=fold_config(args), pressure=args.pressure,
                        distill=args.distill, distill_alpha=args.distill_alpha,
-                       distill_temperature=args.distill_temperature)
+                       distill_temperature=args.distill_temperature, **recipe_fields(args))
 
 
 def preflight(args: argparse.Namespace, out: Path, res: PassResult, train_set: Dataset) -> TrainConfig:
@@ -120,6 +121,7 @@ def load(args: argparse.Namespace) -> LoadedModel:
         loaded = load_source(args.source, input_shape=args.input_shape, weights=args.weights,
                              num_classes=args.num_classes)
         loaded.frontend = args.frontend or loaded.frontend
+        resolve_recipe(args, loaded.loss_fn is language_model_loss, loaded.pretrained)
         return loaded
     except SourceError as exc:
         raise UsageError(str(exc)) from exc

@@ -34,6 +34,7 @@ class LoadedModel:
     datasets: Callable[..., Any] | None = None  # model.py's datasets(), if any
     loss_fn: Callable[..., Any] | None = None  # model.py's loss_fn, if any
     frontend: str = "auto"  # the front end that captures it (hf: sources: "export")
+    pretrained: bool = False  # the source brought trained weights (an hf: folder with safetensors)
 
 
 def _inputs_from_shape(shape: Sequence[int]) -> tuple[torch.Tensor, ...]:
@@ -84,13 +85,14 @@ def load_source(source: str, *, input_shape: Sequence[int] | None = None, weight
         SourceError: with what to fix.
     """
     datasets = loss_fn = None
-    frontend = "auto"
+    frontend, pretrained = "auto", False
     if source.startswith("hf:"):
         try:
             model, inputs, datasets, loss_fn = load_hf(Path(source.split(":", 1)[1]), input_shape)
         except ValueError as exc:
             raise SourceError(str(exc)) from exc
         frontend, input_shape = "export", None
+        pretrained = any(Path(source.split(":", 1)[1]).glob("*.safetensors"))
     elif source.startswith(("timm:", "torchvision:")):
         model, inputs = _library_model(source, num_classes)
     else:
@@ -105,7 +107,7 @@ def load_source(source: str, *, input_shape: Sequence[int] | None = None, weight
         _load_weights(model, Path(weights))
     assert inputs is not None
     return LoadedModel(model=model, example_inputs=inputs, source=source, datasets=datasets, loss_fn=loss_fn,
-                       frontend=frontend)
+                       frontend=frontend, pretrained=pretrained)
 
 
 def _library_model(source: str, num_classes: int | None) -> tuple[nn.Module, tuple[Any, ...]]:

@@ -79,7 +79,16 @@ from hyperflux_fx.train.distributed import (
 from hyperflux_fx.train.evaluate import LossFn, MetricFn, accuracy, evaluate, move_to, split_batch
 from hyperflux_fx.train.landing import open_flow_distance
 from hyperflux_fx.train.measure import Measure
-from hyperflux_fx.train.optim import amp_dtype, autocast, cosine, grad_scaler, progress_bar, weight_optimizer
+from hyperflux_fx.train.optim import (
+    amp_dtype,
+    autocast,
+    clip_gradients,
+    cosine,
+    grad_scaler,
+    progress_bar,
+    warmup_cosine,
+    weight_optimizer,
+)
 from hyperflux_fx.train.recorder import METRICS_FILE, IntervalRecord, Landing, Recorder
 from hyperflux_fx.train.scheduler import (
     PressureController,
@@ -298,7 +307,8 @@ def _setup(gated: nn.Module, loader: DataLoader, cfg: TrainConfig, rank: int, wo
         gain=LOG_CONTROLLER_GAIN)
     flow_ids = {id(g.flow) for g in all_gates}
     params = [p for p in gated.parameters() if id(p) not in flow_ids and p.requires_grad]
-    opt_w = weight_optimizer(gated, params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    opt_w = weight_optimizer(gated, params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                             optimizer=cfg.optimizer, betas=cfg.betas)
     opt_t = torch.optim.Adam([g.flow for g in all_gates], lr=schedule.flow_lr, weight_decay=0.0, fused=True)
     pressure_state(gated).decoupled = decoupled
     out_dir = Path(cfg.out_dir) if cfg.out_dir is not None else None
@@ -426,7 +436,8 @@ def _learning_rates(run: _Run, progress: _Progress) -> tuple[float, float]:
     """(weight LR, flow LR) for the current step."""
     cfg, s = run.cfg, run.schedule
     if progress.step < s.prune_steps:
-        return cosine(cfg.lr, cfg.lr * cfg.lr_final_ratio, progress.step, s.prune_steps), s.flow_lr
+        warmup = int(cfg.warmup_fraction * s.prune_steps)
+        return warmup_cosine(cfg.lr, cfg.lr * cfg.lr_final_ratio, progress.step, s.prune_steps, warmup), s.flow_lr
     j = progress.step - s.prune_steps
     k = j // s.spe
     lr_t = 0.0 if (progress.frozen or k >= cfg.regrowth_flow_epochs) else (
@@ -454,15 +465,18 @@ def _train_step(run: _Run, progress: _Progress, batch: Any) -> None:
             loss, kd = run.distiller.loss(task, out, run.distiller.teacher_outputs(inputs))
             progress.task_sum += task.detach().double() * int(targets.shape[0])
             progress.distill_sum += kd.detach().double() * int(targets.shape[0])
+    weights = [p for group in run.opt_w.param_groups for p in group["params"]]
     if run.scaler is not None:
         run.pressure.grad_scale.fill_(run.scaler.get_scale())  # pressure must be scaled like the loss
         run.scaler.scale(loss).backward()
+        clip_gradients(weights, run.cfg.clip_grad_norm, run.scaler, run.opt_w)
         run.scaler.step(run.opt_w)
         if lr_t > 0:
             run.scaler.step(run.opt_t)
         run.scaler.update()
     else:
         loss.backward()
+        clip_gradients(weights, run.cfg.clip_grad_norm)
         run.opt_w.step()
         if lr_t > 0:
             run.opt_t.step()

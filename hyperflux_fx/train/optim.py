@@ -13,8 +13,8 @@ from torch import nn
 from hyperflux_fx.ir import gates
 from hyperflux_fx.ops import is_weight_module
 
-__all__ = ["amp_dtype", "autocast", "cosine", "decayed", "grad_scaler", "progress_bar", "resolve_device",
-           "weight_optimizer"]
+__all__ = ["amp_dtype", "autocast", "clip_gradients", "cosine", "decayed", "grad_scaler", "progress_bar",
+           "resolve_device", "warmup_cosine", "weight_optimizer"]
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -65,12 +65,37 @@ def decayed(model: nn.Module) -> set[int]:
 
 
 def weight_optimizer(model: nn.Module, params: list[nn.Parameter], *, lr: float, momentum: float,
-                     weight_decay: float) -> torch.optim.SGD:
-    """SGD over ``params`` of ``model``, with weight decay on its conv/linear weights only."""
+                     weight_decay: float, optimizer: str = "sgd",
+                     betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Optimizer:
+    """SGD (with ``momentum``) or AdamW (with ``betas``) over ``params`` of ``model``, with weight decay
+    on its conv/linear weights only."""
     decay = decayed(model)
-    return torch.optim.SGD([{"params": [p for p in params if id(p) in decay], "weight_decay": weight_decay},
-                            {"params": [p for p in params if id(p) not in decay], "weight_decay": 0.0}],
-                           lr=lr, momentum=momentum)
+    groups = [{"params": [p for p in params if id(p) in decay], "weight_decay": weight_decay},
+              {"params": [p for p in params if id(p) not in decay], "weight_decay": 0.0}]
+    if optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=betas)
+    if optimizer != "sgd":
+        raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+
+
+def warmup_cosine(start: float, end: float, i: int, n: int, warmup: int) -> float:
+    """Linear warm-up from 0 to ``start`` over ``warmup`` steps, then :func:`cosine` to ``end`` over the rest
+    of ``n`` steps."""
+    if i < warmup:
+        return start * (i + 1) / warmup
+    return cosine(start, end, i - warmup, n - warmup)
+
+
+def clip_gradients(params: list[nn.Parameter], max_norm: float | None,
+                   scaler: torch.amp.GradScaler | None = None, optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Clip the gradient norm of ``params`` to ``max_norm`` (nothing when None); under fp16 AMP the
+    gradients are unscaled first (``scaler.unscale_(optimizer)``), as the scaler's step expects."""
+    if max_norm is None:
+        return
+    if scaler is not None and optimizer is not None:
+        scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(params, max_norm)
 
 
 def cosine(start: float, end: float, i: int, n: int) -> float:

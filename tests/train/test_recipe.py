@@ -1,0 +1,93 @@
+"""The language-model recipe: AdamW with decay on conv/linear weights only, linear warm-up then cosine,
+gradient-norm clipping; the paper's SGD stays the default for everything else."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import hyperflux_fx as hf
+from hyperflux_fx.cli.args import recipe_fields, resolve_recipe
+from hyperflux_fx.config import LANGUAGE_MODEL_RECIPE
+from hyperflux_fx.train.optim import clip_gradients, cosine, warmup_cosine, weight_optimizer
+
+
+def test_warmup_rises_linearly_then_follows_the_cosine():
+    lrs = [warmup_cosine(1.0, 0.1, i, 100, 10) for i in range(100)]
+    assert lrs[:10] == pytest.approx([(i + 1) / 10 for i in range(10)])  # reaches the peak at the last warm-up step
+    assert lrs[10:] == pytest.approx([cosine(1.0, 0.1, i, 90) for i in range(90)])
+    assert warmup_cosine(1.0, 0.1, 5, 100, 0) == cosine(1.0, 0.1, 5, 100)  # no warm-up: the cosine as before
+
+
+def test_adamw_decays_only_conv_and_linear_weights():
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    opt = weight_optimizer(model, list(model.parameters()), lr=1e-3, momentum=0.9, weight_decay=0.1,
+                           optimizer="adamw", betas=(0.9, 0.95))
+    assert isinstance(opt, torch.optim.AdamW) and opt.param_groups[0]["betas"] == (0.9, 0.95)
+    decayed = {id(p) for p in opt.param_groups[0]["params"]}
+    assert decayed == {id(model[0].weight), id(model[2].weight)} and opt.param_groups[0]["weight_decay"] == 0.1
+    assert opt.param_groups[1]["weight_decay"] == 0.0  # biases and the norm's affine
+    assert isinstance(weight_optimizer(model, list(model.parameters()), lr=0.1, momentum=0.9, weight_decay=0.0),
+                      torch.optim.SGD)  # the paper's, still the default
+    with pytest.raises(ValueError, match="optimizer must be"):
+        weight_optimizer(model, list(model.parameters()), lr=0.1, momentum=0.9, weight_decay=0.0, optimizer="lion")
+
+
+def test_clipping_bounds_the_gradient_norm_and_none_leaves_it():
+    p = nn.Parameter(torch.zeros(10))
+    p.grad = torch.full((10,), 3.0)
+    clip_gradients([p], None)
+    assert float(p.grad.norm()) == pytest.approx(3.0 * 10 ** 0.5)
+    clip_gradients([p], 1.0)
+    assert float(p.grad.norm()) == pytest.approx(1.0, rel=1e-5)
+
+
+def test_the_recipe_is_a_config_and_bad_values_are_refused():
+    cfg = hf.TrainConfig.for_language_models(target_sparsity=0.5)
+    assert (cfg.optimizer, cfg.lr, cfg.clip_grad_norm, cfg.warmup_fraction, cfg.label_smoothing) == (
+        "adamw", 1e-4, 1.0, 0.03, 0.0)
+    assert cfg.target_sparsity == 0.5
+    assert dataclasses.replace(cfg, optimizer="sgd").optimizer == "sgd"
+    for bad, match in (({"optimizer": "lion"}, "optimizer must be"), ({"warmup_fraction": 1.0}, "warmup_fraction"),
+                       ({"clip_grad_norm": 0.0}, "clip_grad_norm")):
+        with pytest.raises(ValueError, match=match):
+            hf.TrainConfig(**bad)
+
+
+@pytest.mark.parametrize(("recipe", "lm", "pretrained", "expect"), [
+    ("auto", True, True, ("lm", 1e-4, 0)),  # a pretrained causal LM: its weights are the dense model
+    ("auto", True, False, ("lm", 1e-4, 10)),
+    ("auto", False, False, ("cnn", 0.1, 10)),
+    ("cnn", True, True, ("cnn", 0.1, 0)),
+])
+def test_the_cli_resolves_the_recipe_from_the_source(recipe, lm, pretrained, expect):
+    args = argparse.Namespace(recipe=recipe, lr=None, dense_epochs=None)
+    resolve_recipe(args, lm, pretrained)
+    assert (args.recipe, args.lr, args.dense_epochs) == expect
+    fields = recipe_fields(args)
+    assert fields == ({} if expect[0] == "cnn" else {k: LANGUAGE_MODEL_RECIPE[k] for k in fields})
+    args = argparse.Namespace(recipe=recipe, lr=3e-4, dense_epochs=2)  # the user's flags win
+    resolve_recipe(args, lm, pretrained)
+    assert (args.lr, args.dense_epochs) == (3e-4, 2)
+
+
+def test_train_with_the_recipe_warms_up_clips_and_steps_adamw(monkeypatch):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+    gated = hf.insert_gates(model, hf.GateConfig(granularity="channel"), example_inputs=(torch.randn(2, 6),))
+    x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
+    loader = DataLoader(TensorDataset(x, y), batch_size=8)
+    norms = []
+    real = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda ps, m: norms.append(m) or real(ps, m))
+    cfg = hf.TrainConfig.for_language_models(target_sparsity=0.5, epochs=2, regrowth_epochs=1, interval_steps=4,
+                                             warmup_fraction=0.5, track_flux=False, distill="off")
+    result = hf.train(gated.graph_module, loader, config=cfg)
+    assert norms and set(norms) == {1.0}  # every step clipped at the recipe's norm
+    lrs = [rec["lr"] for rec in result.history]
+    assert lrs[0] < 1e-4 and max(lrs) <= 1e-4 + 1e-12  # the first interval is still warming up
