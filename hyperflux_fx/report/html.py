@@ -35,8 +35,8 @@ def figures(history: list[Any], summary: dict[str, Any], fold_groups: list[dict[
 
     out: list[tuple[str, str]] = []
     if history:
-        out += [_density_figure(plt, history, summary.get("target_measure", "count")), _pressure_figure(plt, history),
-                _flips_figure(plt, history)]
+        out += [_density_figure(plt, history, summary.get("target_measure", "count")), _loss_figure(plt, history),
+                _pressure_figure(plt, history), _flips_figure(plt, history)]
         out += _layer_figure(plt, history) + _law_figure(plt, history, law) + _flux_figure(plt, history)
     units = {name: rows for name, rows in (timeline or {}).items() if getattr(rows, "ndim", 0) == 2 and len(rows)}
     if units:
@@ -90,6 +90,25 @@ def _density_figure(plt: Any, history: list[Any], measure: str) -> tuple[str, st
         twin.legend(fontsize=7, loc="lower right")
     low.legend(fontsize=7, loc="lower left")
     return "Density trajectory vs planned, validation and distillation", _png(fig)
+
+
+def _loss_figure(plt: Any, history: list[Any]) -> tuple[str, str]:
+    """The loss per interval: training (the blend, with distillation its task part too) and validation
+    (per target element: per token for a language model), on the steps of the density trajectory."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.0))
+    x = [r["step"] for r in history]
+    ax.plot(x, [r["train_loss"] for r in history], lw=0.8, color="#999", label="train loss")
+    task = [(r["step"], r["train_task_loss"]) for r in history if r.get("train_task_loss") is not None]
+    if task:
+        ax.plot(*zip(*task, strict=True), ":", color="#555", label="train task loss (without distillation)")
+    val = [(r["step"], r["val_loss"]) for r in history if r.get("val_loss") is not None]
+    if val:
+        ax.plot(*zip(*val, strict=True), "o-", ms=3, color="#27a", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend(fontsize=7)
+    ax.set_title("Loss per interval")
+    return "Loss per interval (train and validation)", _png(fig)
 
 
 def _pressure_figure(plt: Any, history: list[Any]) -> tuple[str, str]:

@@ -72,6 +72,31 @@ def evaluate(model: nn.Module, loader: Iterable[Any], *, metric_fn: MetricFn | N
     return _weighted_mean(model, loader, device, amp_dtype, score)
 
 
+@torch.no_grad()
+def evaluate_with_loss(model: nn.Module, loader: Iterable[Any], *, metric_fn: MetricFn, loss_fn: LossFn,
+                       device: torch.device | str | None = None,
+                       amp_dtype: torch.dtype | None = None) -> tuple[float, float]:
+    """(metric per example, loss per target element) over ``loader`` in one pass, in eval mode."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    metric, loss, examples, elements = 0.0, 0.0, 0, 0
+    try:
+        for batch in loader:
+            inputs, targets = split_batch(move_to(batch, device))
+            with autocast(device, amp_dtype):
+                out = model(*inputs)
+            out = out.float()
+            n = int(targets.shape[0]) if isinstance(targets, torch.Tensor) else 1
+            k = int(targets.numel()) if isinstance(targets, torch.Tensor) else 1
+            metric += metric_fn(out, targets) * n
+            loss += float(loss_fn(out, targets)) * k
+            examples, elements = examples + n, elements + k
+    finally:
+        model.train(was_training)
+    return metric / max(examples, 1), loss / max(elements, 1)
+
+
 def evaluate_loss(model: nn.Module, loader: Iterable[Any], loss_fn: LossFn, *,
                   device: torch.device | str | None = None) -> float:
     """Mean of ``loss_fn`` over ``loader``, weighted by the targets' elements (per token for a language

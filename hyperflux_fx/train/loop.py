@@ -76,7 +76,7 @@ from hyperflux_fx.train.distributed import (
     setup_distributed,
     steps_per_epoch,
 )
-from hyperflux_fx.train.evaluate import LossFn, MetricFn, accuracy, evaluate, move_to, split_batch
+from hyperflux_fx.train.evaluate import LossFn, MetricFn, accuracy, evaluate_with_loss, move_to, split_batch
 from hyperflux_fx.train.landing import open_flow_distance
 from hyperflux_fx.train.measure import Measure
 from hyperflux_fx.train.optim import (
@@ -204,6 +204,7 @@ class _Progress:
     last_good: int | None = None  # interval of the last checkpoint written
     calls_intervals: int = 0  # intervals completed by this call
     val_acc: float | None = None
+    val_loss: float | None = None  # the loss function's mean per target element on the validation loader
     stopped_early: bool = False
     loss_sum: torch.Tensor | None = None  # over the current interval, on the device
     correct: torch.Tensor | None = None
@@ -564,8 +565,9 @@ def _end_interval(run: _Run, progress: _Progress, val_loader: Iterable[Any] | No
     due = val_loader is not None and (progress.intervals % cfg.eval_every == 0 or step in (s.prune_steps,
                                                                                          s.total_steps))
     if due:
-        progress.val_acc = evaluate(run.gated, val_loader, metric_fn=run.metric_fn, device=run.device,
-                                    amp_dtype=run.amp_dtype)
+        progress.val_acc, progress.val_loss = evaluate_with_loss(
+            run.gated, val_loader, metric_fn=run.metric_fn, loss_fn=run.loss_fn, device=run.device,
+            amp_dtype=run.amp_dtype)
     rec = run.recorder.record(
         run.gated, interval=progress.intervals, epoch=(step - 1) // s.spe, step=step,
         phase="prune" if pruning else "regrow", gamma=gamma_used, gamma_next=gamma_next, g=run.controller.g,
@@ -573,6 +575,7 @@ def _end_interval(run: _Run, progress: _Progress, val_loader: Iterable[Any] | No
         measured_density_rounded=landing.density_after if landing is not None else run.measure.kept(),
         train_loss=train_loss, **_distill_fields(run, progress),
         train_metric=progress.metric_sum / max(progress.seen, 1), val_metric=progress.val_acc if due else None,
+        val_loss=progress.val_loss if due else None,
         lr=run.opt_w.param_groups[0]["lr"], flow_lr=run.opt_t.param_groups[0]["lr"], flows_frozen=progress.frozen,
         landing=landing, seconds=time.perf_counter() - run.t_start)
     progress.loss_sum.zero_()

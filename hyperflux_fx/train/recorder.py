@@ -97,6 +97,7 @@ class IntervalRecord(_Fields):
     train_distill_loss: float | None = None  # with distillation: T^2 KL(teacher || student), interval mean
     distill_share: float | None = None  # alpha * distillation term / blended loss
     measured_density_rounded: float | None = None  # the same, with the fold's rounding (what fold_masks keeps)
+    val_loss: float | None = None  # the loss per target element on the validation loader (per token for an LM)
     density: float = 0.0  # kept fraction of gated units
     sparsity: float = 0.0
     regrown: int = 0

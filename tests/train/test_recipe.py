@@ -87,7 +87,12 @@ def test_train_with_the_recipe_warms_up_clips_and_steps_adamw(monkeypatch):
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda ps, m: norms.append(m) or real(ps, m))
     cfg = hf.TrainConfig.for_language_models(target_sparsity=0.5, epochs=2, regrowth_epochs=1, interval_steps=4,
                                              warmup_fraction=0.5, track_flux=False, distill="off")
-    result = hf.train(gated.graph_module, loader, config=cfg)
+    result = hf.train(gated.graph_module, loader, loader, config=cfg)
     assert norms and set(norms) == {1.0}  # every step clipped at the recipe's norm
+    evaluated = [rec for rec in result.history if rec["val_metric"] is not None]
+    assert evaluated and all(rec["val_loss"] is not None and rec["val_loss"] > 0 for rec in evaluated)
+    with torch.no_grad():  # the last one is the trained gated model's loss per example (no label smoothing here)
+        expect = float(torch.nn.functional.cross_entropy(gated.graph_module.eval()(x), y))
+    assert evaluated[-1]["val_loss"] == pytest.approx(expect, rel=1e-4)
     lrs = [rec["lr"] for rec in result.history]
     assert lrs[0] < 1e-4 and max(lrs) <= 1e-4 + 1e-12  # the first interval is still warming up
