@@ -39,6 +39,10 @@ def export_stage(job: Job, compact: Any, summary: dict[str, Any]) -> int | None:
                    latency_batch=batch)
     x = speedup(summary)
     summary.update(speedup=x, faster_than_dense=x >= FASTER, latency_note=slower_note(summary))
+    if job.loaded.loss_fn is language_model_loss:  # tokens per second of one forward pass over the example batch
+        tokens = int(inputs[0].numel())
+        summary.update(tokens_per_s_dense=tokens / lat_d["median_ms"] * 1e3,
+                       tokens_per_s_compact=tokens / lat_c["median_ms"] * 1e3)
     if summary.get("latency_predicted_speedup"):
         # the model predicts a fraction of the dense model; in ms it is anchored on the dense model's ms
         # measured beside the compact one, as the machine's speed drifts between calibration and now

@@ -90,6 +90,9 @@ def asked_and_got(s: dict[str, Any]) -> list[tuple[str, str, str]]:
         rows.append(("perplexity (validation)", "-", f"{s['perplexity_dense']:.2f} dense → "
                      f"{s['perplexity_pruned']:.2f} pruned → {s['perplexity_compact']:.2f} compact (loss per token "
                      f"{s['val_loss_dense']:.3f} → {s['val_loss_compact']:.3f})"))
+    if s.get("tokens_per_s_compact") is not None:
+        rows.append(("tokens/s (ONNX Runtime, CPU)", "-", f"{s['tokens_per_s_dense']:,.0f} dense → "
+                     f"{s['tokens_per_s_compact']:,.0f} compact (batch {s.get('latency_batch')}, one forward pass)"))
     if "hf_folder" in s:
         c = s.get("hf_folder_config") or {}
         rows.append(("Hugging Face folder", "-", f"{s['hf_folder']}/: hidden {c.get('hidden_size')}, "

@@ -57,6 +57,9 @@ def test_hf_end_to_end_gives_a_faster_compact_model(tmp_path):
         assert "layer" in summary["hf_folder_note"] and not (out / "compact_hf").exists()
     else:
         assert (out / "compact_hf" / "config.json").is_file() and summary["hf_folder_max_abs_diff"] < 1e-4
+    tokens = 2 * 32  # one forward pass over the example batch, in ONNX Runtime
+    assert summary["tokens_per_s_compact"] == pytest.approx(tokens / summary["ort_latency_ms_compact"] * 1e3)
+    assert summary["tokens_per_s_dense"] == pytest.approx(tokens / summary["ort_latency_ms_dense"] * 1e3)
     speedup = measured_speedup(summary, out, TINY_LLAMA, lambda x: x >= FASTER, input_shape=(2, 32))
     assert speedup >= FASTER, (summary["speedup"], speedup)  # faster in ORT, as the name says
 
