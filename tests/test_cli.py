@@ -157,6 +157,7 @@ def _check_report(path: Path, summary: dict) -> None:
     assert ("most active groups" in text) == channel_run
     assert "fitted law" not in text and "no law fitted" in text
     assert "Loss per interval" in text  # the learning beside the density trajectory: train and validation loss
+    assert ("Per-group sensitivity" in text) == channel_run == (summary["sensitivity"] is not None)
     assert "<p class='headline'>" in text and "What you asked, what you got" in text
     assert "0.43440999" not in text and str(summary["wall_seconds"]) not in text  # no raw float noise
     for src in parser.imgs:

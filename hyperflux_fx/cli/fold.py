@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch.nn.functional as F
+
 from hyperflux_fx.analysis.cost import count_costs
 from hyperflux_fx.cli.job import Job, log, say
 from hyperflux_fx.frontend.hf import language_model_loss
@@ -14,6 +16,7 @@ from hyperflux_fx.report.rerender import save_reports
 from hyperflux_fx.train.evaluate import evaluate, evaluate_loss
 from hyperflux_fx.train.loop import TrainResult
 from hyperflux_fx.train.recorder import tracking
+from hyperflux_fx.train.sensitivity import group_sensitivity
 
 
 def _language_model_figures(job: Job, dense: Any, gated: Any, compact: Any) -> dict[str, float]:
@@ -29,10 +32,29 @@ def _language_model_figures(job: Job, dense: Any, gated: Any, compact: Any) -> d
     return out
 
 
+SENSITIVITY_BUDGET_S = 60.0  # per-group sensitivity stops measuring new groups after this (and says so)
+
+
+def _sensitivity(job: Job, gated: Any) -> dict[str, Any] | None:
+    """How much the loss grows as each channel group's lowest-flow units close, beside what the run kept
+    (train/sensitivity.py); None without channel gates."""
+    sens = group_sensitivity(gated, job.val_loader, job.loaded.loss_fn or F.cross_entropy,
+                             budget_s=SENSITIVITY_BUDGET_S)
+    if not sens.groups:
+        return None
+    rho = sens.spearman()
+    capped = f", capped at {SENSITIVITY_BUDGET_S:.0f} s" if sens.capped else ""
+    say(job.args, f"      sensitivity: {len(sens.groups)} of {sens.total_groups} groups in {sens.seconds:.1f} s"
+                  f"{capped}; rank correlation of the loss growth at 50% closed with the kept fraction: "
+                  + ("-" if rho is None else f"{rho:+.2f}"))
+    return sens.to_dict()
+
+
 def fold_stage(job: Job, gated: Any, result: TrainResult, dense_acc: float) -> tuple[PassResult, dict[str, Any]]:
     """[3/5] fold_masks; (its result, the summary with the accuracy, size and MAC figures)."""
     args, model, inputs = job.args, job.loaded.model, job.inputs
     pruned_acc = evaluate(gated, job.val_loader)
+    sensitivity = _sensitivity(job, gated)
     say(args, "[3/5] fold_masks")
     folded = fold_masks(gated, job.fold)  # the fold the exact targets counted
     save_reports(job.partial, fold=folded.report.to_dict())
@@ -50,6 +72,7 @@ def fold_stage(job: Job, gated: Any, result: TrainResult, dense_acc: float) -> t
         "source": args.source, "data": job.data_name, "target_sparsity": args.target_sparsity,
         "achieved_sparsity": result.sparsity, "target_measure": args.target, "granularity": args.granularity,
         "recipe": args.recipe, "lr": args.lr, "dense_epochs": args.dense_epochs,
+        "sensitivity": sensitivity,
         "dense_accuracy": dense_acc, "pruned_accuracy": pruned_acc,
         "compact_accuracy": evaluate(compact, job.val_loader),
         "params_dense": params_dense, "params_compact": sum(int((p != 0).sum()) for p in compact.parameters()),

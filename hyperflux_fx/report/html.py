@@ -41,6 +41,8 @@ def figures(history: list[Any], summary: dict[str, Any], fold_groups: list[dict[
     units = {name: rows for name, rows in (timeline or {}).items() if getattr(rows, "ndim", 0) == 2 and len(rows)}
     if units:
         out += [_heatmap_figure(plt, units), _raster_figure(plt, units)]
+    if (summary.get("sensitivity") or {}).get("groups"):
+        out.append(_sensitivity_figure(plt, summary["sensitivity"]))
     if any(g["deleted"] > 0 for g in fold_groups):  # only where something was deleted
         out.append(_fold_figure(plt, fold_groups))
     if summary.get("ort_latency_ms_dense") and summary.get("ort_latency_ms_compact"):
@@ -109,6 +111,28 @@ def _loss_figure(plt: Any, history: list[Any]) -> tuple[str, str]:
     ax.legend(fontsize=7)
     ax.set_title("Loss per interval")
     return "Loss per interval (train and validation)", _png(fig)
+
+
+def _sensitivity_figure(plt: Any, sens: dict[str, Any]) -> tuple[str, str]:
+    """Per group, the loss growth as its lowest-flow units close (25/50/75%) against the fraction the run
+    kept: did the dynamics keep what matters (train/sensitivity.py)?"""
+    groups = sens["groups"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(8.0, 3.2), gridspec_kw={"width_ratios": [3, 2]})
+    x = range(len(groups))
+    for k, style in (("0.25", ":"), ("0.5", "-"), ("0.75", "--")):
+        left.plot(x, [g["loss_delta"].get(k, float("nan")) for g in groups], style, marker="o", ms=3,
+                  label=f"{float(k):.0%} lowest-flow units closed")
+    left.set_xticks(list(x), [g["name"] for g in groups], rotation=90, fontsize=5)
+    left.set_ylabel("loss growth")
+    left.legend(fontsize=6)
+    left.set_title("Sensitivity per group" + (" (capped)" if sens.get("capped") else ""), fontsize=9)
+    right.scatter([g["kept"] for g in groups], [g["loss_delta"].get("0.5", float("nan")) for g in groups], s=12)
+    right.set_xlabel("kept fraction (the run)")
+    right.set_ylabel("loss growth at 50% closed")
+    rho = sens.get("spearman")
+    right.set_title("rank correlation " + ("-" if rho is None else f"{rho:+.2f}"), fontsize=9)
+    fig.tight_layout()
+    return "Per-group sensitivity against what the run kept", _png(fig)
 
 
 def _pressure_figure(plt: Any, history: list[Any]) -> tuple[str, str]:
