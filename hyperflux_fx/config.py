@@ -125,6 +125,9 @@ class TrainConfig:
     fold: FoldConfig = field(default_factory=FoldConfig)  # the fold the exact measures count (pass it to fold_masks)
     latency_dense_ms: float | None = None  # "latency": the whole dense model's measured ms at the example batch
     latency_cache: str | None = None  # "latency": the op-timing cache directory (None: $HYPERFLUX_CACHE or ~/.cache)
+    uniform_layers: bool = False  # the landing gives every numbered layer the same kept counts (heads, KV heads,
+    #   MLP units: the groups alike at the same place of ``...layers.N...``), as Minitron and Sheared-LLaMA keep a
+    #   Hugging Face config valid; each layer keeps its own strongest units. Needs an exact target measure
     land: bool = True  # at land_at of regrowth: shift all flows by one constant to hit the target, freeze them
     land_at: float | None = None  # fraction of the regrowth phase after which the landing happens; None: 0.5
     #   with weight gates only, 0.0 (the end of pruning) with channel gates (docs/training.md)
@@ -194,6 +197,9 @@ class TrainConfig:
                              f"got {self.controller_max_close}")
         if self.regrowth_lift is not None and self.regrowth_lift < 0:
             raise ValueError(f"TrainConfig.regrowth_lift must be >= 0 or None, got {self.regrowth_lift}")
+        if self.uniform_layers and self.target_measure not in ("params", "macs", "latency"):
+            raise ValueError("TrainConfig.uniform_layers needs target_measure 'params', 'macs' or 'latency' "
+                             f"(the landing balances the layers' counts on it), got {self.target_measure!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"TrainConfig.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if not 0.0 <= self.warmup_fraction < 1.0:

@@ -321,6 +321,8 @@ BAD_FILES = {
     ([EXAMPLE, "--distill-temperature", "0"], "--distill-temperature must be > 0"),
     ([EXAMPLE, "--round-to", "0"], "not a channel multiple"),
     ([EXAMPLE, "--round-to", "eight"], "not a channel multiple"),
+    ([EXAMPLE, "--uniform-layers"], "no repeated layers"),  # a CNN without numbered layers
+    ([EXAMPLE, "--uniform-layers", "--granularity", "weight"], "uniform_layers needs target_measure"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, args, match):
     for name, (text, _) in BAD_FILES.items():

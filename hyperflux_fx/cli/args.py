@@ -147,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what the sparsity counts: gated units, the compact model's exact parameters / MACs, or its "
                         "ONNX Runtime latency (predicted from a per-op timing table), against the dense model's "
                         "(default: macs for channel/hybrid gates, count for weight gates)")
+    p.add_argument("--uniform-layers", action="store_true",
+                   help="every numbered layer keeps the same counts (query heads, KV heads, MLP units), so that a "
+                        "Hugging Face config describes the result (compact_hf/); needs --target params, macs or "
+                        "latency")
     p.add_argument("--target-speedup", type=float, default=None,
                    help="aim at this ONNX Runtime speed-up: --target latency with --target-sparsity 1 - 1/X")
     p.add_argument("--epochs", type=int, default=10, help="pruning-phase epochs")

@@ -67,10 +67,13 @@ def hf_folder(job: Job, compact: Any) -> dict[str, Any]:
     try:
         folder = save_hf_folder(compact.state_dict(), job.args.source[3:], path)
         diff = check_hf_folder(path, compact, job.inputs)
-    except NotUniform as exc:
+    except (NotUniform, ValueError) as exc:  # ValueError: transformers refused the config (LlamaConfig's checks)
         shutil.rmtree(path, ignore_errors=True)
-        say(job.args, f"      no {HF_FOLDER}/ written: {exc}")
-        return {"hf_folder": None, "hf_folder_note": str(exc)}
+        note = " ".join(str(exc).split())
+        if not job.args.uniform_layers and not isinstance(exc, NotUniform):
+            note += " (--uniform-layers keeps the width a multiple of the heads)"
+        say(job.args, f"      no {HF_FOLDER}/ written: {note}")
+        return {"hf_folder": None, "hf_folder_note": note}
     say(job.args, f"      {HF_FOLDER}/: from_pretrained loads it ({folder.config}); logits within {diff:.2e} of the "
                    "compact graph")
     return {"hf_folder": HF_FOLDER, "hf_folder_config": folder.config, "hf_folder_max_abs_diff": diff}

@@ -48,7 +48,8 @@ def _train_config(args: argparse.Namespace, partial: Path) -> TrainConfig:
                        progress=not args.quiet, max_intervals=args.max_intervals,
                        target_measure=args.target, fold=fold_config(args), pressure=args.pressure,
                        distill=args.distill, distill_alpha=args.distill_alpha,
-                       distill_temperature=args.distill_temperature, **recipe_fields(args))
+                       distill_temperature=args.distill_temperature, uniform_layers=args.uniform_layers,
+                       **recipe_fields(args))
 
 
 def preflight(args: argparse.Namespace, out: Path, res: PassResult, train_set: Dataset) -> TrainConfig:

@@ -20,6 +20,8 @@ above 1: conv channels under ``round_to``).
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import warnings
 from collections.abc import Callable
 
@@ -27,11 +29,11 @@ import torch
 from torch import fx, nn
 
 from hyperflux_fx.analysis.cost_model import MEASURES, CostModel
-from hyperflux_fx.analysis.coupling import kept_count, round_multiple
+from hyperflux_fx.analysis.coupling import Group, kept_count, round_multiple
 from hyperflux_fx.analysis.latency_model import LatencyModel
 from hyperflux_fx.analysis.runtime import resolve_fold_config
 from hyperflux_fx.config import FoldConfig, TrainConfig
-from hyperflux_fx.ir import ChannelGate, density, gates
+from hyperflux_fx.ir import MODULE_NODE_META, ChannelGate, density, gates
 from hyperflux_fx.train.landing import land_on_density
 from hyperflux_fx.train.recorder import Landing
 
@@ -109,6 +111,12 @@ class Measure:
             if self.name == "latency" and self.latency.measure is None:
                 _warn_uncalibrated(calibrated=cfg.latency_dense_ms is not None or bool(self.latency.calibration))
             self._check_reachable(1.0 - cfg.target_sparsity)
+        self.families: list[list[int]] = []  # groups whose kept counts the landing makes equal (uniform_layers)
+        if cfg.uniform_layers and self.cost_model is not None:
+            self.families = layer_families(self.cost_model)
+            if not self.families:
+                raise ValueError("uniform_layers: no repeated layers here (no two gated groups of the same kind "
+                                 "and size at the same place of numbered layers, e.g. model.layers.N.mlp)")
 
     def _check_reachable(self, target_kept: float) -> None:
         least = self.fraction_at(_floor(self.cost_model))
@@ -237,7 +245,94 @@ class Measure:
         if any(round_multiple(g, self.cost_model.fold) > 1 for g in self.cost_model.groups):
             round_groups(self.cost_model, self.fraction_at, target_kept)
             landing.density_after = self.kept()
+        if self.families:
+            uniform_counts(self.cost_model, self.families, self.fraction_at, target_kept)
+            landing.density_after = self.kept()
         return landing
+
+
+def _module_path(gm: fx.GraphModule, name: str) -> str:
+    """The module a producer node came from (its nn_module_stack, the rewrite's record, or its target)."""
+    node = next((n for n in gm.graph.nodes if n.name == name.split("[")[0]), None)
+    if node is None:
+        return name
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        return str(list(stack.values())[-1][0])
+    return str(node.meta.get(MODULE_NODE_META) or (node.target if node.op == "call_module" else name))
+
+
+def layer_families(cm: CostModel) -> list[list[int]]:
+    """Gated groups alike across numbered layers: same unit kind, size and rounding, produced by the same
+    module path once the layer numbers are set aside (``model.layers.3.mlp.gate_proj`` and
+    ``model.layers.7.mlp.gate_proj``). Families of two or more groups, each a list of group ids."""
+    families: dict[tuple[str, str, int], list[int]] = {}
+    for g in cm.groups:
+        if not g.deletable or cm.gate_of[g.id] is None:
+            continue
+        path = _module_path(cm.gm, g.producers[0])
+        if not re.search(r"\.\d+\.", path):
+            continue
+        key = (re.sub(r"(?<=\.)\d+(?=\.)", "*", path), g.unit, g.size)
+        families.setdefault(key, []).append(g.id)
+    return [ids for ids in families.values() if len(ids) > 1]
+
+
+def uniform_counts(cm: CostModel, families: list[list[int]], fraction_at: Callable[[dict[int, int]], float],
+                   target_kept: float) -> dict[int, int]:
+    """Give every group of a family one kept count: the family's mean count on its rounding multiple,
+    then, family by family, the multiple below or above when that brings the measure closer to
+    ``target_kept``. Each group keeps its own strongest units (its flows decide which); the others'
+    flows close (they are frozen after the landing)."""
+    groups = {g.id: g for g in cm.groups}
+    counts = cm.counts()
+    step = {tuple(f): round_multiple(groups[f[0]], cm.fold) for f in families}
+    common = {}
+    for fam in families:
+        m, size = step[tuple(fam)], groups[fam[0]].size
+        mean = sum(counts[g] for g in fam) / len(fam)
+        common[tuple(fam)] = min(size, max(m, round(mean / m) * m))
+
+    def at(choice: dict[tuple[int, ...], int]) -> dict[int, int]:
+        return {**counts, **{g: k for fam, k in choice.items() for g in fam}}
+
+    for fam in common:  # one pass, family by family: the multiple below or above, if closer to the target
+        m, size = step[fam], groups[fam[0]].size
+        options = [k for k in (common[fam] - m, common[fam], common[fam] + m) if m <= k <= size]
+        common[fam] = min(options, key=lambda k: abs(fraction_at(at({**common, fam: k})) - target_kept))
+    for fam, k in common.items():
+        for gid in fam:
+            _set_open_count(cm.gate_of[gid], k)
+    counts = at(common)
+    heads = math.lcm(*(common[fam] * _heads_per_unit(cm, groups[fam[0]]) for fam in common
+                       if groups[fam[0]].unit == "head")) if any(groups[f[0]].unit == "head" for f in common) else 1
+    for gid in _shared_widths(cm, families) if heads > 1 else []:
+        options = [k for k in range(heads, groups[gid].size + 1, heads)]
+        if options:  # a Hugging Face config wants the width a multiple of the heads (LlamaConfig checks it)
+            counts[gid] = min(options, key=lambda k: abs(fraction_at({**counts, gid: k}) - target_kept))
+            _set_open_count(cm.gate_of[gid], counts[gid])
+    return counts
+
+
+def _heads_per_unit(cm: CostModel, group: Group) -> int:
+    """Attention heads in one unit of a head group (the query heads of one KV head under GQA)."""
+    prod = cm.coupling.producers[group.spaces[0]]
+    parent = cm.coupling.producers[prod.parent] if prod.parent is not None else prod
+    return cm.coupling.head_groups.get(parent.name, 1)
+
+
+def _shared_widths(cm: CostModel, families: list[list[int]]) -> list[int]:
+    """Gated channel groups outside the families whose producers sit in several numbered layers: the
+    residual width every layer reads and writes."""
+    in_family = {gid for fam in families for gid in fam}
+    out = []
+    for g in cm.groups:
+        if g.id in in_family or not g.deletable or cm.gate_of[g.id] is None or g.unit != "channel":
+            continue
+        layers = {m.group(1) for p in g.producers if (m := re.search(r"\.(\d+)\.", _module_path(cm.gm, p)))}
+        if len(layers) > 1:
+            out.append(g.id)
+    return out
 
 
 def _block_choices(size: int, kept: int, step: int, reach: int = 2) -> list[int]:

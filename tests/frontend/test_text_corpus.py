@@ -93,12 +93,14 @@ def test_corpus_is_tokenised_with_the_folders_tokenizer(tmp_path):
     assert load_tokens(tmp_path / "nothing").name.startswith("bytes")  # no tokenizer.json: bytes, and it says so
 
 
-def _tiny_llama(folder, vocab: int):
+def _tiny_llama(folder, vocab: int, arch: str = "Llama"):
+    """A saved two-layer causal LM of ``arch`` (Llama, Qwen2 or Mistral: GQA, RMSNorm, SwiGLU)."""
     transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, intermediate_size=24, max_position_embeddings=64)
-    config.architectures = ["LlamaForCausalLM"]
-    quietly(lambda: transformers.LlamaForCausalLM(config).save_pretrained(folder))
+    config = getattr(transformers, f"{arch}Config")(
+        vocab_size=vocab, hidden_size=16, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=24, max_position_embeddings=64)
+    config.architectures = [f"{arch}ForCausalLM"]
+    quietly(lambda: getattr(transformers, f"{arch}ForCausalLM")(config).save_pretrained(folder))
 
 
 @pytest.fixture(scope="module")
@@ -112,12 +114,23 @@ def llama(tmp_path_factory):
     return root
 
 
-def test_a_language_model_trains_on_the_users_text(llama, tmp_path):
+@pytest.mark.parametrize("arch", ["Llama", "Qwen2", "Mistral"])
+def test_a_language_model_trains_on_the_users_text(llama, tmp_path, arch):
+    source = llama / "llama"
+    if arch != "Llama":  # the same tokenizer and corpus, another architecture
+        source = tmp_path / arch.lower()
+        _tokenizer_folder(source)
+        _tiny_llama(source, json.loads((llama / "llama" / "config.json").read_text())["vocab_size"], arch)
     out = tmp_path / "run"
-    assert main([f"hf:{llama / 'llama'}", "--data", f"text:{llama / 'corpus.jsonl'}", "--seq-len", "16",
-                 "--dense-epochs", "1", "--epochs", "1", "--regrowth-epochs", "1", "--no-export", "--quiet",
-                 "--out", str(out)]) == 0
+    assert main([f"hf:{source}", "--data", f"text:{llama / 'corpus.jsonl'}", "--seq-len", "16", "--uniform-layers",
+                 "--target", "params", "--target-sparsity", "0.5", "--dense-epochs", "1", "--epochs", "1",
+                 "--regrowth-epochs", "1", "--no-export", "--quiet", "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
+    # --uniform-layers: every layer kept the same counts, so the folder is written, loaded back with no
+    # missing or unexpected key, and its logits checked against the compact graph (export/hf_folder.py)
+    assert summary["uniform_layers"] and summary["hf_folder"] == "compact_hf" and summary["hf_folder_max_abs_diff"] < 1e-4
+    assert (out / "compact_hf" / "config.json").is_file() and (out / "compact_hf" / "tokenizer.json").is_file()
+    assert abs(summary["achieved_sparsity"] - 0.5) < 0.1  # balancing the layers moves the landing a little
     assert summary["data"] == f"text:{llama / 'corpus.jsonl'}"
     assert summary["macs_compact"] < summary["macs_dense"]
     for stage in ("dense", "pruned", "compact"):  # a language model's figures: loss per token and perplexity
