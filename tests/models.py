@@ -662,6 +662,26 @@ class MultiplierResidual(nn.Module):
         return self.head(y + self.dw2(y)).mean((2, 3))
 
 
+class UnequalQKV(nn.Module):
+    """One fused projection cut into unequal pieces, q and k narrower than v, each viewed as two heads;
+    attention over the pieces: the heads of the three pieces are one group."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.qkv = nn.Linear(8, 4 + 4 + 8)
+        self.proj = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.stem(x).flatten(2).transpose(1, 2)
+        b, n, _ = t.shape
+        q, k, v = self.qkv(t).split([4, 4, 8], dim=-1)
+        q, k, v = (z.view(b, n, 2, -1).transpose(1, 2) for z in (q, k, v))
+        o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, 8)
+        return self.head((t + self.proj(o)).mean(1))
+
+
 class TrainingBranch(nn.Module):
     """``if self.training:`` code that is neither a dropout nor a drop path."""
 
@@ -782,6 +802,7 @@ FOLD_ZOO.update({
     "split_attention": (_seeded(SplitAttention), _inputs(2, 3, 6, 6)),
     "narrow_keys": (_seeded(NarrowKeys), _inputs(2, 3, 6, 6)),
     "multiplier_residual": (_seeded(MultiplierResidual), _inputs(2, 3, 6, 6)),
+    "unequal_qkv": (_seeded(UnequalQKV), _inputs(2, 3, 6, 6)),
     "tiny_vit": (_seeded(TinyViT), _inputs(2, 3, 6, 6)),
     "norm_variety": (_seeded(NormVariety), _inputs(2, 3, 6, 6)),
 })
