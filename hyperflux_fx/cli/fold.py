@@ -4,6 +4,7 @@ measure accuracy (and, for language models, loss and perplexity) dense -> pruned
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import torch.nn.functional as F
@@ -32,18 +33,20 @@ def _language_model_figures(job: Job, dense: Any, gated: Any, compact: Any) -> d
     return out
 
 
-SENSITIVITY_BUDGET_S = 60.0  # per-group sensitivity stops measuring new groups after this (and says so)
+SENSITIVITY_BUDGET_S = (5.0, 0.1, 60.0)  # per-group sensitivity: at least 5 s, a tenth of the run so far, at
+#   most 60 s; it stops measuring new groups after that, and says so
 
 
 def _sensitivity(job: Job, gated: Any) -> dict[str, Any] | None:
     """How much the loss grows as each channel group's lowest-flow units close, beside what the run kept
     (train/sensitivity.py); None without channel gates."""
-    sens = group_sensitivity(gated, job.val_loader, job.loaded.loss_fn or F.cross_entropy,
-                             budget_s=SENSITIVITY_BUDGET_S)
-    if not sens.groups:
+    least, share, most = SENSITIVITY_BUDGET_S
+    budget = min(most, max(least, share * (time.perf_counter() - job.t_start)))
+    sens = group_sensitivity(gated, job.val_loader, job.loaded.loss_fn or F.cross_entropy, budget_s=budget)
+    if not sens.groups and not sens.capped:
         return None
     rho = sens.spearman()
-    capped = f", capped at {SENSITIVITY_BUDGET_S:.0f} s" if sens.capped else ""
+    capped = f", capped at {budget:.0f} s" if sens.capped else ""
     say(job.args, f"      sensitivity: {len(sens.groups)} of {sens.total_groups} groups in {sens.seconds:.1f} s"
                   f"{capped}; rank correlation of the loss growth at 50% closed with the kept fraction: "
                   + ("-" if rho is None else f"{rho:+.2f}"))
