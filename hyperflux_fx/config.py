@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-__all__ = ["LANGUAGE_MODEL_RECIPE", "FoldConfig", "GateConfig", "Granularity", "TrainConfig"]
+__all__ = ["LANGUAGE_MODEL_RECIPE", "FoldConfig", "language_model_lr", "GateConfig", "Granularity", "TrainConfig"]
 
 Granularity = Literal["weight", "channel", "hybrid"]
 
@@ -82,14 +82,26 @@ DISTILL_TEMPERATURE = 4.0
 # (docs/training.md; the figures in docs/BENCHMARKS.md, "Measurements behind the design").
 REGROWTH_LR_RATIO = 0.3
 OPTIMIZERS = ("sgd", "adamw")
-# The language-model recipe (docs/frontends.md, with its sources): AdamW (betas 0.9/0.95, weight decay 0.1,
-# as LLaMA was trained), a peak LR of 1e-4 as Sheared-LLaMA's and Minitron's continued training use on a
-# pretrained model, linear warm-up over the first 3% of the steps, cosine to 10% of the peak, gradient
-# norms clipped at 1.0, no label smoothing. The flows keep their own Adam.
+# The language-model recipe (docs/frontends.md, with its sources and the measurement behind the LR): AdamW
+# (betas 0.9/0.95, weight decay 0.1, as LLaMA was trained), linear warm-up over the first 3% of the steps,
+# cosine to 10% of the peak, gradient norms clipped at 1.0, no label smoothing; the peak LR follows the
+# width (language_model_lr). The flows keep their own Adam.
 LANGUAGE_MODEL_RECIPE: dict[str, object] = {
     "optimizer": "adamw", "lr": 1e-4, "lr_final_ratio": 0.1, "weight_decay": 0.1, "betas": (0.9, 0.95),
     "warmup_fraction": 0.03, "clip_grad_norm": 1.0, "regrowth_lr_final": 1e-5, "label_smoothing": 0.0,
 }
+LM_LR_ANCHOR = (256, 1e-3)  # (width, peak LR) measured best on a pre-trained 4-layer Llama (docs/BENCHMARKS.md)
+LM_LR_RANGE = (5e-5, 1e-3)
+
+
+def language_model_lr(hidden_size: int | None) -> float:
+    """The recipe's peak LR for a model of this width: the anchor scaled as 1/width, AdamW's rule for
+    hidden layers under muP (Yang et al. 2022), within LM_LR_RANGE: 1e-3 at 256, 2.5e-4 at 1024, 6e-5
+    at 4096 (Sheared-LLaMA's and Minitron's continued training use 1e-4 there). Unknown width: 1e-4."""
+    if not hidden_size:
+        return float(LANGUAGE_MODEL_RECIPE["lr"])  # type: ignore[arg-type]
+    width, lr = LM_LR_ANCHOR
+    return min(LM_LR_RANGE[1], max(LM_LR_RANGE[0], lr * width / hidden_size))
 
 
 @dataclass(frozen=True)
@@ -218,9 +230,11 @@ class TrainConfig:
             raise ValueError("TrainConfig.resume needs out_dir (where the checkpoints are)")
 
     @classmethod
-    def for_language_models(cls, **changes: object) -> TrainConfig:
-        """A config with :data:`LANGUAGE_MODEL_RECIPE` (AdamW, warm-up, cosine, clipping), ``changes`` on top."""
-        return cls(**{**LANGUAGE_MODEL_RECIPE, **changes})  # type: ignore[arg-type]
+    def for_language_models(cls, hidden_size: int | None = None, **changes: object) -> TrainConfig:
+        """A config with :data:`LANGUAGE_MODEL_RECIPE` (AdamW, warm-up, cosine, clipping) and the peak LR of
+        :func:`language_model_lr` for ``hidden_size``, ``changes`` on top."""
+        recipe = {**LANGUAGE_MODEL_RECIPE, "lr": language_model_lr(hidden_size)}
+        return cls(**{**recipe, **changes})  # type: ignore[arg-type]
 
     def resolved(self, structured: bool) -> TrainConfig:
         """This config with the defaults that depend on the gates filled in. With channel gates

@@ -18,6 +18,7 @@ from hyperflux_fx.config import (
     LANGUAGE_MODEL_RECIPE,
     PRESSURE_MODES,
     FoldConfig,
+    language_model_lr,
 )
 from hyperflux_fx.frontend.trace import FRONTENDS
 
@@ -63,13 +64,15 @@ _LM_FIELDS = ("optimizer", "betas", "weight_decay", "warmup_fraction", "clip_gra
 _DENSE_FIELDS = ("optimizer", "betas", "weight_decay", "warmup_fraction", "clip_grad_norm", "label_smoothing")
 
 
-def resolve_recipe(args: argparse.Namespace, language_model: bool, pretrained: bool) -> None:
-    """--recipe auto: lm for a causal language model, cnn otherwise; then --lr and --dense-epochs default
-    by it (an hf: folder with weights is the dense model: no dense training unless asked)."""
+def resolve_recipe(args: argparse.Namespace, language_model: bool, pretrained: bool,
+                   hidden_size: int | None = None) -> None:
+    """--recipe auto: lm for a causal language model, cnn otherwise; then --lr (the LM recipe's follows the
+    model's width) and --dense-epochs default by it (an hf: folder with weights is the dense model: no
+    dense training unless asked)."""
     if args.recipe == "auto":
         args.recipe = "lm" if language_model else "cnn"
     if args.lr is None:
-        args.lr = float(LANGUAGE_MODEL_RECIPE["lr"]) if args.recipe == "lm" else 0.1  # type: ignore[arg-type]
+        args.lr = language_model_lr(hidden_size) if args.recipe == "lm" else 0.1
     if args.dense_epochs is None:
         args.dense_epochs = 0 if pretrained else 10
 

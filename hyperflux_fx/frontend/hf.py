@@ -23,7 +23,7 @@ from torch import nn
 
 from hyperflux_fx.frontend.text import text_datasets
 
-__all__ = ["HFLogits", "language_model_loss", "load_hf", "quietly"]
+__all__ = ["hidden_size", "HFLogits", "language_model_loss", "load_hf", "quietly"]
 
 SEQUENCE = 64  # tokens per example and per training window
 
@@ -39,6 +39,13 @@ class HFLogits(nn.Module):
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         return self.model(inputs, **self.kwargs).logits
+
+
+def hidden_size(model: nn.Module) -> int | None:
+    """The width of a transformers model (wrapped in :class:`HFLogits` or not); None for other models."""
+    inner = model.model if isinstance(model, HFLogits) else model
+    config = getattr(inner, "config", None)
+    return getattr(config, "hidden_size", None) if config is not None else None
 
 
 def language_model_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -128,7 +128,8 @@ def test_a_language_model_trains_on_the_users_text(llama, tmp_path, arch):
     summary = json.loads((out / "summary.json").read_text())
     # --uniform-layers: every layer kept the same counts, so the folder is written, loaded back with no
     # missing or unexpected key, and its logits checked against the compact graph (export/hf_folder.py)
-    assert summary["uniform_layers"] and summary["hf_folder"] == "compact_hf" and summary["hf_folder_max_abs_diff"] < 1e-4
+    assert summary["uniform_layers"] and summary["hf_folder"] == "compact_hf"
+    assert summary["hf_folder_max_abs_diff"] < 1e-4
     assert (out / "compact_hf" / "config.json").is_file() and (out / "compact_hf" / "tokenizer.json").is_file()
     assert abs(summary["achieved_sparsity"] - 0.5) < 0.1  # balancing the layers moves the landing a little
     assert summary["data"] == f"text:{llama / 'corpus.jsonl'}"
@@ -139,7 +140,7 @@ def test_a_language_model_trains_on_the_users_text(llama, tmp_path, arch):
     vocab = json.loads((llama / "llama" / "config.json").read_text())["vocab_size"]
     assert summary["perplexity_dense"] < 1.2 * vocab  # per token: at most about a uniform guess after one epoch
     # a causal LM gets the language-model recipe by default (AdamW, warm-up, cosine, clipping)
-    assert (summary["recipe"], summary["lr"], summary["dense_epochs"]) == ("lm", 1e-4, 1)
+    assert (summary["recipe"], summary["lr"], summary["dense_epochs"]) == ("lm", 1e-3, 1)  # width 16: the cap
 
 
 @pytest.mark.parametrize(("case", "match"), [

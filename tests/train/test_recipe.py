@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import hyperflux_fx as hf
 from hyperflux_fx.cli.args import recipe_fields, resolve_recipe
-from hyperflux_fx.config import LANGUAGE_MODEL_RECIPE
+from hyperflux_fx.config import LANGUAGE_MODEL_RECIPE, language_model_lr
 from hyperflux_fx.train.optim import clip_gradients, cosine, warmup_cosine, weight_optimizer
 
 
@@ -45,6 +45,14 @@ def test_clipping_bounds_the_gradient_norm_and_none_leaves_it():
     assert float(p.grad.norm()) == pytest.approx(3.0 * 10 ** 0.5)
     clip_gradients([p], 1.0)
     assert float(p.grad.norm()) == pytest.approx(1.0, rel=1e-5)
+
+
+def test_the_peak_lr_follows_the_width():
+    assert language_model_lr(256) == pytest.approx(1e-3)  # the anchor, measured (docs/BENCHMARKS.md)
+    assert language_model_lr(1024) == pytest.approx(2.5e-4) and language_model_lr(4096) == pytest.approx(6.25e-5)
+    assert language_model_lr(64) == 1e-3 and language_model_lr(16384) == 5e-5  # within the range
+    assert language_model_lr(None) == 1e-4  # width unknown: the pruning papers' continued-training LR
+    assert hf.TrainConfig.for_language_models(hidden_size=1024).lr == pytest.approx(2.5e-4)
 
 
 def test_the_recipe_is_a_config_and_bad_values_are_refused():
