@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from hyperflux_fx.cli.job import Job, fail, say
+from hyperflux_fx.cli.job import Job, fail, log, say
 from hyperflux_fx.export.hf_folder import NotUniform, check_hf_folder, save_hf_folder
 from hyperflux_fx.export.latency import compare_latency
 from hyperflux_fx.export.onnx import ExportCheckError, ExportError, export_onnx
@@ -67,9 +67,12 @@ def hf_folder(job: Job, compact: Any) -> dict[str, Any]:
     try:
         folder = save_hf_folder(compact.state_dict(), job.args.source[3:], path)
         diff = check_hf_folder(path, compact, job.inputs)
-    except (NotUniform, ValueError) as exc:  # ValueError: transformers refused the config (LlamaConfig's checks)
+    except Exception as exc:  # NotUniform, or transformers refusing the config (LlamaConfig's validation raises
+        #   huggingface_hub's StrictDataclassClassValidationError, not a ValueError): the run's other files stand
         shutil.rmtree(path, ignore_errors=True)
         note = " ".join(str(exc).split())
+        if not isinstance(exc, NotUniform):
+            log.warning("no %s/ written: %s", HF_FOLDER, note)
         if not job.args.uniform_layers and not isinstance(exc, NotUniform):
             note += " (--uniform-layers keeps the width a multiple of the heads)"
         say(job.args, f"      no {HF_FOLDER}/ written: {note}")

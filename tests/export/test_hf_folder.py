@@ -63,3 +63,25 @@ def test_a_model_whose_layers_differ_has_no_folder_and_says_which(tmp_path):
     with pytest.raises(NotUniform, match=r"layer 1 keeps \d+ MLP units, layer 0 keeps 48"):
         save_hf_folder(compact.state_dict(), source, tmp_path / "compact_hf")
     assert not (tmp_path / "compact_hf").exists()
+
+
+def test_a_folder_transformers_refuses_is_a_note_not_a_failed_run(tmp_path, monkeypatch):
+    # LlamaConfig's validation raises huggingface_hub's StrictDataclassClassValidationError (an Exception,
+    # not a ValueError) for a width that is no multiple of the heads: the run's other files must stand
+    from types import SimpleNamespace
+
+    from hyperflux_fx.cli import export as stage
+    from hyperflux_fx.frontend.hf import language_model_loss
+
+    class Refused(Exception):
+        pass
+
+    def refuse(*args, **kwargs):
+        raise Refused("The hidden size (145) is not a multiple of the number of attention heads (4).")
+
+    monkeypatch.setattr(stage, "save_hf_folder", refuse)
+    job = SimpleNamespace(loaded=SimpleNamespace(loss_fn=language_model_loss), partial=tmp_path,
+                          args=SimpleNamespace(source="hf:somewhere", uniform_layers=False, quiet=True))
+    out = stage.hf_folder(job, torch.nn.Linear(2, 2))
+    assert out["hf_folder"] is None and "not a multiple of the number of attention heads" in out["hf_folder_note"]
+    assert "--uniform-layers" in out["hf_folder_note"] and not (tmp_path / stage.HF_FOLDER).exists()
