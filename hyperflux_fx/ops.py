@@ -223,7 +223,7 @@ def _einsum_macs(args: tuple[Any, ...], kwargs: dict[str, Any], out: torch.Tenso
 
 def _sdpa_macs(args: tuple[Any, ...], kwargs: dict[str, Any], out: torch.Tensor) -> int:
     q, k = _arg(args, kwargs, _SDPA_SIG, "query"), _arg(args, kwargs, _SDPA_SIG, "key")
-    return 2 * q.numel() * k.shape[-2]  # q k^T and attn v
+    return (q.numel() + out.numel()) * k.shape[-2]  # q k^T over q's head dim, attn v over v's (they may differ)
 
 
 def _conv_module_macs(mod: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> int:

@@ -3,7 +3,9 @@
 flop_counter counts aten-level products (mm, addmm, bmm, convolution, ...). It has no entry for the
 attention kernels PyTorch runs on CPU (scaled_dot_product_attention's CPU flash kernel, and
 nn.MultiheadAttention's native fast path), so on a model with attention the comparison leaves out our
-``attention`` MACs, and their formula is checked by hand below. Every other MAC must agree exactly.
+``attention`` MACs, and their formula is checked by hand below; where PyTorch runs attention as plain
+matmuls (q and k narrower than v: the UnequalQKV fixture) it counts them, and ours must agree with
+that too. Every other MAC must agree exactly.
 """
 
 from __future__ import annotations
@@ -41,7 +43,10 @@ def _check(model: nn.Module, inputs: tuple, kwargs: dict | None = None, opaque: 
     else:
         assert costs.note is not None and opaque in costs.note  # said, in the summary and the report
     assert costs.macs == sum(costs.by_kind.values()) > 0
-    assert costs.macs - costs.by_kind.get("attention", 0) == _reference_macs(model, inputs, kwargs), costs.by_kind
+    reference = _reference_macs(model, inputs, kwargs)
+    # flop_counter leaves out the CPU flash kernel's attention, but counts attention PyTorch runs as plain
+    # matmuls (q and k narrower than v): there our attention formula must agree with it too
+    assert reference in (costs.macs - costs.by_kind.get("attention", 0), costs.macs), costs.by_kind
 
 
 @pytest.mark.parametrize("name", sorted(TORCH_ZOO))
