@@ -36,6 +36,7 @@ from hyperflux_fx.analysis.coupling import (
     Label,
     analyze_channels,
     dead_units,
+    deletes_dead,
     kept_count,
     param_target,
     shape_of,
@@ -196,7 +197,7 @@ class CostModel:
             closed = overrides[gate].cpu()
         else:
             closed = (gate.mask() == 0).cpu()
-        if self.fold.delete_dead and group.zero_preserving and group.deletable:
+        if deletes_dead(group, self.fold):
             params = self._effective_params() if params is None else params
             closed = closed | dead_units(self.gm, self.coupling, group, params=params)
         return closed

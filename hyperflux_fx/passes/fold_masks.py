@@ -38,6 +38,7 @@ from hyperflux_fx.analysis.coupling import (
     analyze_channels,
     consumer_input,
     dead_units,
+    deletes_dead,
     kept_ranges,
     label_keep,
     param_keep,
@@ -275,7 +276,7 @@ def _plan_group(gm: fx.GraphModule, coupling: Coupling, g: Group, gate: ChannelG
     """The unit indices ``g`` keeps (None: nothing deleted), recorded in the report."""
     closed = gate.mask() == 0 if gate is not None else torch.zeros(g.size, dtype=torch.bool)
     strength = gate.flow.detach().float().cpu() if gate is not None else torch.zeros(g.size)
-    if config.delete_dead and g.zero_preserving and g.deletable:
+    if deletes_dead(g, config):
         dead = dead_units(gm, coupling, g)
         if dead.any():
             rules["dead_channels"] += int(dead.sum())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from equivalence import assert_fold_exact
 from models import FOLD_ZOO, NoBiasChain, RollBranch
 from torch import nn
@@ -149,3 +150,32 @@ def test_count_params_and_macs():
     assert hf.count_params_and_macs(conv, torch.randn(1, 3, 5, 5)) == (8 * 27, 8 * 25 * 27)
     gated = hf.insert_gates(lin).graph_module  # functional ops counted, flows not counted as params
     assert hf.count_params_and_macs(gated, torch.randn(3, 10)) == (325, 900)
+
+
+class _ResponseNormOfAConv(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1, bias=False)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = F.gelu(self.conv(x))
+        g = t.norm(p=2, dim=(2, 3), keepdim=True)
+        return self.head((t + t * (g / (g.mean(1, keepdim=True) + 1e-6))).mean((2, 3)))
+
+
+def test_a_dead_channel_of_a_normalised_group_is_kept():
+    # a channel zeroed by weight masks alone is "dead", and the fold deletes dead channels, except where a
+    # norm or a mean over the channels counts its zeros (the property test found a GRN whose mean moved 15%)
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, 5)
+    gated = hf.insert_gates(_ResponseNormOfAConv(), hf.GateConfig(granularity="hybrid"),
+                            example_inputs=(x,)).graph_module.eval()
+    weight_gate = next(g for g in hf.gates(gated) if g.target == "conv.weight")
+    with torch.no_grad():
+        for g in hf.gates(gated):
+            g.flow.fill_(1.0)
+        weight_gate.flow[0].fill_(-1.0)  # every weight of output channel 0 masked: it computes zeros
+    folded = hf.fold_masks(gated, hf.FoldConfig(round_to=1))
+    assert_fold_exact(gated, folded.graph_module, (x,))
+    assert folded.graph_module.conv.weight.shape[0] == 4 and folded.report.deleted_units == 0

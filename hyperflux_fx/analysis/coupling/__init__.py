@@ -27,6 +27,7 @@ from hyperflux_fx.analysis.coupling.analyze import analyze_channels
 from hyperflux_fx.analysis.coupling.keep import (
     consumer_input,
     dead_units,
+    deletes_dead,
     group_consumers,
     kept_count,
     kept_ranges,
@@ -57,6 +58,6 @@ from hyperflux_fx.analysis.coupling.labels import (
 from hyperflux_fx.analysis.coupling.rules import RULES
 
 __all__ = ["OUTPUT_REASON", "RULES", "ChannelParam", "Consumer", "Coupling", "CutArg", "Group", "Label", "NormUse",
-           "Producer", "Seg", "ShapeArg", "Unit", "analyze_channels", "consumer_input", "dead_units",
+           "Producer", "Seg", "ShapeArg", "Unit", "analyze_channels", "consumer_input", "dead_units", "deletes_dead",
            "group_consumers", "kept_count", "kept_ranges", "label_keep", "param_keep", "param_target", "parent_keep",
            "plan_keep", "producer_keep", "round_field", "round_multiple", "shape_of"]

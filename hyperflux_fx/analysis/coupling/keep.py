@@ -128,6 +128,14 @@ def dead_units(gm: fx.GraphModule, c: Coupling, group: Group,
     return dead
 
 
+def deletes_dead(group: Group, config: FoldConfig) -> bool:
+    """Whether the fold deletes ``group``'s dead units (zeroed by weight masks alone) besides the closed
+    ones: only where their zeros change nothing downstream. Not in a normalised group: a norm or a mean
+    over its channels (mask-aware: it leaves out the *closed* ones) counts a dead channel's zeros in its
+    statistics, and deleting it would change them."""
+    return config.delete_dead and group.zero_preserving and group.deletable and not group.normalised
+
+
 def round_field(group: Group) -> str | None:
     """The FoldConfig field ``group``'s kept count is rounded by: ``round_to`` for conv channels,
     ``round_to_width`` for every other width (linear/matmul features), None for heads (never rounded)."""
