@@ -117,6 +117,10 @@ def _add_learning_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _add_fold_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--uniform-layers", action="store_true",
+                   help="every numbered layer keeps the same counts (query heads, KV heads, MLP units), so that a "
+                        "Hugging Face config describes the result (compact_hf/); needs --target params, macs or "
+                        "latency")
     p.add_argument("--round-to", type=_round_to, default="auto",
                    help="keep a conv's kept channel counts multiples of this when folding; auto = the block "
                         "ONNX Runtime's fast conv kernels need on this CPU (measured), halved while a params/MACs "
@@ -150,10 +154,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what the sparsity counts: gated units, the compact model's exact parameters / MACs, or its "
                         "ONNX Runtime latency (predicted from a per-op timing table), against the dense model's "
                         "(default: macs for channel/hybrid gates, count for weight gates)")
-    p.add_argument("--uniform-layers", action="store_true",
-                   help="every numbered layer keeps the same counts (query heads, KV heads, MLP units), so that a "
-                        "Hugging Face config describes the result (compact_hf/); needs --target params, macs or "
-                        "latency")
     p.add_argument("--target-speedup", type=float, default=None,
                    help="aim at this ONNX Runtime speed-up: --target latency with --target-sparsity 1 - 1/X")
     p.add_argument("--epochs", type=int, default=10, help="pruning-phase epochs")
