@@ -41,68 +41,57 @@ def split_batch(batch: Any) -> tuple[tuple[Any, ...], Any]:
 
 
 @torch.no_grad()
-def _weighted_mean(model: nn.Module, loader: Iterable[Any], device: torch.device | str | None,
-                   amp_dtype: torch.dtype | None, score: Callable[[torch.Tensor, Any], tuple[float, int]]) -> float:
-    """Mean of ``score(outputs, targets) = (value, weight)`` over ``loader``, weighted, in eval mode."""
+def _weighted_means(model: nn.Module, loader: Iterable[Any], device: torch.device | str | None,
+                    amp_dtype: torch.dtype | None, *scores: Callable[[torch.Tensor, Any], tuple[float, int]]
+                    ) -> list[float]:
+    """Per score, the mean of ``score(outputs, targets) = (value, weight)`` over ``loader``, weighted, from
+    one pass in eval mode (outputs in float32)."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    totals, counts = [0.0] * len(scores), [0] * len(scores)
     try:
         for batch in loader:
             inputs, targets = split_batch(move_to(batch, device))
             with autocast(device, amp_dtype):
-                out = model(*inputs)
-            value, n = score(out.float(), targets)
-            total += value * n
-            count += n
+                out = model(*inputs).float()
+            for i, score in enumerate(scores):
+                value, n = score(out, targets)
+                totals[i] += value * n
+                counts[i] += n
     finally:
         model.train(was_training)
-    return total / max(count, 1)
+    return [total / max(count, 1) for total, count in zip(totals, counts, strict=True)]
+
+
+def _per_example(metric_fn: MetricFn) -> Callable[[torch.Tensor, Any], tuple[float, int]]:
+    """A metric weighted by the batch's examples."""
+    return lambda out, targets: (metric_fn(out, targets),
+                                 int(targets.shape[0]) if isinstance(targets, torch.Tensor) else 1)
+
+
+def _per_element(loss_fn: LossFn) -> Callable[[torch.Tensor, Any], tuple[float, int]]:
+    """A loss weighted by the targets' elements (per token for a language model)."""
+    return lambda out, targets: (float(loss_fn(out, targets)),
+                                 int(targets.numel()) if isinstance(targets, torch.Tensor) else 1)
 
 
 def evaluate(model: nn.Module, loader: Iterable[Any], *, metric_fn: MetricFn | None = None,
              device: torch.device | str | None = None, amp_dtype: torch.dtype | None = None) -> float:
     """Mean of ``metric_fn`` (accuracy by default) over ``loader``, weighted by batch size, eval mode."""
-    metric_fn = metric_fn or accuracy
-
-    def score(out: torch.Tensor, targets: Any) -> tuple[float, int]:
-        return metric_fn(out, targets), int(targets.shape[0]) if isinstance(targets, torch.Tensor) else 1
-
-    return _weighted_mean(model, loader, device, amp_dtype, score)
+    return _weighted_means(model, loader, device, amp_dtype, _per_example(metric_fn or accuracy))[0]
 
 
-@torch.no_grad()
 def evaluate_with_loss(model: nn.Module, loader: Iterable[Any], *, metric_fn: MetricFn, loss_fn: LossFn,
                        device: torch.device | str | None = None,
                        amp_dtype: torch.dtype | None = None) -> tuple[float, float]:
     """(metric per example, loss per target element) over ``loader`` in one pass, in eval mode."""
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    metric, loss, examples, elements = 0.0, 0.0, 0, 0
-    try:
-        for batch in loader:
-            inputs, targets = split_batch(move_to(batch, device))
-            with autocast(device, amp_dtype):
-                out = model(*inputs)
-            out = out.float()
-            n = int(targets.shape[0]) if isinstance(targets, torch.Tensor) else 1
-            k = int(targets.numel()) if isinstance(targets, torch.Tensor) else 1
-            metric += metric_fn(out, targets) * n
-            loss += float(loss_fn(out, targets)) * k
-            examples, elements = examples + n, elements + k
-    finally:
-        model.train(was_training)
-    return metric / max(examples, 1), loss / max(elements, 1)
+    metric, loss = _weighted_means(model, loader, device, amp_dtype, _per_example(metric_fn), _per_element(loss_fn))
+    return metric, loss
 
 
 def evaluate_loss(model: nn.Module, loader: Iterable[Any], loss_fn: LossFn, *,
-                  device: torch.device | str | None = None) -> float:
+                  device: torch.device | str | None = None, amp_dtype: torch.dtype | None = None) -> float:
     """Mean of ``loss_fn`` over ``loader``, weighted by the targets' elements (per token for a language
     model: its exponential is the perplexity), eval mode, float32."""
-
-    def score(out: torch.Tensor, targets: Any) -> tuple[float, int]:
-        return float(loss_fn(out, targets)), int(targets.numel()) if isinstance(targets, torch.Tensor) else 1
-
-    return _weighted_mean(model, loader, device, None, score)
+    return _weighted_means(model, loader, device, amp_dtype, _per_element(loss_fn))[0]

@@ -21,8 +21,7 @@ import torch
 from torch import nn
 
 from hyperflux_fx.ir import ChannelGate, gates
-from hyperflux_fx.train.evaluate import LossFn, move_to, split_batch
-from hyperflux_fx.train.optim import autocast
+from hyperflux_fx.train.evaluate import LossFn, evaluate_loss, move_to
 
 __all__ = ["SENSITIVITY_FRACTIONS", "GroupSensitivity", "Sensitivity", "group_sensitivity", "spearman"]
 
@@ -91,22 +90,17 @@ def group_sensitivity(gated: nn.Module, loader: Iterable[Any], loss_fn: LossFn, 
                       amp_dtype: torch.dtype | None = None) -> Sensitivity:
     """Measure every channel group of ``gated`` (see the module docstring); ``gated`` is left as it was."""
     device = torch.device(device) if device is not None else next(gated.parameters()).device
-    data = [split_batch(move_to(b, device)) for b in itertools.islice(loader, batches)]
+    data = [move_to(b, device) for b in itertools.islice(loader, batches)]  # moved once, measured often
     groups = [g for g in gates(gated) if isinstance(g, ChannelGate)]
-    was_training = gated.training
-    gated.eval()
     t0, out = time.perf_counter(), []
-    try:
-        for gate in groups:
-            if time.perf_counter() - t0 > budget_s:
-                break
-            out.append(_one_group(gated, gate, data, loss_fn, fractions, device, amp_dtype))
-    finally:
-        gated.train(was_training)
+    for gate in groups:  # each loss in eval mode (evaluate_loss), the model's mode left as it was
+        if time.perf_counter() - t0 > budget_s:
+            break
+        out.append(_one_group(gated, gate, data, loss_fn, fractions, device, amp_dtype))
     return Sensitivity(out, len(data), time.perf_counter() - t0, len(out) < len(groups), len(groups))
 
 
-def _one_group(gated: nn.Module, gate: ChannelGate, data: list[tuple[Any, Any]], loss_fn: LossFn,
+def _one_group(gated: nn.Module, gate: ChannelGate, data: list[Any], loss_fn: LossFn,
                fractions: tuple[float, ...], device: torch.device, amp_dtype: torch.dtype | None
                ) -> GroupSensitivity:
     saved = gate.flow.detach().clone()
@@ -115,23 +109,12 @@ def _one_group(gated: nn.Module, gate: ChannelGate, data: list[tuple[Any, Any]],
     result = GroupSensitivity(gate.target, n, float((saved >= 0).float().mean()))
     try:
         gate.flow.data.fill_(1.0)  # every unit of this group open
-        base = _loss(gated, data, loss_fn, device, amp_dtype)
+        base = evaluate_loss(gated, data, loss_fn, device=device, amp_dtype=amp_dtype)
         for k in fractions:
             gate.flow.data.fill_(1.0)
             gate.flow.data[order[: int(round(k * n))]] = -1.0
-            result.loss_delta[str(k)] = _loss(gated, data, loss_fn, device, amp_dtype) - base
+            result.loss_delta[str(k)] = evaluate_loss(gated, data, loss_fn, device=device,
+                                                      amp_dtype=amp_dtype) - base
     finally:
         gate.flow.data.copy_(saved)
     return result
-
-
-def _loss(model: nn.Module, data: list[tuple[Any, Any]], loss_fn: LossFn, device: torch.device,
-          amp_dtype: torch.dtype | None) -> float:
-    total, count = 0.0, 0
-    for inputs, targets in data:
-        with autocast(device, amp_dtype):
-            out = model(*inputs)
-        k = int(targets.numel()) if isinstance(targets, torch.Tensor) else 1
-        total += float(loss_fn(out.float(), targets)) * k
-        count += k
-    return total / max(count, 1)
