@@ -41,9 +41,8 @@ def train_dense(model: nn.Module, train_loader: Iterable[Any], *, epochs: int, l
     scaler = grad_scaler(dtype)
     model.to(dev).train()
     loss_fn = loss_fn or (lambda out, y: F.cross_entropy(out, y, label_smoothing=label_smoothing))
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = weight_optimizer(model, params, lr=lr, momentum=momentum, weight_decay=weight_decay, optimizer=optimizer,
-                           betas=betas)
+    opt = weight_optimizer(model, [p for p in model.parameters() if p.requires_grad], lr=lr, momentum=momentum,
+                           weight_decay=weight_decay, optimizer=optimizer, betas=betas)
     steps = epochs * len(train_loader)  # type: ignore[arg-type]
     warmup = int(warmup_fraction * steps)
     bar = progress_bar(progress, total=steps, desc="dense")
@@ -58,12 +57,12 @@ def train_dense(model: nn.Module, train_loader: Iterable[Any], *, epochs: int, l
                 loss = loss_fn(model(*inputs), targets)
             if scaler is not None:
                 scaler.scale(loss).backward()
-                clip_gradients(params, clip_grad_norm, scaler, opt)
+                clip_gradients(opt, clip_grad_norm, scaler)
                 scaler.step(opt)
                 scaler.update()
             else:
                 loss.backward()
-                clip_gradients(params, clip_grad_norm)
+                clip_gradients(opt, clip_grad_norm)
                 opt.step()
             i += 1
             if bar is not None:

@@ -466,18 +466,17 @@ def _train_step(run: _Run, progress: _Progress, batch: Any) -> None:
             loss, kd = run.distiller.loss(task, out, run.distiller.teacher_outputs(inputs))
             progress.task_sum += task.detach().double() * int(targets.shape[0])
             progress.distill_sum += kd.detach().double() * int(targets.shape[0])
-    weights = [p for group in run.opt_w.param_groups for p in group["params"]]
     if run.scaler is not None:
         run.pressure.grad_scale.fill_(run.scaler.get_scale())  # pressure must be scaled like the loss
         run.scaler.scale(loss).backward()
-        clip_gradients(weights, run.cfg.clip_grad_norm, run.scaler, run.opt_w)
+        clip_gradients(run.opt_w, run.cfg.clip_grad_norm, run.scaler)
         run.scaler.step(run.opt_w)
         if lr_t > 0:
             run.scaler.step(run.opt_t)
         run.scaler.update()
     else:
         loss.backward()
-        clip_gradients(weights, run.cfg.clip_grad_norm)
+        clip_gradients(run.opt_w, run.cfg.clip_grad_norm)
         run.opt_w.step()
         if lr_t > 0:
             run.opt_t.step()

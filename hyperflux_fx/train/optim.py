@@ -87,15 +87,15 @@ def warmup_cosine(start: float, end: float, i: int, n: int, warmup: int) -> floa
     return cosine(start, end, i - warmup, n - warmup)
 
 
-def clip_gradients(params: list[nn.Parameter], max_norm: float | None,
-                   scaler: torch.amp.GradScaler | None = None, optimizer: torch.optim.Optimizer | None = None) -> None:
-    """Clip the gradient norm of ``params`` to ``max_norm`` (nothing when None); under fp16 AMP the
-    gradients are unscaled first (``scaler.unscale_(optimizer)``), as the scaler's step expects."""
+def clip_gradients(optimizer: torch.optim.Optimizer, max_norm: float | None,
+                   scaler: torch.amp.GradScaler | None = None) -> None:
+    """Clip the gradient norm of ``optimizer``'s parameters to ``max_norm`` (nothing when None); under fp16
+    AMP the gradients are unscaled first (``scaler.unscale_(optimizer)``), as the scaler's step expects."""
     if max_norm is None:
         return
-    if scaler is not None and optimizer is not None:
+    if scaler is not None:
         scaler.unscale_(optimizer)
-    torch.nn.utils.clip_grad_norm_(params, max_norm)
+    torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], max_norm)
 
 
 def cosine(start: float, end: float, i: int, n: int) -> float:
