@@ -251,30 +251,36 @@ class Measure:
         return landing
 
 
-def _module_path(gm: fx.GraphModule, name: str) -> str:
-    """The module a producer node came from (its nn_module_stack, the rewrite's record, or its target)."""
-    node = next((n for n in gm.graph.nodes if n.name == name.split("[")[0]), None)
-    if node is None:
-        return name
-    stack = node.meta.get("nn_module_stack")
-    if stack:
-        return str(list(stack.values())[-1][0])
-    return str(node.meta.get(MODULE_NODE_META) or (node.target if node.op == "call_module" else name))
+_LAYER_NUMBER = re.compile(r"(?<=\.)\d+(?=\.)")  # the N of ``model.layers.N.mlp``
+
+
+def _module_paths(gm: fx.GraphModule) -> dict[str, str]:
+    """Node name -> the module it came from (its nn_module_stack, the rewrite's record, or its target)."""
+    out = {}
+    for node in gm.graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        out[node.name] = (str(list(stack.values())[-1][0]) if stack else
+                          str(node.meta.get(MODULE_NODE_META) or (node.target if node.op == "call_module" else "")))
+    return out
+
+
+def _producer_paths(group: Group, paths: dict[str, str]) -> list[str]:
+    """The module paths of ``group``'s producers (a piece ``node[a:b]`` by its node)."""
+    return [paths.get(p.split("[")[0], p) for p in group.producers]
 
 
 def layer_families(cm: CostModel) -> list[list[int]]:
     """Gated groups alike across numbered layers: same unit kind, size and rounding, produced by the same
     module path once the layer numbers are set aside (``model.layers.3.mlp.gate_proj`` and
     ``model.layers.7.mlp.gate_proj``). Families of two or more groups, each a list of group ids."""
+    paths = _module_paths(cm.gm)
     families: dict[tuple[str, str, int], list[int]] = {}
     for g in cm.groups:
         if not g.deletable or cm.gate_of[g.id] is None:
             continue
-        path = _module_path(cm.gm, g.producers[0])
-        if not re.search(r"\.\d+\.", path):
-            continue
-        key = (re.sub(r"(?<=\.)\d+(?=\.)", "*", path), g.unit, g.size)
-        families.setdefault(key, []).append(g.id)
+        path = _producer_paths(g, paths)[0]
+        if _LAYER_NUMBER.search(path):
+            families.setdefault((_LAYER_NUMBER.sub("*", path), g.unit, g.size), []).append(g.id)
     return [ids for ids in families.values() if len(ids) > 1]
 
 
@@ -304,10 +310,10 @@ def uniform_counts(cm: CostModel, families: list[list[int]], fraction_at: Callab
         for gid in fam:
             _set_open_count(cm.gate_of[gid], k)
     counts = at(common)
-    heads = math.lcm(*(common[fam] * _heads_per_unit(cm, groups[fam[0]]) for fam in common
-                       if groups[fam[0]].unit == "head")) if any(groups[f[0]].unit == "head" for f in common) else 1
+    heads = math.lcm(*(k * _heads_per_unit(cm, groups[fam[0]]) for fam, k in common.items()
+                       if groups[fam[0]].unit == "head"))  # 1 without head families
     for gid in _shared_widths(cm, families) if heads > 1 else []:
-        options = [k for k in range(heads, groups[gid].size + 1, heads)]
+        options = list(range(heads, groups[gid].size + 1, heads))
         if options:  # a Hugging Face config wants the width a multiple of the heads (LlamaConfig checks it)
             counts[gid] = min(options, key=lambda k: abs(fraction_at({**counts, gid: k}) - target_kept))
             _set_open_count(cm.gate_of[gid], counts[gid])
@@ -325,11 +331,12 @@ def _shared_widths(cm: CostModel, families: list[list[int]]) -> list[int]:
     """Gated channel groups outside the families whose producers sit in several numbered layers: the
     residual width every layer reads and writes."""
     in_family = {gid for fam in families for gid in fam}
+    paths = _module_paths(cm.gm)
     out = []
     for g in cm.groups:
         if g.id in in_family or not g.deletable or cm.gate_of[g.id] is None or g.unit != "channel":
             continue
-        layers = {m.group(1) for p in g.producers if (m := re.search(r"\.(\d+)\.", _module_path(cm.gm, p)))}
+        layers = {m.group() for path in _producer_paths(g, paths) if (m := _LAYER_NUMBER.search(path))}
         if len(layers) > 1:
             out.append(g.id)
     return out
