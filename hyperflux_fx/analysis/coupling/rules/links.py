@@ -16,14 +16,21 @@ def _plain_producer(c: Coupling, prod: Producer) -> bool:
     return prod.replicas == 1 and prod.unit_rows == 1 and prod.parent is None and prod.node not in c.split
 
 
+def _plain_space(c: Coupling, lab: Label, n: int) -> Producer | None:
+    """The producer of ``lab``'s one space when a next pass can still rebuild it (one plain conv/linear
+    space, as :func:`_plain_producer` says) in units of ``n`` (it divides the space); else None."""
+    seg = lab.segs[0] if len(lab.segs) == 1 else None
+    if seg is None or seg.space is None or seg.replicas != 1 or seg.expand != 1 or seg.length % n:
+        return None
+    prod = c.producers[seg.space]
+    return prod if _plain_producer(c, prod) else None
+
+
 def request_split(c: Coupling, lab: Label, groups: int) -> bool:
     """Ask the next pass to split ``lab``'s space over ``groups`` (True when it can: one plain
     conv/linear space); until then the space is blocked, so this pass's result is not used."""
-    seg = lab.segs[0] if len(lab.segs) == 1 else None
-    if seg is None or seg.space is None or seg.replicas != 1 or seg.expand != 1 or seg.length % groups:
-        return False
-    prod = c.producers[seg.space]
-    if not _plain_producer(c, prod):
+    prod = _plain_space(c, lab, groups)
+    if prod is None:
         return False
     c.requests.setdefault(prod.node, groups)
     c.block(lab, f"split over {groups} conv groups on the next pass")
@@ -33,11 +40,8 @@ def request_split(c: Coupling, lab: Label, groups: int) -> bool:
 def request_rows(c: Coupling, lab: Label, rows: int) -> bool:
     """Ask the next pass to build ``lab``'s space in units of ``rows`` consecutive rows of its producer
     (True when it can: one plain conv/linear space, not a piece of one); blocked until then."""
-    seg = lab.segs[0] if len(lab.segs) == 1 else None
-    if seg is None or seg.space is None or seg.replicas != 1 or seg.expand != 1 or seg.length % rows:
-        return False
-    prod = c.producers[seg.space]
-    if not _plain_producer(c, prod) or prod.piece is not None or prod.node in c.rows:
+    prod = _plain_space(c, lab, rows)
+    if prod is None or prod.piece is not None:
         return False
     c.rows_requests.setdefault(prod.node, rows)
     c.block(lab, f"units of {rows} rows on the next pass")
