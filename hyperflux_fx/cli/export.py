@@ -14,7 +14,6 @@ from hyperflux_fx.cli.job import Job, fail, log, say
 from hyperflux_fx.export.hf_folder import NotUniform, check_hf_folder, save_hf_folder
 from hyperflux_fx.export.latency import compare_latency
 from hyperflux_fx.export.onnx import ExportCheckError, ExportError, export_onnx
-from hyperflux_fx.frontend.hf import language_model_loss
 from hyperflux_fx.report.summary import FASTER, slower_note, speedup
 
 
@@ -39,7 +38,7 @@ def export_stage(job: Job, compact: Any, summary: dict[str, Any]) -> int | None:
                    latency_batch=batch)
     x = speedup(summary)
     summary.update(speedup=x, faster_than_dense=x >= FASTER, latency_note=slower_note(summary))
-    if job.loaded.loss_fn is language_model_loss:  # tokens per second of one forward pass over the example batch
+    if job.loaded.language_model:  # tokens per second of one forward pass over the example batch
         tokens = int(inputs[0].numel())
         summary.update(tokens_per_s_dense=tokens / lat_d["median_ms"] * 1e3,
                        tokens_per_s_compact=tokens / lat_c["median_ms"] * 1e3)
@@ -61,7 +60,7 @@ HF_FOLDER = "compact_hf"
 def hf_folder(job: Job, compact: Any) -> dict[str, Any]:
     """For an hf: causal LM: the compact model as a Hugging Face folder (OUT/compact_hf), loaded back and
     checked against the compact graph; or why there is none."""
-    if job.loaded.loss_fn is not language_model_loss or not job.args.source.startswith("hf:"):
+    if not job.loaded.language_model or not job.args.source.startswith("hf:"):
         return {}
     path = job.partial / HF_FOLDER
     try:

@@ -23,7 +23,7 @@ from hyperflux_fx.train.sensitivity import group_sensitivity
 def _language_model_figures(job: Job, dense: Any, gated: Any, compact: Any) -> dict[str, float]:
     """Validation loss per token and perplexity, dense → pruned → compact, for a language model (an hf:
     causal LM's loss); {} for other models."""
-    if job.loaded.loss_fn is not language_model_loss:
+    if not job.loaded.language_model:
         return {}
     out = {}
     for name, model in (("dense", dense), ("pruned", gated), ("compact", compact)):

@@ -22,7 +22,7 @@ from hyperflux_fx.config import (
     TrainConfig,
 )
 from hyperflux_fx.frontend.data import DataError, resolve_datasets
-from hyperflux_fx.frontend.hf import hidden_size, language_model_loss
+from hyperflux_fx.frontend.hf import hidden_size
 from hyperflux_fx.frontend.sources import LoadedModel, SourceError, load_source
 from hyperflux_fx.frontend.trace import modes_restored
 from hyperflux_fx.ir import TRAINING_ONLY_META
@@ -122,7 +122,7 @@ def load(args: argparse.Namespace) -> LoadedModel:
         loaded = load_source(args.source, input_shape=args.input_shape, weights=args.weights,
                              num_classes=args.num_classes)
         loaded.frontend = args.frontend or loaded.frontend
-        resolve_recipe(args, loaded.loss_fn is language_model_loss, loaded.pretrained, hidden_size(loaded.model))
+        resolve_recipe(args, loaded.language_model, loaded.pretrained, hidden_size(loaded.model))
         return loaded
     except SourceError as exc:
         raise UsageError(str(exc)) from exc

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hyperflux_fx.frontend.hf import load_hf
+from hyperflux_fx.frontend.hf import language_model_loss, load_hf
 from hyperflux_fx.frontend.trace import normalize_inputs, short_error
 
 __all__ = ["LoadedModel", "SourceError", "load_source"]
@@ -35,6 +35,11 @@ class LoadedModel:
     loss_fn: Callable[..., Any] | None = None  # model.py's loss_fn, if any
     frontend: str = "auto"  # the front end that captures it (hf: sources: "export")
     pretrained: bool = False  # the source brought trained weights (an hf: folder with safetensors)
+
+    @property
+    def language_model(self) -> bool:
+        """A causal language model: an hf: causal LM, trained with the next-token loss."""
+        return self.loss_fn is language_model_loss
 
 
 def _inputs_from_shape(shape: Sequence[int]) -> tuple[torch.Tensor, ...]:
