@@ -119,7 +119,7 @@ def _sensitivity_figure(plt: Any, sens: dict[str, Any]) -> tuple[str, str]:
     groups = sens["groups"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(8.0, 3.2), gridspec_kw={"width_ratios": [3, 2]})
     x = range(len(groups))
-    for k, style in (("0.25", ":"), ("0.5", "-"), ("0.75", "--")):
+    for k, style in zip(groups[0]["loss_delta"], (":", "-", "--", "-."), strict=False):  # the fractions measured
         left.plot(x, [g["loss_delta"].get(k, float("nan")) for g in groups], style, marker="o", ms=3,
                   label=f"{float(k):.0%} lowest-flow units closed")
     left.set_xticks(list(x), [g["name"] for g in groups], rotation=90, fontsize=5)
