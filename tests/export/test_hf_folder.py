@@ -72,6 +72,7 @@ def test_a_folder_transformers_refuses_is_a_note_not_a_failed_run(tmp_path, monk
 
     from hyperflux_fx.cli import export as stage
     from hyperflux_fx.frontend.hf import language_model_loss
+    from hyperflux_fx.frontend.sources import LoadedModel
 
     class Refused(Exception):
         pass
@@ -80,7 +81,8 @@ def test_a_folder_transformers_refuses_is_a_note_not_a_failed_run(tmp_path, monk
         raise Refused("The hidden size (145) is not a multiple of the number of attention heads (4).")
 
     monkeypatch.setattr(stage, "save_hf_folder", refuse)
-    job = SimpleNamespace(loaded=SimpleNamespace(loss_fn=language_model_loss), partial=tmp_path,
+    job = SimpleNamespace(loaded=LoadedModel(torch.nn.Linear(2, 2), (), "hf:somewhere", loss_fn=language_model_loss),
+                          partial=tmp_path,
                           args=SimpleNamespace(source="hf:somewhere", uniform_layers=False, quiet=True))
     out = stage.hf_folder(job, torch.nn.Linear(2, 2))
     assert out["hf_folder"] is None and "not a multiple of the number of attention heads" in out["hf_folder_note"]
