@@ -35,3 +35,29 @@ def test_one_command_when_every_arch_ran_the_same_seeds(tmp_path):
     args = type("Args", (), {"write": "docs/BENCHMARKS.md"})()
     assert bench_structured._commands(rows, args) == (
         "`python tools/bench_structured.py --archs mnist1d_cnn,digits_cnn --seeds 0,1 --write docs/BENCHMARKS.md`")
+
+
+def _cell(seed, x, tp_macs, dense_acc=0.98):
+    rows = [{"arch": "mnist1d_cnn", "seed": seed, "x": 1, "method": "dense", "acc": dense_acc, "macs": 1.0}]
+    rows.append({"arch": "mnist1d_cnn", "seed": seed, "x": x, "method": "hyperflux channel (defaults)", "acc": 0.9,
+                 "macs": 0.25})
+    rows += [{"arch": "mnist1d_cnn", "seed": seed, "x": x, "method": label, "acc": 0.97, "macs": tp_macs}
+             for _, label in bench_structured.RECIPES]
+    return rows
+
+
+def test_baselines_are_reused_only_from_the_same_dense_start_at_the_same_or_no_fewer_macs():
+    """--baselines-from: an earlier run's Torch-Pruning rows stand in for a cell only when a rerun would give
+    them or they can only favour the baselines: the same dense start (its accuracy equal to the bit), and our
+    MACs then equal to ours now, or theirs at least ours now."""
+    cache = _cell(0, 4, tp_macs=0.251)
+    reused = bench_structured._cached_baselines(cache, "mnist1d_cnn", 0, 4, 0.98, 0.2505)
+    assert [r["method"] for r in reused] == [label for _, label in bench_structured.RECIPES]
+    assert all(r["reused"] for r in reused)
+    assert bench_structured._cached_baselines(cache, "mnist1d_cnn", 0, 4, 0.98, 0.2515) is None  # we now use more
+    assert bench_structured._cached_baselines(cache, "mnist1d_cnn", 0, 4, 0.981, 0.25) is None  # another dense start
+    assert bench_structured._cached_baselines(cache, "mnist1d_cnn", 1, 4, 0.98, 0.25) is None  # another seed
+    assert bench_structured._cached_baselines(cache[:-1], "mnist1d_cnn", 0, 4, 0.98, 0.25) is None  # a recipe missing
+    below = _cell(0, 4, tp_macs=0.249)  # bisected below our 0.25 then: reused at exactly 0.25 only
+    assert bench_structured._cached_baselines(below, "mnist1d_cnn", 0, 4, 0.98, 0.25) is not None
+    assert bench_structured._cached_baselines(below, "mnist1d_cnn", 0, 4, 0.98, 0.2499) is None
