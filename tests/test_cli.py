@@ -27,6 +27,7 @@ from hyperflux_fx.cli import main
 from hyperflux_fx.config import FoldConfig, GateConfig
 from hyperflux_fx.frontend.sources import load_source
 from hyperflux_fx.passes import insert_gates
+from hyperflux_fx.report.html import SECTIONS
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = str(ROOT / "examples" / "digits_cnn.py")
@@ -159,6 +160,11 @@ def _check_report(path: Path, summary: dict) -> None:
     assert "Loss per interval" in text  # the learning beside the density trajectory: train and validation loss
     assert ("Per-group sensitivity" in text) == channel_run == (summary["sensitivity"] is not None)
     assert "<p class='headline'>" in text and "What you asked, what you got" in text
+    # the figures by the question they answer, in the order a reader asks; the long tables folded
+    at = [text.find(f"<h2>{section}</h2>") for section in SECTIONS]
+    assert all(i >= 0 for i in at[1:]) and [i for i in at if i >= 0] == sorted(i for i in at if i >= 0)
+    assert "Flux distribution of survivors and pruned units" in text and "Flux against pressure, per layer" in text
+    assert "<details><summary><h2 style='display:inline'>Skipped parameters and ops" in text
     assert "0.43440999" not in text and str(summary["wall_seconds"]) not in text  # no raw float noise
     for src in parser.imgs:
         assert src.startswith("data:image/png;base64,")

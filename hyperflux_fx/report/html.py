@@ -12,7 +12,7 @@ from typing import Any
 from hyperflux_fx.report.summary import asked_and_got, fmt, headline, slower_note
 from hyperflux_fx.train.scheduler import equilibrium_points
 
-__all__ = ["figures", "render_report"]
+__all__ = ["SECTIONS", "figures", "render_report"]
 
 
 def _png(fig: Any) -> str:
@@ -24,35 +24,56 @@ def _png(fig: Any) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+SECTIONS = ("What you got", "How it converged", "Where it cut, and why", "What came back")
+
+
 def figures(history: list[Any], summary: dict[str, Any], fold_groups: list[dict[str, Any]],
-            law: dict[str, float] | None, timeline: dict[str, Any] | None = None) -> list[tuple[str, str]]:
-    """(title, base64 PNG) for each figure the run has data for (``history``: the run's interval
-    records, read by name; ``timeline``: the unit timeline, train/timeline.py)."""
+            law: dict[str, float] | None, timeline: dict[str, Any] | None = None,
+            flux: tuple[Any, dict[str, Any]] | None = None) -> list[tuple[str, str, str]]:
+    """(section, title, base64 PNG) for each figure the run has data for, in the order of :data:`SECTIONS`
+    (``history``: the run's interval records, read by name; ``timeline``: the unit timeline and ``flux``
+    its flux histograms, train/timeline.py)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out: list[tuple[str, str]] = []
+    got, converged, cut, back = ([] for _ in SECTIONS)
+    if summary.get("ort_latency_ms_dense") and summary.get("ort_latency_ms_compact"):
+        got.append(_latency_figure(plt, summary))
+    if any(g["deleted"] > 0 for g in fold_groups):  # only where something was deleted
+        got.append(_fold_figure(plt, fold_groups))
     if history:
-        out += [_density_figure(plt, history, summary.get("target_measure", "count")), _loss_figure(plt, history),
-                _pressure_figure(plt, history), _flips_figure(plt, history)]
-        out += _layer_figure(plt, history) + _law_figure(plt, history, law) + _flux_figure(plt, history)
+        converged += [_density_figure(plt, history, summary.get("target_measure", "count")),
+                      _loss_figure(plt, history), _pressure_figure(plt, history)]
+        converged += _law_figure(plt, history, law)
+        cut += _layer_figure(plt, history)
     units = {name: rows for name, rows in (timeline or {}).items() if getattr(rows, "ndim", 0) == 2 and len(rows)}
     if units:
-        out += [_heatmap_figure(plt, units), _raster_figure(plt, units)]
+        cut.append(_heatmap_figure(plt, units))
+    if history:
+        cut += _flux_figure(plt, history)
+    if flux and flux[1] and history:
+        cut += _flux_distribution_figure(plt, flux[0], flux[1], history)
+    if history:
+        cut += _flux_pressure_figure(plt, history)
     if (summary.get("sensitivity") or {}).get("groups"):
-        out.append(_sensitivity_figure(plt, summary["sensitivity"]))
-    if any(g["deleted"] > 0 for g in fold_groups):  # only where something was deleted
-        out.append(_fold_figure(plt, fold_groups))
-    if summary.get("ort_latency_ms_dense") and summary.get("ort_latency_ms_compact"):
-        fig, ax = plt.subplots(figsize=(4.0, 3.0))
-        ax.bar(["dense", "compact"], [summary["ort_latency_ms_dense"], summary["ort_latency_ms_compact"]],
-               color=["#999", "#2a7"])
-        ax.set_ylabel("ms (ONNX Runtime, median)")
-        ax.set_title("Dense vs compact latency")
-        out.append(("Dense vs compact latency", _png(fig)))
-    return out
+        cut.append(_sensitivity_figure(plt, summary["sensitivity"]))
+    if history:
+        back.append(_flips_figure(plt, history))
+    if units:
+        back.append(_raster_figure(plt, units))
+    return [(section, title, png) for section, figs in zip(SECTIONS, (got, converged, cut, back), strict=True)
+            for title, png in figs]
+
+
+def _latency_figure(plt: Any, summary: dict[str, Any]) -> tuple[str, str]:
+    fig, ax = plt.subplots(figsize=(4.0, 3.0))
+    ax.bar(["dense", "compact"], [summary["ort_latency_ms_dense"], summary["ort_latency_ms_compact"]],
+           color=["#999", "#2a7"])
+    ax.set_ylabel("ms (ONNX Runtime, median)")
+    ax.set_title("Dense vs compact latency")
+    return "Dense vs compact latency", _png(fig)
 
 
 KEPT_LABELS = {"count": "kept fraction of the gated units", "params": "kept fraction of the parameters",
@@ -210,6 +231,74 @@ def _flux_figure(plt: Any, history: list[Any]) -> list[tuple[str, str]]:
     return [("Flux of survivors and pruned units, with the pressure", _png(fig))]
 
 
+def _pruning_intervals(history: list[Any]) -> list[int]:
+    """Positions in ``history`` of three pruning-phase intervals with pressure: the first, the middle, the last."""
+    idx = [i for i, r in enumerate(history) if r.get("phase") == "prune" and (r.get("gamma") or 0) > 0]
+    if not idx:
+        return []
+    return list(dict.fromkeys([idx[0], idx[len(idx) // 2], idx[-1]]))
+
+
+def _flux_distribution_figure(plt: Any, edges: Any, hists: dict[str, Any], history: list[Any]
+                              ) -> list[tuple[str, str]]:
+    """The flux of every gated unit over an interval, survivors against pruned units, at the first, middle
+    and last pruning interval with pressure (all gates pooled; signed-log bins, a decade each)."""
+    import numpy as np
+
+    picks = [i for i in _pruning_intervals(history) if all(i < len(h) for h in hists.values())]
+    if not picks:
+        return []
+    labels = [f"<-{edges[-1]:.0e}"] + [f"{e:.0e}" for e in edges]  # bin k holds values just below edges[k]
+    fig, axes = plt.subplots(1, len(picks), figsize=(3.2 * len(picks), 3.0), squeeze=False, sharey=True)
+    for ax, i in zip(axes[0], picks, strict=True):
+        counts = sum(np.asarray(h[i], dtype=float) for h in hists.values())
+        x = np.arange(counts.shape[1])
+        for row, name, colour in ((0, "survivors", "#2a7"), (1, "pruned", "#c33")):
+            total = counts[row].sum()
+            if total:
+                ax.step(x, counts[row] / total, where="mid", color=colour, label=f"{name} ({int(total)})")
+        ax.set_title(f"interval {history[i]['interval']} (gamma {history[i]['gamma']:.3g})", fontsize=8)
+        ticks = x[::4]
+        ax.set_xticks(ticks, [labels[k] for k in ticks], rotation=60, fontsize=6)
+        ax.set_xlabel("flux (signed, a decade per bin)", fontsize=7)
+        ax.legend(fontsize=6)
+    axes[0, 0].set_ylabel("share of the units")
+    return [("Flux distribution of survivors and pruned units", _png(fig))]
+
+
+def _flux_pressure_figure(plt: Any, history: list[Any], top: int = 6) -> list[tuple[str, str]]:
+    """Per layer (the ``top`` with most units), the mean flux of its survivors and of its pruned units per
+    interval against the pressure on it (gamma times its scale): flux holds a unit where it outweighs the
+    pressure, so rising pressure should leave survivors with larger flux and push the rest below."""
+    layers = history[-1].get("layers") or {}
+    names = sorted(layers, key=lambda n: -layers[n]["units"])[:top]
+    rows = [r for r in history if r.get("layers")]
+    if not names or not any(r["layers"].get(n, {}).get("flux_survivors_mean") is not None
+                            for r in rows for n in names):
+        return []
+    fig, axes = plt.subplots(len(names), 1, figsize=(6.4, 1.5 * len(names) + 0.6), squeeze=False, sharex=True)
+    x = [r["interval"] for r in rows]
+    for ax, name in zip(axes[:, 0], names, strict=True):
+        per = [r["layers"].get(name, {}) for r in rows]
+        for key, label, colour in (("flux_survivors_mean", "survivors", "#2a7"),
+                                   ("flux_pruned_mean", "pruned", "#c33")):
+            ax.plot(x, [p.get(key) if p.get(key) is not None else float("nan") for p in per], color=colour,
+                    label=label)
+        size = max((abs(p.get(k)) for p in per for k in ("flux_survivors_mean", "flux_pruned_mean")
+                    if p.get(k) is not None), default=1.0)
+        ax.set_yscale("symlog", linthresh=max(size * 1e-3, 1e-30))  # three decades of this layer's flux, then linear
+        ax.set_ylabel(name[:18], fontsize=7)
+        other = ax.twinx()
+        pressure = [(r.get("gamma") or 0.0) * (p.get("pressure_scale") or 1.0) for r, p in zip(rows, per, strict=True)]
+        other.plot(x, pressure, color="#888", ls="--", lw=1)
+        other.set_ylabel("pressure", fontsize=7, color="#888")
+    axes[0, 0].legend(fontsize=6, loc="upper left")
+    axes[0, 0].set_title("Mean flux per layer (solid) against the pressure on it (dashed: gamma x scale)",
+                         fontsize=8)
+    axes[-1, 0].set_xlabel("interval")
+    return [("Flux against pressure, per layer", _png(fig))]
+
+
 def _heatmap_figure(plt: Any, units: dict[str, Any]) -> tuple[str, str]:
     """Groups x intervals, the kept fraction of each group's units (the macroscopic picture per group)."""
     import numpy as np
@@ -259,6 +348,11 @@ def _fold_figure(plt: Any, fold_groups: list[dict[str, Any]]) -> tuple[str, str]
     return "Surviving channels per layer", _png(fig)
 
 
+def _details(title: str, body: str) -> str:
+    """A long table folded under its title (opened by a click)."""
+    return f"<details><summary><h2 style='display:inline'>{html.escape(title)}</h2></summary>{body}</details>"
+
+
 def _table(headers: list[str], rows: list[list[Any]]) -> str:
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
@@ -269,11 +363,15 @@ def _table(headers: list[str], rows: list[list[Any]]) -> str:
 
 def render_report(summary: dict[str, Any], history: list[Any], gate_report: dict[str, Any],
                   fold_report: dict[str, Any] | None, law: dict[str, float] | None,
-                  timeline: dict[str, Any] | None = None) -> str:
-    """The whole report as one HTML string."""
-    figs = figures(history, summary, (fold_report or {}).get("groups", []), law, timeline)
-    fig_html = "".join(f"<figure><img alt='{html.escape(t)}' src='data:image/png;base64,{b}'/>"
-                       f"<figcaption>{html.escape(t)}</figcaption></figure>" for t, b in figs)
+                  timeline: dict[str, Any] | None = None, flux: tuple[Any, dict[str, Any]] | None = None) -> str:
+    """The whole report as one HTML string: the headline, the figures by the question they answer
+    (:data:`SECTIONS`), then the tables, the long ones folded."""
+    figs = figures(history, summary, (fold_report or {}).get("groups", []), law, timeline, flux)
+    fig_html = "".join(
+        f"<h2>{html.escape(section)}</h2>" + "".join(
+            f"<figure><img alt='{html.escape(t)}' src='data:image/png;base64,{b}'/>"
+            f"<figcaption>{html.escape(t)}</figcaption></figure>" for sec, t, b in figs if sec == section)
+        for section in SECTIONS if any(sec == section for sec, _, _ in figs))
     summary_rows = [[k, fmt(v)] for k, v in summary.items()]
     gated_rows = [[g["name"], "x".join(map(str, g["shape"])), g["numel"], g["level"]] for g in gate_report["gated"]]
     group_rows = [[g["name"], g["size"], "yes" if g["gated"] else "no", "; ".join(g["blocked"])[:200]]
@@ -297,16 +395,17 @@ def render_report(summary: dict[str, Any], history: list[Any], gate_report: dict
         f"<p>{html.escape(str(summary.get('law_note', '')))}</p>" if summary.get("law_note") else "",
         (f"<p class='warning'>MAC counts may be incomplete: {html.escape(str(summary['macs_note']))}</p>"
          if summary.get("macs_note") else ""),
-        "<h2>Figures</h2>", fig_html or "<p>(no figures)</p>",
+        fig_html or "<p>(no figures)</p>",
     ]
     if gated_rows:  # weight/hybrid granularity
         sections += ["<h2>Gated tensors</h2>", _table(["tensor", "shape", "elements", "level"], gated_rows)]
     if group_rows:
         sections += ["<h2>Channel groups</h2>", _table(["group", "size", "gated", "why not"], group_rows)]
-    sections += ["<h2>Skipped parameters and ops</h2>", _table(["name", "kind", "reason"], skipped_rows)]
     if fold_report is not None:
         sections += ["<h2>Folding</h2>",
                      _table(["group", "before", "after", "closed", "deleted", "note"], fold_rows)]
-    sections += ["<h2>All summary fields</h2>", _table(["field", "value"], summary_rows)]
+    sections += [_details(f"Skipped parameters and ops ({len(skipped_rows)})",
+                          _table(["name", "kind", "reason"], skipped_rows)),
+                 _details(f"All summary fields ({len(summary_rows)})", _table(["field", "value"], summary_rows))]
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>hyperflux report</title>"
             f"<style>{style}</style></head><body>{''.join(sections)}</body></html>")

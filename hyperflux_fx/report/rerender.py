@@ -12,7 +12,7 @@ from typing import Any
 from hyperflux_fx.report.html import render_report
 from hyperflux_fx.report.outdir import atomic_write_text
 from hyperflux_fx.train.recorder import METRICS_FILE, IntervalRecord
-from hyperflux_fx.train.timeline import TIMELINE_FILE, timeline
+from hyperflux_fx.train.timeline import TIMELINE_FILE, flux_histograms, timeline
 
 __all__ = ["REPORTS_FILE", "RunFiles", "find_run", "rerender", "save_reports"]
 
@@ -39,7 +39,9 @@ class RunFiles:
         metrics = run_dir / METRICS_FILE
         lines = metrics.read_text().splitlines() if metrics.exists() else []
         self.history = [IntervalRecord.from_dict(json.loads(line)) for line in lines if line.strip()]
-        self.timeline = timeline(run_dir) if (run_dir / TIMELINE_FILE).exists() else None
+        has_timeline = (run_dir / TIMELINE_FILE).exists()
+        self.timeline = timeline(run_dir) if has_timeline else None
+        self.flux = flux_histograms(run_dir) if has_timeline else None
 
     def _json(self, name: str) -> dict[str, Any] | None:
         path = self.dir / name
@@ -74,7 +76,8 @@ def rerender(path: str | Path) -> tuple[Path, str | None]:
     summary = dict(files.summary)
     if stopped:
         summary["law_note"] = stopped  # shown under the asked/got table
-    page = render_report(summary, files.history, files.gates, files.fold, summary.get("law"), files.timeline)
+    page = render_report(summary, files.history, files.gates, files.fold, summary.get("law"), files.timeline,
+                         files.flux)
     out = files.dir / "report.html"
     atomic_write_text(out, page)
     return out, stopped

@@ -15,8 +15,8 @@ from hyperflux_fx.train.scheduler import (
     fit_scaling_law,
     planned_remaining,
 )
-from hyperflux_fx.train.timeline import timeline, unit_events
+from hyperflux_fx.train.timeline import flux_histograms, timeline, unit_events
 
 __all__ = ["IntervalRecord", "Landing", "LayerRecord", "PressureController", "Recorder", "ScalingLaw", "TrainResult",
            "TrainingError", "accuracy", "evaluate", "find_d0", "fit_scaling_law", "land_on_density",
-           "planned_remaining", "timeline", "train", "train_dense", "unit_events"]
+           "flux_histograms", "planned_remaining", "timeline", "train", "train_dense", "unit_events"]

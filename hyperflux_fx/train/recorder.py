@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from hyperflux_fx.ir import ChannelGate, Gate, gates
-from hyperflux_fx.train.timeline import TIMELINE_FILE, write_timeline
+from hyperflux_fx.train.timeline import FLUX_EDGES, TIMELINE_FILE, flux_histogram, write_timeline
 
 __all__ = ["METRICS_FILE", "IntervalRecord", "Landing", "LayerRecord", "Recorder", "Tracking", "tracking"]
 
@@ -68,6 +68,7 @@ class LayerRecord(_Fields):
     pruned: int  # active -> pruned since the previous record
     flux_survivors_mean: float | None = None  # mean flux over the interval (None without flux tracking)
     flux_pruned_mean: float | None = None
+    pressure_scale: float | None = None  # the gate's multiplier of gamma (channel gates: its marginal cost)
 
 
 @dataclass
@@ -136,18 +137,22 @@ class Recorder:
         # per gate, one row per interval: a channel gate's unit masks, a weight gate's density
         self.timeline: dict[str, list[torch.Tensor]] = {g.target: [] for g in gates(model)}
         self._kinds = {g.target: "units" if isinstance(g, ChannelGate) else "density" for g in gates(model)}
+        # per gate, one 2 x bins count array per interval: the flux of survivors and of pruned units
+        self.flux_hist: dict[str, list[torch.Tensor]] = {g.target: [] for g in gates(model)}
 
     def record(self, model: nn.Module, **fields: Any) -> IntervalRecord:
         """Measure the model now, complete ``fields`` (interval, epoch, gamma, ...: the trainer's part
         of an :class:`IntervalRecord`), store and write."""
         all_gates = gates(model)
         rec = IntervalRecord(**fields)
-        table = self._statistics(all_gates)
+        table, hists = self._statistics(all_gates)
         self._measure(rec, all_gates, table)
         data = rec.to_dict()
         rec = IntervalRecord.from_dict(data)  # JSON-clean, as a resumed run reads it back
         self.records.append(rec)
         self._append_timeline(all_gates, table)
+        for g, hist in zip(all_gates, hists, strict=True):
+            self.flux_hist.setdefault(g.target, []).append(hist)
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a", encoding="utf-8") as fh:
@@ -171,14 +176,17 @@ class Recorder:
         names = [n for n, rows in self.timeline.items() if rows]
         arrays = [torch.stack(self.timeline[n]).numpy() if self._kinds.get(n) == "units"
                   else torch.cat(self.timeline[n]).numpy() for n in names]
+        hists = [torch.stack(self.flux_hist[n]).numpy() for n in names] if all(
+            len(self.flux_hist.get(n, [])) == len(self.timeline[n]) for n in names) else None
         write_timeline(self.path.with_name(TIMELINE_FILE), names, [self._kinds.get(n, "units") for n in names],
-                       arrays)
+                       arrays, hists)
 
-    def _statistics(self, all_gates: list[Gate]) -> list[list[float]]:
-        """Per gate: kept, regrown, pruned, flux sums of survivors / pruned, min survivor flux, steps.
-        Computed on the model's device and copied to the host once (one synchronisation per interval,
-        not several per gate); resets the gates' flux and remembers the masks."""
-        rows = []
+    def _statistics(self, all_gates: list[Gate]) -> tuple[list[list[float]], list[torch.Tensor]]:
+        """Per gate: kept, regrown, pruned, flux sums of survivors / pruned, min survivor flux, steps; and
+        the flux histogram of survivors and pruned units (zeros without flux tracking). Computed on the
+        model's device and copied to the host together (not per gate); resets the gates' flux and
+        remembers the masks."""
+        rows, hists = [], []
         for g in all_gates:
             mask = g.flow.detach() >= 0
             prev = self._prev.get(g.target)
@@ -188,13 +196,17 @@ class Recorder:
             if flux is not None:
                 row += [torch.where(mask, flux, 0.0).sum(), torch.where(mask, 0.0, flux).sum(),
                         torch.where(mask, flux, math.inf).min(), g.flux_steps.clone()]  # a copy: reset zeroes it
+                hists.append(flux_histogram(flux, mask))
                 g.reset_flux()
             else:
                 zero = mask.new_zeros((), dtype=torch.float64)
                 row += [zero, zero, zero + math.inf, zero]
+                hists.append(torch.zeros(2, len(FLUX_EDGES) + 1, dtype=torch.long, device=mask.device))
             rows.append(torch.stack([v.to(torch.float64) for v in row]))
             self._prev[g.target] = mask
-        return torch.stack(rows).cpu().tolist() if rows else []
+        if not rows:
+            return [], []
+        return torch.stack(rows).cpu().tolist(), list(torch.stack(hists).cpu())
 
     @staticmethod
     def _measure(rec: IntervalRecord, all_gates: list[Gate], table: list[list[float]]) -> None:
@@ -205,7 +217,8 @@ class Recorder:
         surv_min = math.inf
         for g, (kept_f, regrown_f, pruned_f, fs_sum, fp_sum, fs_min, steps) in zip(all_gates, table, strict=True):
             kept, regrown, pruned = int(kept_f), int(regrown_f), int(pruned_f)
-            layer = LayerRecord(density=kept / g.numel, kept=kept, units=g.numel, regrown=regrown, pruned=pruned)
+            layer = LayerRecord(density=kept / g.numel, kept=kept, units=g.numel, regrown=regrown, pruned=pruned,
+                                pressure_scale=float(g.pressure_scale))
             if g.flux_sum is not None and steps > 0:
                 n_pruned = g.numel - kept
                 layer.flux_survivors_mean = fs_sum / kept if kept else None
@@ -244,12 +257,15 @@ class Recorder:
 
     def state_dict(self) -> dict[str, Any]:
         return {"records": json.dumps([rec.to_dict() for rec in self.records]), "prev": dict(self._prev),
-                "timeline": {n: torch.stack(rows) if rows else torch.empty(0) for n, rows in self.timeline.items()}}
+                "timeline": {n: torch.stack(rows) if rows else torch.empty(0) for n, rows in self.timeline.items()},
+                "flux_hist": {n: torch.stack(rows) if rows else torch.empty(0) for n, rows in self.flux_hist.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.records = [IntervalRecord.from_dict(d) for d in json.loads(state["records"])]
         self._prev = dict(state["prev"])
         self.timeline = {n: list(rows.cpu()) if rows.numel() else [] for n, rows in state.get("timeline", {}).items()}
+        self.flux_hist = {n: list(rows.cpu()) if rows.numel() else []
+                          for n, rows in state.get("flux_hist", {}).items()}
 
 
 @dataclass

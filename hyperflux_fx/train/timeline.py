@@ -7,6 +7,12 @@ an ``intervals x units`` bool array; for a weight gate only its per-interval den
 model must not write gigabytes). Keys: ``names`` (the gates' targets, in order), ``kinds``
 ("units" or "density" per gate), and ``g0``, ``g1``, ... the arrays in that order.
 
+Beside the masks, every gate (weight gates too: the size does not grow with the gate) has the
+distribution of its units' flux over each interval, split into survivors and pruned units:
+``h0``, ``h1``, ... ``intervals x 2 x bins`` counts (row 0 the units kept at the end of the interval,
+row 1 the pruned ones) over the fixed signed-log bins ``flux_edges`` (:data:`FLUX_EDGES`: ±1e-12 … ±1e2,
+a decade per bin, one bin for |flux| < 1e-12). :func:`flux_histograms` reads them back.
+
 :func:`timeline` reads one back; :func:`unit_events` turns a unit array into what happened to the
 units: regrowth events (pruned → kept), how long units stayed pruned before they came back, the
 share of the final survivors that were pruned at some point, and the order in which units left.
@@ -21,19 +27,35 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
-__all__ = ["TIMELINE_FILE", "UnitEvents", "timeline", "unit_events", "write_timeline"]
+__all__ = ["FLUX_EDGES", "TIMELINE_FILE", "UnitEvents", "flux_histogram", "flux_histograms", "timeline",
+           "unit_events", "write_timeline"]
 
 TIMELINE_FILE = "timeline.npz"
+_DECADES = 10.0 ** np.arange(-12, 3)  # 1e-12 ... 1e2
+FLUX_EDGES = np.concatenate([-_DECADES[::-1], _DECADES])  # signed-log bin edges of the flux histograms
 
 
-def write_timeline(path: str | Path, names: list[str], kinds: list[str], arrays: list[np.ndarray]) -> None:
-    """Write the timeline atomically (see the module docstring)."""
+def flux_histogram(flux: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """``2 x (len(FLUX_EDGES) + 1)`` counts of ``flux`` over :data:`FLUX_EDGES`: row 0 the ``kept`` units,
+    row 1 the others. Computed where the tensors are (no host synchronisation)."""
+    edges = torch.as_tensor(FLUX_EDGES, dtype=flux.dtype, device=flux.device)
+    bins = torch.bucketize(flux.detach().flatten(), edges)
+    kept = kept.flatten()
+    n = len(FLUX_EDGES) + 1
+    return torch.stack([torch.bincount(bins[kept], minlength=n), torch.bincount(bins[~kept], minlength=n)])
+
+
+def write_timeline(path: str | Path, names: list[str], kinds: list[str], arrays: list[np.ndarray],
+                   histograms: list[np.ndarray] | None = None) -> None:
+    """Write the timeline atomically (see the module docstring); ``histograms`` per gate, in ``names``' order."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
+    extra = {f"h{i}": h for i, h in enumerate(histograms or [])}
     np.savez_compressed(tmp, names=np.array(json.dumps(names)), kinds=np.array(json.dumps(kinds)),
-                        **{f"g{i}": a for i, a in enumerate(arrays)})
+                        flux_edges=FLUX_EDGES, **{f"g{i}": a for i, a in enumerate(arrays)}, **extra)
     os.replace(tmp, path)
 
 
@@ -45,6 +67,19 @@ def timeline(run_dir: str | Path) -> dict[str, np.ndarray]:
     with np.load(path) as data:
         names = json.loads(str(data["names"]))
         return {name: data[f"g{i}"] for i, name in enumerate(names)}
+
+
+def flux_histograms(run_dir: str | Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The flux distributions of a run: (bin edges, gate target -> ``intervals x 2 x bins`` counts, row 0
+    the units kept at the end of the interval, row 1 the pruned ones). Empty for a run written before
+    they were recorded."""
+    path = Path(run_dir)
+    path = path / TIMELINE_FILE if path.is_dir() else path
+    with np.load(path) as data:
+        names = json.loads(str(data["names"]))
+        if "flux_edges" not in data.files:
+            return FLUX_EDGES, {}
+        return data["flux_edges"], {name: data[f"h{i}"] for i, name in enumerate(names) if f"h{i}" in data.files}
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import hyperflux_fx as hf
-from hyperflux_fx.train.timeline import TIMELINE_FILE
+from hyperflux_fx.train.timeline import FLUX_EDGES, TIMELINE_FILE, flux_histogram
 
 
 def _loaders():
@@ -78,3 +78,32 @@ def test_every_interval_records_the_flux_of_survivors_and_pruned_units(tmp_path)
     assert any(r.flux_pruned_mean is not None for r in res.history)
     layer = next(iter(res.history[-1].layers.values()))
     assert layer.flux_survivors_mean is not None
+
+
+def test_flux_histogram_bins_by_signed_decade_and_splits_survivors_from_pruned():
+    flux = torch.tensor([3e-4, -2e-7, 0.0, 5e-13, 400.0, -1e-2])
+    kept = torch.tensor([True, True, False, False, True, False])
+    h = flux_histogram(flux, kept)
+    assert h.shape == (2, len(FLUX_EDGES) + 1) and h[0].sum() == 3 and h[1].sum() == 3
+    zero = int(np.searchsorted(FLUX_EDGES, 0.0))  # the bin between -1e-12 and 1e-12
+    assert h[1, zero] == 2  # 0.0 and 5e-13: below every decade
+    assert h[0, len(FLUX_EDGES)] == 1  # 400 > 1e2: the last bin
+    assert h[0, int(np.searchsorted(FLUX_EDGES, 3e-4))] == 1 and h[1, int(np.searchsorted(FLUX_EDGES, -1e-2))] == 1
+
+
+def test_flux_histograms_count_every_unit_of_every_gate_per_interval(tmp_path):
+    """timeline.npz holds, per gate and interval, the flux distribution of its survivors and pruned units;
+    the survivors' count is the timeline's kept count, and weight gates have it too (no per-unit array)."""
+    for granularity, cfg in (("channel", {"target_measure": "macs"}), ("weight", {})):
+        out = tmp_path / granularity
+        gated, res = _run(out, granularity, target_sparsity=0.5, **cfg)
+        edges, hists = hf.flux_histograms(out)
+        lines = hf.timeline(out)
+        assert np.array_equal(edges, FLUX_EDGES) and set(hists) == {g.target for g in hf.gates(gated)}
+        for g in hf.gates(gated):
+            h = hists[g.target]
+            assert h.shape == (res.intervals, 2, len(FLUX_EDGES) + 1)
+            assert (h.sum(axis=(1, 2)) == g.numel).all()  # every unit, every interval
+            kept = lines[g.target].sum(axis=1) if granularity == "channel" else np.rint(lines[g.target] * g.numel)
+            assert np.array_equal(h[:, 0].sum(axis=1), kept)
+            assert h[:, 1].sum() > 0  # something was pruned, and its flux recorded

@@ -163,6 +163,8 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path):
         tmp_path / "b" / "metrics.jsonl").read_text().count("\n")
     ta, tb = hf.timeline(tmp_path / "a"), hf.timeline(tmp_path / "b")  # the unit timeline resumes too
     assert ta.keys() == tb.keys() and all(np.array_equal(ta[k], tb[k]) for k in ta)
+    (_, ha), (_, hb) = hf.flux_histograms(tmp_path / "a"), hf.flux_histograms(tmp_path / "b")  # and the flux
+    assert ha.keys() == hb.keys() == ta.keys() and all(np.array_equal(ha[k], hb[k]) for k in ha)
 
 
 def test_resume_with_a_different_run_lists_the_mismatch(tmp_path):
