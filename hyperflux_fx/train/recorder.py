@@ -176,7 +176,7 @@ class Recorder:
         names = [n for n, rows in self.timeline.items() if rows]
         arrays = [torch.stack(self.timeline[n]).numpy() if self._kinds.get(n) == "units"
                   else torch.cat(self.timeline[n]).numpy() for n in names]
-        hists = [torch.stack(self.flux_hist[n]).numpy() for n in names] if all(
+        hists = [torch.stack(self.flux_hist[n]).to(torch.int32).numpy() for n in names] if all(
             len(self.flux_hist.get(n, [])) == len(self.timeline[n]) for n in names) else None
         write_timeline(self.path.with_name(TIMELINE_FILE), names, [self._kinds.get(n, "units") for n in names],
                        arrays, hists)
