@@ -77,18 +77,23 @@ def pretrained(epochs: int) -> Path:
     return folder
 
 
-def run(folder: Path, recipe: str, seed: int, args: argparse.Namespace) -> dict:
+def run(folder: Path, recipe: str, seed: int, args: argparse.Namespace, sparsity: float = 0.5,
+        extra: tuple[str, ...] = ()) -> dict:
+    """One ``hyperflux-compile hf:FOLDER --target params`` run (``extra``: more flags); its figures as a row."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
         cmd = [sys.executable, "-m", "hyperflux_fx.cli", f"hf:{folder}", "--recipe", recipe, "--target", "params",
-               "--target-sparsity", "0.5", "--epochs", str(args.epochs), "--regrowth-epochs",
-               str(args.regrowth_epochs), "--seed", str(seed), "--no-export", "--quiet", "--force", "--out", str(out)]
+               "--target-sparsity", str(sparsity), "--epochs", str(args.epochs), "--regrowth-epochs",
+               str(args.regrowth_epochs), "--seed", str(seed), "--no-export", "--quiet", "--force", "--out", str(out),
+               *extra]
         t0 = time.time()
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
         s = json.loads((out / "summary.json").read_text())
-    row = {"recipe": recipe, "seed": seed, "seconds": time.time() - t0, "lr": s["lr"],
+        hf_folder = (out / "compact_hf" / "config.json").exists()
+    row = {"recipe": recipe, "seed": seed, "seconds": time.time() - t0, "lr": s["lr"], "sparsity": sparsity,
+           "flags": list(extra), "compact_hf": hf_folder, "distilled": s.get("distilled"),
            **{f"{k}_{stage}": s[f"{k}_{stage}"] for k in ("val_loss", "perplexity")
               for stage in ("dense", "pruned", "compact")},
            "params_dense": s["params_dense"], "params_compact": s["params_compact"]}
