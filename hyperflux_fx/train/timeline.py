@@ -42,9 +42,10 @@ def flux_histogram(flux: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     row 1 the others. Computed where the tensors are (no host synchronisation)."""
     edges = torch.as_tensor(FLUX_EDGES, dtype=flux.dtype, device=flux.device)
     bins = torch.bucketize(flux.detach().flatten(), edges)
-    kept = kept.flatten()
     n = len(FLUX_EDGES) + 1
-    return torch.stack([torch.bincount(bins[kept], minlength=n), torch.bincount(bins[~kept], minlength=n)])
+    counts = torch.zeros(2 * n, dtype=torch.long, device=flux.device)  # index_add: no data-sized output, no sync
+    counts.index_add_(0, (~kept.flatten()).long() * n + bins, torch.ones_like(bins))
+    return counts.view(2, n)
 
 
 def write_timeline(path: str | Path, names: list[str], kinds: list[str], arrays: list[np.ndarray],
