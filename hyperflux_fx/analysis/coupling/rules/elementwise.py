@@ -22,27 +22,20 @@ def _elementwise(gm, node, c, labels, spec):  # per element: f(0) != 0 revives z
 
 
 def _addcmul(gm, node, c, labels, spec):
-    """input + value * tensor1 * tensor2: labelled operands are tied (as add / mul), the others must
-    broadcast (a parameter over the channels is sliced); a closed channel stays zero only if the
-    input and one of the factors carry it."""
-    operands = [spec.arg(node, name) for name in spec.signature[:3]]
-    labs = [labels.get(o) if isinstance(o, fx.Node) else None for o in operands]
-    ref = next((lab for lab in labs if lab is not None), None)
-    if ref is None:
-        return None
-    for operand, lab in zip(operands, labs, strict=True):
-        if lab is None:
-            if not broadcast_operand(gm, c, node, ref, operand):
-                c.block(ref, f"addcmul with an operand that varies over the channels: {node.format_node()}")
-        elif lab is not ref:
-            if same_layout(lab, ref):
-                tie(c, ref, lab, "addcmul", node)
-            else:
-                c.block(ref, f"addcmul of differently laid out channels: {node.format_node()}")
-                c.block(lab, f"addcmul of differently laid out channels: {node.format_node()}")
-    if labs[0] is None or (labs[1] is None and labs[2] is None):
-        c.revived.update(ref.spaces())
-    return ref
+    """input + value * tensor1 * tensor2: a mul of the two factors, then an add of the input and that
+    product, each by the rules of :func:`_binary` (ties, broadcasting, sliced parameters, revived zeros).
+    The product's stand-in operand is the factor that carries its label (its shape for the broadcast
+    checks); with neither factor labelled, both must broadcast against the input's label."""
+    x, t1, t2 = (spec.arg(node, name) for name in spec.signature[:3])
+    product = _combine(gm, node, c, labels, "mul", t1, t2)
+    lx = labels.get(x) if isinstance(x, fx.Node) else None
+    if product is None:
+        out = _join(gm, node, c, "add", x, lx, t1, None)
+        if out is not None and not broadcast_operand(gm, c, node, out, t2):
+            c.block(out, f"mul with an operand that varies over the channels: {node.format_node()}")
+        return out
+    carrier = t1 if isinstance(t1, fx.Node) and t1 in labels else t2
+    return _join(gm, node, c, "add", x, lx, carrier, product)
 
 
 def _binary(kind: str) -> Rule:
@@ -57,6 +50,12 @@ def _combine(gm: fx.GraphModule, node: fx.Node, c: Coupling, labels: dict[fx.Nod
     """The label of an elementwise op of ``a`` and ``b`` (see :func:`_binary`)."""
     la = labels.get(a) if isinstance(a, fx.Node) else None
     lb = labels.get(b) if isinstance(b, fx.Node) else None
+    return _join(gm, node, c, kind, a, la, b, lb)
+
+
+def _join(gm: fx.GraphModule, node: fx.Node, c: Coupling, kind: str, a: Any, la: Label | None, b: Any,
+          lb: Label | None) -> Label | None:
+    """:func:`_combine` with the operands' labels given (an operand may stand for an intermediate value)."""
     if la is None and lb is None:
         return None
     if la is not None and lb is not None:
