@@ -15,16 +15,16 @@ Usage: python tools/bench_lm_prune.py [--seeds 0,1,2] [--sparsities 0.5,0.75] [-
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _bench_common as common  # noqa: E402
-from bench_lm_recipe import pretrained, run  # noqa: E402
+from bench_lm_recipe import report, run  # noqa: E402
 
 SETTINGS = {"distillation (default)": (), "--distill off": ("--distill", "off")}
 
@@ -61,25 +61,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--from-json", default=None)
     p.add_argument("--write", default=None)
     args = p.parse_args(argv)
-    if args.from_json:
-        data = json.loads(Path(args.from_json).read_text())
-    else:
-        folder = pretrained(args.pretrain_epochs)
-        seeds = [int(x) for x in args.seeds.split(",")]
+    torch.set_num_threads(1)
+
+    def rows_of(folder: Path, seeds: list[int]) -> list[dict]:
         jobs = [(float(s), flags, seed) for s in args.sparsities.split(",") for flags in SETTINGS.values()
                 for seed in seeds]
         with ThreadPoolExecutor(args.parallel) as pool:  # each run is its own process
-            rows = list(pool.map(lambda j: run(folder, "lm", j[2], args, j[0], ("--uniform-layers", *j[1])), jobs))
-        data = {"rows": rows, "meta": {"machine": common.machine(), "pretrain_epochs": args.pretrain_epochs,
-                                       "epochs": args.epochs, "regrowth_epochs": args.regrowth_epochs,
-                                       "seeds": seeds}}
-        if args.json:
-            Path(args.json).write_text(json.dumps(data, indent=1))
-    text = render(data["rows"], data["meta"])
-    print(text)
-    if args.write:
-        common.write_section(Path(args.write), "lm-prune", text)
-    return 0
+            return list(pool.map(lambda j: run(folder, "lm", j[2], args, j[0], ("--uniform-layers", *j[1])), jobs))
+
+    return report(args, rows_of, render, "lm-prune")
 
 
 if __name__ == "__main__":

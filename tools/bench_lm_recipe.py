@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -131,21 +132,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--write", default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
+    return report(args, lambda folder, seeds: [run(folder, recipe, seed, args) for seed in seeds
+                                               for recipe in ("lm", "cnn")], render, "lm-recipe")
+
+
+def report(args: argparse.Namespace, rows_of: Callable[[Path, list[int]], list[dict]],
+           render_rows: Callable[[list[dict], dict], str], section: str) -> int:
+    """The rows of ``--from-json``, or ``rows_of(pre-trained folder, seeds)`` with the run's meta (saved to
+    ``--json``); their table printed and, with ``--write``, written to its ``section`` of the file."""
     if args.from_json:
         data = json.loads(Path(args.from_json).read_text())
     else:
-        folder = pretrained(args.pretrain_epochs)
         seeds = [int(s) for s in args.seeds.split(",")]
-        rows = [run(folder, recipe, seed, args) for seed in seeds for recipe in ("lm", "cnn")]
+        rows = rows_of(pretrained(args.pretrain_epochs), seeds)
         data = {"rows": rows, "meta": {"machine": common.machine(), "pretrain_epochs": args.pretrain_epochs,
                                        "epochs": args.epochs, "regrowth_epochs": args.regrowth_epochs,
                                        "seeds": seeds}}
         if args.json:
             Path(args.json).write_text(json.dumps(data, indent=1))
-    text = render(data["rows"], data["meta"])
+    text = render_rows(data["rows"], data["meta"])
     print(text)
     if args.write:
-        common.write_section(Path(args.write), "lm-recipe", text)
+        common.write_section(Path(args.write), section, text)
     return 0
 
 
