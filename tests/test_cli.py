@@ -20,6 +20,7 @@ import pytest
 import torch
 from speedup import measured_speedup
 
+import hyperflux_fx as hf
 from hyperflux_fx.analysis.cost_model import CostModel
 from hyperflux_fx.analysis.latency_model import LatencyModel
 from hyperflux_fx.analysis.runtime import nchwc_block
@@ -115,6 +116,11 @@ def test_end_to_end_on_digits(tmp_path, run):
     assert abs(s["compact_accuracy"] - s["pruned_accuracy"]) <= 1 / 360 + 1e-9  # at most one image flips
     if granularity == "channel":
         assert s["macs_compact"] < s["macs_dense"] and s["deleted_units"] > 0
+        # the demo's unit timeline ends on exactly what the fold kept, group by group
+        folded = json.loads((out / "reports.json").read_text())["fold"]["groups"]
+        last = {name: int(rows[-1].sum()) for name, rows in hf.timeline(out).items()}
+        assert last and all(last[g["name"]] == g["after"] for g in folded if g["name"] in last)
+        assert set(last) <= {g["name"] for g in folded}
     else:  # 70% zeros overall: the tensors sparse enough are stored sparsely, and the file is smaller
         assert s["onnx_sparse_initializers"] > 0 and s["onnx_file_bytes"] < 0.9 * s["onnx_file_bytes_dense"]
     assert s["speedup"] == s["ort_latency_ms_dense"] / s["ort_latency_ms_compact"]

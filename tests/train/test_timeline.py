@@ -107,3 +107,40 @@ def test_flux_histograms_count_every_unit_of_every_gate_per_interval(tmp_path):
             kept = lines[g.target].sum(axis=1) if granularity == "channel" else np.rint(lines[g.target] * g.numel)
             assert np.array_equal(h[:, 0].sum(axis=1), kept)
             assert h[:, 1].sum() > 0  # something was pruned, and its flux recorded
+
+
+class _FourHeads(nn.Module):
+    """A token embedding, 4-head SDPA attention with a residual, an MLP, a mean over the tokens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from models import SDPAAttention
+
+        self.embed, self.attn = nn.Linear(8, 16), SDPAAttention(16, heads=4)
+        self.mlp = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.attn(self.embed(x))
+        return self.head((x + self.mlp(x)).mean(1))
+
+
+def test_a_four_head_transformer_timeline_ends_on_what_the_fold_keeps(tmp_path):
+    """Heads and MLP units: every group's last timeline row is what the fold keeps."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 5, 8, generator=g)
+    y = torch.randint(0, 5, (256,), generator=g)
+    train_loader = DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True)
+    torch.manual_seed(0)
+    gated = hf.insert_gates(_FourHeads(), hf.GateConfig(granularity="channel", seed=0),
+                            example_inputs=torch.randn(2, 5, 8)).graph_module
+    config = hf.TrainConfig(epochs=4, regrowth_epochs=2, lr=0.05, out_dir=str(tmp_path), target_sparsity=0.4,
+                            target_measure="params")
+    hf.train(gated, train_loader, DataLoader(TensorDataset(x, y), 256), config)
+    lines = hf.timeline(tmp_path)
+    report = hf.fold_masks(gated, config.fold).report
+    checked = [group for group in report.groups if group.name in lines]
+    assert [group.before for group in checked if group.unit == "head"] == [4] and len(checked) == len(lines)
+    for group in checked:
+        assert int(lines[group.name][-1].sum()) == group.after, group
+    assert sum(group.deleted for group in checked) > 0  # the fold deleted units, so the check is about a real cut
