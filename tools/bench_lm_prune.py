@@ -37,7 +37,7 @@ def render(rows: list[dict], meta: dict) -> str:
              "|---|---|---|---|---|---|"]
     for s in sorted({r["sparsity"] for r in rows}):
         for name, flags in SETTINGS.items():
-            rs = [r for r in rows if r["sparsity"] == s and r["flags"] == list(flags)]
+            rs = [r for r in rows if r["sparsity"] == s and r["flags"] == ["--uniform-layers", *flags]]
             if not rs:
                 continue
             loss = [r["val_loss_compact"] for r in rs]
