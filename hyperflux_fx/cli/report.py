@@ -17,7 +17,7 @@ from hyperflux_fx.report.outdir import OutputLocked, RunLock, atomic_write_text
 from hyperflux_fx.report.rerender import rerender
 from hyperflux_fx.report.summary import asked_and_got, headline, slower_note
 from hyperflux_fx.train.loop import TrainResult
-from hyperflux_fx.train.timeline import TIMELINE_FILE, flux_histograms, timeline
+from hyperflux_fx.train.timeline import timeline_and_flux
 
 
 def report_command(argv: list[str]) -> int:
@@ -48,9 +48,7 @@ def report_stage(job: Job, summary: dict[str, Any], result: TrainResult, gated: 
     law = result.law.to_dict() if result.law is not None else None
     summary["law"], summary["law_note"] = law, result.law_note
     atomic_write_text(job.partial / "summary.json", json.dumps(summary, indent=2, default=float))
-    has_timeline = (job.partial / TIMELINE_FILE).exists()
-    lines = timeline(job.partial) if has_timeline else None
-    flux = flux_histograms(job.partial) if has_timeline else None
+    lines, flux = timeline_and_flux(job.partial)
     page = render_report(summary, result.history, gated.report.to_dict(), folded.report.to_dict(), law, lines, flux)
     atomic_write_text(job.partial / "report.html", page)
     if job.out.exists():

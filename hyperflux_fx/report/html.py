@@ -47,22 +47,16 @@ def figures(history: list[Any], summary: dict[str, Any], fold_groups: list[dict[
         converged += [_density_figure(plt, history, summary.get("target_measure", "count")),
                       _loss_figure(plt, history), _pressure_figure(plt, history)]
         converged += _law_figure(plt, history, law)
-        cut += _layer_figure(plt, history)
+        cut += _layer_figure(plt, history) + _flux_figure(plt, history) + _flux_pressure_figure(plt, history)
+        if flux and flux[1]:
+            cut += _flux_distribution_figure(plt, flux[0], flux[1], history)
+        back.append(_flips_figure(plt, history))
     units = {name: rows for name, rows in (timeline or {}).items() if getattr(rows, "ndim", 0) == 2 and len(rows)}
     if units:
         cut.append(_heatmap_figure(plt, units))
-    if history:
-        cut += _flux_figure(plt, history)
-    if flux and flux[1] and history:
-        cut += _flux_distribution_figure(plt, flux[0], flux[1], history)
-    if history:
-        cut += _flux_pressure_figure(plt, history)
+        back.append(_raster_figure(plt, units))
     if (summary.get("sensitivity") or {}).get("groups"):
         cut.append(_sensitivity_figure(plt, summary["sensitivity"]))
-    if history:
-        back.append(_flips_figure(plt, history))
-    if units:
-        back.append(_raster_figure(plt, units))
     return [(section, title, png) for section, figs in zip(SECTIONS, (got, converged, cut, back), strict=True)
             for title, png in figs]
 

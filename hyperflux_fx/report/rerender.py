@@ -12,7 +12,7 @@ from typing import Any
 from hyperflux_fx.report.html import render_report
 from hyperflux_fx.report.outdir import atomic_write_text
 from hyperflux_fx.train.recorder import METRICS_FILE, IntervalRecord
-from hyperflux_fx.train.timeline import TIMELINE_FILE, flux_histograms, timeline
+from hyperflux_fx.train.timeline import timeline_and_flux
 
 __all__ = ["REPORTS_FILE", "RunFiles", "find_run", "rerender", "save_reports"]
 
@@ -39,9 +39,7 @@ class RunFiles:
         metrics = run_dir / METRICS_FILE
         lines = metrics.read_text().splitlines() if metrics.exists() else []
         self.history = [IntervalRecord.from_dict(json.loads(line)) for line in lines if line.strip()]
-        has_timeline = (run_dir / TIMELINE_FILE).exists()
-        self.timeline = timeline(run_dir) if has_timeline else None
-        self.flux = flux_histograms(run_dir) if has_timeline else None
+        self.timeline, self.flux = timeline_and_flux(run_dir)
 
     def _json(self, name: str) -> dict[str, Any] | None:
         path = self.dir / name

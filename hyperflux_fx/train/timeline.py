@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 __all__ = ["FLUX_EDGES", "TIMELINE_FILE", "UnitEvents", "flux_histogram", "flux_histograms", "timeline",
-           "unit_events", "write_timeline"]
+           "timeline_and_flux", "unit_events", "write_timeline"]
 
 TIMELINE_FILE = "timeline.npz"
 _DECADES = 10.0 ** np.arange(-12, 3)  # 1e-12 ... 1e2
@@ -60,12 +60,16 @@ def write_timeline(path: str | Path, names: list[str], kinds: list[str], arrays:
     os.replace(tmp, path)
 
 
+def _npz(run_dir: str | Path) -> Path:
+    """A run's timeline.npz (``run_dir`` may be the file itself)."""
+    path = Path(run_dir)
+    return path / TIMELINE_FILE if path.is_dir() else path
+
+
 def timeline(run_dir: str | Path) -> dict[str, np.ndarray]:
     """The timeline of a run (its ``--out`` or ``out_dir``, or the timeline.npz itself): gate target ->
     ``intervals x units`` bool array (channel gates) or ``intervals`` densities (weight gates)."""
-    path = Path(run_dir)
-    path = path / TIMELINE_FILE if path.is_dir() else path
-    with np.load(path) as data:
+    with np.load(_npz(run_dir)) as data:
         names = json.loads(str(data["names"]))
         return {name: data[f"g{i}"] for i, name in enumerate(names)}
 
@@ -74,13 +78,20 @@ def flux_histograms(run_dir: str | Path) -> tuple[np.ndarray, dict[str, np.ndarr
     """The flux distributions of a run: (bin edges, gate target -> ``intervals x 2 x bins`` counts, row 0
     the units kept at the end of the interval, row 1 the pruned ones). Empty for a run written before
     they were recorded."""
-    path = Path(run_dir)
-    path = path / TIMELINE_FILE if path.is_dir() else path
-    with np.load(path) as data:
+    with np.load(_npz(run_dir)) as data:
         names = json.loads(str(data["names"]))
         if "flux_edges" not in data.files:
             return FLUX_EDGES, {}
         return data["flux_edges"], {name: data[f"h{i}"] for i, name in enumerate(names) if f"h{i}" in data.files}
+
+
+def timeline_and_flux(run_dir: str | Path) -> tuple[dict[str, np.ndarray] | None,
+                                                    tuple[np.ndarray, dict[str, np.ndarray]] | None]:
+    """(:func:`timeline`, :func:`flux_histograms`) of a run directory; (None, None) where it has no
+    timeline.npz (a run interrupted before its first interval)."""
+    if not (Path(run_dir) / TIMELINE_FILE).exists():
+        return None, None
+    return timeline(run_dir), flux_histograms(run_dir)
 
 
 @dataclass(frozen=True)
