@@ -236,6 +236,11 @@ def _cached_baselines(cache: list[dict], arch: str, seed: int, x: int, dense_acc
     return [{**r, "reused": True} for r in rows]
 
 
+def _load_rows(files: str | None) -> list[dict]:
+    """The rows of comma-separated ``--json`` files of earlier runs (none for None)."""
+    return [r for f in (files or "").split(",") if f for r in json.loads(Path(f).read_text())]
+
+
 def _save(rows: list[dict], args) -> None:
     """Rows so far to ``--json`` (after every seed: a long run stopped early keeps what it finished)."""
     if args.json:
@@ -272,15 +277,16 @@ def run_arch(arch: str, seeds: list[int], args, tp, rows: list[dict]) -> None:
                 found = [{"method": "hyperflux channel (defaults)", "model": tmp / f"hf{x}" / "compact.onnx",
                           "acc": s["compact_accuracy"], "macs": s["macs_compact"] / s["macs_dense"],
                           "params": s["params_compact_stored"], "widths": s["widths"]}]
-                cached = _cached_baselines(args.cached, arch, seed, x, dense_acc, found[0]["macs"])
-                fresh = found + ([] if cached else _baselines(tp, dense, inputs, train_loader, test_loader,
-                                                              s["macs_compact"], seed, budget, lrs, macs_dense))
-                speed = _speedups(dense, [f["model"] for f in fresh], inputs, args.latency_batch, tmp)
-                for f, sp in zip(fresh, speed, strict=True):
+                cached = _cached_baselines(args.cached, arch, seed, x, dense_acc, found[0]["macs"]) or []
+                if not cached:
+                    found += _baselines(tp, dense, inputs, train_loader, test_loader, s["macs_compact"], seed, budget,
+                                        lrs, macs_dense)
+                speed = _speedups(dense, [f["model"] for f in found], inputs, args.latency_batch, tmp)
+                for f, sp in zip(found, speed, strict=True):
                     rows.append({"arch": arch, "seed": seed, "x": x, "speedup": sp,
                                  **{k: v for k, v in f.items() if k != "model"}})
-                rows.extend(cached or [])
-                found = fresh + (cached or [])
+                rows.extend(cached)
+                found += cached
                 print(f"  {arch} seed {seed} {x}x (MACs {s['macs_compact'] / s['macs_dense']:.4f}): "
                       + ", ".join(f"{f['method']} {100 * f['acc']:.1f}" for f in found)
                       + f" ({time.time() - t0:.0f}s)", file=sys.stderr, flush=True)
@@ -350,9 +356,9 @@ def main(argv: list[str] | None = None) -> None:
                              "its dense start is the same and Hyperflux reached the same MACs there, or they had "
                              "at least the MACs Hyperflux reaches now")
     args = parser.parse_args(argv)
-    args.cached = [r for f in (args.baselines_from or "").split(",") if f for r in json.loads(Path(f).read_text())]
+    args.cached = _load_rows(args.baselines_from)
     if args.from_json:
-        rows = [r for f in args.from_json.split(",") for r in json.loads(Path(f).read_text())]
+        rows = _load_rows(args.from_json)
         _report(rows, args)
         return
     try:
