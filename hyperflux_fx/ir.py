@@ -372,12 +372,18 @@ class ChannelMask(nn.Module):
     mask index ``i`` takes the i-th mask argument (a channel gate's output), -1 means "always kept",
     ``expand`` repeats each unit (a flattened channel owns H*W consecutive features) and ``replicas``
     repeats the whole run (a space split over conv groups: each unit has a channel in every group).
+    ``order`` (channels a shuffle permuted): position p of ``dim`` holds position ``order[p]`` of the
+    runs laid one after another.
     """
 
-    def __init__(self, dim: int, layout: tuple[tuple[int, ...], ...]) -> None:
+    order: torch.Tensor | None
+
+    def __init__(self, dim: int, layout: tuple[tuple[int, ...], ...], order: tuple[int, ...] | None = None) -> None:
         super().__init__()
         self.dim = int(dim)
         self.layout = tuple(tuple(int(v) for v in run) for run in layout)
+        self.register_buffer("order", None if order is None else torch.tensor(order, dtype=torch.long),
+                             persistent=False)
 
     def full_mask(self, *masks: torch.Tensor) -> torch.Tensor:
         """The mask over every feature of ``dim``."""
@@ -387,7 +393,8 @@ class ChannelMask(nn.Module):
             m = masks[index] if index >= 0 else torch.ones(length, dtype=ref.dtype, device=ref.device)
             m = m.repeat_interleave(expand) if expand > 1 else m
             parts.append(m.repeat(replicas[0]) if replicas and replicas[0] > 1 else m)
-        return torch.cat(parts) if len(parts) > 1 else parts[0]
+        full = torch.cat(parts) if len(parts) > 1 else parts[0]
+        return full if self.order is None else full[self.order]
 
     def forward(self, x: torch.Tensor, *masks: torch.Tensor) -> torch.Tensor:
         full = self.full_mask(*masks).to(x.dtype)

@@ -320,6 +320,9 @@ _SPLIT = OpSpec("split", "index", ("input", "split_size_or_sections", "dim"), ch
 _CHUNK = OpSpec("chunk", "index", ("input", "chunks", "dim"), channel_rule=ChannelRule.SPLIT, attention_glue=True)
 _NARROW = OpSpec("narrow", "index", ("input", "dim", "start", "length"), channel_rule=ChannelRule.SPLIT)
 
+_INDEX_SELECT = OpSpec("index_select", "shape", ("input", "dim", "index"), channel_rule=ChannelRule.BLOCK,
+                       block_reason="index_select takes channels by index (a folded channel shuffle)")
+
 #: call_function target -> spec. One line per op; the comment says what it contributes.
 FUNCTIONS: dict[Any, OpSpec] = {
     torch.conv1d: _conv("conv1d"),  # F.conv1d is torch.conv1d
@@ -386,6 +389,7 @@ FUNCTIONS: dict[Any, OpSpec] = {
     torch.addcmul: OpSpec("addcmul", "binary", ("input", "tensor1", "tensor2", "value"),
                           channel_rule=ChannelRule.ADDCMUL),  # GRN's bias + weight * x
     torch.roll: OpSpec("roll", "shape", ("input", "shifts", "dims"), channel_rule=ChannelRule.SHIFT),  # shifted windows
+    torch.index_select: _INDEX_SELECT,  # a folded channel shuffle's gather
     torch.flip: OpSpec("flip", "shape", ("input", "dims"), channel_rule=ChannelRule.SHIFT),  # along other dims
     F.pad: OpSpec("pad", "shape", ("input", "pad", "mode", "value"), channel_rule=ChannelRule.SHIFT),  # other dims
     getattr: OpSpec("getattr", "shape", channel_rule=ChannelRule.NO_CHANNELS,
@@ -535,6 +539,7 @@ _ATEN_LIKE: dict[Any, OpSpec] = {
     _aten.mean.dim: FUNCTIONS[torch.mean], _aten.sum.dim_IntList: FUNCTIONS[torch.sum],
     _aten.amax.default: FUNCTIONS[torch.amax],
     _aten.softmax.int: _SOFTMAX, _aten._softmax.default: _SOFTMAX,
+    _aten.index_select.default: _INDEX_SELECT,
     _aten.roll.default: FUNCTIONS[torch.roll], _aten.flip.default: FUNCTIONS[torch.flip],
     _aten.pad.default: FUNCTIONS[F.pad], _aten.constant_pad_nd.default: FUNCTIONS[F.pad],
     _aten.adaptive_avg_pool1d.default: FUNCTIONS[F.adaptive_avg_pool1d],

@@ -781,6 +781,36 @@ class NormVariety(nn.Module):
         return self.head(t.mean(1))
 
 
+def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """ShuffleNet's shuffle, as torchvision writes it: the channels viewed as (groups, C / groups),
+    transposed, merged back (read at run time from the tensor's sizes)."""
+    b, c, h, w = x.size()
+    return x.view(b, groups, c // groups, h, w).transpose(1, 2).contiguous().view(b, c, h, w)
+
+
+class ChannelShuffle(nn.Module):
+    """ShuffleNetV2's blocks: two branches concatenated and shuffled, then blocks that chunk the shuffled
+    channels in halves, pass one half through and concatenate it with the other's branch, shuffled
+    again (in groups of 2 and of 3); a depthwise conv and a BatchNorm over shuffled channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 3, padding=1)
+        self.left = nn.Sequential(nn.Conv2d(6, 6, 3, padding=1, groups=6), nn.BatchNorm2d(6), nn.Conv2d(6, 6, 1))
+        self.right = nn.Sequential(nn.Conv2d(6, 6, 1), nn.BatchNorm2d(6), nn.ReLU())
+        self.branch = nn.ModuleList(nn.Sequential(nn.Conv2d(6, 6, 1), nn.BatchNorm2d(6), nn.ReLU()) for _ in range(2))
+        self.mix = nn.Sequential(nn.Conv2d(12, 12, 3, padding=1, groups=12), nn.BatchNorm2d(12))
+        self.head = nn.Conv2d(12, 5, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.stem(x))
+        x = channel_shuffle(torch.cat((self.left(x), self.right(x)), dim=1), 2)
+        for branch, groups in zip(self.branch, (2, 3), strict=True):
+            x1, x2 = x.chunk(2, dim=1)
+            x = channel_shuffle(torch.cat((x1, branch(x2)), dim=1), groups)
+        return self.head(F.relu(self.mix(x))).mean((2, 3))
+
+
 #: models the channel fold must handle exactly (channel granularity)
 FOLD_ZOO = dict(ZOO)
 FOLD_ZOO.update({
@@ -805,6 +835,7 @@ FOLD_ZOO.update({
     "unequal_qkv": (_seeded(UnequalQKV), _inputs(2, 3, 6, 6)),
     "tiny_vit": (_seeded(TinyViT), _inputs(2, 3, 6, 6)),
     "norm_variety": (_seeded(NormVariety), _inputs(2, 3, 6, 6)),
+    "channel_shuffle": (_seeded(ChannelShuffle), _inputs(2, 3, 6, 6)),
 })
 
 

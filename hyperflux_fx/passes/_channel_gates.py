@@ -143,7 +143,7 @@ def _mask_consumers(gm: fx.GraphModule, coupling: Coupling, group_gate: dict[int
                        for g, sg in zip(gids, cons.label.segs, strict=True))
         node = nodes[cons.node]
         x = consumer_input(cons, nodes)
-        mn = _call_mask(gm, masks, f"{cons.node}_in", ChannelMask(cons.label.dim, layout), node,
+        mn = _call_mask(gm, masks, f"{cons.node}_in", ChannelMask(cons.label.dim, layout, cons.label.order), node,
                         (x, *(group_gate[g] for g in used)))
         node.replace_input_with(x, mn)
         rules["channel_mask"] += 1

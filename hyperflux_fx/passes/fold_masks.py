@@ -69,6 +69,7 @@ from hyperflux_fx.ops import cut_function, mean_function, norm_function, sync_mo
 from hyperflux_fx.passes._attrs import fetch_attr, owner_of, replace_tensor
 from hyperflux_fx.passes._channel_gates import group_name
 from hyperflux_fx.passes._result import PassResult
+from hyperflux_fx.passes._weight_gates import unique_key
 from hyperflux_fx.passes.fold_batchnorm import fold_batchnorm
 
 __all__ = ["FoldConfig", "FoldGroup", "FoldReport", "fold_masks"]
@@ -244,6 +245,7 @@ def _fold_channels(gm: fx.GraphModule, coupling: Coupling, config: FoldConfig, r
     group_of = {s: g.id for g in groups for s in g.spaces}
     keep = parent_keep(coupling, keep, group_of)
     _slice(gm, coupling, keep, group_of, rules)
+    _gather_shuffles(gm, coupling, keep, group_of, rules)
     _narrow_norms(gm, coupling, keep, group_of, rules)
     _narrow_means(gm, coupling, keep, group_of, rules)
 
@@ -360,6 +362,32 @@ def _resize(gm: fx.GraphModule, coupling: Coupling, keep: dict[int, torch.Tensor
         owner, attr = owner_of(gm, target)
         if attr == "weight":
             sync_module_sizes(owner)
+
+
+def _gather_shuffles(gm: fx.GraphModule, coupling: Coupling, keep: dict[int, torch.Tensor],
+                     group_of: dict[int, int], rules: dict[str, int]) -> None:
+    """A channel shuffle that loses channels: its groups are no longer equal, so its views give way to
+    one ``index_select`` of the kept channels in their shuffled order (an index buffer of the model)."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for sh in coupling.shuffles.values():
+        kept_in = label_keep(sh.source, keep, group_of)
+        if kept_in is None:
+            continue
+        compact = torch.full((sh.source.width,), -1, dtype=torch.long)  # input position -> kept position
+        compact[kept_in] = torch.arange(kept_in.numel())
+        index = compact[sh.sources()[label_keep(sh.label, keep, group_of)]]
+        if (index < 0).any():
+            raise RuntimeError(f"fold_masks: shuffle {sh.first}..{sh.last} keeps channels its input lost")
+        first, last = nodes[sh.first], nodes[sh.last]
+        device = next((p.device for p in gm.parameters()), torch.device("cpu"))
+        name = unique_key(f"{sh.last}_index", set(dir(gm)))
+        gm.register_buffer(name, index.to(device))
+        with gm.graph.inserting_before(last):
+            gather = gm.graph.call_function(torch.index_select, (first.args[0], sh.source.dim, gm.graph.get_attr(name)))
+        last.replace_all_uses_with(gather)
+        for n in reversed(sh.nodes):
+            gm.graph.erase_node(nodes[n])
+        rules["shuffles_gathered"] += 1
 
 
 def _narrow_means(gm: fx.GraphModule, coupling: Coupling, keep: dict[int, torch.Tensor], group_of: dict[int, int],

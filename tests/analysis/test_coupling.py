@@ -65,6 +65,12 @@ def _plus_one(x):
     return x + 1
 
 
+def _shuffle(x, groups):
+    """ShuffleNet's channel shuffle: (groups, C / groups) transposed, as torchvision writes it."""
+    b, c, h, w = x.size()
+    return x.view(b, groups, c // groups, h, w).transpose(1, 2).contiguous().view(b, c, h, w)
+
+
 for _leaf in ("_swap_hw", "_cumsum_channels", "_plus_one"):
     torch.fx.wrap(_leaf)
 
@@ -120,6 +126,9 @@ CASES = [
     ("view_as", lambda s, x: (lambda b: s.cons(s.a(x).flatten(2).view_as(b) + b).mean((2, 3)))(s.b(x)),
      lambda s, x: (lambda b: s.cons(s.a(x).flatten(2).reshape_as(b).permute(0, 3, 1, 2)).mean((2, 3)))(
          s.b(x).permute(0, 2, 3, 1)), "reshape_as of differently laid out channels"),
+    ("channel shuffle", lambda s, x: s.cons_cat(_shuffle(torch.cat([s.a(x), s.b(x)], 1), 2)).mean((2, 3)),
+     lambda s, x: s.cons_cat(_shuffle(torch.cat([s.a(x), s.b(x)], 1), 2) + torch.cat([s.b(x), s.a(x)], 1)).mean(
+         (2, 3)), "does not follow the permutation"),
     ("view_as ties", lambda s, x: s.cons(s.a(x).view_as(s.b(x))).mean((2, 3)),
      lambda s, x: s.cons(x[:, :1].expand(-1, 4, -1, -1).contiguous().view_as(s.a(x))).mean((2, 3)),
      "view_as ties channels to ones that cannot be deleted"),
@@ -305,6 +314,18 @@ def test_split_chunk_narrow_and_slices_cut_a_space_into_pieces():
     assert groups["a[1:4]"].deletable and groups["b[0:1]"].deletable
     _, groups = _groups(lambda s, x: s.cons(torch.cat([s.a(x)[:, ::2], s.b(x)[:, ::2]], 1)).mean((2, 3)))
     assert any("indexing into the channels" in r for r in groups["a"].blocked)
+
+
+def test_a_channel_shuffle_permutes_the_label_and_a_chunk_after_it_cuts_the_spaces_it_interleaves():
+    c, groups = _groups(lambda s, x: s.cons(_shuffle(torch.cat([s.a(x), s.b(x)], 1), 2).chunk(2, 1)[1]).mean((2, 3)))
+    assert len(c.shuffles) == 1 and c.shuffles["view_1"].groups == 2
+    assert groups["a[2:4]"].deletable and groups["b[2:4]"].deletable  # a2 b2 a3 b3: the second half
+    (cons,) = [cons for cons in c.consumers if cons.node == "cons"]
+    assert [(sg.space, sg.length) for sg in cons.label.segs] == [(groups["a[2:4]"].spaces[0], 2),
+                                                                  (groups["b[2:4]"].spaces[0], 2)]
+    assert cons.label.order == (0, 2, 1, 3)
+    _, groups = _groups(lambda s, x: s.cons_cat(_shuffle(torch.cat([s.a(x), s.b(x)], 1), 2)).mean((2, 3)))
+    assert groups["a"].deletable and groups["b"].deletable  # taken whole: nothing cut
 
 
 def test_a_space_split_over_conv_groups_cannot_be_cut():

@@ -77,6 +77,15 @@ def test_fold_is_exact_on_the_fixture_zoo(name, granularity):
         assert rep.params_after <= rep.params_before
 
 
+def test_a_channel_shuffle_that_loses_channels_becomes_a_gather_of_the_kept_ones():
+    res, gated, folded, x, _, _ = _masked_and_compact("channel_shuffle", "channel", 0.5)
+    assert_fold_exact(gated, folded.graph_module, x)
+    gathers = [n for n in folded.graph_module.graph.nodes if n.target is torch.index_select]
+    assert folded.report.rule_counts["shuffles_gathered"] == len(gathers) == 3
+    assert not any(n.target == "transpose" or n.target is torch.transpose for n in folded.graph_module.graph.nodes)
+    assert folded.report.deleted_units > 0
+
+
 def test_dead_channels_from_weight_masks_alone_are_deleted():
     model = NoBiasChain().eval()
     x = torch.randn(2, 3, 6, 6)

@@ -1,7 +1,8 @@
 """Property test: on generated small networks mixing conv / BN / activations / depthwise (with a channel
 multiplier) / grouped convs / strided convs with upsampling / add / cat / split / chunk / narrow /
 channel slices / permute + LayerNorm / GroupNorm / per-channel scale and shift parameters / response
-norm / squeeze-excite / gated linear units over the channels / split attention / pooling / view_as / dropout / flatten /
+norm / squeeze-excite / gated linear units over the channels / split attention / channel shuffles / pooling /
+view_as / dropout / flatten /
 linear chains, fold is exact for random masks and deletes every closed unit of a deletable group,
 every time (500 gated networks per run, derandomised so CI sees the same ones; a network with
 nothing gated is replaced by another). Every construct must be drawn into a fold that deleted."""
@@ -42,6 +43,7 @@ step = st.one_of(
     st.tuples(st.just("grn"), st.integers(0, 99)),
     st.tuples(st.just("glu"), st.integers(0, 99)),
     st.tuples(st.just("radix"), st.integers(0, 99), st.integers(2, 6)),
+    st.tuples(st.just("shuffle"), st.integers(0, 99), st.sampled_from([2, 3]), st.booleans()),
 )
 
 
@@ -161,6 +163,16 @@ class RandomNet(nn.Module):
                                                       nn.Conv2d(out, 2, 1), nn.Conv2d(2, 2 * out, 1)]))
                     self.plan.append(("radix", src, len(self.layers) - 1))
                     chans.append(out)
+            elif kind == "shuffle":  # ShuffleNet's channel shuffle in 2 or 3 groups (widths they divide),
+                _, src, groups, halves = s  # then, as ShuffleNetV2's next block, maybe chunked in two halves
+                src %= len(chans)
+                c = chans[src]
+                if c % groups == 0 and c >= 2 * groups:
+                    self.plan.append(("shuffle", src, groups))
+                    chans.append(c)
+                    if halves and c % 2 == 0:
+                        self.plan.append(("cut", len(chans) - 1, "chunk", c // 2, c))
+                        chans += [c // 2, c // 2]
             elif kind == "se":
                 src = s[1] % len(chans)
                 c = chans[src]
@@ -199,6 +211,9 @@ class RandomNet(nn.Module):
                 ts.append(F.glu(ts[p[1]], dim=1))
             elif p[0] == "radix":
                 ts.append(_split_attention(ts[p[1]], *self.layers[p[2]]))
+            elif p[0] == "shuffle":
+                b, c, h, w = ts[p[1]].size()
+                ts.append(ts[p[1]].view(b, p[2], c // p[2], h, w).transpose(1, 2).contiguous().view(b, c, h, w))
             elif p[0] == "add":
                 ts.append(ts[p[1]] + ts[p[2]])
             elif p[0] == "cat":
@@ -261,5 +276,5 @@ def test_every_construct_is_drawn_into_a_deleting_fold():
     if not DELETED_WITH:
         pytest.skip("reads what the property test above saw: run the module whole")
     drawn = {"conv", "add", "cat", "se", "pool", "grouped", "dwmult", "stride", "split", "chunk", "narrow", "slice",
-             "ln", "gn", "scale", "grn", "glu", "radix"}
+             "ln", "gn", "scale", "grn", "glu", "radix", "shuffle"}
     assert drawn <= DELETED_WITH, f"never in a fold that deleted: {sorted(drawn - DELETED_WITH)}"

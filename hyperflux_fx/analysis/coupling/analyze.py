@@ -8,10 +8,17 @@ from __future__ import annotations
 from torch import fx
 
 from hyperflux_fx.analysis.coupling.checks import block_shared_weights, check_head_splits, check_width_reads
-from hyperflux_fx.analysis.coupling.labels import OUTPUT_REASON, Coupling, Label, shape_of, tuple_valued
+from hyperflux_fx.analysis.coupling.labels import (
+    OUTPUT_REASON,
+    Coupling,
+    Label,
+    block_inputs,
+    shape_of,
+    tuple_valued,
+)
 from hyperflux_fx.analysis.coupling.rules import RULES
 from hyperflux_fx.analysis.coupling.rules.generic import unsupported
-from hyperflux_fx.ops import node_spec
+from hyperflux_fx.ops import ChannelRule, node_spec
 
 
 def analyze_channels(gm: fx.GraphModule) -> Coupling:
@@ -60,11 +67,30 @@ def _analyze(gm: fx.GraphModule, split: dict[str, int], cuts: dict[str, frozense
             continue
         spec = node_spec(gm, node)
         rule = RULES[spec.channel_rule] if spec is not None and spec.channel_rule is not None else unsupported
+        if _shuffled_into(node, labels) and (spec is None or spec.channel_rule not in FOLLOW_SHUFFLES):
+            block_inputs(c, node, labels, "shuffled channels reach an op that does not follow the permutation")
+            continue
         _keep_label(c, labels, node, rule(gm, node, c, labels, spec))
     check_head_splits(c)
     check_width_reads(gm, c)
     block_shared_weights(c)
     return c
+
+
+#: the rules that keep a permuted label's ``order`` (:class:`~.labels.Label`) right; any other op reading
+#: channels a shuffle permuted blocks them
+FOLLOW_SHUFFLES = frozenset({
+    ChannelRule.ELEMENTWISE, ChannelRule.CONV, ChannelRule.CONV_MODULE, ChannelRule.LINEAR, ChannelRule.LINEAR_MODULE,
+    ChannelRule.BATCH_NORM, ChannelRule.BATCH_NORM_MODULE, ChannelRule.SPLIT, ChannelRule.CAT, ChannelRule.RESHAPE,
+    ChannelRule.SPATIAL, ChannelRule.GETITEM, ChannelRule.SLICE, ChannelRule.SELECT, ChannelRule.PERMUTE,
+    ChannelRule.TRANSPOSE, ChannelRule.UNSQUEEZE, ChannelRule.UNBIND, ChannelRule.EXPAND, ChannelRule.SHIFT,
+    ChannelRule.NO_CHANNELS,
+})
+
+
+def _shuffled_into(node: fx.Node, labels: dict[fx.Node, Label]) -> bool:
+    """Some input of ``node`` carries channels a shuffle permuted."""
+    return any(n in labels and labels[n].order is not None for n in node.all_input_nodes)
 
 
 def _keep_label(c: Coupling, labels: dict[fx.Node, Label], node: fx.Node, out: Label | None) -> None:

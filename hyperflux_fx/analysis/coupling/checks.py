@@ -16,13 +16,15 @@ from hyperflux_fx.ops import ChannelRule, node_spec
 
 def check_width_reads(gm: fx.GraphModule, c: Coupling) -> None:
     """A channel count read at run time (``b, n, c = x.shape``, ``x.size(1)``) may only size the
-    reshape dim that carries those channels (the fold writes the kept count there) or a norm over
-    them (its normalized_shape goes with the masked norm in its place); any other use
+    reshape dim that carries those channels (the fold writes the kept count there), a norm over
+    them (its normalized_shape goes with the masked norm in its place) or a channel shuffle's views (the
+    fold replaces them with a gather); any other use
     (``c // heads``, a scale, a loop bound) would see the narrower width after the fold and compute
     something else, so it blocks the channels."""
     nodes = {n.name: n for n in gm.graph.nodes}
     written = {(sa.node, sa.dim) for sa in c.shape_args}
     normed = {use.node for use in c.norms}  # a norm's normalized_shape: rewritten by the mask, then the fold
+    normed |= {n for sh in c.shuffles.values() for n in sh.nodes}  # a shuffle's views: a gather after the fold
     for name, lab in c.shape_reads:
         read = nodes[name]
         rank = len(shape_of(read.args[0]) or ())

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from hyperflux_fx.analysis.coupling.labels import Consumer, Coupling, CutArg, Group, Label
+from hyperflux_fx.analysis.coupling.labels import Consumer, Coupling, CutArg, Group, Label, placed
 from hyperflux_fx.config import FoldConfig
 
 
@@ -41,7 +41,7 @@ def label_keep(label: Label, keep: dict[int, torch.Tensor], group_of: dict[int, 
             pos = torch.arange(offset, offset + width)
         parts.append(pos)
         offset += width
-    return torch.cat(parts) if changed else None
+    return placed(label.order, torch.cat(parts)) if changed else None
 
 
 def kept_ranges(cut: CutArg, keep: dict[int, torch.Tensor], group_of: dict[int, int]) -> list[tuple[int, int]]:
@@ -106,7 +106,7 @@ def param_keep(c: Coupling, keep: dict[int, torch.Tensor],
     for cp in c.params:
         gone = _gone_units(c, cp.space, keep, group_of)
         if gone is not None:
-            dropped.append((cp.target, cp.dim, cp.seg(c.sizes[cp.space]).positions(gone) + cp.offset))
+            dropped.append((cp.target, cp.dim, placed(cp.order, cp.seg(c.sizes[cp.space]).positions(gone) + cp.offset)))
     return _kept_positions(c, dropped)
 
 

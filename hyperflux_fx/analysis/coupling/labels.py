@@ -49,10 +49,15 @@ class Seg:
 
 @dataclass(frozen=True)
 class Label:
-    """Which dim of a tensor carries channels, and who owns them."""
+    """Which dim of a tensor carries channels, and who owns them.
+
+    The runs lie one after another along the dim, unless a channel shuffle permuted them: then
+    ``order[p]`` is the position, in the runs laid one after another, of the channel at position ``p``
+    (:func:`placed` maps the one layout to the other)."""
 
     dim: int
     segs: tuple[Seg, ...]
+    order: tuple[int, ...] | None = None
 
     @property
     def width(self) -> int:
@@ -60,6 +65,16 @@ class Label:
 
     def spaces(self) -> list[int]:
         return [s.space for s in self.segs if s.space is not None]
+
+
+def placed(order: tuple[int, ...] | None, positions: torch.Tensor) -> torch.Tensor:
+    """Where ``positions`` of the runs laid one after another sit along a dim permuted by ``order``
+    (:class:`Label`), sorted; unchanged when there is no order."""
+    if order is None:
+        return positions
+    at = torch.empty(len(order), dtype=torch.long)
+    at[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
+    return at[positions].sort().values
 
 
 @dataclass
@@ -126,6 +141,25 @@ class CutArg:
 
 
 @dataclass
+class Shuffle:
+    """A channel shuffle (``view(g, C/g)``, ``transpose``, ``view(C)``): a fixed permutation of the
+    channels, which the fold turns into a gather of the kept ones when it deletes some."""
+
+    first: str  # the view splitting the channels into (groups, C / groups); its input is the shuffle's
+    last: str  # the view merging them back, transposed; its output is the shuffle's
+    nodes: tuple[str, ...]  # every node of the pattern, first to last
+    groups: int
+    source: Label  # the channels going in
+    label: Label  # the channels coming out
+
+    def sources(self) -> torch.Tensor:
+        """For each output position, the input position it takes."""
+        width = self.source.width
+        p = torch.arange(width)
+        return (p % self.groups) * (width // self.groups) + p // self.groups
+
+
+@dataclass
 class Consumer:
     """A conv/linear op reading labelled channels: slice ``weight`` on ``weight_dim``."""
 
@@ -155,6 +189,7 @@ class ChannelParam:
     offset: int = 0  # where the space's run starts along dim
     expand: int = 1  # as Seg: features per unit (a depthwise conv with a channel multiplier: the multiplier)
     replicas: int = 1  # as Seg (a space split over conv groups)
+    order: tuple[int, ...] | None = None  # as Label: the dim's channels permuted by a channel shuffle
 
     def seg(self, length: int) -> Seg:
         return Seg(self.space, length, self.expand, self.replicas)
@@ -218,6 +253,7 @@ class Coupling:
     head_group_requests: dict[str, int] = field(default_factory=dict)  # head groupings found needed (GQA)
     items: dict[str, list[Label | None]] = field(default_factory=dict)  # split/chunk node -> its items' labels
     cut_args: list[CutArg] = field(default_factory=list)
+    shuffles: dict[str, Shuffle] = field(default_factory=dict)  # a shuffle's last node -> the shuffle
 
     def new_space(self, producer: Producer, size: int) -> int:
         sid = len(self.sizes)

@@ -3,8 +3,10 @@ runs asked of the next pass. Shared by every rule family."""
 
 from __future__ import annotations
 
+import bisect
 import itertools
 
+import torch
 from torch import fx
 
 from hyperflux_fx.analysis.coupling.labels import Coupling, CutArg, Label, Producer, Seg
@@ -97,6 +99,8 @@ def cut(c: Coupling, node: fx.Node, lab: Label, ranges: list[tuple[int, int]], k
     for that run's space to be cut there (next pass); meanwhile, or when it cannot be cut, the pieces
     carry no label."""
     at = {p for r in ranges for p in r}
+    if lab.order is not None:
+        return _cut_shuffled(c, node, lab, ranges, kind, index_pos)
     asked = request_cut(c, lab, at)
     if asked is False:
         c.block(lab, f"slicing into channels that cannot be cut: {node.format_node()}")
@@ -119,9 +123,47 @@ def runs(lab: Label, start: int, stop: int) -> Label:
     return Label(lab.dim, tuple(segs))
 
 
+def _cut_shuffled(c: Coupling, node: fx.Node, lab: Label, ranges: list[tuple[int, int]], kind: str,
+                  index_pos: int) -> list[Label | None]:
+    """:func:`cut` of channels a shuffle permuted: each part between the op's bounds must hold whole
+    runs, wherever they lie; a run that the bounds divide asks for its space to be cut there, at every
+    unit where the part it falls in changes (next pass)."""
+    bounds = tuple(sorted({p for r in ranges for p in r} | {0, lab.width}))
+    part_at = torch.empty(lab.width, dtype=torch.long)  # part index of every position of the runs' layout
+    for k, (a, b) in enumerate(itertools.pairwise(bounds)):
+        part_at[torch.tensor(lab.order[a:b], dtype=torch.long)] = k
+    asked, offset = [], 0
+    for sg in lab.segs:
+        mine = part_at[offset:offset + sg.width]
+        offset += sg.width
+        at = {i for i in range(1, sg.width) if mine[i] != mine[i - 1]}
+        if at:
+            asked.append(False if sg.space is None or sg.expand != 1 else request_cut(c, Label(lab.dim, (sg,)), at))
+    if False in asked:
+        c.block(lab, f"slicing shuffled channels into runs that cannot be cut: {node.format_node()}")
+    if asked:
+        return [None] * len(ranges)
+    parts = tuple(shuffled_runs(lab, a, b) for a, b in itertools.pairwise(bounds))
+    c.cut_args.append(CutArg(node.name, kind, lab.dim, bounds, parts, tuple(ranges), index_pos))
+    return [shuffled_runs(lab, a, b) if a < b else None for a, b in ranges]
+
+
+def shuffled_runs(lab: Label, start: int, stop: int) -> Label:
+    """The runs of ``lab`` (channels a shuffle permuted) at positions [start, stop), which hold whole
+    runs: those runs in their order, permuted as they lie there."""
+    starts = list(itertools.accumulate((sg.width for sg in lab.segs), initial=0))
+    taken = lab.order[start:stop]
+    run_of = [bisect.bisect_right(starts, p) - 1 for p in taken]
+    inside = sorted(set(run_of))
+    new_start = dict(zip(inside, itertools.accumulate((lab.segs[k].width for k in inside), initial=0), strict=False))
+    order = [new_start[k] + p - starts[k] for p, k in zip(taken, run_of, strict=True)]
+    plain = order == list(range(len(order)))
+    return Label(lab.dim, tuple(lab.segs[k] for k in inside), None if plain else tuple(order))
+
+
 def same_layout(la: Label, lb: Label) -> bool:
     """The two labels put the same runs of channels on the same dim (so they can be tied)."""
-    return la.dim == lb.dim and [(s.length, s.expand, s.replicas) for s in la.segs] == [
+    return la.dim == lb.dim and la.order == lb.order and [(s.length, s.expand, s.replicas) for s in la.segs] == [
         (s.length, s.expand, s.replicas) for s in lb.segs]
 
 

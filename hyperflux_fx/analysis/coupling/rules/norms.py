@@ -38,7 +38,7 @@ def _batch_norm(c: Coupling, node: fx.Node, lab: Label | None, tensors: list[tup
                     c.block(lab, f"batch norm {name} is not a parameter/buffer: {node.format_node()}")
                 else:
                     c.params.append(ChannelParam(target, 0, seg.space, module=module, offset=offset,
-                                                 expand=seg.expand, replicas=seg.replicas))
+                                                 expand=seg.expand, replicas=seg.replicas, order=lab.order))
             c.revived.add(seg.space)  # beta - mean * gamma / sigma turns a zero into a constant
         offset += seg.width
     return lab

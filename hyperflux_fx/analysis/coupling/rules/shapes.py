@@ -15,6 +15,7 @@ from hyperflux_fx.analysis.coupling.labels import (
     Rule,
     Seg,
     ShapeArg,
+    Shuffle,
     norm_dim,
     only_label,
     param_target,
@@ -24,7 +25,7 @@ from hyperflux_fx.analysis.coupling.labels import (
 from hyperflux_fx.analysis.coupling.rules.heads import is_head_split, split_heads
 from hyperflux_fx.analysis.coupling.rules.links import cut, same_layout, tie
 from hyperflux_fx.analysis.coupling.rules.params import sliced_operand
-from hyperflux_fx.ops import ChannelRule
+from hyperflux_fx.ops import ChannelRule, node_spec
 
 
 def _split(gm, node, c, labels, spec):  # split / chunk / narrow (x, ..., dim)
@@ -100,7 +101,7 @@ def _cat(gm, node, c, labels, spec):  # torch.cat(tensors, dim)
         for t, lab in zip(tensors, labs, strict=True):
             if lab is None and isinstance(t, fx.Node) and sliced_operand(gm, c, ref, t, len(out_shape)):
                 continue  # a class token: sliced with the channels
-            if lab is None or lab.dim != ref.dim or len(lab.segs) != len(ref.segs):
+            if lab is None or lab.dim != ref.dim or len(lab.segs) != len(ref.segs) or lab.order != ref.order:
                 c.block(lab, f"cat mixing channel layouts: {node.format_node()}")
                 c.block(ref, f"cat mixing channel layouts: {node.format_node()}")
                 continue
@@ -109,20 +110,26 @@ def _cat(gm, node, c, labels, spec):  # torch.cat(tensors, dim)
                     c.ties.add_edge(s1.space, s2.space)
         return ref
     segs: list[Seg] = []
+    order: list[int] = []  # a shuffled input's channels stay permuted within its run of the output
     for t, lab in zip(tensors, labs, strict=True):
         if lab is None:
             shape = shape_of(t)
             if shape is None:
                 return None
-            segs.append(Seg(None, shape[dim]))
-        else:
-            segs.extend(lab.segs)
-    return Label(dim, tuple(segs))
+            lab = Label(dim, (Seg(None, shape[dim]),))
+        order += [len(order) + p for p in (lab.order or range(lab.width))]
+        segs.extend(lab.segs)
+    shuffled = any(lab is not None and lab.order is not None for lab in labs)
+    return Label(dim, tuple(segs), tuple(order) if shuffled else None)
 
 
 def _reshape_like(gm, node, c, labels, spec):
     """flatten / view / reshape: keep the label when the channel dim survives, or when it is the first
-    of the dims merged into one (C, H, W -> C*H*W: each channel owns H*W consecutive features)."""
+    of the dims merged into one (C, H, W -> C*H*W: each channel owns H*W consecutive features). The
+    first view of a channel shuffle (split into (g, C/g), transposed, merged) passes no label; the last
+    gives the channels permuted (:class:`Shuffle`)."""
+    if node.name in c.shuffles:
+        return c.shuffles[node.name].label
     lab = only_label(node, labels)
     if lab is None:
         return None
@@ -144,7 +151,13 @@ def _reshape_like(gm, node, c, labels, spec):
                 pj *= outs[j]
         if i0 <= lab.dim <= i:
             if i == i0 and j == j0:  # the channel dim maps to one output dim unchanged
-                out = Label(j0, lab.segs)
+                out = replace(lab, dim=j0)
+            elif i == i0 and j == j0 + 1 and (sh := shuffle_of(gm, node, lab, j0)) is not None:
+                c.shuffles[sh.last] = sh  # the pattern's inner nodes carry no label; its last view the output's
+                return None
+            elif lab.order is not None:
+                c.block(lab, f"reshape of shuffled channels: {node.format_node()}")
+                return None
             elif j == j0 and lab.dim == i0:  # merged, channel dim first: expand
                 inner = math.prod(ins[i0 + 1:i + 1])
                 out = Label(j0, tuple(replace(s, expand=s.expand * inner) for s in lab.segs))
@@ -165,6 +178,52 @@ def _reshape_like(gm, node, c, labels, spec):
         # skip size-1 dims on either side
     c.block(lab, f"reshape not understood: {node.format_node()}")
     return None
+
+
+def shuffle_of(gm: fx.GraphModule, first: fx.Node, lab: Label, at: int) -> Shuffle | None:
+    """The channel shuffle starting at ``first`` (a view of the channels as (g, C/g) at dims ``at``,
+    ``at + 1``), when its only path goes through a transpose of those two dims (and copies such as
+    ``contiguous``) to a view merging them back into C channels at ``at``; else None."""
+    outs = shape_of(first)
+    groups, width = outs[at], lab.width
+    if groups < 2 or width // groups < 2:
+        return None
+    nodes, node = [first], first
+    while len(node.users) == 1:
+        node = next(iter(node.users))
+        spec = node_spec(gm, node)
+        rule = spec.channel_rule if spec is not None else None
+        if rule is ChannelRule.RESHAPE and len(nodes) > 1:
+            merged = shape_of(node) == shape_of(first.args[0])
+            return Shuffle(first.name, node.name, tuple(n.name for n in nodes + [node]), groups, lab,
+                           _shuffled(lab, groups)) if merged else None
+        copy = rule is ChannelRule.ELEMENTWISE and spec.moves_elements and len(node.all_input_nodes) == 1
+        if not (copy and len(nodes) > 1) and not (len(nodes) == 1 and _swaps(node, rule, at, len(outs))):
+            return None  # the transpose first, then only copies
+        nodes.append(node)
+    return None
+
+
+def _swaps(node: fx.Node, rule: ChannelRule | None, at: int, rank: int) -> bool:
+    """``node`` transposes dims ``at`` and ``at + 1`` and nothing else."""
+    if rule is ChannelRule.TRANSPOSE:
+        return {norm_dim(d, rank) for d in node.args[1:3]} == {at, at + 1}
+    if rule is ChannelRule.PERMUTE:
+        dims = node.args[1:] if node.op == "call_method" else (node.args[1],)
+        dims = tuple(dims[0]) if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else tuple(dims)
+        swapped = list(range(rank))
+        swapped[at], swapped[at + 1] = at + 1, at
+        return [norm_dim(d, rank) for d in dims] == swapped
+    return False
+
+
+def _shuffled(lab: Label, groups: int) -> Label:
+    """``lab``'s channels after a shuffle in ``groups``: position p takes input position
+    (p mod g) * C/g + p div g."""
+    before = lab.order or tuple(range(lab.width))
+    per = lab.width // groups
+    order = tuple(before[(p % groups) * per + p // groups] for p in range(lab.width))
+    return Label(lab.dim, lab.segs, None if order == tuple(range(lab.width)) else order)
 
 
 def _replica_split(lab: Label, dims: tuple[int, ...]) -> int | None:
@@ -199,7 +258,7 @@ def _unbind(gm, node, c, labels, spec):  # unbind(x, dim) -> tuple; items keep t
     if dim == lab.dim:
         c.block(lab, f"unbind over the channels: {node.format_node()}")
         return None
-    return Label(lab.dim - (dim < lab.dim), lab.segs)
+    return replace(lab, dim=lab.dim - (dim < lab.dim))
 
 
 def _permute(gm, node, c, labels, spec):  # permute(x, dims) / x.permute(*dims)
@@ -211,7 +270,7 @@ def _permute(gm, node, c, labels, spec):  # permute(x, dims) / x.permute(*dims)
         dims = tuple(dims[0])
     rank = len(shape_of(node) or ())
     dims = [norm_dim(d, rank) for d in dims]
-    return Label(dims.index(lab.dim), lab.segs)
+    return replace(lab, dim=dims.index(lab.dim))
 
 
 def _transpose(gm, node, c, labels, spec):  # transpose(x, d0, d1)
@@ -221,7 +280,7 @@ def _transpose(gm, node, c, labels, spec):  # transpose(x, d0, d1)
     rank = len(shape_of(node) or ())
     d0, d1 = (norm_dim(d, rank) for d in node.args[1:3])
     dim = d1 if lab.dim == d0 else d0 if lab.dim == d1 else lab.dim
-    return Label(dim, lab.segs)
+    return replace(lab, dim=dim)
 
 
 def _pool(gm, node, c, labels, spec):  # spatial pooling / interpolation: channels untouched
@@ -273,10 +332,10 @@ def _getitem(gm, node, c, labels, spec):  # x[idx] on a tensor: the channel dim 
             if isinstance(i, slice) and i.step in (None, 1):
                 start, stop, _ = i.indices(lab.width)
                 if (start, stop) == (0, lab.width):
-                    return Label(dim_out, lab.segs)
+                    return replace(lab, dim=dim_out)
                 pos = pos if isinstance(node.args[1], tuple) else -1
                 piece = cut(c, node, lab, [(start, stop)], "getitem", pos)[0] if start < stop else None
-                return Label(dim_out, piece.segs) if piece is not None else None
+                return replace(piece, dim=dim_out) if piece is not None else None
             c.block(lab, f"indexing into the channels: {node.format_node()}")
             return None
         if isinstance(i, int):
@@ -287,7 +346,7 @@ def _getitem(gm, node, c, labels, spec):  # x[idx] on a tensor: the channel dim 
         else:
             c.block(lab, f"advanced indexing: {node.format_node()}")
             return None
-    return Label(lab.dim - dim_in + dim_out, lab.segs)
+    return replace(lab, dim=lab.dim - dim_in + dim_out)
 
 
 def _unsqueeze(gm, node, c, labels, spec):  # unsqueeze(x, dim): a size-1 dim inserted
@@ -296,7 +355,7 @@ def _unsqueeze(gm, node, c, labels, spec):  # unsqueeze(x, dim): a size-1 dim in
     if lab is None or out is None:
         return None
     dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-    return Label(lab.dim + (norm_dim(dim, len(out)) <= lab.dim), lab.segs)
+    return replace(lab, dim=lab.dim + (norm_dim(dim, len(out)) <= lab.dim))
 
 
 def _expand(gm, node, c, labels, spec):  # expand(x, sizes): broadcasts size-1 dims (new ones in front)
@@ -306,7 +365,7 @@ def _expand(gm, node, c, labels, spec):  # expand(x, sizes): broadcasts size-1 d
     ins, outs = shape_of(node.args[0]), shape_of(node)
     if lab is None or ins is None or outs is None:
         return None
-    out = Label(lab.dim + len(outs) - len(ins), lab.segs)
+    out = replace(lab, dim=lab.dim + len(outs) - len(ins))
     c.shape_args.append(ShapeArg(node.name, out.dim, out))
     return out
 
@@ -340,7 +399,7 @@ def _select(gm, node, c, labels, spec):  # aten.select(x, dim, index): one index
     if dim == lab.dim:
         c.block(lab, f"selecting one channel: {node.format_node()}")
         return None
-    return Label(lab.dim - (dim < lab.dim), lab.segs)
+    return replace(lab, dim=lab.dim - (dim < lab.dim))
 
 
 def _embedding(gm, node, c, labels, spec):  # aten.embedding(weight, indices): rows of a table

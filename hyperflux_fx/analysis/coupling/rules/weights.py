@@ -63,17 +63,20 @@ def _depthwise(c: Coupling, node: fx.Node, in_label: Label | None, wt: str, bt: 
     already owns ``e`` consecutive positions (the output of an earlier multiplier) owns ``e * mult``."""
     if in_label is None or in_label.dim != 1:
         return None
+    if in_label.order is not None and mult != 1:
+        c.block(in_label, f"depthwise conv with a channel multiplier over shuffled channels: {node.format_node()}")
+        return None
     offset = 0
     for seg in in_label.segs:  # each run of the input owns its run of outputs and weight rows
         if seg.space is not None:
             c.params.append(ChannelParam(wt, 0, seg.space, groups_arg=(node.name, groups_pos, mult), offset=offset,
-                                         expand=seg.expand * mult, replicas=seg.replicas))
+                                         expand=seg.expand * mult, replicas=seg.replicas, order=in_label.order))
             if bt is not None:
                 c.params.append(ChannelParam(bt, 0, seg.space, offset=offset, expand=seg.expand * mult,
-                                             replicas=seg.replicas))
+                                             replicas=seg.replicas, order=in_label.order))
                 c.revived.add(seg.space)
         offset += seg.width * mult
-    return Label(1, tuple(replace(seg, expand=seg.expand * mult) for seg in in_label.segs))
+    return replace(in_label, segs=tuple(replace(seg, expand=seg.expand * mult) for seg in in_label.segs))
 
 
 def _grouped_conv(c: Coupling, node: fx.Node, x: Any, in_label: Label | None, wt: str, bt: str | None, groups: int,
@@ -86,7 +89,7 @@ def _grouped_conv(c: Coupling, node: fx.Node, x: Any, in_label: Label | None, wt
     per_in = in_ch // groups
     seg = in_label.segs[0] if in_label is not None and len(in_label.segs) == 1 else None
     if in_label is not None:
-        if seg is None or seg.space is None or seg.expand != 1 or in_label.dim != 1:
+        if seg is None or seg.space is None or seg.expand != 1 or in_label.dim != 1 or in_label.order is not None:
             c.block(in_label, f"grouped conv (groups={groups}) over concatenated or unowned channels: "
                               f"{node.format_node()}")
         elif seg.replicas == groups:
