@@ -123,6 +123,11 @@ def test_end_to_end_on_digits(tmp_path, run):
         assert set(last) <= {g["name"] for g in folded}
     else:  # 70% zeros overall: the tensors sparse enough are stored sparsely, and the file is smaller
         assert s["onnx_sparse_initializers"] > 0 and s["onnx_file_bytes"] < 0.9 * s["onnx_file_bytes_dense"]
+        # the weight timeline ends on exactly the weights the compact model keeps, tensor by tensor
+        state = torch.load(out / "compact.pt", weights_only=True)["state_dict"]
+        numel = {name: int(h[0].sum()) for name, h in hf.flux_histograms(out)[1].items()}
+        last = {name: round(float(rows[-1]) * numel[name]) for name, rows in hf.timeline(out).items()}
+        assert last and all(last[name] == int(state[name].count_nonzero()) for name in last), last
     assert s["speedup"] == s["ort_latency_ms_dense"] / s["ort_latency_ms_compact"]
     assert s["faster_than_dense"] == (s["speedup"] >= 1.05) and (s["latency_note"] is None) == (s["speedup"] >= 0.95)
     saved = torch.load(out / "compact.pt", weights_only=True)
