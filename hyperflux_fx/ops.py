@@ -504,7 +504,7 @@ _SYM_SIZE = OpSpec("sym_size", "shape", channel_rule=ChannelRule.NO_CHANNELS, re
 
 #: ATen overload -> the spec of the op it is (its operand names follow in FUNCTIONS, below).
 _ATEN_LIKE: dict[Any, OpSpec] = {
-    _aten.linear.default: FUNCTIONS[F.linear],
+    _aten.linear.default: FUNCTIONS[F.linear], _aten.batch_norm.default: FUNCTIONS[F.batch_norm],
     _aten.conv1d.default: FUNCTIONS[torch.conv1d], _aten.conv2d.default: FUNCTIONS[torch.conv2d],
     _aten.conv3d.default: FUNCTIONS[torch.conv3d],
     _aten.conv_transpose1d.default: FUNCTIONS[torch.conv_transpose1d],
@@ -550,6 +550,10 @@ _ATEN_LIKE: dict[Any, OpSpec] = {
     _aten.hardtanh.default: FUNCTIONS[F.hardtanh], _aten.leaky_relu.default: FUNCTIONS[F.leaky_relu],
     _aten.elu.default: FUNCTIONS[F.elu], _aten.mish.default: FUNCTIONS[F.mish],
     _aten.sigmoid.default: FUNCTIONS[torch.sigmoid], _aten.hardsigmoid.default: FUNCTIONS[F.hardsigmoid],
+    _aten.relu_.default: FUNCTIONS[F.relu], _aten.silu_.default: FUNCTIONS[F.silu],  # in place (export's
+    _aten.hardswish_.default: FUNCTIONS[F.hardswish], _aten.hardtanh_.default: FUNCTIONS[F.hardtanh],  # graph of
+    _aten.leaky_relu_.default: FUNCTIONS[F.leaky_relu], _aten.sigmoid_.default: FUNCTIONS[torch.sigmoid],  # timm's
+    _aten.hardsigmoid_.default: FUNCTIONS[F.hardsigmoid],  # inplace=True activations): as their out-of-place forms
     _aten.dropout.default: replace(FUNCTIONS[F.dropout], train_args=("p",)),  # (input, p, train)
     _aten.sym_size.int: _SYM_SIZE,  # a size read at run time (dynamic shapes)
     _aten._assert_tensor_metadata.default: _CHECK, _aten._assert_scalar.default: _CHECK,

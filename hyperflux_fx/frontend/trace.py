@@ -223,8 +223,24 @@ def _capture(model: nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, Any] |
             raise TraceError(f"{exc} With example_inputs, torch.export would be tried next (frontend='export').",
                              module_path="", fx_error=exc.fx_error) from exc
         return _exported(model, inputs, kwargs, f"torch.fx failed at the root ({short_error(exc.fx_error)})", exc)
+    if frontend == "auto" and gm.meta[OPAQUE_META] and inputs:
+        return _export_through_leaves(model, inputs, gm)
     gm.meta[FRONTEND_META] = Frontend("fx", "asked for" if frontend == "fx" else "symbolic tracing succeeded")
     return gm
+
+
+def _export_through_leaves(model: nn.Module, inputs: tuple[Any, ...], fx_gm: fx.GraphModule) -> fx.GraphModule:
+    """torch.export's graph where torch.fx had to make submodules opaque leaves (their channels would all
+    block) and torch.export traces through them; else the fx graph, saying why."""
+    leaves = ", ".join(o.path for o in fx_gm.meta[OPAQUE_META][:3]) + (", ..." if len(fx_gm.meta[OPAQUE_META]) > 3
+                                                                       else "")
+    try:
+        return _exported(model, inputs, None, f"torch.fx made opaque leaves of {leaves}; torch.export traces "
+                                              "through them", None)
+    except TraceError as exc:
+        fx_gm.meta[FRONTEND_META] = Frontend("fx", f"symbolic tracing with opaque leaves ({leaves}); torch.export "
+                                                   f"failed too ({short_error(exc.fx_error)})")
+        return fx_gm
 
 
 def _exported(model: nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, Any] | None, why: str,

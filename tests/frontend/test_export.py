@@ -3,14 +3,16 @@ plain call signature, dynamic batch and sequence sizes, keyword inputs, dropout,
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
-from models import UntraceableRoot
+from models import UntraceableRoot, WithOpaqueBlock
 from torch import fx, nn
 
 import hyperflux_fx as hf
-from hyperflux_fx.ir import FRONTEND_META
+from hyperflux_fx.ir import FRONTEND_META, OPAQUE_META
 from hyperflux_fx.ops import call_spec
 
 
@@ -47,6 +49,41 @@ def test_auto_falls_back_to_export_when_the_root_fails_and_says_why():
     assert all(call_spec(n) is None or call_spec(n).kind != "check" for n in gm.graph.nodes)
     for shape in ((2, 5, 4), (5, 5, 4), (1, 5, 4)):  # another batch size runs
         assert torch.equal(gm(_x(*shape)), model(_x(*shape)))
+
+
+class PaddedBlock(nn.Module):
+    """Pads its input to a multiple of 4 when it is not one, computed from the sizes (as MobileViT's block
+    does before unfolding patches): torch.fx cannot branch on a size, torch.export can."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 6, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pad = math.ceil(x.shape[-1] / 4) * 4 - x.shape[-1]
+        if pad:
+            x = F.pad(x, (0, pad, 0, pad))
+        return F.relu(self.conv(x))
+
+
+def test_auto_exports_through_the_leaves_fx_had_to_make_opaque():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), PaddedBlock(), nn.Conv2d(6, 2, 1), nn.Flatten(2)).eval()
+    x = _x(2, 3, 7, 7)
+    fx_only = hf.trace(model, (x,), frontend="fx")
+    assert [o.path for o in fx_only.meta[OPAQUE_META]] == ["1"]
+    gm = hf.trace(model, (x,))
+    assert gm.meta[FRONTEND_META].name == "export" and "opaque leaves of 1" in gm.meta[FRONTEND_META].reason
+    assert torch.equal(gm(x), model(x))
+    res = hf.insert_gates(model, hf.GateConfig(granularity="channel"), example_inputs=(x,))
+    assert res.report.gateable_share == 1.0  # the block's conv and the stem: nothing opaque left
+    with_fx = hf.insert_gates(fx_only, hf.GateConfig(granularity="channel"), example_inputs=(x,))
+    assert with_fx.report.gateable_share < 1.0
+
+
+def test_auto_keeps_the_opaque_leaf_when_export_fails_too():
+    gm = hf.trace(WithOpaqueBlock().eval(), (torch.randn(2, 3, 8, 8),))
+    assert gm.meta[FRONTEND_META].name == "fx" and "torch.export failed too" in gm.meta[FRONTEND_META].reason
+    assert [o.path for o in gm.meta[OPAQUE_META]] == ["block"]
 
 
 def test_fx_is_used_when_it_traces():
