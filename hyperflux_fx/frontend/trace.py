@@ -23,7 +23,7 @@ from torch import fx, nn
 
 from hyperflux_fx.frontend.exported import export_graph
 from hyperflux_fx.ir import FRONTEND_META, OPAQUE_META, TRAINING_ONLY_META, VALUE_META, EvalIdentity, is_gate_module
-from hyperflux_fx.ops import function_spec
+from hyperflux_fx.ops import function_spec, module_spec
 
 __all__ = [
     "ExampleInputError",
@@ -223,22 +223,36 @@ def _capture(model: nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, Any] |
             raise TraceError(f"{exc} With example_inputs, torch.export would be tried next (frontend='export').",
                              module_path="", fx_error=exc.fx_error) from exc
         return _exported(model, inputs, kwargs, f"torch.fx failed at the root ({short_error(exc.fx_error)})", exc)
-    if frontend == "auto" and gm.meta[OPAQUE_META] and inputs:
-        return _export_through_leaves(model, inputs, gm)
+    if frontend == "auto" and inputs and (leaves := _blocking_leaves(gm, inputs)):
+        return _export_through_leaves(model, inputs, gm, leaves)
     gm.meta[FRONTEND_META] = Frontend("fx", "asked for" if frontend == "fx" else "symbolic tracing succeeded")
     return gm
 
 
-def _export_through_leaves(model: nn.Module, inputs: tuple[Any, ...], fx_gm: fx.GraphModule) -> fx.GraphModule:
-    """torch.export's graph where torch.fx had to make submodules opaque leaves (their channels would all
-    block) and torch.export traces through them; else the fx graph, saying why."""
-    leaves = ", ".join(o.path for o in fx_gm.meta[OPAQUE_META][:3]) + (", ..." if len(fx_gm.meta[OPAQUE_META]) > 3
-                                                                       else "")
+def _blocking_leaves(gm: fx.GraphModule, inputs: tuple[Any, ...]) -> list[str]:
+    """The leaves of an fx graph that would block the channels they read: the submodules the fallback
+    made opaque, and timm's no-trace layers that the op table cannot pass channels through and that
+    read a tensor (MobileViT's block; not a position encoding computed from sizes alone)."""
+    timm_types = _timm_notrace()[0] if "timm" in sys.modules else ()
+    unknown = [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(
+        sub := gm.get_submodule(str(n.target)), timm_types) and getattr(module_spec(sub), "channel_rule", None) is None]
+    if unknown:
+        propagate_shapes(gm, inputs)
+    reads_tensor = [str(n.target) for n in unknown
+                    if any(hasattr(a.meta.get("tensor_meta"), "shape") for a in n.all_input_nodes)]
+    return [o.path for o in gm.meta[OPAQUE_META]] + reads_tensor
+
+
+def _export_through_leaves(model: nn.Module, inputs: tuple[Any, ...], fx_gm: fx.GraphModule,
+                           leaves: list[str]) -> fx.GraphModule:
+    """torch.export's graph where torch.fx left leaves whose channels would all block (:func:`_blocking_leaves`)
+    and torch.export traces through them; else the fx graph, saying why."""
+    named = ", ".join(leaves[:3]) + (", ..." if len(leaves) > 3 else "")
     try:
-        return _exported(model, inputs, None, f"torch.fx made opaque leaves of {leaves}; torch.export traces "
+        return _exported(model, inputs, None, f"torch.fx left opaque leaves ({named}); torch.export traces "
                                               "through them", None)
     except TraceError as exc:
-        fx_gm.meta[FRONTEND_META] = Frontend("fx", f"symbolic tracing with opaque leaves ({leaves}); torch.export "
+        fx_gm.meta[FRONTEND_META] = Frontend("fx", f"symbolic tracing with opaque leaves ({named}); torch.export "
                                                    f"failed too ({short_error(exc.fx_error)})")
         return fx_gm
 

@@ -72,7 +72,7 @@ def test_auto_exports_through_the_leaves_fx_had_to_make_opaque():
     fx_only = hf.trace(model, (x,), frontend="fx")
     assert [o.path for o in fx_only.meta[OPAQUE_META]] == ["1"]
     gm = hf.trace(model, (x,))
-    assert gm.meta[FRONTEND_META].name == "export" and "opaque leaves of 1" in gm.meta[FRONTEND_META].reason
+    assert gm.meta[FRONTEND_META].name == "export" and "opaque leaves (1)" in gm.meta[FRONTEND_META].reason
     assert torch.equal(gm(x), model(x))
     res = hf.insert_gates(model, hf.GateConfig(granularity="channel"), example_inputs=(x,))
     assert res.report.gateable_share == 1.0  # the block's conv and the stem: nothing opaque left
