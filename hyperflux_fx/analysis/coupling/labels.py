@@ -154,9 +154,13 @@ class Shuffle:
 
     def sources(self) -> torch.Tensor:
         """For each output position, the input position it takes."""
-        width = self.source.width
-        p = torch.arange(width)
-        return (p % self.groups) * (width // self.groups) + p // self.groups
+        return torch.tensor(shuffle_sources(self.source.width, self.groups), dtype=torch.long)
+
+
+def shuffle_sources(width: int, groups: int) -> list[int]:
+    """The input position each output position of a channel shuffle takes: position p of the output,
+    (p div g, p mod g) of the transposed (C/g, g) view, is (p mod g, p div g) of the (g, C/g) one."""
+    return [(p % groups) * (width // groups) + p // groups for p in range(width)]
 
 
 @dataclass

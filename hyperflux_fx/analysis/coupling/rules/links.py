@@ -134,7 +134,7 @@ def _cut_shuffled(c: Coupling, node: fx.Node, lab: Label, ranges: list[tuple[int
         part_at[torch.tensor(lab.order[a:b], dtype=torch.long)] = k
     asked, offset = [], 0
     for sg in lab.segs:
-        mine = part_at[offset:offset + sg.width]
+        mine = part_at[offset:offset + sg.width].tolist()
         offset += sg.width
         at = {i for i in range(1, sg.width) if mine[i] != mine[i - 1]}
         if at:
@@ -143,12 +143,12 @@ def _cut_shuffled(c: Coupling, node: fx.Node, lab: Label, ranges: list[tuple[int
         c.block(lab, f"slicing shuffled channels into runs that cannot be cut: {node.format_node()}")
     if asked:
         return [None] * len(ranges)
-    parts = tuple(shuffled_runs(lab, a, b) for a, b in itertools.pairwise(bounds))
+    parts = tuple(_shuffled_runs(lab, a, b) for a, b in itertools.pairwise(bounds))
     c.cut_args.append(CutArg(node.name, kind, lab.dim, bounds, parts, tuple(ranges), index_pos))
-    return [shuffled_runs(lab, a, b) if a < b else None for a, b in ranges]
+    return [_shuffled_runs(lab, a, b) if a < b else None for a, b in ranges]
 
 
-def shuffled_runs(lab: Label, start: int, stop: int) -> Label:
+def _shuffled_runs(lab: Label, start: int, stop: int) -> Label:
     """The runs of ``lab`` (channels a shuffle permuted) at positions [start, stop), which hold whole
     runs: those runs in their order, permuted as they lie there."""
     starts = list(itertools.accumulate((sg.width for sg in lab.segs), initial=0))

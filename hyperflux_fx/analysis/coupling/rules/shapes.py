@@ -20,6 +20,7 @@ from hyperflux_fx.analysis.coupling.labels import (
     only_label,
     param_target,
     shape_of,
+    shuffle_sources,
     tuple_valued,
 )
 from hyperflux_fx.analysis.coupling.rules.heads import is_head_split, split_heads
@@ -218,11 +219,9 @@ def _swaps(node: fx.Node, rule: ChannelRule | None, at: int, rank: int) -> bool:
 
 
 def _shuffled(lab: Label, groups: int) -> Label:
-    """``lab``'s channels after a shuffle in ``groups``: position p takes input position
-    (p mod g) * C/g + p div g."""
+    """``lab``'s channels after a shuffle in ``groups`` (:func:`~.labels.shuffle_sources`)."""
     before = lab.order or tuple(range(lab.width))
-    per = lab.width // groups
-    order = tuple(before[(p % groups) * per + p // groups] for p in range(lab.width))
+    order = tuple(before[q] for q in shuffle_sources(lab.width, groups))
     return Label(lab.dim, lab.segs, None if order == tuple(range(lab.width)) else order)
 
 
