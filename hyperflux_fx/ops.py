@@ -60,6 +60,7 @@ __all__ = [
     "node_spec",
     "norm_function",
     "cut_function",
+    "gather_function",
     "norm_operands",
     "slot_value",
     "sync_module_sizes",
@@ -826,6 +827,12 @@ def norm_function(kind: str) -> Callable[..., Any]:
 def mean_function() -> Callable[..., Any]:
     """The function a fold rewrites a mask-aware mean into (``mean(x, dim, keepdim=...)``)."""
     return torch.mean
+
+
+def gather_function() -> Callable[..., Any]:
+    """The function a fold rewrites a channel shuffle that loses channels into (``index_select(x, dim,
+    index)``: the kept channels in their shuffled order)."""
+    return torch.index_select
 
 
 def cut_function(kind: str) -> Callable[..., Any]:

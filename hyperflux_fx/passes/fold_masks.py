@@ -65,7 +65,7 @@ from hyperflux_fx.ir import (
     WeightGate,
     gates,
 )
-from hyperflux_fx.ops import cut_function, mean_function, norm_function, sync_module_sizes
+from hyperflux_fx.ops import cut_function, gather_function, mean_function, norm_function, sync_module_sizes
 from hyperflux_fx.passes._attrs import fetch_attr, owner_of, replace_tensor
 from hyperflux_fx.passes._channel_gates import group_name
 from hyperflux_fx.passes._result import PassResult
@@ -383,7 +383,7 @@ def _gather_shuffles(gm: fx.GraphModule, coupling: Coupling, keep: dict[int, tor
         name = unique_key(f"{sh.last}_index", set(dir(gm)))
         gm.register_buffer(name, index.to(device))
         with gm.graph.inserting_before(last):
-            gather = gm.graph.call_function(torch.index_select, (first.args[0], sh.source.dim, gm.graph.get_attr(name)))
+            gather = gm.graph.call_function(gather_function(), (first.args[0], sh.source.dim, gm.graph.get_attr(name)))
         last.replace_all_uses_with(gather)
         for n in reversed(sh.nodes):
             gm.graph.erase_node(nodes[n])
