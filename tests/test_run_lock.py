@@ -16,7 +16,7 @@ from hyperflux_fx.report.outdir import OutputLocked, RunLock, atomic_write_text,
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = str(ROOT / "examples" / "digits_cnn.py")
-FAST = ["--dense-epochs", "2", "--epochs", "2", "--regrowth-epochs", "1", "--quiet", "--no-export"]
+FAST = ["--dense-epochs", "1", "--epochs", "1", "--regrowth-epochs", "1", "--quiet", "--no-export"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 TIMINGS = {"wall_seconds", "latency_table"}  # what may differ between two runs of the same command
 
