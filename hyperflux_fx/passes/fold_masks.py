@@ -369,6 +369,7 @@ def _gather_shuffles(gm: fx.GraphModule, coupling: Coupling, keep: dict[int, tor
     """A channel shuffle that loses channels: its groups are no longer equal, so its views give way to
     one ``index_select`` of the kept channels in their shuffled order (an index buffer of the model)."""
     nodes = {n.name: n for n in gm.graph.nodes}
+    device = next((p.device for p in gm.parameters()), torch.device("cpu"))
     for sh in coupling.shuffles.values():
         kept_in = label_keep(sh.source, keep, group_of)
         if kept_in is None:
@@ -379,7 +380,6 @@ def _gather_shuffles(gm: fx.GraphModule, coupling: Coupling, keep: dict[int, tor
         if (index < 0).any():
             raise RuntimeError(f"fold_masks: shuffle {sh.first}..{sh.last} keeps channels its input lost")
         first, last = nodes[sh.first], nodes[sh.last]
-        device = next((p.device for p in gm.parameters()), torch.device("cpu"))
         name = unique_key(f"{sh.last}_index", set(dir(gm)))
         gm.register_buffer(name, index.to(device))
         with gm.graph.inserting_before(last):

@@ -67,6 +67,12 @@ class Label:
         return [s.space for s in self.segs if s.space is not None]
 
 
+def permuted(dim: int, segs: tuple[Seg, ...], order: list[int] | tuple[int, ...]) -> Label:
+    """A label whose channels lie in ``order`` (:class:`Label`); none kept when it is the runs' own."""
+    order = tuple(order)
+    return Label(dim, segs, None if order == tuple(range(len(order))) else order)
+
+
 def placed(order: tuple[int, ...] | None, positions: torch.Tensor) -> torch.Tensor:
     """Where ``positions`` of the runs laid one after another sit along a dim permuted by ``order``
     (:class:`Label`), sorted; unchanged when there is no order."""

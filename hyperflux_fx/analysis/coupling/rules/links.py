@@ -9,7 +9,7 @@ import itertools
 import torch
 from torch import fx
 
-from hyperflux_fx.analysis.coupling.labels import Coupling, CutArg, Label, Producer, Seg
+from hyperflux_fx.analysis.coupling.labels import Coupling, CutArg, Label, Producer, Seg, permuted
 
 
 def _plain_producer(c: Coupling, prod: Producer) -> bool:
@@ -99,14 +99,14 @@ def cut(c: Coupling, node: fx.Node, lab: Label, ranges: list[tuple[int, int]], k
     for that run's space to be cut there (next pass); meanwhile, or when it cannot be cut, the pieces
     carry no label."""
     at = {p for r in ranges for p in r}
+    bounds = tuple(sorted(at | {0, lab.width}))
     if lab.order is not None:
-        return _cut_shuffled(c, node, lab, ranges, kind, index_pos)
+        return _cut_shuffled(c, node, lab, bounds, ranges, kind, index_pos)
     asked = request_cut(c, lab, at)
     if asked is False:
         c.block(lab, f"slicing into channels that cannot be cut: {node.format_node()}")
     if asked is not None:
         return [None] * len(ranges)
-    bounds = tuple(sorted(at | {0, lab.width}))
     parts = tuple(runs(lab, a, b) for a, b in itertools.pairwise(bounds))
     c.cut_args.append(CutArg(node.name, kind, lab.dim, bounds, parts, tuple(ranges), index_pos))
     return [runs(lab, a, b) if a < b else None for a, b in ranges]
@@ -123,12 +123,11 @@ def runs(lab: Label, start: int, stop: int) -> Label:
     return Label(lab.dim, tuple(segs))
 
 
-def _cut_shuffled(c: Coupling, node: fx.Node, lab: Label, ranges: list[tuple[int, int]], kind: str,
-                  index_pos: int) -> list[Label | None]:
+def _cut_shuffled(c: Coupling, node: fx.Node, lab: Label, bounds: tuple[int, ...], ranges: list[tuple[int, int]],
+                  kind: str, index_pos: int) -> list[Label | None]:
     """:func:`cut` of channels a shuffle permuted: each part between the op's bounds must hold whole
     runs, wherever they lie; a run that the bounds divide asks for its space to be cut there, at every
     unit where the part it falls in changes (next pass)."""
-    bounds = tuple(sorted({p for r in ranges for p in r} | {0, lab.width}))
     part_at = torch.empty(lab.width, dtype=torch.long)  # part index of every position of the runs' layout
     for k, (a, b) in enumerate(itertools.pairwise(bounds)):
         part_at[torch.tensor(lab.order[a:b], dtype=torch.long)] = k
@@ -157,8 +156,7 @@ def _shuffled_runs(lab: Label, start: int, stop: int) -> Label:
     inside = sorted(set(run_of))
     new_start = dict(zip(inside, itertools.accumulate((lab.segs[k].width for k in inside), initial=0), strict=False))
     order = [new_start[k] + p - starts[k] for p, k in zip(taken, run_of, strict=True)]
-    plain = order == list(range(len(order)))
-    return Label(lab.dim, tuple(lab.segs[k] for k in inside), None if plain else tuple(order))
+    return permuted(lab.dim, tuple(lab.segs[k] for k in inside), order)
 
 
 def same_layout(la: Label, lb: Label) -> bool:

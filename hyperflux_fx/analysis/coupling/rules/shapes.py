@@ -19,6 +19,7 @@ from hyperflux_fx.analysis.coupling.labels import (
     norm_dim,
     only_label,
     param_target,
+    permuted,
     shape_of,
     shuffle_sources,
     tuple_valued,
@@ -120,8 +121,7 @@ def _cat(gm, node, c, labels, spec):  # torch.cat(tensors, dim)
             lab = Label(dim, (Seg(None, shape[dim]),))
         order += [len(order) + p for p in (lab.order or range(lab.width))]
         segs.extend(lab.segs)
-    shuffled = any(lab is not None and lab.order is not None for lab in labs)
-    return Label(dim, tuple(segs), tuple(order) if shuffled else None)
+    return permuted(dim, tuple(segs), order)
 
 
 def _reshape_like(gm, node, c, labels, spec):
@@ -221,8 +221,7 @@ def _swaps(node: fx.Node, rule: ChannelRule | None, at: int, rank: int) -> bool:
 def _shuffled(lab: Label, groups: int) -> Label:
     """``lab``'s channels after a shuffle in ``groups`` (:func:`~.labels.shuffle_sources`)."""
     before = lab.order or tuple(range(lab.width))
-    order = tuple(before[q] for q in shuffle_sources(lab.width, groups))
-    return Label(lab.dim, lab.segs, None if order == tuple(range(lab.width)) else order)
+    return permuted(lab.dim, lab.segs, [before[q] for q in shuffle_sources(lab.width, groups)])
 
 
 def _replica_split(lab: Label, dims: tuple[int, ...]) -> int | None:
