@@ -53,7 +53,8 @@ def _files(path: Path) -> dict[str, int]:
 
 def _summary(out: Path) -> dict:
     summary = {k: v for k, v in json.loads((out / "summary.json").read_text()).items() if k not in TIMINGS}
-    (summary.get("sensitivity") or {}).pop("seconds", None)  # the sensitivity's own duration
+    # the per-group sensitivity runs under a time budget: on a loaded machine it measures fewer groups
+    summary.pop("sensitivity", None)
     return summary
 
 
