@@ -85,10 +85,14 @@ OPTIMIZERS = ("sgd", "adamw")
 # The language-model recipe (docs/frontends.md, with its sources and the measurement behind the LR): AdamW
 # (betas 0.9/0.95, weight decay 0.1, as LLaMA was trained), linear warm-up over the first 3% of the steps,
 # cosine to 10% of the peak, gradient norms clipped at 1.0, no label smoothing; the peak LR follows the
-# width (language_model_lr). The flows keep their own Adam.
+# width (language_model_lr). The flows keep their own Adam. The fine-tune after pruning restarts at the peak
+# LR (a pruned language model recovers as a fine-tune from one-shot pruning does), and the channel gates'
+# pressure follows the square root of what a unit saves, which keeps more of the residual width
+# (docs/BENCHMARKS.md, "Against Torch-Pruning's Llama recipe": both measured there).
 LANGUAGE_MODEL_RECIPE: dict[str, object] = {
     "optimizer": "adamw", "lr": 1e-4, "lr_final_ratio": 0.1, "weight_decay": 0.1, "betas": (0.9, 0.95),
     "warmup_fraction": 0.03, "clip_grad_norm": 1.0, "regrowth_lr_final": 1e-5, "label_smoothing": 0.0,
+    "regrowth_lr_ratio": 1.0, "cost_exponent": 0.5,
 }
 LM_LR_ANCHOR = (256, 1e-3)  # (width, peak LR) measured best on a pre-trained 4-layer Llama (docs/BENCHMARKS.md)
 LM_LR_RANGE = (5e-5, 1e-3)
@@ -126,7 +130,8 @@ class TrainConfig:
     flow_lr: float | None = None  # Adam LR of the flow parameters; None = 1e-3, raised for short runs
     flow_travel: float = 5.0  # short-run rule: flow_lr >= flow_travel / pruning steps (paper: ~39)
     regrowth_lr: float | None = None  # weight LR at the start of regrowth, cosine-decayed to regrowth_lr_final;
-    #   None: lr * REGROWTH_LR_RATIO; the paper's is 1e-3 (pass it to reproduce the paper)
+    #   None: lr * regrowth_lr_ratio; the paper's is 1e-3 (pass it to reproduce the paper)
+    regrowth_lr_ratio: float = REGROWTH_LR_RATIO  # regrowth_lr = lr * this when regrowth_lr is None
     regrowth_lr_final: float = 1e-4
     regrowth_flow_scaler: float = 1.0  # flow LR at regrowth start = flow_lr * scaler (paper: 1..5)
     regrowth_decay: float = 0.75  # flow LR multiplied by decay**k in regrowth epoch k (0.55 ImageNet)
@@ -151,6 +156,8 @@ class TrainConfig:
     #   gates, an error when the outputs are not class logits; "off": the task loss alone
     distill_alpha: float = DISTILL_ALPHA  # weight of the distillation term (docs/training.md: how it was chosen)
     distill_temperature: float = DISTILL_TEMPERATURE  # softmax temperature T of teacher and student
+    cost_exponent: float = 1.0  # channel gates under a params/MACs/latency target: each group's pressure scales
+    #   with (what one of its units saves)**cost_exponent over the mean; 1 = the cost itself, 0 = every unit alike
     pressure_step: float = 0.2  # controller step s (0.15 ImageNet)
     regrowth_compensation: float = 11.5 / 13  # pruning phase aims at final remaining * this
     interval_steps: int | None = None  # scheduler interval in steps; None = 1 epoch, or pruning/20 if shorter
@@ -186,7 +193,7 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.epochs must be >= 1, got {self.epochs}")
         if self.regrowth_epochs < 0:
             raise ValueError(f"TrainConfig.regrowth_epochs must be >= 0, got {self.regrowth_epochs}")
-        for name in ("lr", "regrowth_lr", "regrowth_lr_final", "pressure_step", "flow_travel"):
+        for name in ("lr", "regrowth_lr", "regrowth_lr_final", "regrowth_lr_ratio", "pressure_step", "flow_travel"):
             if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise ValueError(f"TrainConfig.{name} must be > 0, got {getattr(self, name)}")
         if self.controller_lookahead is not None and self.controller_lookahead < 0:
@@ -224,6 +231,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.distill_alpha must be in [0, 1], got {self.distill_alpha}")
         if not self.distill_temperature > 0:
             raise ValueError(f"TrainConfig.distill_temperature must be > 0, got {self.distill_temperature}")
+        if not 0.0 <= self.cost_exponent <= 1.0:
+            raise ValueError(f"TrainConfig.cost_exponent must be in [0, 1], got {self.cost_exponent}")
         if self.pressure not in PRESSURE_MODES:
             raise ValueError(f"TrainConfig.pressure must be one of {PRESSURE_MODES}, got {self.pressure!r}")
         if self.resume and self.out_dir is None:
@@ -241,9 +250,9 @@ class TrainConfig:
         (``structured``) the masks are a structure, not a sparsity pattern that can regrow: the landing
         happens at the end of pruning and the regrowth phase fine-tunes the landed structure. With weight
         gates only the landing happens halfway through regrowth, as the paper's regrowth intends. Either
-        way the regrowth phase starts from ``lr * REGROWTH_LR_RATIO``."""
+        way the regrowth phase starts from ``lr * regrowth_lr_ratio``."""
         land_at = self.land_at if self.land_at is not None else (0.0 if structured else 0.5)
-        regrowth_lr = self.regrowth_lr if self.regrowth_lr is not None else self.lr * REGROWTH_LR_RATIO
+        regrowth_lr = self.regrowth_lr if self.regrowth_lr is not None else self.lr * self.regrowth_lr_ratio
         pressure = self.pressure if self.pressure != "auto" else ("decoupled" if structured else "coupled")
         distill = "off" if (self.distill == "auto" and (not structured or self.distill_alpha == 0.0)) else self.distill
         return replace(self, land_at=land_at, regrowth_lr=regrowth_lr, pressure=pressure, distill=distill)

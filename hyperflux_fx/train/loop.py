@@ -130,6 +130,7 @@ class TrainResult:
     land_at: float | None = None  # the landing point used (TrainConfig.land_at, resolved by the gates' kind)
     regrowth_lr: float | None = None  # the regrowth / fine-tune weight LR used (resolved likewise)
     pressure: str = "coupled"  # the pressure used (TrainConfig.pressure, resolved by the gates' kind)
+    cost_exponent: float = 1.0  # TrainConfig.cost_exponent: channel pressure ~ what a unit saves to this power
     distilled: bool = False  # whether the loss blended in distillation from the teacher (TrainConfig.distill)
 
     @property
@@ -655,4 +656,5 @@ def _result(run: _Run, progress: _Progress) -> TrainResult:
                        controller_lookahead=run.controller.lookahead, measure=run.measure.name,
                        predicted_latency_ms=run.measure.predicted_ms(), latency_table=run.measure.latency_info(),
                        land_at=run.cfg.land_at, regrowth_lr=run.cfg.regrowth_lr, pressure=run.cfg.pressure,
+                       cost_exponent=run.cfg.cost_exponent,
                        distilled=bool(run.distiller is not None and run.distiller.active))

@@ -89,6 +89,7 @@ class Measure:
     def __init__(self, gated: nn.Module, cfg: TrainConfig, latency_model: LatencyModel | None = None) -> None:
         self.name = cfg.target_measure
         self.gated = gated
+        self.cost_exponent = cfg.cost_exponent
         self.cost_model: CostModel | None = None
         self.latency: LatencyModel | None = None
         self.landing_checks: list[dict[str, float]] = []  # latency: measured compact/dense at the landing
@@ -183,7 +184,8 @@ class Measure:
 
     @torch.no_grad()
     def refresh_pressure(self) -> None:
-        """Scale each channel gate's pressure by what one of its units saves now, over the mean."""
+        """Scale each channel gate's pressure by what one of its units saves now (to the power
+        ``cost_exponent``), over the mean."""
         cm = self.cost_model
         if cm is None:
             return
@@ -191,13 +193,14 @@ class Measure:
         marginal = self.marginal(self.open_counts(open_now))
         floors = self.floors()
         # a group at its floor (one block) saves nothing the fold can delete by closing more: no pressure on it
-        scaled = [(gate, 0.0 if open_now[gid] <= floors[gid] else max(marginal[gid], 0.0))
-                  for gid, gate in cm.gate_of.items() if gate is not None]
-        units = sum(g.numel for g, _ in scaled)
-        mean = sum(g.numel * m for g, m in scaled) / max(units, 1)
-        for gate, m in scaled:
+        saves = [(gate, 0.0 if open_now[gid] <= floors[gid] else max(marginal[gid], 0.0))
+                 for gid, gate in cm.gate_of.items() if gate is not None]
+        weight = [m ** self.cost_exponent if m > 0 else 0.0 for _, m in saves]
+        units = sum(g.numel for g, _ in saves)
+        mean = sum(g.numel * w for (g, _), w in zip(saves, weight, strict=True)) / max(units, 1)
+        for (gate, m), w in zip(saves, weight, strict=True):
             gate.unit_cost = m
-            gate.pressure_scale = m / mean if mean > 0 else 1.0
+            gate.pressure_scale = w / mean if mean > 0 else 1.0
 
     def land(self, target_kept: float) -> Landing:
         """Shift every flow by one constant so this measure lands as close to ``target_kept`` as it can."""

@@ -105,3 +105,35 @@ def test_train_with_the_recipe_warms_up_clips_and_steps_adamw(monkeypatch):
     assert evaluated[-1]["val_loss"] == pytest.approx(expect, rel=1e-4)
     lrs = [rec["lr"] for rec in result.history]
     assert lrs[0] < 1e-4 and max(lrs) <= 1e-4 + 1e-12  # the first interval is still warming up
+
+
+def test_the_lm_recipe_fine_tunes_at_the_peak_lr_and_softens_the_cost_weighting():
+    lm = hf.TrainConfig.for_language_models(target_sparsity=0.5, hidden_size=256).resolved(structured=True)
+    assert (lm.regrowth_lr_ratio, lm.cost_exponent) == (1.0, 0.5) and lm.regrowth_lr == pytest.approx(lm.lr)
+    cnn = hf.TrainConfig(target_sparsity=0.5).resolved(structured=True)
+    assert (cnn.cost_exponent, cnn.regrowth_lr) == (1.0, pytest.approx(0.3 * cnn.lr))  # the CNN defaults stay
+    assert hf.TrainConfig(regrowth_lr=0.01, regrowth_lr_ratio=1.0).resolved(True).regrowth_lr == 0.01  # given wins
+    for bad, match in (({"cost_exponent": 1.5}, "cost_exponent"), ({"cost_exponent": -0.1}, "cost_exponent"),
+                       ({"regrowth_lr_ratio": 0.0}, "regrowth_lr_ratio")):
+        with pytest.raises(ValueError, match=match):
+            hf.TrainConfig(**bad)
+
+
+@pytest.mark.parametrize("exponent", [0.0, 0.5, 1.0])
+def test_channel_pressure_follows_what_a_unit_saves_to_the_cost_exponent(exponent):
+    from hyperflux_fx.ir import ChannelGate, gates
+    from hyperflux_fx.train.measure import Measure
+
+    torch.manual_seed(0)  # a wide middle layer: its units save more parameters than the first layer's
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                          nn.Linear(64, 3))
+    gm = hf.insert_gates(model, hf.GateConfig(granularity="channel"), example_inputs=(torch.randn(2, 4),)).graph_module
+    measure = Measure(gm, hf.TrainConfig(target_sparsity=0.5, target_measure="params", cost_exponent=exponent))
+    measure.refresh_pressure()
+    channel = [g for g in gates(gm) if isinstance(g, ChannelGate)]
+    assert len({g.unit_cost for g in channel}) > 1  # the groups differ in what a unit saves
+    units = sum(g.numel for g in channel)
+    assert sum(g.numel * g.pressure_scale for g in channel) / units == pytest.approx(1.0)  # the mean stays 1
+    for a in channel:
+        for b in channel:
+            assert a.pressure_scale / b.pressure_scale == pytest.approx((a.unit_cost / b.unit_cost) ** exponent)
