@@ -6,7 +6,7 @@ cached outside the repository) is pruned by ``hyperflux-compile hf:FOLDER --unif
 the dense model), and once more with ``--distill off``; every run has the same token budget (``--epochs`` +
 ``--regrowth-epochs`` over the offline text set). Printed: validation loss per token and perplexity of the
 compact model, mean ± std over the seeds, and whether each run wrote compact_hf/ (uniform layers: always).
-The Torch-Pruning side of the comparison cannot be run (tools/bench_lm_tp.py says where it fails).
+Torch-Pruning's side of the comparison is tools/bench_lm_tp.py (``--ours`` reads this tool's ``--json``).
 
 Usage: python tools/bench_lm_prune.py [--seeds 0,1,2] [--sparsities 0.5,0.75] [--json FILE] [--from-json FILE]
                                       [--write docs/BENCHMARKS.md]
