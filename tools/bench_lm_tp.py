@@ -139,7 +139,8 @@ def _prune_to(folder: Path, params: int, out: Path) -> None:
     ratio = min(loadable, key=lambda r: (abs(tried[r][0] - params), r))
     model = pruned(ratio)
     seconds = time.time() - t0
-    model.config.update(_sizes(model))
+    sizes = tried[ratio][1]
+    model.config.update(sizes)
     probe = torch.randint(0, model.config.vocab_size, (2, SIDE_PROBE), generator=torch.Generator().manual_seed(0))
     for layer in model.model.layers:  # 4.x attention reads these attributes in forward
         attn = layer.self_attn
@@ -152,7 +153,7 @@ def _prune_to(folder: Path, params: int, out: Path) -> None:
     torch.save({"probe": probe, "logits": logits}, out / "probe.pt")
     (out / "tp.json").write_text(json.dumps({
         "ratio": ratio, "params": count(model), "params_dense": count(dense), "params_asked": params,
-        "seconds_bisect_and_prune": seconds, "sizes": _sizes(model), "refused": len(tried) - len(loadable),
+        "seconds_bisect_and_prune": seconds, "sizes": sizes, "refused": len(tried) - len(loadable),
         "versions": {n: version(n) for n in ("torch", "transformers", "torch-pruning")}}))
 
 
@@ -193,7 +194,7 @@ def finetune(student_dir: Path, dense_dir: Path, seed: int, lr: float, distill: 
     from hyperflux_fx.config import DISTILL_ALPHA, DISTILL_TEMPERATURE
     from hyperflux_fx.config import LANGUAGE_MODEL_RECIPE as R
     from hyperflux_fx.frontend.hf import SEQUENCE, HFLogits, language_model_loss, text_datasets
-    from hyperflux_fx.train.distill import distillation_loss
+    from hyperflux_fx.train.distill import Distiller, frozen_teacher
     from hyperflux_fx.train.evaluate import evaluate_loss
     from hyperflux_fx.train.optim import clip_gradients, warmup_cosine, weight_optimizer
 
@@ -201,13 +202,12 @@ def finetune(student_dir: Path, dense_dir: Path, seed: int, lr: float, distill: 
     torch.manual_seed(seed)
     model, keys, diff = load_pruned(student_dir)
     student = HFLogits(model)
-    teacher = None
-    if distill:
+    distiller = None
+    if distill:  # the blend and the frozen teacher hyperflux-compile's distillation uses
         import transformers
 
-        teacher = HFLogits(transformers.AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.float32)).eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
+        dense = HFLogits(transformers.AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.float32))
+        distiller = Distiller(frozen_teacher(dense), DISTILL_ALPHA, DISTILL_TEMPERATURE, required=True)
     train, val = text_datasets(SEQUENCE)
     loader = DataLoader(train, batch_size=64, shuffle=True)
     val_loader = DataLoader(val, batch_size=256)
@@ -225,10 +225,8 @@ def finetune(student_dir: Path, dense_dir: Path, seed: int, lr: float, distill: 
             opt.zero_grad(set_to_none=True)
             out = student(x)
             loss = language_model_loss(out, y)
-            if teacher is not None:
-                with torch.no_grad():
-                    target = teacher(x)
-                loss = (1 - DISTILL_ALPHA) * loss + DISTILL_ALPHA * distillation_loss(out, target, DISTILL_TEMPERATURE)
+            if distiller is not None:
+                loss = distiller.loss(loss, out, distiller.teacher_outputs((x,)))[0]
             loss.backward()
             clip_gradients(opt, R["clip_grad_norm"])
             opt.step()
