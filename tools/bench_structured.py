@@ -57,7 +57,7 @@ import _bench_common as common
 import hyperflux_fx as hf
 from hyperflux_fx.config import DISTILL_ALPHA, DISTILL_TEMPERATURE
 from hyperflux_fx.export.latency import compare_latency
-from hyperflux_fx.train.distill import distillation_loss
+from hyperflux_fx.train.distill import Distiller
 
 ROOT = common.ROOT
 REDUCTIONS = (2, 4, 16)
@@ -85,6 +85,7 @@ def _finetune(model: nn.Module, loader: DataLoader, epochs: int, lr: float, hook
                            {"params": [p for p in model.parameters() if id(p) not in ids], "weight_decay": 0.0}],
                           lr=lr, momentum=0.9)
     total, i = max(epochs * len(loader), 1), 0
+    distiller = None if teacher is None else Distiller(teacher, DISTILL_ALPHA, DISTILL_TEMPERATURE, required=True)
     model.train()
     for _ in range(epochs):
         for x, y in loader:
@@ -93,10 +94,8 @@ def _finetune(model: nn.Module, loader: DataLoader, epochs: int, lr: float, hook
             opt.zero_grad(set_to_none=True)
             out = model(x)
             loss = F.cross_entropy(out, y, label_smoothing=0.1)
-            if teacher is not None:
-                with torch.no_grad():
-                    target = teacher(x)
-                loss = (1 - DISTILL_ALPHA) * loss + DISTILL_ALPHA * distillation_loss(out, target, DISTILL_TEMPERATURE)
+            if distiller is not None:
+                loss = distiller.loss(loss, out, distiller.teacher_outputs((x,)))[0]
             loss.backward()
             if hook is not None:
                 hook(model)
