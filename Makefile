@@ -14,8 +14,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/hyperflux-compile examples/digits_cnn.py --out runs/demo --force
 
+# Two worker processes of one torch thread each (the machine has 2 cores), then the tests that time
+# ONNX Runtime and assert a speed-up, alone (marker `serial`, pyproject.toml).
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -n auto --maxprocesses 2 -m "not serial"
+	$(VENV)/bin/python -m pytest -q -m serial
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -185,6 +185,7 @@ def _check_report(path: Path, summary: dict) -> None:
     assert parser.tables >= 4 and all(rows >= 2 for rows in parser.rows_per_table)  # header + at least one row
 
 
+@pytest.mark.serial  # asserts a measured ORT speed-up: run alone (pyproject.toml)
 def test_a_speedup_target_predicts_and_measures_latency(tmp_path, monkeypatch):
     monkeypatch.setenv("HYPERFLUX_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "run"

@@ -44,6 +44,7 @@ def test_hf_source_is_captured_with_export(capsys):
     assert any(g["unit"] == "head" for g in gated) and len(gated) >= 5  # width, heads and MLP units per layer
 
 
+@pytest.mark.serial  # asserts a measured ORT speed-up: run alone (pyproject.toml)
 def test_hf_end_to_end_gives_a_faster_compact_model(tmp_path):
     pytest.importorskip("transformers")
     out = tmp_path / "run"
