@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -87,12 +88,14 @@ OPTIMIZERS = ("sgd", "adamw")
 # cosine to 10% of the peak, gradient norms clipped at 1.0, no label smoothing; the peak LR follows the
 # width (language_model_lr). The flows keep their own Adam. The fine-tune after pruning restarts at the peak
 # LR (a pruned language model recovers as a fine-tune from one-shot pruning does), and the channel gates'
-# pressure follows the square root of what a unit saves, which keeps more of the residual width
-# (docs/BENCHMARKS.md, "Against Torch-Pruning's Llama recipe": both measured there).
+# pressure follows the square root of what a unit saves, which keeps more of the residual width. A third of
+# the budget prunes and two thirds recover (1 + 2 epochs: the pruned model is fine-tuned for longest, as
+# Sheared-LLaMA and Minitron spend most of their tokens after pruning); docs/BENCHMARKS.md, "Against
+# Torch-Pruning's Llama recipe", has all three measured.
 LANGUAGE_MODEL_RECIPE: dict[str, object] = {
     "optimizer": "adamw", "lr": 1e-4, "lr_final_ratio": 0.1, "weight_decay": 0.1, "betas": (0.9, 0.95),
     "warmup_fraction": 0.03, "clip_grad_norm": 1.0, "regrowth_lr_final": 1e-5, "label_smoothing": 0.0,
-    "regrowth_lr_ratio": 1.0, "cost_exponent": 0.5,
+    "regrowth_lr_ratio": 1.0, "cost_exponent": 0.5, "epochs": 1, "regrowth_epochs": 2,
 }
 LM_LR_ANCHOR = (256, 1e-3)  # (width, peak LR) measured best on a pre-trained 4-layer Llama (docs/BENCHMARKS.md)
 LM_LR_RANGE = (5e-5, 1e-3)
@@ -117,8 +120,8 @@ class TrainConfig:
     """
 
     target_sparsity: float = 0.9  # final fraction of gated units removed, in (0, 1)
-    epochs: int = 10  # pruning-phase epochs
-    regrowth_epochs: int = 5  # regrowth-phase epochs (gamma = 0)
+    epochs: float = 10  # pruning-phase epochs; a fraction is allowed (0.5: half a pass over the loader)
+    regrowth_epochs: float = 5  # regrowth-phase epochs (gamma = 0); a fraction is allowed
     lr: float = 0.1  # weight LR at the start of pruning, cosine-decayed to lr * lr_final_ratio
     lr_final_ratio: float = 1 / 30  # end of the pruning phase's cosine, relative to lr
     optimizer: str = "sgd"  # the weights' optimiser: "sgd" (the paper's) or "adamw" (LANGUAGE_MODEL_RECIPE)
@@ -189,8 +192,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if not 0.0 < self.target_sparsity < 1.0:
             raise ValueError(f"TrainConfig.target_sparsity must be in (0, 1), got {self.target_sparsity}")
-        if self.epochs < 1:
-            raise ValueError(f"TrainConfig.epochs must be >= 1, got {self.epochs}")
+        if not self.epochs > 0 or not math.isfinite(self.epochs):
+            raise ValueError(f"TrainConfig.epochs must be > 0, got {self.epochs}")
+        if not math.isfinite(self.regrowth_epochs):
+            raise ValueError(f"TrainConfig.regrowth_epochs must be finite, got {self.regrowth_epochs}")
         if self.regrowth_epochs < 0:
             raise ValueError(f"TrainConfig.regrowth_epochs must be >= 0, got {self.regrowth_epochs}")
         for name in ("lr", "regrowth_lr", "regrowth_lr_final", "regrowth_lr_ratio", "pressure_step", "flow_travel"):

@@ -89,11 +89,12 @@ def test_end_to_end_on_digits(tmp_path, run):
     for field in ("source", "target_sparsity", "achieved_sparsity", "granularity", "dense_accuracy", "pruned_accuracy",
                   "compact_accuracy", "params_dense", "params_compact", "macs_dense", "macs_compact",
                   "onnx_parity_max_abs_diff", "ort_latency_ms_dense", "ort_latency_ms_compact", "wall_seconds",
-                  "sparsity_before_landing", "controller_lookahead"):
+                  "sparsity_before_landing", "controller_lookahead", "epochs", "regrowth_epochs"):
         assert field in s and s[field] is not None, field
     granularity = s["granularity"]
     if run == "defaults":
         assert (granularity, s["target_measure"], s["target_sparsity"]) == ("channel", "macs", 0.5)
+        assert (s["recipe"], s["epochs"], s["regrowth_epochs"]) == ("cnn", 2, 1)  # FAST's, as given
         assert s["round_to"] == (nchwc_block() or 1)
         assert (s["land_at"], s["regrowth_lr"]) == (0.0, pytest.approx(0.3 * 0.1))  # channel gates: land, fine-tune
         # the exact cost model: what training reports is what the compact model measures, within 1 pt of the aim
@@ -325,6 +326,9 @@ BAD_FILES = {
     ([EXAMPLE, "--input-shape", "2,0,8,8"], "positive integers"),
     ([EXAMPLE, "--granularity", "block"], "invalid choice: 'block'"),
     ([EXAMPLE, "--regrowth-epochs", "-1"], "--regrowth-epochs must be >= 0"),
+    ([EXAMPLE, "--epochs", "0"], "--epochs must be positive"),
+    ([EXAMPLE, "--epochs", "nan"], "not a number of epochs"),
+    ([EXAMPLE, "--epochs", "two"], "not a number of epochs"),
     ([EXAMPLE, "--batch-size", "0"], "--batch-size must be positive"),
     ([EXAMPLE, "--granularity", "weight", "--target", "params"], "needs --granularity channel or hybrid"),
     ([EXAMPLE, "--target-speedup", "0.5"], "--target-speedup must be > 1"),

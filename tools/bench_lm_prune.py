@@ -2,11 +2,11 @@
 
 The small pre-trained Llama of tools/bench_lm_recipe.py (GQA 8/2 heads, RMSNorm, SwiGLU; 2.90M parameters;
 cached outside the repository) is pruned by ``hyperflux-compile hf:FOLDER --uniform-layers --target params
---target-sparsity s`` (s = 0.5 and 0.75) with the CLI's defaults otherwise (the LM recipe, distillation from
-the dense model), and once more with ``--distill off``; every run has the same token budget (``--epochs`` +
-``--regrowth-epochs`` over the offline text set). Printed: validation loss per token and perplexity of the
-compact model, mean ± std over the seeds, and whether each run wrote compact_hf/ (uniform layers: always).
-Torch-Pruning's side of the comparison is tools/bench_lm_tp.py (``--ours`` reads this tool's ``--json``).
+--target-sparsity s`` (s = 0.5 and 0.75) with the CLI's defaults otherwise (the LM recipe: 1 pruning + 2
+recovery epochs over the offline text set, distillation from the dense model), and once more with
+``--distill off``. Printed: validation loss per token and perplexity of the compact model, mean ± std over
+the seeds, and whether each run wrote compact_hf/ (uniform layers: always). Torch-Pruning's side of the
+comparison, fine-tuned for the same 3 epochs, is tools/bench_lm_tp.py (``--ours`` reads this tool's ``--json``).
 
 Usage: python tools/bench_lm_prune.py [--seeds 0,1,2] [--sparsities 0.5,0.75] [--json FILE] [--from-json FILE]
                                       [--write docs/BENCHMARKS.md]
@@ -32,7 +32,8 @@ SETTINGS = {"distillation (default)": (), "--distill off": ("--distill", "off")}
 def render(rows: list[dict], meta: dict) -> str:
     lines = [f"{meta['machine']}; pre-trained {meta['pretrain_epochs']} epochs (dense validation loss "
              f"{rows[0]['val_loss_dense']:.3f}, perplexity {rows[0]['perplexity_dense']:.2f}); "
-             f"{meta['epochs']} + {meta['regrowth_epochs']} epochs per run; seeds {meta['seeds']}", "",
+             f"{rows[0].get('epochs', meta['epochs'])} + {rows[0].get('regrowth_epochs', meta['regrowth_epochs'])} "
+             f"epochs per run; seeds {meta['seeds']}", "",
              "| params kept | setting | compact val loss (mean ± std) | perplexity | params | compact_hf/ written |",
              "|---|---|---|---|---|---|"]
     for s in sorted({r["sparsity"] for r in rows}):
@@ -53,8 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--sparsities", default="0.5,0.75")
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--regrowth-epochs", type=int, default=1)
+    p.add_argument("--epochs", type=float, default=None, help="default: the LM recipe's (1)")
+    p.add_argument("--regrowth-epochs", type=float, default=None, help="default: the LM recipe's (2)")
     p.add_argument("--pretrain-epochs", type=int, default=6)
     p.add_argument("--parallel", type=int, default=1, help="runs at once (one thread each)")
     p.add_argument("--json", default=None)

@@ -83,10 +83,11 @@ def run(folder: Path, recipe: str, seed: int, args: argparse.Namespace, sparsity
     """One ``hyperflux-compile hf:FOLDER --target params`` run (``extra``: more flags); its figures as a row."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
+        split = [a for flag, v in (("--epochs", args.epochs), ("--regrowth-epochs", args.regrowth_epochs))
+                 if v is not None for a in (flag, str(v))]  # None: the recipe's default split
         cmd = [sys.executable, "-m", "hyperflux_fx.cli", f"hf:{folder}", "--recipe", recipe, "--target", "params",
-               "--target-sparsity", str(sparsity), "--epochs", str(args.epochs), "--regrowth-epochs",
-               str(args.regrowth_epochs), "--seed", str(seed), "--no-export", "--quiet", "--force", "--out", str(out),
-               *extra]
+               "--target-sparsity", str(sparsity), *split, "--seed", str(seed), "--no-export", "--quiet", "--force",
+               "--out", str(out), *extra]
         t0 = time.time()
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         if proc.returncode != 0:
@@ -95,6 +96,7 @@ def run(folder: Path, recipe: str, seed: int, args: argparse.Namespace, sparsity
         hf_folder = (out / "compact_hf" / "config.json").exists()
     row = {"recipe": recipe, "seed": seed, "seconds": time.time() - t0, "lr": s["lr"], "sparsity": sparsity,
            "flags": list(extra), "compact_hf": hf_folder, "distilled": s.get("distilled"),
+           "epochs": s.get("epochs", args.epochs), "regrowth_epochs": s.get("regrowth_epochs", args.regrowth_epochs),
            **{f"{k}_{stage}": s[f"{k}_{stage}"] for k in ("val_loss", "perplexity")
               for stage in ("dense", "pruned", "compact")},
            "params_dense": s["params_dense"], "params_compact": s["params_compact"]}

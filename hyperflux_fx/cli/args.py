@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from hyperflux_fx.config import (
     LANGUAGE_MODEL_RECIPE,
     PRESSURE_MODES,
     FoldConfig,
+    TrainConfig,
     language_model_lr,
 )
 from hyperflux_fx.frontend.trace import FRONTENDS
@@ -31,6 +33,17 @@ def _shape(text: str) -> tuple[int, ...]:
     if not dims or any(d <= 0 for d in dims):
         raise argparse.ArgumentTypeError(f"not a shape: {text!r} (expected positive integers, e.g. 2,3,32,32)")
     return dims
+
+
+def _epochs(text: str) -> int | float:
+    """An epoch count: whole (2) or a fraction of a pass over the training data (0.5)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of epochs: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"not a number of epochs: {text!r}")
+    return int(value) if value.is_integer() else value
 
 
 def _multiple(text: str) -> int | str:
@@ -61,13 +74,15 @@ RECIPES = ("auto", "cnn", "lm")
 #: the TrainConfig fields the language-model recipe sets besides the LR (which --lr may replace)
 _LM_FIELDS = ("optimizer", "betas", "weight_decay", "warmup_fraction", "clip_grad_norm", "lr_final_ratio",
               "regrowth_lr_final", "label_smoothing", "regrowth_lr_ratio", "cost_exponent")
+_SPLIT = ("epochs", "regrowth_epochs")  # the budget's split, by recipe when not given
 _DENSE_FIELDS = ("optimizer", "betas", "weight_decay", "warmup_fraction", "clip_grad_norm", "label_smoothing")
 
 
 def resolve_recipe(args: argparse.Namespace, language_model: bool, pretrained: bool,
                    hidden_size: int | None = None) -> None:
     """--recipe auto: lm for a causal language model, cnn otherwise; then --lr (the LM recipe's follows the
-    model's width) and --dense-epochs default by it (an hf: folder with weights is the dense model: no
+    model's width), --epochs / --regrowth-epochs (the LM recipe prunes for a third of the budget and
+    recovers for two) and --dense-epochs default by it (an hf: folder with weights is the dense model: no
     dense training unless asked)."""
     if args.recipe == "auto":
         args.recipe = "lm" if language_model else "cnn"
@@ -75,6 +90,10 @@ def resolve_recipe(args: argparse.Namespace, language_model: bool, pretrained: b
         args.lr = language_model_lr(hidden_size) if args.recipe == "lm" else 0.1
     if args.dense_epochs is None:
         args.dense_epochs = 0 if pretrained else 10
+    split = LANGUAGE_MODEL_RECIPE if args.recipe == "lm" else {f: getattr(TrainConfig, f) for f in _SPLIT}
+    for name in _SPLIT:
+        if getattr(args, name, None) is None:
+            setattr(args, name, split[name])
 
 
 def recipe_fields(args: argparse.Namespace, dense: bool = False) -> dict[str, Any]:
@@ -156,8 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: macs for channel/hybrid gates, count for weight gates)")
     p.add_argument("--target-speedup", type=float, default=None,
                    help="aim at this ONNX Runtime speed-up: --target latency with --target-sparsity 1 - 1/X")
-    p.add_argument("--epochs", type=int, default=10, help="pruning-phase epochs")
-    p.add_argument("--regrowth-epochs", type=int, default=5, help="regrowth-phase epochs")
+    p.add_argument("--epochs", type=_epochs, default=None,
+                   help="pruning-phase epochs, a fraction allowed (default: 10; 1 with the language-model recipe)")
+    p.add_argument("--regrowth-epochs", type=_epochs, default=None,
+                   help="regrowth-phase epochs, a fraction allowed (default: 5; 2 with the language-model recipe)")
     p.add_argument("--dense-epochs", type=int, default=None,
                    help="dense training first, when --weights is not given (default: 10; 0 for an hf: folder "
                         "with weights, which is the dense model)")
@@ -218,10 +239,12 @@ def validate(args: argparse.Namespace) -> Path | None:
         raise UsageError(f"--distill-temperature must be > 0, got {args.distill_temperature}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available on this machine (use --device cpu or auto)")
-    for name in ("epochs", "batch_size", "dense_epochs"):
+    for name in ("batch_size", "dense_epochs"):
         if getattr(args, name) is not None and getattr(args, name) < (0 if name == "dense_epochs" else 1):
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.regrowth_epochs < 0:
+    if args.epochs is not None and not args.epochs > 0:
+        raise UsageError(f"--epochs must be positive, got {args.epochs}")
+    if args.regrowth_epochs is not None and args.regrowth_epochs < 0:
         raise UsageError(f"--regrowth-epochs must be >= 0, got {args.regrowth_epochs}")
     if args.target != "count" and args.granularity == "weight":
         raise UsageError(f"--target {args.target} needs --granularity channel or hybrid (weight gates delete no "

@@ -74,7 +74,8 @@ def fold_stage(job: Job, gated: Any, result: TrainResult, dense_acc: float) -> t
     return folded, {
         "source": args.source, "data": job.data_name, "target_sparsity": args.target_sparsity,
         "achieved_sparsity": result.sparsity, "target_measure": args.target, "granularity": args.granularity,
-        "recipe": args.recipe, "lr": args.lr, "dense_epochs": args.dense_epochs, "uniform_layers": args.uniform_layers,
+        "recipe": args.recipe, "lr": args.lr, "dense_epochs": args.dense_epochs, "epochs": args.epochs,
+        "regrowth_epochs": args.regrowth_epochs, "uniform_layers": args.uniform_layers,
         "sensitivity": sensitivity,
         "dense_accuracy": dense_acc, "pruned_accuracy": pruned_acc,
         "compact_accuracy": evaluate(compact, job.val_loader),

@@ -342,7 +342,8 @@ def _schedule(cfg: TrainConfig, loader: DataLoader, world: int) -> _Schedule:
     spe = steps_per_epoch(loader, world)
     if spe < 1:
         raise ValueError("the training loader yields no batch per rank (dataset smaller than a batch?)")
-    prune_steps, regrow_steps = cfg.epochs * spe, cfg.regrowth_epochs * spe
+    prune_steps = max(1, round(cfg.epochs * spe))  # a fraction of an epoch: that share of its steps
+    regrow_steps = round(cfg.regrowth_epochs * spe)
     return _Schedule(spe=spe, prune_steps=prune_steps, regrow_steps=regrow_steps,
                      interval=resolve_interval_steps(cfg.interval_steps, spe, cfg.epochs, cfg.min_intervals),
                      flow_lr=_flow_lr(cfg, prune_steps),

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from hyperflux_fx.ir import gates
-from hyperflux_fx.ops import is_weight_module
+from hyperflux_fx.ops import call_spec, is_weight_module, slot_value
 
 __all__ = ["amp_dtype", "autocast", "clip_gradients", "cosine", "decayed", "grad_scaler", "progress_bar",
            "resolve_device", "warmup_cosine", "weight_optimizer"]
@@ -53,15 +53,31 @@ def grad_scaler(dtype: torch.dtype | None) -> torch.amp.GradScaler | None:
 
 
 def decayed(model: nn.Module) -> set[int]:
-    """ids of the parameters that get weight decay: conv and linear weights (gated or not)."""
+    """ids of the parameters that get weight decay: conv and linear weights (gated or not), whether a
+    module holds them or a graph passes them to a conv/linear function (a torch.export capture)."""
     out: set[int] = set()
-    gated_names = {g.target for g in gates(model)}
+    gated_names = {g.target for g in gates(model)} | _functional_weights(model)
     for name, p in model.named_parameters():
         owner_path, _, attr = name.rpartition(".")
         owner = model.get_submodule(owner_path) if owner_path else model
         if name in gated_names or (attr == "weight" and is_weight_module(owner)):
             out.add(id(p))
     return out
+
+
+def _functional_weights(model: nn.Module) -> set[str]:
+    """Names of the parameters a graph passes straight to a conv or linear function as its weight."""
+    graph = getattr(model, "graph", None)
+    names: set[str] = set()
+    for node in graph.nodes if isinstance(graph, torch.fx.Graph) else ():
+        spec = call_spec(node)
+        if spec is None or spec.kind not in ("conv", "conv_transpose", "linear"):
+            continue
+        for slot in spec.slots:
+            value = slot_value(node, slot)
+            if isinstance(value, torch.fx.Node) and value.op == "get_attr":
+                names.add(str(value.target))
+    return names
 
 
 def weight_optimizer(model: nn.Module, params: list[nn.Parameter], *, lr: float, momentum: float,

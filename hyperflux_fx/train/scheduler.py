@@ -74,7 +74,7 @@ def find_d0(target_remaining: float, intervals: int, *, tol: float = 1e-12) -> f
     return 0.5 * (lo + hi)
 
 
-def resolve_interval_steps(interval_steps: int | None, steps_per_epoch: int, pruning_epochs: int,
+def resolve_interval_steps(interval_steps: int | None, steps_per_epoch: int, pruning_epochs: float,
                            min_intervals: int = 20) -> int:
     """Scheduler interval in optimizer steps: the given value, else one epoch when the pruning phase
     has at least ``min_intervals`` epochs, else the pruning steps split into ``min_intervals``."""
@@ -84,7 +84,7 @@ def resolve_interval_steps(interval_steps: int | None, steps_per_epoch: int, pru
         return interval_steps
     if pruning_epochs >= min_intervals:
         return steps_per_epoch
-    return max(1, (steps_per_epoch * pruning_epochs) // min_intervals)
+    return max(1, max(1, round(steps_per_epoch * pruning_epochs)) // min_intervals)
 
 
 def response_lag_intervals(flow_lr: float, interval_steps: int, intervals: int, *, distance: float = 0.35,

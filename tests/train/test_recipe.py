@@ -14,7 +14,23 @@ from torch.utils.data import DataLoader, TensorDataset
 import hyperflux_fx as hf
 from hyperflux_fx.cli.args import recipe_fields, resolve_recipe
 from hyperflux_fx.config import LANGUAGE_MODEL_RECIPE, language_model_lr
-from hyperflux_fx.train.optim import clip_gradients, cosine, warmup_cosine, weight_optimizer
+from hyperflux_fx.train.optim import clip_gradients, cosine, decayed, warmup_cosine, weight_optimizer
+
+
+@pytest.mark.parametrize("granularity", ["channel", "weight"])
+def test_a_torch_export_capture_decays_the_same_linear_weights(granularity):
+    """A graph captured with torch.export calls aten.linear on parameters, with no nn.Linear left to
+    recognise: the decayed set is read from the graph's conv/linear weight operands (it was empty)."""
+    from models import EXPORT_ZOO
+
+    build, inputs = EXPORT_ZOO["tiny_decoder"]
+    model = build()
+    gm = hf.insert_gates(model, hf.GateConfig(granularity=granularity), example_inputs=inputs(),
+                         frontend="export").graph_module
+    names = {id(p): n for n, p in gm.named_parameters()}
+    got = sorted(names[i] for i in decayed(gm) if i in names)
+    linears = sorted(f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear))
+    assert got == linears and not any("norm" in n or "embed" in n for n in got)  # the LM head, tied: a linear too
 
 
 def test_warmup_rises_linearly_then_follows_the_cosine():
@@ -75,14 +91,32 @@ def test_the_recipe_is_a_config_and_bad_values_are_refused():
     ("cnn", True, True, ("cnn", 0.1, 0)),
 ])
 def test_the_cli_resolves_the_recipe_from_the_source(recipe, lm, pretrained, expect):
-    args = argparse.Namespace(recipe=recipe, lr=None, dense_epochs=None)
+    args = argparse.Namespace(recipe=recipe, lr=None, dense_epochs=None, epochs=None, regrowth_epochs=None)
     resolve_recipe(args, lm, pretrained)
     assert (args.recipe, args.lr, args.dense_epochs) == expect
+    # the budget's split: a third pruning, two thirds recovery for a language model; the paper's 10 + 5 else
+    assert (args.epochs, args.regrowth_epochs) == ((1, 2) if expect[0] == "lm" else (10, 5))
     fields = recipe_fields(args)
     assert fields == ({} if expect[0] == "cnn" else {k: LANGUAGE_MODEL_RECIPE[k] for k in fields})
-    args = argparse.Namespace(recipe=recipe, lr=3e-4, dense_epochs=2)  # the user's flags win
+    args = argparse.Namespace(recipe=recipe, lr=3e-4, dense_epochs=2, epochs=0.5, regrowth_epochs=3)  # flags win
     resolve_recipe(args, lm, pretrained)
-    assert (args.lr, args.dense_epochs) == (3e-4, 2)
+    assert (args.lr, args.dense_epochs, args.epochs, args.regrowth_epochs) == (3e-4, 2, 0.5, 3)
+
+
+def test_a_fraction_of_an_epoch_is_that_share_of_its_steps():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+    gated = hf.insert_gates(model, hf.GateConfig(granularity="channel"), example_inputs=(torch.randn(2, 6),))
+    loader = DataLoader(TensorDataset(torch.randn(64, 6), torch.randint(0, 3, (64,))), batch_size=8)  # 8 steps
+    cfg = hf.TrainConfig(target_sparsity=0.5, epochs=0.5, regrowth_epochs=1.25, interval_steps=2, track_flux=False,
+                         distill="off")
+    res = hf.train(gated.graph_module, loader, None, config=cfg)
+    assert res.steps == 4 + 10  # half of 8 steps pruning, 1.25 x 8 recovering
+    assert [r.step for r in res.history if r.phase == "prune"] == [2, 4]
+    assert res.history[-1].step == 14 and res.history[-1].epoch == 1  # the second epoch, cut short
+    for bad in (0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="epochs must be"):
+            hf.TrainConfig(epochs=bad)
 
 
 def test_train_with_the_recipe_warms_up_clips_and_steps_adamw(monkeypatch):
