@@ -2,7 +2,7 @@
 
 The small pre-trained Llama of tools/bench_lm_recipe.py (GQA 8/2 heads, RMSNorm, SwiGLU; 2.90M parameters;
 cached outside the repository) is pruned by ``hyperflux-compile hf:FOLDER --uniform-layers --target params
---target-sparsity s`` (s = 0.5 and 0.75) with the CLI's defaults otherwise (the LM recipe: 1 pruning + 2
+--target-sparsity s`` (s = 0.5 and 0.75) with the CLI's defaults otherwise (the LM recipe: 0.25 pruning + 2.75
 recovery epochs over the offline text set, distillation from the dense model), and once more with
 ``--distill off``. Printed: validation loss per token and perplexity of the compact model, mean ± std over
 the seeds, and whether each run wrote compact_hf/ (uniform layers: always). Torch-Pruning's side of the
@@ -54,8 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--sparsities", default="0.5,0.75")
-    p.add_argument("--epochs", type=float, default=None, help="default: the LM recipe's (1)")
-    p.add_argument("--regrowth-epochs", type=float, default=None, help="default: the LM recipe's (2)")
+    p.add_argument("--epochs", type=float, default=None, help="default: the LM recipe's (0.25)")
+    p.add_argument("--regrowth-epochs", type=float, default=None, help="default: the LM recipe's (2.75)")
     p.add_argument("--pretrain-epochs", type=int, default=6)
     p.add_argument("--parallel", type=int, default=1, help="runs at once (one thread each)")
     p.add_argument("--json", default=None)

@@ -81,8 +81,8 @@ _DENSE_FIELDS = ("optimizer", "betas", "weight_decay", "warmup_fraction", "clip_
 def resolve_recipe(args: argparse.Namespace, language_model: bool, pretrained: bool,
                    hidden_size: int | None = None) -> None:
     """--recipe auto: lm for a causal language model, cnn otherwise; then --lr (the LM recipe's follows the
-    model's width), --epochs / --regrowth-epochs (the LM recipe prunes for a third of the budget and
-    recovers for two) and --dense-epochs default by it (an hf: folder with weights is the dense model: no
+    model's width), --epochs / --regrowth-epochs (the LM recipe prunes for 0.25 epoch and recovers
+    for 2.75) and --dense-epochs default by it (an hf: folder with weights is the dense model: no
     dense training unless asked)."""
     if args.recipe == "auto":
         args.recipe = "lm" if language_model else "cnn"
@@ -176,9 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-speedup", type=float, default=None,
                    help="aim at this ONNX Runtime speed-up: --target latency with --target-sparsity 1 - 1/X")
     p.add_argument("--epochs", type=_epochs, default=None,
-                   help="pruning-phase epochs, a fraction allowed (default: 10; 1 with the language-model recipe)")
+                   help="pruning-phase epochs, a fraction allowed (default: 10; 0.25 with the language-model recipe)")
     p.add_argument("--regrowth-epochs", type=_epochs, default=None,
-                   help="regrowth-phase epochs, a fraction allowed (default: 5; 2 with the language-model recipe)")
+                   help="regrowth-phase epochs, a fraction allowed (default: 5; 2.75 with the language-model recipe)")
     p.add_argument("--dense-epochs", type=int, default=None,
                    help="dense training first, when --weights is not given (default: 10; 0 for an hf: folder "
                         "with weights, which is the dense model)")

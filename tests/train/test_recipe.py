@@ -94,8 +94,8 @@ def test_the_cli_resolves_the_recipe_from_the_source(recipe, lm, pretrained, exp
     args = argparse.Namespace(recipe=recipe, lr=None, dense_epochs=None, epochs=None, regrowth_epochs=None)
     resolve_recipe(args, lm, pretrained)
     assert (args.recipe, args.lr, args.dense_epochs) == expect
-    # the budget's split: a third pruning, two thirds recovery for a language model; the paper's 10 + 5 else
-    assert (args.epochs, args.regrowth_epochs) == ((1, 2) if expect[0] == "lm" else (10, 5))
+    # the budget's split: a twelfth pruning, the rest recovery for a language model; the paper's 10 + 5 else
+    assert (args.epochs, args.regrowth_epochs) == ((0.25, 2.75) if expect[0] == "lm" else (10, 5))
     fields = recipe_fields(args)
     assert fields == ({} if expect[0] == "cnn" else {k: LANGUAGE_MODEL_RECIPE[k] for k in fields})
     args = argparse.Namespace(recipe=recipe, lr=3e-4, dense_epochs=2, epochs=0.5, regrowth_epochs=3)  # flags win
