@@ -192,12 +192,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if not 0.0 < self.target_sparsity < 1.0:
             raise ValueError(f"TrainConfig.target_sparsity must be in (0, 1), got {self.target_sparsity}")
-        if not self.epochs > 0 or not math.isfinite(self.epochs):
-            raise ValueError(f"TrainConfig.epochs must be > 0, got {self.epochs}")
-        if not math.isfinite(self.regrowth_epochs):
-            raise ValueError(f"TrainConfig.regrowth_epochs must be finite, got {self.regrowth_epochs}")
-        if self.regrowth_epochs < 0:
-            raise ValueError(f"TrainConfig.regrowth_epochs must be >= 0, got {self.regrowth_epochs}")
+        if not 0 < self.epochs < math.inf:  # NaN fails too
+            raise ValueError(f"TrainConfig.epochs must be > 0 and finite, got {self.epochs}")
+        if not 0 <= self.regrowth_epochs < math.inf:
+            raise ValueError(f"TrainConfig.regrowth_epochs must be >= 0 and finite, got {self.regrowth_epochs}")
         for name in ("lr", "regrowth_lr", "regrowth_lr_final", "regrowth_lr_ratio", "pressure_step", "flow_travel"):
             if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise ValueError(f"TrainConfig.{name} must be > 0, got {getattr(self, name)}")

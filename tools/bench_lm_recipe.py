@@ -96,7 +96,7 @@ def run(folder: Path, recipe: str, seed: int, args: argparse.Namespace, sparsity
         hf_folder = (out / "compact_hf" / "config.json").exists()
     row = {"recipe": recipe, "seed": seed, "seconds": time.time() - t0, "lr": s["lr"], "sparsity": sparsity,
            "flags": list(extra), "compact_hf": hf_folder, "distilled": s.get("distilled"),
-           "epochs": s.get("epochs", args.epochs), "regrowth_epochs": s.get("regrowth_epochs", args.regrowth_epochs),
+           "epochs": s["epochs"], "regrowth_epochs": s["regrowth_epochs"],
            **{f"{k}_{stage}": s[f"{k}_{stage}"] for k in ("val_loss", "perplexity")
               for stage in ("dense", "pruned", "compact")},
            "params_dense": s["params_dense"], "params_compact": s["params_compact"]}

@@ -92,7 +92,7 @@ def resolve_recipe(args: argparse.Namespace, language_model: bool, pretrained: b
         args.dense_epochs = 0 if pretrained else 10
     split = LANGUAGE_MODEL_RECIPE if args.recipe == "lm" else {f: getattr(TrainConfig, f) for f in _SPLIT}
     for name in _SPLIT:
-        if getattr(args, name, None) is None:
+        if getattr(args, name) is None:
             setattr(args, name, split[name])
 
 

@@ -56,11 +56,11 @@ def decayed(model: nn.Module) -> set[int]:
     """ids of the parameters that get weight decay: conv and linear weights (gated or not), whether a
     module holds them or a graph passes them to a conv/linear function (a torch.export capture)."""
     out: set[int] = set()
-    gated_names = {g.target for g in gates(model)} | _functional_weights(model)
+    weight_names = {g.target for g in gates(model)} | _functional_weights(model)
     for name, p in model.named_parameters():
         owner_path, _, attr = name.rpartition(".")
         owner = model.get_submodule(owner_path) if owner_path else model
-        if name in gated_names or (attr == "weight" and is_weight_module(owner)):
+        if name in weight_names or (attr == "weight" and is_weight_module(owner)):
             out.add(id(p))
     return out
 

@@ -84,7 +84,7 @@ def resolve_interval_steps(interval_steps: int | None, steps_per_epoch: int, pru
         return interval_steps
     if pruning_epochs >= min_intervals:
         return steps_per_epoch
-    return max(1, max(1, round(steps_per_epoch * pruning_epochs)) // min_intervals)
+    return max(1, round(steps_per_epoch * pruning_epochs) // min_intervals)
 
 
 def response_lag_intervals(flow_lr: float, interval_steps: int, intervals: int, *, distance: float = 0.35,

@@ -115,8 +115,12 @@ def test_a_fraction_of_an_epoch_is_that_share_of_its_steps():
     assert [r.step for r in res.history if r.phase == "prune"] == [2, 4]
     assert res.history[-1].step == 14 and res.history[-1].epoch == 1  # the second epoch, cut short
     for bad in (0, -1.0, float("nan"), float("inf")):
-        with pytest.raises(ValueError, match="epochs must be"):
+        with pytest.raises(ValueError, match="TrainConfig.epochs must be"):
             hf.TrainConfig(epochs=bad)
+    for bad in (-0.5, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="TrainConfig.regrowth_epochs must be"):
+            hf.TrainConfig(regrowth_epochs=bad)
+    assert hf.TrainConfig(regrowth_epochs=0).regrowth_epochs == 0  # no recovery phase is allowed
 
 
 def test_train_with_the_recipe_warms_up_clips_and_steps_adamw(monkeypatch):
