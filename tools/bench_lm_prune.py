@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_lm_recipe import report, run  # noqa: E402
+from bench_lm_recipe import PRETRAIN_EPOCHS, report, run  # noqa: E402
 
 SETTINGS = {"distillation (default)": (), "--distill off": ("--distill", "off")}
 
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sparsities", default="0.5,0.75")
     p.add_argument("--epochs", type=float, default=None, help="default: the LM recipe's (0.25)")
     p.add_argument("--regrowth-epochs", type=float, default=None, help="default: the LM recipe's (2.75)")
-    p.add_argument("--pretrain-epochs", type=int, default=6)
+    p.add_argument("--pretrain-epochs", type=int, default=PRETRAIN_EPOCHS)
     p.add_argument("--parallel", type=int, default=1, help="runs at once (one thread each)")
     p.add_argument("--json", default=None)
     p.add_argument("--from-json", default=None)

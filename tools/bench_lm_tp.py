@@ -21,8 +21,8 @@ fine-tuned with our language-model recipe (AdamW, betas 0.9/0.95, weight decay 0
 ``hyperflux-compile`` run of tools/bench_lm_prune.py (``--epochs`` + ``--regrowth-epochs``: the same token
 budget), with and without the same distillation from the same dense model (DISTILL_ALPHA, T).
 
-The fine-tune LR is chosen as ours was: on seed 0 alone, best validation loss of ``--lrs`` (with
-distillation), then kept for every seed and for the runs without distillation. The parameter target is
+The fine-tune LR is chosen as ours was: on the first of ``--seeds`` alone, best validation loss of
+``--lrs`` (with distillation), then kept for every seed and for the runs without distillation. The parameter target is
 the fraction of the dense model's parameters our runs keep (``--sparsities``); Torch-Pruning's uniform
 ratio is bisected to the closest parameter count. Our side's rows come from tools/bench_lm_prune.py's
 JSON (``--ours``).
@@ -54,7 +54,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _bench_common as common  # noqa: E402
-from bench_lm_recipe import CONFIG, cache_dir, pretrained  # noqa: E402
+from bench_lm_recipe import CONFIG, PRETRAIN_EPOCHS, cache_dir, pretrained  # noqa: E402
 
 SIDE_PINS = ("torch==2.14.1", "transformers==4.46.3", "torch-pruning==1.6.1")
 SIDE_PROBE = 16  # tokens of the fixed batch whose logits both environments compute
@@ -250,7 +250,7 @@ def _run_self(*flags: str) -> dict:
 
 
 def run_all(args: argparse.Namespace, work: Path) -> dict:
-    """Prune at each sparsity in the side environment, then the LR sweep on seed 0 and every seed's runs."""
+    """Prune at each sparsity in the side environment, then the LR sweep on the first seed and every seed's runs."""
     import transformers
 
     dense_dir = pretrained(args.pretrain_epochs)
@@ -319,7 +319,8 @@ def render(data: dict, ours: list[dict] | None) -> str:
     lines += ["", "Torch-Pruning's pruned models (the side environment's folder, loaded by the pinned transformers):",
               "",
               "| params kept asked | ratio | sizes (width, heads, KV heads, MLP) | params | loading report | "
-              "logits vs side env (of the spread) | LR sweep on seed 0 (val loss) |", "|---|---|---|---|---|---|---|"]
+              f"logits vs side env (of the spread) | LR sweep on seed {meta['seeds'][0]} (val loss) |",
+              "|---|---|---|---|---|---|---|"]
     for s, p in sorted(data["pruned"].items(), key=lambda kv: float(kv[0])):
         z = p["sizes"]
         first = next(r for r in data["rows"] if r["sparsity"] == float(s))
@@ -368,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sparsities", default="0.5,0.75")
     p.add_argument("--lrs", default="3e-4,1e-3,3e-3")
     p.add_argument("--epochs", type=int, default=3, help="fine-tune epochs: ours' --epochs + --regrowth-epochs")
-    p.add_argument("--pretrain-epochs", type=int, default=6)
+    p.add_argument("--pretrain-epochs", type=int, default=PRETRAIN_EPOCHS)
     p.add_argument("--parallel", type=int, default=1, help="fine-tunes at once (one thread each)")
     p.add_argument("--side-python", default=None, help="an interpreter with SIDE_PINS (default: made once)")
     p.add_argument("--ours", default=None, help="tools/bench_lm_prune.py's --json, for our rows")

@@ -145,9 +145,9 @@ def test_train_with_the_recipe_warms_up_clips_and_steps_adamw(monkeypatch):
     assert lrs[0] < 1e-4 and max(lrs) <= 1e-4 + 1e-12  # the first interval is still warming up
 
 
-def test_the_lm_recipe_fine_tunes_at_the_peak_lr_and_softens_the_cost_weighting():
+def test_the_lm_recipe_fine_tunes_at_the_peak_lr_and_presses_every_unit_alike():
     lm = hf.TrainConfig.for_language_models(target_sparsity=0.5, hidden_size=256).resolved(structured=True)
-    assert (lm.regrowth_lr_ratio, lm.cost_exponent) == (1.0, 0.5) and lm.regrowth_lr == pytest.approx(lm.lr)
+    assert (lm.regrowth_lr_ratio, lm.cost_exponent) == (1.0, 0.0) and lm.regrowth_lr == pytest.approx(lm.lr)
     cnn = hf.TrainConfig(target_sparsity=0.5).resolved(structured=True)
     assert (cnn.cost_exponent, cnn.regrowth_lr) == (1.0, pytest.approx(0.3 * cnn.lr))  # the CNN defaults stay
     assert hf.TrainConfig(regrowth_lr=0.01, regrowth_lr_ratio=1.0).resolved(True).regrowth_lr == 0.01  # given wins
