@@ -97,6 +97,7 @@ LANGUAGE_MODEL_RECIPE: dict[str, object] = {
     "optimizer": "adamw", "lr": 1e-4, "lr_final_ratio": 0.1, "weight_decay": 0.1, "betas": (0.9, 0.95),
     "warmup_fraction": 0.03, "clip_grad_norm": 1.0, "regrowth_lr_final": 1e-5, "label_smoothing": 0.0,
     "regrowth_lr_ratio": 1.0, "cost_exponent": 0.0, "epochs": 0.25, "regrowth_epochs": 2.75,
+    "flow_warmup_steps": 3,
 }
 LM_LR_ANCHOR = (256, 1e-3)  # (width, peak LR) measured best on a pre-trained 4-layer Llama (docs/BENCHMARKS.md)
 LM_LR_RANGE = (5e-5, 1e-3)
@@ -133,6 +134,9 @@ class TrainConfig:
     clip_grad_norm: float | None = None  # clip the weights' gradient norm to this (None: never)
     flow_lr: float | None = None  # Adam LR of the flow parameters; None = 1e-3, raised for short runs
     flow_travel: float = 5.0  # short-run rule: flow_lr >= flow_travel / pruning steps (paper: ~39)
+    flow_warmup_steps: int = 0  # the flow LR rises linearly over the first N pruning steps (k/N of it at step k):
+    #   Adam's first steps move every flow by its full LR whatever its gradient, so with a short run's large
+    #   flow LR one batch's flux sign would close units; 0: none (the paper's)
     regrowth_lr: float | None = None  # weight LR at the start of regrowth, cosine-decayed to regrowth_lr_final;
     #   None: lr * regrowth_lr_ratio; the paper's is 1e-3 (pass it to reproduce the paper)
     regrowth_lr_ratio: float = REGROWTH_LR_RATIO  # regrowth_lr = lr * this when regrowth_lr is None
@@ -202,6 +206,9 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be > 0, got {getattr(self, name)}")
         if self.controller_lookahead is not None and self.controller_lookahead < 0:
             raise ValueError(f"TrainConfig.controller_lookahead must be >= 0 or None, got {self.controller_lookahead}")
+        if isinstance(self.flow_warmup_steps, bool) or not isinstance(self.flow_warmup_steps, int) or (
+                self.flow_warmup_steps < 0):
+            raise ValueError(f"TrainConfig.flow_warmup_steps must be an int >= 0, got {self.flow_warmup_steps!r}")
         if self.flow_lr is not None and not self.flow_lr > 0:
             raise ValueError(f"TrainConfig.flow_lr must be > 0 or None, got {self.flow_lr}")
         if self.amp not in ("auto", "bf16", "fp16", "off"):

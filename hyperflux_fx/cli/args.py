@@ -73,7 +73,7 @@ def _round_to(text: str) -> int | str | dict[str, int]:
 RECIPES = ("auto", "cnn", "lm")
 #: the TrainConfig fields the language-model recipe sets besides the LR (which --lr may replace)
 _LM_FIELDS = ("optimizer", "betas", "weight_decay", "warmup_fraction", "clip_grad_norm", "lr_final_ratio",
-              "regrowth_lr_final", "label_smoothing", "regrowth_lr_ratio", "cost_exponent")
+              "regrowth_lr_final", "label_smoothing", "regrowth_lr_ratio", "cost_exponent", "flow_warmup_steps")
 _SPLIT = ("epochs", "regrowth_epochs")  # the budget's split, by recipe when not given
 _DENSE_FIELDS = ("optimizer", "betas", "weight_decay", "warmup_fraction", "clip_grad_norm", "label_smoothing")
 

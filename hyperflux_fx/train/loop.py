@@ -440,7 +440,8 @@ def _learning_rates(run: _Run, progress: _Progress) -> tuple[float, float]:
     cfg, s = run.cfg, run.schedule
     if progress.step < s.prune_steps:
         warmup = int(cfg.warmup_fraction * s.prune_steps)
-        return warmup_cosine(cfg.lr, cfg.lr * cfg.lr_final_ratio, progress.step, s.prune_steps, warmup), s.flow_lr
+        flow_lr = s.flow_lr * min(1.0, (progress.step + 1) / max(cfg.flow_warmup_steps, 1))
+        return warmup_cosine(cfg.lr, cfg.lr * cfg.lr_final_ratio, progress.step, s.prune_steps, warmup), flow_lr
     j = progress.step - s.prune_steps
     k = j // s.spe
     lr_t = 0.0 if (progress.frozen or k >= cfg.regrowth_flow_epochs) else (

@@ -324,10 +324,12 @@ def uniform_counts(cm: CostModel, families: list[list[int]], fraction_at: Callab
 
 
 def _heads_per_unit(cm: CostModel, group: Group) -> int:
-    """Attention heads in one unit of a head group (the query heads of one KV head under GQA)."""
+    """Attention heads in one unit of a head group (under GQA a query position: one query head of each
+    KV group)."""
     prod = cm.coupling.producers[group.spaces[0]]
-    parent = cm.coupling.producers[prod.parent] if prod.parent is not None else prod
-    return cm.coupling.head_groups.get(parent.name, 1)
+    if prod.parent is None or cm.coupling.producers[prod.parent].name not in cm.coupling.head_groups:
+        return 1
+    return prod.replicas
 
 
 def _shared_widths(cm: CostModel, families: list[list[int]]) -> list[int]:

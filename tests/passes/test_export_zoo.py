@@ -22,6 +22,8 @@ from equivalence import assert_fold_exact, close_at_random
 from models import EXPORT_ZOO, HF_ZOO, build_hf
 
 import hyperflux_fx as hf
+from hyperflux_fx.analysis.cost_model import CostModel
+from hyperflux_fx.analysis.coupling.rules.heads import KV_KEPT
 from hyperflux_fx.ir import FRONTEND_META
 
 
@@ -84,7 +86,10 @@ def test_fold_is_exact_and_deletes_heads_units_and_width(name, tmp_path):
                           example_kwargs=kwargs or None, frontend="export")
     gated = res.graph_module.eval()
     groups = res.report.channel_groups
-    assert res.report.gateable_share >= 0.9, res.report.blockers()
+    # the KV heads of grouped-query attention are kept by design (the query positions are the unit)
+    kept_kv = sum(channels for why, channels, _, _ in res.report.blockers() if why == KV_KEPT)
+    gated_channels, total = res.report.gateable_channels
+    assert gated_channels / (total - kept_kv) >= 0.9, res.report.blockers()
     heads = [g for g in groups if g.gated and g.unit == "head"]
     width = next(g for g in groups if g.gated and any(p.startswith(("embedding", "conv")) for p in g.producers)
                  and g.unit == "channel")  # the hidden width: written by the embedding / patch embedding
@@ -114,3 +119,32 @@ def test_a_token_models_first_layer_is_not_taken_for_a_patch_embedding():
                           frontend="export")
     gated = {g.name for g in res.report.gated}
     assert {f"{p}.weight" for p in ("q", "k", "v", "o", "gate", "up", "down")} <= gated
+
+
+@pytest.mark.parametrize("name", ["tiny_decoder", "tiny_decoder_sdpa_gqa"])
+def test_under_gqa_a_head_unit_is_one_query_position_in_every_kv_group(name):
+    """4 query heads over 2 KV heads (repeated in the graph, or by sdpa's enable_gqa): the head gate has
+    2 units, query position p being heads p and 2 + p; the KV heads are kept whole. Closing position 1
+    deletes query heads 1 and 3 (each KV group keeps one), and the repeat follows."""
+    build, inputs = EXPORT_ZOO[name]
+    model = build().eval()
+    res = hf.insert_gates(model, hf.GateConfig(granularity="channel", seed=0), example_inputs=inputs(),
+                          frontend="export")
+    gated = res.graph_module.eval()
+    heads = [g for g in res.report.channel_groups if g.unit == "head"]
+    query = [g for g in heads if g.gated]
+    assert len(query) == 1 and query[0].size == 2
+    assert sum(KV_KEPT in g.blocked for g in heads) == 2  # the k and the v heads
+    gate = next(g for g in hf.gates(gated) if g.unit == "head")
+    with torch.no_grad():
+        gate.flow.copy_(torch.tensor([1.0, -1.0]))
+    fold = hf.FoldConfig(round_to=1)
+    predicted = CostModel(gated, fold).cost()
+    compact = hf.fold_masks(gated, fold).graph_module
+    assert_fold_exact(gated, compact, inputs())
+    assert (predicted.params, predicted.macs) == hf.count_params_and_macs(compact, inputs())  # exact integers
+    d = model.head_dim
+    rows = torch.cat([torch.arange(h * d, (h + 1) * d) for h in (0, 2)])
+    assert torch.equal(compact.q.weight, model.q.weight[rows])
+    assert torch.equal(compact.o.weight, model.o.weight[:, rows])
+    assert torch.equal(compact.k.weight, model.k.weight) and torch.equal(compact.v.weight, model.v.weight)

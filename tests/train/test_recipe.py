@@ -157,6 +157,31 @@ def test_the_lm_recipe_fine_tunes_at_the_peak_lr_and_presses_every_unit_alike():
             hf.TrainConfig(**bad)
 
 
+def test_the_flow_lr_warms_up_over_the_first_pruning_steps_and_zero_leaves_it():
+    """flow_warmup_steps=3: the flows' LR is 1/3, 2/3, then all of the schedule's flow LR at pruning steps
+    1, 2, 3 (one interval a step); 0 (the paper's, the CNN recipe's) is the flow LR from the first step,
+    and the LM recipe warms up over 3."""
+
+    def flow_lrs(warmup: int) -> list[float]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+        gated = hf.insert_gates(model, hf.GateConfig(granularity="channel", seed=0),
+                                example_inputs=(torch.randn(2, 6),))
+        loader = DataLoader(TensorDataset(torch.randn(48, 6), torch.randint(0, 3, (48,))), batch_size=8)  # 6 steps
+        cfg = hf.TrainConfig(target_sparsity=0.5, epochs=1, regrowth_epochs=0, interval_steps=1, track_flux=False,
+                             distill="off", flow_warmup_steps=warmup)
+        return [rec.flow_lr for rec in hf.train(gated.graph_module, loader, None, config=cfg).history]
+
+    plain, warm = flow_lrs(0), flow_lrs(3)
+    assert len(set(plain)) == 1 and plain[0] > 0
+    assert warm[:4] == pytest.approx([plain[0] / 3, 2 * plain[0] / 3, plain[0], plain[0]])
+    assert hf.TrainConfig.for_language_models(target_sparsity=0.5).flow_warmup_steps == 3
+    assert hf.TrainConfig(target_sparsity=0.5).flow_warmup_steps == 0
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="flow_warmup_steps"):
+            hf.TrainConfig(flow_warmup_steps=bad)
+
+
 @pytest.mark.parametrize("exponent", [0.0, 0.5, 1.0])
 def test_channel_pressure_follows_what_a_unit_saves_to_the_cost_exponent(exponent):
     from hyperflux_fx.ir import ChannelGate, gates

@@ -259,8 +259,8 @@ class Coupling:
     requests: dict[str, int] = field(default_factory=dict)  # splits this pass found needed (for the next)
     cuts: dict[str, frozenset[int]] = field(default_factory=dict)  # producer node -> rows its space is cut at
     cut_requests: dict[str, set[int]] = field(default_factory=lambda: defaultdict(set))  # cuts found needed
-    head_groups: dict[str, int] = field(default_factory=dict)  # producer (piece) name -> heads per unit of its split
-    head_group_requests: dict[str, int] = field(default_factory=dict)  # head groupings found needed (GQA)
+    head_groups: dict[str, int] = field(default_factory=dict)  # producer (piece) name -> query heads per KV head
+    head_group_requests: dict[str, int] = field(default_factory=dict)  # GQA found: split heads by position (next pass)
     items: dict[str, list[Label | None]] = field(default_factory=dict)  # split/chunk node -> its items' labels
     cut_args: list[CutArg] = field(default_factory=list)
     shuffles: dict[str, Shuffle] = field(default_factory=dict)  # a shuffle's last node -> the shuffle

@@ -15,10 +15,12 @@ from hyperflux_fx.ops import ChannelRule
 def _sdpa(gm, node, c, labels, spec):  # F.scaled_dot_product_attention(q, k, v): heads are independent
     q, k, v = (spec.arg(node, name) for name in ("query", "key", "value"))
     labs = [labels.get(t) if isinstance(t, fx.Node) else None for t in (q, k, v)]
+    operands = tuple(t if isinstance(t, fx.Node) else None for t in (q, k, v))
     if spec.arg(node, "enable_gqa", False) is True and labs[0] is not None:  # KV heads not repeated in the graph
         labs = [labs[0], *(repeated_heads(lab, labs[0].width) for lab in labs[1:])]
+        operands = (operands[0], None, None)
     rank = len(shape_of(node) or ())
-    out = heads_alike(c, node, labs, rank)
+    out = heads_alike(c, node, labs, rank, gm, operands)
     if out is None:
         block_inputs(c, node, labels, "attention over labels that are not one head space on a batch dim")
         return None
@@ -36,8 +38,9 @@ def _sdpa(gm, node, c, labels, spec):  # F.scaled_dot_product_attention(q, k, v)
 
 
 def _matmul(gm, node, c, labels, spec):  # q @ k^T, attn @ v: a head label on a batch dim passes through
-    labs = [labels.get(a) if isinstance(a, fx.Node) else None for a in node.args[:2]]
-    out = heads_alike(c, node, labs, len(shape_of(node) or ()))
+    operands = tuple(a if isinstance(a, fx.Node) else None for a in node.args[:2])
+    labs = [labels.get(a) if a is not None else None for a in operands]
+    out = heads_alike(c, node, labs, len(shape_of(node) or ()), gm, operands)
     if out is None:
         block_inputs(c, node, labels, "matmul over the channels")
     return out
