@@ -326,10 +326,8 @@ def uniform_counts(cm: CostModel, families: list[list[int]], fraction_at: Callab
 def _heads_per_unit(cm: CostModel, group: Group) -> int:
     """Attention heads in one unit of a head group (under GQA a query position: one query head of each
     KV group)."""
-    prod = cm.coupling.producers[group.spaces[0]]
-    if prod.parent is None or cm.coupling.producers[prod.parent].name not in cm.coupling.head_groups:
-        return 1
-    return prod.replicas
+    sid = group.spaces[0]
+    return cm.coupling.producers[sid].replicas if cm.coupling.is_query_positions(sid) else 1
 
 
 def _shared_widths(cm: CostModel, families: list[list[int]]) -> list[int]:

@@ -280,6 +280,11 @@ class Coupling:
             if reason not in self.blocks[sid]:
                 self.blocks[sid].append(reason)
 
+    def is_query_positions(self, sid: int) -> bool:
+        """``sid`` is a projection's heads split by their position in the KV group (GQA: ``head_groups``)."""
+        prod = self.producers[sid]
+        return prod.parent is not None and self.producers[prod.parent].name in self.head_groups
+
     def groups(self) -> list[Group]:
         out = []
         normalised = {s for use in self.norms + self.means for s in use.label.spaces()}

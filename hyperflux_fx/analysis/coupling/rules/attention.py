@@ -14,8 +14,8 @@ from hyperflux_fx.ops import ChannelRule
 
 def _sdpa(gm, node, c, labels, spec):  # F.scaled_dot_product_attention(q, k, v): heads are independent
     q, k, v = (spec.arg(node, name) for name in ("query", "key", "value"))
-    labs = [labels.get(t) if isinstance(t, fx.Node) else None for t in (q, k, v)]
     operands = tuple(t if isinstance(t, fx.Node) else None for t in (q, k, v))
+    labs = [labels.get(t) if t is not None else None for t in operands]
     if spec.arg(node, "enable_gqa", False) is True and labs[0] is not None:  # KV heads not repeated in the graph
         labs = [labs[0], *(repeated_heads(lab, labs[0].width) for lab in labs[1:])]
         operands = (operands[0], None, None)

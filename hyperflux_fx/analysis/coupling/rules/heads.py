@@ -95,8 +95,7 @@ def _positions_of(c: Coupling, lab: Label) -> Seg | None:
     seg = lab.segs[0] if len(lab.segs) == 1 else None
     if seg is None or seg.space is None or seg.expand != 1:
         return None
-    prod = c.producers[seg.space]
-    if prod.parent is None or c.head_groups.get(c.producers[prod.parent].name, 1) != seg.length or seg.length == 1:
+    if not c.is_query_positions(seg.space) or seg.length != c.producers[seg.space].units:
         return None
     return seg
 
