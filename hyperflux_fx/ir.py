@@ -400,7 +400,11 @@ class ChannelMask(nn.Module):
         full = self.full_mask(*masks).to(x.dtype)
         shape = [1] * x.dim()
         shape[self.dim] = full.numel()
-        return x * full.view(shape)
+        y = x * full.view(shape)
+        if y.stride() != x.stride():  # x is a strided view (a slice): the product is laid out as x was, since
+            #   a consumer's CPU kernel may depend on the layout (linear does), and open gates change nothing
+            y = torch.empty_strided(x.size(), x.stride(), dtype=y.dtype, device=y.device).copy_(y)
+        return y
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, layout={list(self.layout)}"

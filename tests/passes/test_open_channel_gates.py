@@ -13,7 +13,7 @@ import torch
 from models import FOLD_ZOO, REAL_ZOO, build_real
 
 import hyperflux_fx as hf
-from hyperflux_fx.ir import ChannelGate
+from hyperflux_fx.ir import ChannelGate, ChannelMask
 
 
 def _pass(model: torch.nn.Module, x: torch.Tensor, up: torch.Tensor | None, train: bool):
@@ -59,3 +59,18 @@ def test_open_channel_gates_change_nothing_on_the_fixture_zoo(name, granularity)
 def test_open_channel_gates_change_nothing_on_the_real_zoo(lib, name, size, granularity):
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
     _assert_open_gates_change_nothing(build_real(lib, name, size), x, granularity)
+
+
+def test_a_channel_mask_keeps_the_layout_of_a_strided_input():
+    """A mask on a slice (``h[:, :6]`` of a wider tensor) returns the product laid out as the slice was:
+    a linear reading a contiguous copy instead takes another CPU kernel on some machines, and its
+    gradients then differ in the last bit (seen on glu_halves), which open gates must not change."""
+    mask = ChannelMask(1, ((0, 6, 1),))
+    wide = torch.randn(2, 12, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    h = wide[:, :6]
+    out = mask(h, torch.ones(6))
+    assert out.stride() == h.stride() and torch.equal(out, h)
+    out.sum().backward()
+    assert torch.equal(wide.grad, torch.cat([torch.ones(2, 6), torch.zeros(2, 6)], 1))  # still differentiable
+    dense = torch.randn(2, 6)
+    assert mask(dense, torch.ones(6)).stride() == dense.stride()
