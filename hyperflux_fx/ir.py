@@ -365,6 +365,12 @@ class ChannelGate(Gate):
         return _StructuredSTE.apply(self.flow, self.kappa, self.flux_sum, self.flux_steps)
 
 
+def _writable_layout(x: torch.Tensor) -> bool:
+    """Can a new tensor take ``x``'s strides? Not when a dim of more than one element has stride 0 (an
+    ``expand``): its elements would share memory."""
+    return all(st != 0 or n == 1 for n, st in zip(x.shape, x.stride(), strict=True))
+
+
 class ChannelMask(nn.Module):
     """Multiplies a tensor by channel masks along ``dim`` where a group is consumed.
 
@@ -401,8 +407,9 @@ class ChannelMask(nn.Module):
         shape = [1] * x.dim()
         shape[self.dim] = full.numel()
         y = x * full.view(shape)
-        if y.stride() != x.stride():  # x is a strided view (a slice): the product is laid out as x was, since
-            #   a consumer's CPU kernel may depend on the layout (linear does), and open gates change nothing
+        if y.stride() != x.stride() and _writable_layout(x):  # x is a strided view (a slice): the product is laid
+            #   out as x was, since a consumer's CPU kernel may depend on the layout (linear does), and open
+            #   gates change nothing
             y = torch.empty_strided(x.size(), x.stride(), dtype=y.dtype, device=y.device).copy_(y)
         return y
 

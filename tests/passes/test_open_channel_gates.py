@@ -74,3 +74,5 @@ def test_a_channel_mask_keeps_the_layout_of_a_strided_input():
     assert torch.equal(wide.grad, torch.cat([torch.ones(2, 6), torch.zeros(2, 6)], 1))  # still differentiable
     dense = torch.randn(2, 6)
     assert mask(dense, torch.ones(6)).stride() == dense.stride()
+    row = torch.randn(1, 6)
+    assert torch.equal(mask(row.expand(3, 6), torch.ones(6)), row.expand(3, 6))  # a broadcast input: a plain product
