@@ -15,9 +15,10 @@ demo: $(STAMP)
 	$(VENV)/bin/hyperflux-compile examples/digits_cnn.py --out runs/demo --force
 
 # Two worker processes of one torch thread each (the machine has 2 cores), then the tests that time
-# ONNX Runtime and assert a speed-up, alone (marker `serial`, pyproject.toml).
+# ONNX Runtime and assert a speed-up, alone (marker `serial`, pyproject.toml). --dist loadgroup: the
+# tests that share a module's costly run (mark xdist_group) go to one worker, which makes it once.
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q -n auto --maxprocesses 2 -m "not serial"
+	$(VENV)/bin/python -m pytest -q -n auto --maxprocesses 2 --dist loadgroup -m "not serial"
 	$(VENV)/bin/python -m pytest -q -m serial
 
 clean:

@@ -70,16 +70,33 @@ def test_plan_json(capsys):
 
 RUNS = {"weight": ["--granularity", "weight", "--target-sparsity", "0.7"],
         "defaults": []}  # the defaults: channel gates, 0.5 of the MACs, round_to="auto"
+#: the tests that read the run with the defaults share it (one worker: `make test` runs --dist loadgroup)
+DEFAULT_RUN = pytest.mark.xdist_group("cli_default_run")
 
 
-@pytest.mark.parametrize("run", sorted(RUNS))
-def test_end_to_end_on_digits(tmp_path, run):
-    out = tmp_path / "run"
-    old_umask = os.umask(0o027)  # a restrictive umask: every output must follow it (0o640), none be 0o600
+def _run_under_a_restrictive_umask(out: Path, *args: str) -> None:
+    old_umask = os.umask(0o027)  # every output must follow it (0o640), none be 0o600
     try:
-        assert main([EXAMPLE, "--out", str(out), *RUNS[run], *FAST]) == 0
+        assert main([EXAMPLE, "--out", str(out), *args, *FAST]) == 0
     finally:
         os.umask(old_umask)
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory) -> Path:
+    """The CLI with its defaults and FAST's epochs, once per module (read, never written, by its users)."""
+    out = tmp_path_factory.mktemp("default") / "run"
+    _run_under_a_restrictive_umask(out, *RUNS["defaults"])
+    return out
+
+
+@pytest.mark.parametrize("run", [pytest.param(r, marks=DEFAULT_RUN) if r == "defaults" else r for r in sorted(RUNS)])
+def test_end_to_end_on_digits(tmp_path, run, request):
+    if run == "defaults":
+        out = request.getfixturevalue("default_run")
+    else:
+        out = tmp_path / "run"
+        _run_under_a_restrictive_umask(out, *RUNS[run])
     for name in ("compact.onnx", "compact.pt", "summary.json", "metrics.jsonl", "report.html", "run.log",
                  "checkpoints/last.pt"):
         assert (out / name).exists(), name
@@ -223,17 +240,18 @@ def _tree(root):
 
 def test_resume_after_an_interrupted_run(tmp_path, capsys):
     """Interrupted after 5 intervals: a resume with other settings is refused before a byte is written;
-    `report` renders what exists; a resume with the run's own settings finishes it."""
+    `report` renders what exists; a resume with the run's own settings finishes it (no export: what is
+    resumed is the training; test_resume_after_the_landing_gives_the_uninterrupted_result exports)."""
     import re
 
     out = tmp_path / "run"
-    assert main([EXAMPLE, "--out", str(out), "--max-intervals", "5", *FAST]) == 0
+    assert main([EXAMPLE, "--out", str(out), "--max-intervals", "5", *FAST, "--no-export"]) == 0
     partial = out.with_name("run.partial")
     assert partial.exists() and not out.exists()
     assert torch.load(partial / "checkpoints" / "last.pt", weights_only=True)["intervals"] == 5
     before = _tree(partial)
     capsys.readouterr()
-    assert main([EXAMPLE, "--out", str(out), "--resume", "--round-to", "4", *FAST]) == 2
+    assert main([EXAMPLE, "--out", str(out), "--resume", "--round-to", "4", *FAST, "--no-export"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("hyperflux-compile: error: --resume:") and "\n" not in err, err
     assert "fold: checkpoint={" in err and "'round_to': 4" in err, err  # says which setting differs
@@ -241,7 +259,7 @@ def test_resume_after_an_interrupted_run(tmp_path, capsys):
     assert main(["report", str(out)]) == 0  # the interrupted run: what exists, and where it stopped
     page = (partial / "report.html").read_text()
     assert "stopped after interval 5" in page and "--resume" in page and "Kept fraction per group" in page
-    assert main([EXAMPLE, "--out", str(out), "--resume", *FAST]) == 0
+    assert main([EXAMPLE, "--out", str(out), "--resume", *FAST, "--no-export"]) == 0
     s = json.loads((out / "summary.json").read_text())
     assert abs(s["achieved_sparsity"] - 0.5) <= 0.01 and not partial.exists()  # the default: 0.5 of the MACs
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -256,9 +274,9 @@ def test_resume_after_an_interrupted_run(tmp_path, capsys):
     assert main(["report", str(tmp_path / "nothing")]) == 2
 
 
-def test_resume_after_the_landing_gives_the_uninterrupted_result(tmp_path):
-    full = tmp_path / "full"
-    assert main([EXAMPLE, "--out", str(full), *FAST]) == 0
+@DEFAULT_RUN
+def test_resume_after_the_landing_gives_the_uninterrupted_result(tmp_path, default_run):
+    full = default_run
     records = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
     landed = next(r["interval"] for r in records if r["landing"])
     assert landed < len(records)  # there are intervals after the landing to interrupt

@@ -367,7 +367,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     if args.quick:
         args.archs, args.seeds, args.reductions = "mnist1d_cnn", "0", "4"
-        args.dense_epochs, args.prune_epochs, args.regrowth_epochs, args.baseline_lrs = 2, 1, 1, "0.05"
+        args.dense_epochs, args.prune_epochs, args.regrowth_epochs, args.baseline_lrs = 1, 1, 0, "0.05"
     args.reductions = [int(x) for x in str(args.reductions).split(",")]
     rows: list[dict] = []
     t0 = time.time()

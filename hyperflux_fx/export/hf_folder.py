@@ -81,7 +81,7 @@ def compact_config(config: dict, state: Mapping[str, torch.Tensor], prefix: str 
             what = ("query heads", "KV heads", "MLP units")
             j = next(n for n in range(3) if kept[n] != first[n])
             raise NotUniform(f"layer {i} keeps {kept[j]} {what[j]}, layer {min(layers)} keeps {first[j]}: a Hugging "
-                             "Face config has one number per model (--uniform-layers is not built yet)")
+                             "Face config has one number per model (--uniform-layers keeps every layer alike)")
     heads, kv_heads, mlp = first
     if heads % kv_heads:
         raise NotUniform(f"{heads} query heads over {kv_heads} KV heads: not a whole number per KV head")
