@@ -15,10 +15,11 @@ demo: $(STAMP)
 	$(VENV)/bin/hyperflux-compile examples/digits_cnn.py --out runs/demo --force
 
 # Two worker processes of one torch thread each (the machine has 2 cores), then the tests that time
-# ONNX Runtime and assert a speed-up, alone (marker `serial`, pyproject.toml). --dist loadgroup: the
-# tests that share a module's costly run (mark xdist_group) go to one worker, which makes it once.
+# ONNX Runtime and assert a speed-up, alone (marker `serial`, pyproject.toml). --dist loadfile: one
+# worker runs a whole test module, so a module's costly fixture (a CLI run) is made once. (loadgroup
+# would be finer, but under pytest 9 xdist's group suffix never reaches the scheduler: groups split.)
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q -n auto --maxprocesses 2 --dist loadgroup -m "not serial"
+	$(VENV)/bin/python -m pytest -q -n auto --maxprocesses 2 --dist loadfile -m "not serial"
 	$(VENV)/bin/python -m pytest -q -m serial
 
 clean:

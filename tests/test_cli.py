@@ -70,8 +70,6 @@ def test_plan_json(capsys):
 
 RUNS = {"weight": ["--granularity", "weight", "--target-sparsity", "0.7"],
         "defaults": []}  # the defaults: channel gates, 0.5 of the MACs, round_to="auto"
-#: the tests that read the run with the defaults share it (one worker: `make test` runs --dist loadgroup)
-DEFAULT_RUN = pytest.mark.xdist_group("cli_default_run")
 
 
 def _run_under_a_restrictive_umask(out: Path, *args: str) -> None:
@@ -82,15 +80,15 @@ def _run_under_a_restrictive_umask(out: Path, *args: str) -> None:
         os.umask(old_umask)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module")  # `make test` runs --dist loadfile: one worker runs this module, once
 def default_run(tmp_path_factory) -> Path:
-    """The CLI with its defaults and FAST's epochs, once per module (read, never written, by its users)."""
+    """The CLI with its defaults and FAST's epochs, once (read, never written, by its users)."""
     out = tmp_path_factory.mktemp("default") / "run"
     _run_under_a_restrictive_umask(out, *RUNS["defaults"])
     return out
 
 
-@pytest.mark.parametrize("run", [pytest.param(r, marks=DEFAULT_RUN) if r == "defaults" else r for r in sorted(RUNS)])
+@pytest.mark.parametrize("run", sorted(RUNS))
 def test_end_to_end_on_digits(tmp_path, run, request):
     if run == "defaults":
         out = request.getfixturevalue("default_run")
@@ -207,7 +205,9 @@ def _check_report(path: Path, summary: dict) -> None:
 def test_a_speedup_target_predicts_and_measures_latency(tmp_path, monkeypatch):
     monkeypatch.setenv("HYPERFLUX_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "run"
-    assert main([EXAMPLE, "--out", str(out), "--target-speedup", "1.5", *FAST]) == 0
+    # shorter than FAST (it runs alone): what is asserted is the latency model and the landing, not the training
+    assert main([EXAMPLE, "--out", str(out), "--target-speedup", "1.5", "--dense-epochs", "1", "--epochs", "1",
+                 "--regrowth-epochs", "0.5", "--quiet"]) == 0
     s = json.loads((out / "summary.json").read_text())
     assert s["target_measure"] == "latency" and s["target_speedup"] == 1.5
     assert s["target_sparsity"] == pytest.approx(1 - 1 / 1.5)
@@ -274,7 +274,6 @@ def test_resume_after_an_interrupted_run(tmp_path, capsys):
     assert main(["report", str(tmp_path / "nothing")]) == 2
 
 
-@DEFAULT_RUN
 def test_resume_after_the_landing_gives_the_uninterrupted_result(tmp_path, default_run):
     full = default_run
     records = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
@@ -288,8 +287,8 @@ def test_resume_after_the_landing_gives_the_uninterrupted_result(tmp_path, defau
     timing = {"wall_seconds", "ort_latency_ms_dense", "ort_latency_ms_compact", "speedup", "faster_than_dense",
               "latency_note"}  # measured times and what is derived from them
     a, b = (json.loads((d / "summary.json").read_text()) for d in (full, out))
-    for summary in (a, b):  # the sensitivity's own duration is a timing too
-        (summary.get("sensitivity") or {}).pop("seconds", None)
+    for summary in (a, b):  # the per-group sensitivity runs under a time budget: a loaded machine measures fewer
+        summary.pop("sensitivity")  # groups (the shared run and this one may have run under different loads)
     assert {k: v for k, v in a.items() if k not in timing} == {k: v for k, v in b.items() if k not in timing}
     ca, cb = (torch.load(d / "compact.pt", weights_only=True) for d in (full, out))
     assert ca["code"] == cb["code"] and ca["state_dict"].keys() == cb["state_dict"].keys()

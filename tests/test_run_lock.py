@@ -16,11 +16,9 @@ from hyperflux_fx.report.outdir import OutputLocked, RunLock, atomic_write_text,
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = str(ROOT / "examples" / "digits_cnn.py")
-FAST = ["--dense-epochs", "1", "--epochs", "1", "--regrowth-epochs", "1", "--quiet", "--no-export"]
+FAST = ["--dense-epochs", "1", "--epochs", "1", "--regrowth-epochs", "0.5", "--quiet", "--no-export"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 TIMINGS = {"wall_seconds", "latency_table"}  # what may differ between two runs of the same command
-#: the tests that compare with the run alone share it (one worker: `make test` runs --dist loadgroup)
-SOLO = pytest.mark.xdist_group("run_lock_solo")
 
 
 def _cli(*args: str) -> list[str]:
@@ -60,7 +58,7 @@ def _summary(out: Path) -> dict:
     return summary
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module")  # `make test` runs --dist loadfile: one worker runs this module, once
 def solo(tmp_path_factory) -> dict:
     """The summary of the run alone (no other process on its --out), to compare the contended runs with."""
     out = tmp_path_factory.mktemp("solo") / "run"
@@ -68,7 +66,6 @@ def solo(tmp_path_factory) -> dict:
     return _summary(out)
 
 
-@SOLO
 def test_a_second_run_on_the_same_out_exits_2_and_touches_nothing(tmp_path, solo):
     out = tmp_path / "run"
     first = _start(out)
@@ -91,7 +88,6 @@ def test_a_second_run_on_the_same_out_exits_2_and_touches_nothing(tmp_path, solo
     assert _summary(out) == solo  # the first run is what it would have been alone
 
 
-@SOLO
 def test_a_lock_left_by_a_killed_run_is_taken_over(tmp_path, solo):
     out = tmp_path / "run"
     first = _start(out)

@@ -21,8 +21,7 @@ import hyperflux_fx as hf
 
 #: the constructs of the networks whose fold deleted units (filled by the property test, read after it)
 DELETED_WITH: set[str] = set()
-#: the second test reads what the first saw: one worker runs both, in order (`make test`: --dist loadgroup)
-pytestmark = pytest.mark.xdist_group("fold_property")
+#: the second test reads what the first saw: one worker runs both, in order (`make test`: --dist loadfile)
 
 _ACTS = {"relu": F.relu, "silu": F.silu, "gelu": F.gelu, "sigmoid": torch.sigmoid, "none": lambda t: t}
 
