@@ -91,13 +91,14 @@ OPTIMIZERS = ("sgd", "adamw")
 # pressure is the same on every unit whatever it saves (the controller still lands on the measure asked):
 # weighted by the cost, or its square root, it closed half the query and KV heads and did worse. A twelfth
 # of the budget prunes and the rest recovers (0.25 + 2.75 epochs: the pruned model is fine-tuned for
-# longest, as Sheared-LLaMA and Minitron spend most of their tokens after pruning); docs/BENCHMARKS.md,
-# "Against Torch-Pruning's Llama recipe", has each of them measured.
+# longest, as Sheared-LLaMA and Minitron spend most of their tokens after pruning). The distillation's
+# temperature is 1 (per token, the teacher's own distribution; the CNNs' 4 pulls a half-size student toward
+# a teacher it can beat); docs/BENCHMARKS.md, "Against Torch-Pruning's Llama recipe", has each measured.
 LANGUAGE_MODEL_RECIPE: dict[str, object] = {
     "optimizer": "adamw", "lr": 1e-4, "lr_final_ratio": 0.1, "weight_decay": 0.1, "betas": (0.9, 0.95),
     "warmup_fraction": 0.03, "clip_grad_norm": 1.0, "regrowth_lr_final": 1e-5, "label_smoothing": 0.0,
     "regrowth_lr_ratio": 1.0, "cost_exponent": 0.0, "epochs": 0.25, "regrowth_epochs": 2.75,
-    "flow_warmup_steps": 3,
+    "flow_warmup_steps": 3, "distill_temperature": 1.0,
 }
 LM_LR_ANCHOR = (256, 1e-3)  # (width, peak LR) measured best on a pre-trained 4-layer Llama (docs/BENCHMARKS.md)
 LM_LR_RANGE = (5e-5, 1e-3)

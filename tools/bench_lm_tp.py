@@ -191,7 +191,7 @@ def finetune(student_dir: Path, dense_dir: Path, seed: int, lr: float, distill: 
     """Our language-model recipe on the pruned folder (the module docstring); its validation loss."""
     from torch.utils.data import DataLoader
 
-    from hyperflux_fx.config import DISTILL_ALPHA, DISTILL_TEMPERATURE
+    from hyperflux_fx.config import DISTILL_ALPHA
     from hyperflux_fx.config import LANGUAGE_MODEL_RECIPE as R
     from hyperflux_fx.frontend.hf import SEQUENCE, HFLogits, language_model_loss, text_datasets
     from hyperflux_fx.train.distill import Distiller, frozen_teacher
@@ -207,7 +207,7 @@ def finetune(student_dir: Path, dense_dir: Path, seed: int, lr: float, distill: 
         import transformers
 
         dense = HFLogits(transformers.AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.float32))
-        distiller = Distiller(frozen_teacher(dense), DISTILL_ALPHA, DISTILL_TEMPERATURE, required=True)
+        distiller = Distiller(frozen_teacher(dense), DISTILL_ALPHA, R["distill_temperature"], required=True)
     train, val = text_datasets(SEQUENCE)
     loader = DataLoader(train, batch_size=64, shuffle=True)
     val_loader = DataLoader(val, batch_size=256)

@@ -74,7 +74,7 @@ RECIPES = ("auto", "cnn", "lm")
 #: the TrainConfig fields the language-model recipe sets besides the LR (which --lr may replace)
 _LM_FIELDS = ("optimizer", "betas", "weight_decay", "warmup_fraction", "clip_grad_norm", "lr_final_ratio",
               "regrowth_lr_final", "label_smoothing", "regrowth_lr_ratio", "cost_exponent", "flow_warmup_steps")
-_SPLIT = ("epochs", "regrowth_epochs")  # the budget's split, by recipe when not given
+_SPLIT = ("epochs", "regrowth_epochs", "distill_temperature")  # by recipe when not given
 _DENSE_FIELDS = ("optimizer", "betas", "weight_decay", "warmup_fraction", "clip_grad_norm", "label_smoothing")
 
 
@@ -131,8 +131,9 @@ def _add_learning_flags(p: argparse.ArgumentParser) -> None:
                         "the outputs are class logits (per token for language models); off: the task loss alone")
     p.add_argument("--distill-alpha", type=float, default=DISTILL_ALPHA,
                    help="weight of the distillation term in the loss")
-    p.add_argument("--distill-temperature", type=float, default=DISTILL_TEMPERATURE,
-                   help="softmax temperature of teacher and student")
+    p.add_argument("--distill-temperature", type=float, default=None,
+                   help=f"softmax temperature of teacher and student (default: {DISTILL_TEMPERATURE:g}; "
+                        f"{LANGUAGE_MODEL_RECIPE['distill_temperature']:g} with the language-model recipe)")
 
 
 def _add_fold_flags(p: argparse.ArgumentParser) -> None:
@@ -235,7 +236,7 @@ def validate(args: argparse.Namespace) -> Path | None:
         raise UsageError(f"--target-sparsity must be in (0, 1), got {args.target_sparsity}")
     if not 0.0 <= args.distill_alpha <= 1.0:
         raise UsageError(f"--distill-alpha must be in [0, 1], got {args.distill_alpha}")
-    if not args.distill_temperature > 0:
+    if args.distill_temperature is not None and not args.distill_temperature > 0:
         raise UsageError(f"--distill-temperature must be > 0, got {args.distill_temperature}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available on this machine (use --device cpu or auto)")

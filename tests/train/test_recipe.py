@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import hyperflux_fx as hf
 from hyperflux_fx.cli.args import recipe_fields, resolve_recipe
-from hyperflux_fx.config import LANGUAGE_MODEL_RECIPE, language_model_lr
+from hyperflux_fx.config import DISTILL_TEMPERATURE, LANGUAGE_MODEL_RECIPE, language_model_lr
 from hyperflux_fx.train.optim import clip_gradients, cosine, decayed, warmup_cosine, weight_optimizer
 
 
@@ -91,16 +91,21 @@ def test_the_recipe_is_a_config_and_bad_values_are_refused():
     ("cnn", True, True, ("cnn", 0.1, 0)),
 ])
 def test_the_cli_resolves_the_recipe_from_the_source(recipe, lm, pretrained, expect):
-    args = argparse.Namespace(recipe=recipe, lr=None, dense_epochs=None, epochs=None, regrowth_epochs=None)
+    args = argparse.Namespace(recipe=recipe, lr=None, dense_epochs=None, epochs=None, regrowth_epochs=None,
+                              distill_temperature=None)
     resolve_recipe(args, lm, pretrained)
     assert (args.recipe, args.lr, args.dense_epochs) == expect
     # the budget's split: a twelfth pruning, the rest recovery for a language model; the paper's 10 + 5 else
     assert (args.epochs, args.regrowth_epochs) == ((0.25, 2.75) if expect[0] == "lm" else (10, 5))
+    # per token a language model distils at T 1, a classifier at the CNNs' 4
+    assert args.distill_temperature == (1.0 if expect[0] == "lm" else DISTILL_TEMPERATURE)
     fields = recipe_fields(args)
     assert fields == ({} if expect[0] == "cnn" else {k: LANGUAGE_MODEL_RECIPE[k] for k in fields})
-    args = argparse.Namespace(recipe=recipe, lr=3e-4, dense_epochs=2, epochs=0.5, regrowth_epochs=3)  # flags win
+    args = argparse.Namespace(recipe=recipe, lr=3e-4, dense_epochs=2, epochs=0.5, regrowth_epochs=3,
+                              distill_temperature=2.0)  # flags win
     resolve_recipe(args, lm, pretrained)
     assert (args.lr, args.dense_epochs, args.epochs, args.regrowth_epochs) == (3e-4, 2, 0.5, 3)
+    assert args.distill_temperature == 2.0
 
 
 def test_a_fraction_of_an_epoch_is_that_share_of_its_steps():
@@ -176,6 +181,7 @@ def test_the_flow_lr_warms_up_over_the_first_pruning_steps_and_zero_leaves_it():
     assert len(set(plain)) == 1 and plain[0] > 0
     assert warm[:4] == pytest.approx([plain[0] / 3, 2 * plain[0] / 3, plain[0], plain[0]])
     assert hf.TrainConfig.for_language_models(target_sparsity=0.5).flow_warmup_steps == 3
+    assert hf.TrainConfig.for_language_models(target_sparsity=0.5).distill_temperature == 1.0
     assert hf.TrainConfig(target_sparsity=0.5).flow_warmup_steps == 0
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match="flow_warmup_steps"):
