@@ -74,7 +74,7 @@ RECIPES = ("auto", "cnn", "lm")
 #: the TrainConfig fields the language-model recipe sets besides the LR (which --lr may replace)
 _LM_FIELDS = ("optimizer", "betas", "weight_decay", "warmup_fraction", "clip_grad_norm", "lr_final_ratio",
               "regrowth_lr_final", "label_smoothing", "regrowth_lr_ratio", "cost_exponent", "flow_warmup_steps")
-_SPLIT = ("epochs", "regrowth_epochs", "distill_temperature")  # by recipe when not given
+_BY_RECIPE = ("epochs", "regrowth_epochs", "distill_temperature")  # the recipe's, when not given
 _DENSE_FIELDS = ("optimizer", "betas", "weight_decay", "warmup_fraction", "clip_grad_norm", "label_smoothing")
 
 
@@ -82,18 +82,18 @@ def resolve_recipe(args: argparse.Namespace, language_model: bool, pretrained: b
                    hidden_size: int | None = None) -> None:
     """--recipe auto: lm for a causal language model, cnn otherwise; then --lr (the LM recipe's follows the
     model's width), --epochs / --regrowth-epochs (the LM recipe prunes for 0.25 epoch and recovers
-    for 2.75) and --dense-epochs default by it (an hf: folder with weights is the dense model: no
-    dense training unless asked)."""
+    for 2.75), --distill-temperature (1 with the LM recipe, 4 else) and --dense-epochs default by it
+    (an hf: folder with weights is the dense model: no dense training unless asked)."""
     if args.recipe == "auto":
         args.recipe = "lm" if language_model else "cnn"
     if args.lr is None:
         args.lr = language_model_lr(hidden_size) if args.recipe == "lm" else 0.1
     if args.dense_epochs is None:
         args.dense_epochs = 0 if pretrained else 10
-    split = LANGUAGE_MODEL_RECIPE if args.recipe == "lm" else {f: getattr(TrainConfig, f) for f in _SPLIT}
-    for name in _SPLIT:
+    defaults = LANGUAGE_MODEL_RECIPE if args.recipe == "lm" else {f: getattr(TrainConfig, f) for f in _BY_RECIPE}
+    for name in _BY_RECIPE:
         if getattr(args, name) is None:
-            setattr(args, name, split[name])
+            setattr(args, name, defaults[name])
 
 
 def recipe_fields(args: argparse.Namespace, dense: bool = False) -> dict[str, Any]:

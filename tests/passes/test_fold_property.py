@@ -19,9 +19,9 @@ from torch import nn
 
 import hyperflux_fx as hf
 
-#: the constructs of the networks whose fold deleted units (filled by the property test, read after it)
+#: the constructs of the networks whose fold deleted units (filled by the property test, read after it:
+#: `make test` runs --dist loadfile, so one worker runs both, in order)
 DELETED_WITH: set[str] = set()
-#: the second test reads what the first saw: one worker runs both, in order (`make test`: --dist loadfile)
 
 _ACTS = {"relu": F.relu, "silu": F.silu, "gelu": F.gelu, "sigmoid": torch.sigmoid, "none": lambda t: t}
 
