@@ -19,7 +19,13 @@ for each MAC reduction (2x, 4x, 16x by default):
     default (``DISTILL_ALPHA``, ``DISTILL_TEMPERATURE``): what the method is worth apart from the
     recovery trick.
   Fine-tuning is SGD (momentum 0.9, weight decay 5e-4, cosine, label smoothing 0.1), at each LR of
-  ``--baseline-lrs``; the best test accuracy counts (this favours the baselines).
+  ``--baseline-lrs``; the best test accuracy counts, per seed (this favours the baselines). Every LR's
+  accuracy goes to ``--json`` (``acc_by_lr``), and the table's last line says how much that per-seed
+  choice adds over one LR per cell.
+
+hyperflux-compile's conv rounding (``round_to="auto"``: ONNX Runtime's NCHWc block, 16 with AVX-512 and 8
+with AVX2) is also each conv layer's minimum width, so its structures depend on the CPU; the table's
+header names the value each arch resolved.
 
 Every model is exported to ONNX and timed in ONNX Runtime (CPU, 1 thread, batch ``--latency-batch``)
 side by side with the dense export. Accuracies are on the fixed test split (MNIST-1D: 1000 signals;
@@ -200,15 +206,15 @@ def _baselines(tp, dense: nn.Module, inputs, train_loader: DataLoader, test_load
     ratio = _ratio_for_macs(tp, dense, inputs, macs)
     found = []
     for recipe, label in RECIPES:
-        best = None
+        best, by_lr = None, {}
         for lr in lrs:
             torch.manual_seed(seed)
             m = torch_pruning(tp, recipe, dense, inputs, train_loader, ratio, budget, lr)
-            acc = hf.evaluate(m, test_loader)
+            acc = by_lr[str(lr)] = hf.evaluate(m, test_loader)
             if best is None or acc > best["acc"]:
                 best = {"method": label, "model": m, "acc": acc, "macs": _macs(m, inputs) / macs_dense,
                         "params": sum(p.numel() for p in m.parameters()), "widths": _widths(m), "lr": lr}
-        found.append(best)
+        found.append({**best, "acc_by_lr": by_lr})
     return found
 
 
@@ -275,7 +281,7 @@ def run_arch(arch: str, seeds: list[int], args, tp, rows: list[dict]) -> None:
                     continue
                 found = [{"method": "hyperflux channel (defaults)", "model": tmp / f"hf{x}" / "compact.onnx",
                           "acc": s["compact_accuracy"], "macs": s["macs_compact"] / s["macs_dense"],
-                          "params": s["params_compact_stored"], "widths": s["widths"]}]
+                          "params": s["params_compact_stored"], "widths": s["widths"], "round_to": s["round_to"]}]
                 cached = _cached_baselines(args.cached, arch, seed, x, dense_acc, found[0]["macs"]) or []
                 if not cached:
                     found += _baselines(tp, dense, inputs, train_loader, test_loader, s["macs_compact"], seed, budget,
@@ -313,6 +319,43 @@ def _reuse_note(rows: list[dict]) -> str:
             " or they had at least ours (`--baselines-from`; their speed-ups were timed in that run).")
 
 
+def _rounding_note(rows: list[dict]) -> str:
+    """The conv rounding hyperflux-compile resolved (``round_to="auto"``: ONNX Runtime's NCHWc block on the
+    CPU that ran it, 16 with AVX-512 and 8 with AVX2, halved where a target needs it), per arch over the
+    reductions; it is also each conv layer's minimum width, so the structures, and the accuracies, depend
+    on the CPU (docs/BENCHMARKS.md). Empty for rows that predate the field."""
+    ours = [r for r in rows if r["method"].startswith("hyperflux") and "round_to" in r]
+    if not ours:
+        return ""
+    per_arch = {}
+    for arch in dict.fromkeys(r["arch"] for r in ours):
+        per_x = {x: sorted({r["round_to"] for r in ours if r["arch"] == arch and r["x"] == x})
+                 for x in sorted({r["x"] for r in ours if r["arch"] == arch})}
+        per_arch[arch] = " / ".join(",".join(str(v) for v in vs) for vs in per_x.values())
+    return " hyperflux-compile's resolved `round_to` per reduction: " + "; ".join(
+        f"{a} {v}" for a, v in per_arch.items()) + "."
+
+
+def lr_selection_note(rows: list[dict]) -> str:
+    """How much choosing Torch-Pruning's LR per seed on the test set adds over one LR per cell (the LR whose
+    mean over the seeds is best), averaged over the cells and recipes whose rows carry every LR's accuracy
+    (``acc_by_lr``); empty when none do or only one LR ran."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if len(r.get("acc_by_lr", {})) > 1:
+            groups.setdefault((r["arch"], r["x"], r["method"]), []).append(r)
+    gains = []
+    for rs in groups.values():
+        per_seed = statistics.mean(max(r["acc_by_lr"].values()) for r in rs)
+        fixed = max(statistics.mean(r["acc_by_lr"][lr] for r in rs) for lr in rs[0]["acc_by_lr"])
+        gains.append(100 * (per_seed - fixed))
+    if not gains:
+        return ""
+    return (f"Torch-Pruning's LR is the best of {len(next(iter(groups.values()))[0]['acc_by_lr'])} per seed, on "
+            f"the test set: over {len(gains)} cells and recipes that adds {statistics.mean(gains):+.2f} pt on "
+            f"average (at most {max(gains):+.2f}) to its mean, against one LR per cell chosen on the seeds' mean.")
+
+
 def table(rows: list[dict], args) -> str:
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
@@ -321,7 +364,7 @@ def table(rows: list[dict], args) -> str:
              f"{args.prune_epochs + args.regrowth_epochs} epochs per method; seeds {_seeds_per_arch(rows)}; "
              "Torch-Pruning best "
              f"of fine-tune LR {args.baseline_lrs}; ORT CPU 1 thread, batch {args.latency_batch}."
-             + _reuse_note(rows), "",
+             + _rounding_note(rows) + _reuse_note(rows), "",
              "| arch | MAC reduction asked | method | MAC fraction | ORT speed-up | params | test acc % (mean ± std) |",
              "|---|---|---|---|---|---|---|"]
     for (arch, x, method), rs in groups.items():
@@ -331,7 +374,8 @@ def table(rows: list[dict], args) -> str:
         lines.append(f"| {arch} | {asked} | {method} | {statistics.mean(r['macs'] for r in rs):.4f} "
                      f"| {statistics.mean(r['speedup'] for r in rs):.2f}x | "
                      f"{statistics.mean(r['params'] for r in rs):,.0f} | {statistics.mean(acc):.2f} ± {std:.2f} |")
-    return "\n".join(lines)
+    note = lr_selection_note(rows)
+    return "\n".join(lines + (["", note] if note else []))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -61,3 +61,24 @@ def test_baselines_are_reused_only_from_the_same_dense_start_at_the_same_or_no_f
     below = _cell(0, 4, tp_macs=0.249)  # bisected below our 0.25 then: reused at exactly 0.25 only
     assert bench_structured._cached_baselines(below, "mnist1d_cnn", 0, 4, 0.98, 0.25) is not None
     assert bench_structured._cached_baselines(below, "mnist1d_cnn", 0, 4, 0.98, 0.2499) is None
+
+
+def test_lr_note_measures_what_choosing_the_lr_per_seed_on_the_test_set_adds():
+    """Best LR per seed: mean 0.985; one LR for the cell: 0.05 (mean 0.98), so the per-seed choice adds 0.5 pt."""
+    rows = [{"arch": "mnist1d_cnn", "seed": s, "x": 4, "method": "TP magnitude, one-shot + FT", "acc": max(a.values()),
+             "acc_by_lr": a} for s, a in enumerate(({"0.01": 0.98, "0.05": 0.97}, {"0.01": 0.96, "0.05": 0.99}))]
+    note = bench_structured.lr_selection_note(rows)
+    assert "best of 2 per seed" in note and "over 1 cells" in note and "adds +0.50 pt on average" in note
+    assert bench_structured.lr_selection_note([{**r, "acc_by_lr": {}} for r in rows]) == ""  # older rows: no note
+    same = [{**r, "acc_by_lr": {"0.01": 0.98, "0.05": 0.97}} for r in rows]  # one LR best on every seed: nothing
+    assert "adds +0.00 pt" in bench_structured.lr_selection_note(same)
+
+
+def test_the_header_names_the_rounding_each_arch_resolved():
+    rows = _rows("mnist1d_cnn", [0, 1], 0.98) + _rows("digits_cnn", [0], 0.99)
+    assert bench_structured._rounding_note(rows) == ""  # rows from before the field
+    for r in rows:
+        if r["method"].startswith("hyperflux"):
+            r["round_to"] = 8 if r["arch"] == "digits_cnn" or r["seed"] == 0 else 16
+    assert bench_structured._rounding_note(rows) == (
+        " hyperflux-compile's resolved `round_to` per reduction: mnist1d_cnn 8,16; digits_cnn 8.")
