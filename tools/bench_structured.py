@@ -24,8 +24,9 @@ for each MAC reduction (2x, 4x, 16x by default):
   choice adds over one LR per cell.
 
 hyperflux-compile's conv rounding (``round_to="auto"``: ONNX Runtime's NCHWc block, 16 with AVX-512 and 8
-with AVX2) is also each conv layer's minimum width, so its structures depend on the CPU; the table's
-header names the value each arch resolved.
+with AVX2) depends on the CPU, and so did its conv floor until it became a setting of its own
+(``min_conv_channels``: 16 on every CPU, docs/folding.md); the table's header names both, as each arch
+resolved them.
 
 Every model is exported to ONNX and timed in ONNX Runtime (CPU, 1 thread, batch ``--latency-batch``)
 side by side with the dense export. Accuracies are on the fixed test split (MNIST-1D: 1000 signals;
@@ -281,7 +282,8 @@ def run_arch(arch: str, seeds: list[int], args, tp, rows: list[dict]) -> None:
                     continue
                 found = [{"method": "hyperflux channel (defaults)", "model": tmp / f"hf{x}" / "compact.onnx",
                           "acc": s["compact_accuracy"], "macs": s["macs_compact"] / s["macs_dense"],
-                          "params": s["params_compact_stored"], "widths": s["widths"], "round_to": s["round_to"]}]
+                          "params": s["params_compact_stored"], "widths": s["widths"], "round_to": s["round_to"],
+                          "min_conv_channels": s.get("min_conv_channels", s["round_to"])}]
                 cached = _cached_baselines(args.cached, arch, seed, x, dense_acc, found[0]["macs"]) or []
                 if not cached:
                     found += _baselines(tp, dense, inputs, train_loader, test_loader, s["macs_compact"], seed, budget,
@@ -320,19 +322,20 @@ def _reuse_note(rows: list[dict]) -> str:
 
 
 def _rounding_note(rows: list[dict]) -> str:
-    """The conv rounding hyperflux-compile resolved (``round_to="auto"``: ONNX Runtime's NCHWc block on the
-    CPU that ran it, 16 with AVX-512 and 8 with AVX2, halved where a target needs it), per arch over the
-    reductions; it is also each conv layer's minimum width, so the structures, and the accuracies, depend
-    on the CPU (docs/BENCHMARKS.md). Empty for rows that predate the field."""
+    """The conv rounding and floor hyperflux-compile resolved, per arch over the reductions, as "round_to
+    (min_conv_channels)": the rounding is ONNX Runtime's NCHWc block on the CPU that ran it (16 with AVX-512,
+    8 with AVX2), the floor 16; both halved where a target needs it. Rows from before the floor was a setting
+    of its own had the block as the floor. Empty for rows that predate both fields."""
     ours = [r for r in rows if r["method"].startswith("hyperflux") and "round_to" in r]
     if not ours:
         return ""
     per_arch = {}
     for arch in dict.fromkeys(r["arch"] for r in ours):
-        per_x = {x: sorted({r["round_to"] for r in ours if r["arch"] == arch and r["x"] == x})
+        per_x = {x: sorted({(r["round_to"], r.get("min_conv_channels", r["round_to"])) for r in ours
+                            if r["arch"] == arch and r["x"] == x})
                  for x in sorted({r["x"] for r in ours if r["arch"] == arch})}
-        per_arch[arch] = " / ".join(",".join(str(v) for v in vs) for vs in per_x.values())
-    return " hyperflux-compile's resolved `round_to` per reduction: " + "; ".join(
+        per_arch[arch] = " / ".join(",".join(f"{b} ({m})" for b, m in vs) for vs in per_x.values())
+    return " hyperflux-compile's resolved `round_to` (conv floor) per reduction: " + "; ".join(
         f"{a} {v}" for a, v in per_arch.items()) + "."
 
 
