@@ -6,7 +6,8 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-__all__ = ["LANGUAGE_MODEL_RECIPE", "FoldConfig", "language_model_lr", "GateConfig", "Granularity", "TrainConfig"]
+__all__ = ["CONV_FLOOR", "LANGUAGE_MODEL_RECIPE", "FoldConfig", "language_model_lr", "GateConfig", "Granularity",
+           "TrainConfig"]
 
 Granularity = Literal["weight", "channel", "hybrid"]
 
@@ -55,11 +56,14 @@ class FoldConfig:
 
     round_to: int | str = "auto"  # keep a conv's kept channel counts multiples of this (extra = strongest closed
     #   units); "auto" = ONNX Runtime's NCHWc block on this CPU (analysis.runtime.nchwc_block). On 2-D convs the
-    #   blocked layout runs faster; on 1-D/3-D convs it is not faster, but the block keeps every conv layer at least
-    #   that wide, which the accuracy of the MNIST-1D benchmarks depends on (docs/folding.md, measured)
+    #   blocked layout runs faster; on 1-D/3-D convs it is not faster (the narrowest conv is min_conv_channels')
     round_to_width: int | str = "auto"  # the same for linear/matmul widths (MLP units, the residual width);
     #   "auto" = 1 (ORT's GEMM is never faster for a multiple: tools/bench_rounding.py). Heads are never rounded
     min_channels: int = 1  # never delete a group down to fewer channels
+    min_conv_channels: int | str = "auto"  # a conv's channel groups keep at least this many (all of a smaller
+    #   group), before the rounding; "auto" = CONV_FLOOR (16) with round_to "auto", so that the narrowest conv a
+    #   run can reach is the same on every CPU, and 1 with an explicit round_to (its multiple is then the floor,
+    #   as it always was); halved with the block while a params/MACs target is out of reach (docs/folding.md)
     delete_dead: bool = True  # also delete channels whose weights and bias are all zero (weight masks alone)
     fold_batchnorm: bool = False  # merge inference BatchNorms into their convs (the result is for inference)
 
@@ -70,8 +74,18 @@ class FoldConfig:
                 raise ValueError(f"FoldConfig.{name} must be 'auto' or an int >= 1, got {value!r}")
         if self.min_channels < 1:
             raise ValueError(f"FoldConfig.min_channels must be >= 1, got {self.min_channels}")
+        floor = self.min_conv_channels
+        if floor != "auto" and not (isinstance(floor, int) and not isinstance(floor, bool) and floor >= 1):
+            raise ValueError(f"FoldConfig.min_conv_channels must be 'auto' or an int >= 1, got {floor!r}")
+        if floor == "auto" and self.round_to != "auto":  # an explicit multiple is its own floor, as before
+            object.__setattr__(self, "min_conv_channels", 1)
 
 
+# The narrowest conv layer FoldConfig(round_to="auto") lets a run reach, on every CPU: ONNX Runtime's NCHWc
+# block where it is 16 (AVX-512), which the structured benchmarks' accuracies were measured with. Where the
+# block is 8 (AVX2) a floor of one block let the MAC-weighted pressure squeeze MNIST-1D and digits convs to 8
+# channels between wide ones (docs/BENCHMARKS.md, "On a CPU without AVX-512").
+CONV_FLOOR = 16
 TARGET_MEASURES = ("count", "params", "macs", "latency")
 PRESSURE_MODES = ("auto", "coupled", "decoupled")
 DISTILL_MODES = ("auto", "on", "off")

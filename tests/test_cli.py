@@ -110,7 +110,7 @@ def test_end_to_end_on_digits(tmp_path, run, request):
     if run == "defaults":
         assert (granularity, s["target_measure"], s["target_sparsity"]) == ("channel", "macs", 0.5)
         assert (s["recipe"], s["epochs"], s["regrowth_epochs"]) == ("cnn", 2, 1)  # FAST's, as given
-        assert s["round_to"] == (nchwc_block() or 1)
+        assert s["round_to"] == (nchwc_block() or 1) and s["min_conv_channels"] == 16  # the same on every CPU
         assert (s["land_at"], s["regrowth_lr"]) == (0.0, pytest.approx(0.3 * 0.1))  # channel gates: land, fine-tune
         # the exact cost model: what training reports is what the compact model measures, within 1 pt of the aim
         assert s["achieved_sparsity"] == pytest.approx(1 - s["macs_compact"] / s["macs_dense"], abs=1e-12)
@@ -229,7 +229,8 @@ def test_a_speedup_target_predicts_and_measures_latency(tmp_path, monkeypatch):
     # warm: the table of the same gated model, the same batch and fold, is all read from the cache
     loaded = load_source(EXAMPLE)
     gated = insert_gates(loaded.model, GateConfig(granularity="channel"), example_inputs=loaded.example_inputs)
-    fold = FoldConfig(round_to=s["round_to"], round_to_width=s["round_to_width"])
+    fold = FoldConfig(round_to=s["round_to"], round_to_width=s["round_to_width"],
+                      min_conv_channels=s["min_conv_channels"])
     warm = LatencyModel(CostModel(gated.graph_module, fold), cache_dir=tmp_path / "cache")
     assert warm.measured == 0 and len(warm.ops) == table["timed_ops"]
 
@@ -428,6 +429,13 @@ def test_round_to_from_a_summary_reuses_both_resolved_multiples(tmp_path):
     assert fold_config(args) == FoldConfig(round_to=8, round_to_width=1)
     args = build_parser().parse_args([EXAMPLE, "--round-to", str(summary), "--round-to-width", "4"])
     assert fold_config(args) == FoldConfig(round_to=8, round_to_width=4)  # an explicit flag still wins
+    assert fold_config(args).min_conv_channels == 1  # a summary from before the conv floor: the block was the floor
+    summary.write_text(json.dumps({"round_to": 8, "round_to_width": 1, "min_conv_channels": 16}))
+    args = build_parser().parse_args([EXAMPLE, "--round-to", str(summary)])
+    assert fold_config(args) == FoldConfig(round_to=8, round_to_width=1, min_conv_channels=16)
+    args = build_parser().parse_args([EXAMPLE, "--round-to", str(summary), "--min-conv-channels", "4"])
+    assert fold_config(args).min_conv_channels == 4
+    assert fold_config(build_parser().parse_args([EXAMPLE])) == FoldConfig()  # the defaults: all three "auto"
 
 
 def test_a_calibration_from_another_machine_is_measured_again(tmp_path):

@@ -98,9 +98,9 @@ def main(argv: list[str] | None = None) -> int:
             f"Machine: {machine()}, ONNX Runtime NCHWc block {nchwc_block()}. Below 1.00 the rounded width "
             f"(more channels) runs faster than the unrounded one.\n\n{table(rows)}\n\n{verdict} "
             f"So `round_to_width=\"auto\"` (linear widths) is 1. `round_to=\"auto\"` (the NCHWc block) "
-            f"applies to conv channels: on 2-D convs for speed; on 1-D/3-D convs it is not faster, but it "
-            f"keeps every conv layer at least one block wide, and the MNIST-1D accuracy depends on that "
-            f"(docs/folding.md).\n\nReproduce: `python tools/bench_rounding.py --write docs/BENCHMARKS.md`\n")
+            f"applies to conv channels: on 2-D convs for speed; on 1-D/3-D convs it is not faster; the "
+            f"narrowest conv layer is set apart from it, by `min_conv_channels` (16 on every CPU: docs/folding.md)."
+            f"\n\nReproduce: `python tools/bench_rounding.py --write docs/BENCHMARKS.md`\n")
     print(text)
     if args.write:
         write_section(Path(args.write), "bench_rounding", text)

@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from hyperflux_fx.config import FoldConfig
+from hyperflux_fx.config import CONV_FLOOR, FoldConfig
 
 __all__ = ["cpu_isa", "cpu_name", "machine_key", "nchwc_block", "resolve_fold_config"]
 
@@ -95,7 +95,10 @@ def nchwc_block() -> int:
 
 def resolve_fold_config(config: FoldConfig) -> FoldConfig:
     """``config`` with ``"auto"`` replaced by the multiples the runtime's kernels need: ``round_to`` the
-    NCHWc block (1 where there is none), ``round_to_width`` 1."""
+    NCHWc block (1 where there is none), ``round_to_width`` 1, ``min_conv_channels`` :data:`CONV_FLOOR`
+    (an explicit ``round_to`` has already made it 1: FoldConfig)."""
+    if config.min_conv_channels == "auto":
+        config = dataclasses.replace(config, min_conv_channels=CONV_FLOOR)
     if config.round_to == "auto":
         config = dataclasses.replace(config, round_to=nchwc_block() or 1)
     if config.round_to_width == "auto":

@@ -59,12 +59,14 @@ def _multiple(text: str) -> int | str:
 
 
 def _round_to(text: str) -> int | str | dict[str, int]:
-    """auto, an integer, or an earlier run's summary.json: the multiples that run resolved (both)."""
+    """auto, an integer, or an earlier run's summary.json: the multiples that run resolved (both), and its conv
+    floor (1 in a summary from before the field, which is what those runs used with their rounding)."""
     if not text.endswith(".json"):
         return _multiple(text)
     try:
         summary = json.loads(Path(text).read_text())
-        return {"round_to": int(summary["round_to"]), "round_to_width": int(summary["round_to_width"])}
+        return {"round_to": int(summary["round_to"]), "round_to_width": int(summary["round_to_width"]),
+                "min_conv_channels": int(summary.get("min_conv_channels", 1))}
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise argparse.ArgumentTypeError(f"{text}: not a summary.json with round_to and round_to_width ({exc})"
                                          ) from exc
@@ -104,12 +106,14 @@ def recipe_fields(args: argparse.Namespace, dense: bool = False) -> dict[str, An
 
 
 def fold_config(args: argparse.Namespace) -> FoldConfig:
-    """The fold the flags ask for; --round-to SUMMARY.json reuses both multiples that run resolved
-    (an explicit --round-to-width still wins)."""
+    """The fold the flags ask for; --round-to SUMMARY.json reuses both multiples and the conv floor that run
+    resolved (an explicit --round-to-width or --min-conv-channels still wins)."""
+    floor = args.min_conv_channels
     if isinstance(args.round_to, dict):
         width = args.round_to_width if args.round_to_width != "auto" else args.round_to["round_to_width"]
-        return FoldConfig(round_to=args.round_to["round_to"], round_to_width=width)
-    return FoldConfig(round_to=args.round_to, round_to_width=args.round_to_width)
+        floor = floor if floor != "auto" else args.round_to["min_conv_channels"]
+        return FoldConfig(round_to=args.round_to["round_to"], round_to_width=width, min_conv_channels=floor)
+    return FoldConfig(round_to=args.round_to, round_to_width=args.round_to_width, min_conv_channels=floor)
 
 
 class Parser(argparse.ArgumentParser):
@@ -146,6 +150,10 @@ def _add_fold_flags(p: argparse.ArgumentParser) -> None:
                         "ONNX Runtime's fast conv kernels need on this CPU (measured), halved while a params/MACs "
                         "target is out of reach with whole blocks; or an earlier run's summary.json: reuse the "
                         "multiples it resolved (also for --round-to-width)")
+    p.add_argument("--min-conv-channels", type=_multiple, default="auto",
+                   help="the fewest channels a conv layer keeps (all of a narrower one), before the rounding; auto = "
+                        "16 with --round-to auto, on every CPU (halved with the block while a params/MACs target is "
+                        "out of reach), else 1 (the multiple is the floor)")
     p.add_argument("--round-to-width", type=_multiple, default="auto",
                    help="the same for linear/matmul widths (MLP units, the residual width); auto = 1 (measured: "
                         "ONNX Runtime is never faster for a multiple there). "

@@ -89,7 +89,7 @@ def fold_stage(job: Job, gated: Any, result: TrainResult, dense_acc: float) -> t
         "sparsity_before_landing": (None if result.density_before_landing is None
                                     else 1.0 - result.density_before_landing),
         "controller_lookahead": result.controller_lookahead, "round_to": folded.report.round_to,
-        "round_to_width": folded.report.round_to_width,
+        "round_to_width": folded.report.round_to_width, "min_conv_channels": folded.report.min_conv_channels,
         "tracking": None if (t := tracking(result.history)) is None else t.to_dict(),
         "land_at": result.land_at, "regrowth_lr": result.regrowth_lr, "pressure": result.pressure,
         "cost_exponent": result.cost_exponent,

@@ -21,10 +21,11 @@ def hyperflux_stage(job: Job) -> tuple[PassResult, TrainResult | None, int]:
     say(args, f"[2/5] Hyperflux: target sparsity {args.target_sparsity} ({args.target}), granularity "
                f"{args.granularity}, {args.epochs} pruning + {args.regrowth_epochs} regrowth epochs")
     cfg = job.train_cfg
-    preferred = resolve_fold_config(fold_config(args)).round_to
-    if job.fold.round_to != preferred:
-        say(args, f"      round_to {job.fold.round_to}: with whole blocks of {preferred} channels (ONNX Runtime's on "
-                   f"this CPU) {args.target_sparsity} of the {args.target} is out of reach")
+    preferred = resolve_fold_config(fold_config(args))
+    if (job.fold.round_to, job.fold.min_conv_channels) != (preferred.round_to, preferred.min_conv_channels):
+        say(args, f"      round_to {job.fold.round_to}, min_conv_channels {job.fold.min_conv_channels}: with whole "
+                   f"blocks of {preferred.round_to} channels (ONNX Runtime's on this CPU) and convs at least "
+                   f"{preferred.min_conv_channels} wide, {args.target_sparsity} of the {args.target} is out of reach")
     try:
         latency = latency_model(job, res.graph_module, cfg) if args.target == "latency" else None
         result = train(res.graph_module, job.train_loader, job.val_loader, cfg, loss_fn=job.loaded.loss_fn,

@@ -102,6 +102,7 @@ class FoldReport:
     params_after: int = 0
     round_to: int = 1  # the multiple kept conv channel counts were rounded to ("auto" resolved)
     round_to_width: int = 1  # the same for every other width (heads are never rounded)
+    min_conv_channels: int = 1  # the fewest channels a conv group kept ("auto" resolved), before the rounding
     rule_counts: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -152,7 +153,7 @@ def fold_masks(gm: fx.GraphModule, config: FoldConfig | None = None, *, example_
         gm = copy.deepcopy(gm)
     inputs = normalize_inputs(example_inputs) if example_inputs is not None else gm.meta.get(INPUTS_META)
     report = FoldReport(params_before=count_params(gm), round_to=int(config.round_to),
-                        round_to_width=int(config.round_to_width))
+                        round_to_width=int(config.round_to_width), min_conv_channels=int(config.min_conv_channels))
     rules: dict[str, int] = defaultdict(int)
     with torch.no_grad():
         _fold_weight_masks(gm, report)
@@ -296,7 +297,8 @@ def _plan_group(gm: fx.GraphModule, coupling: Coupling, g: Group, gate: ChannelG
     extra = int(kept.sum()) - (g.size - n_closed)
     if extra > 0:
         knob = round_field(g) or "round_to_width"  # heads: no rounding, so min_channels kept them
-        info.reason = f"kept {extra} closed {g.unit}(s) for {knob}={round_multiple(g, config)}/min_channels"
+        floor = "min_conv_channels" if knob == "round_to" else "min_channels"
+        info.reason = f"kept {extra} closed {g.unit}(s) for {knob}={round_multiple(g, config)}/{floor}"
     info.after = int(kept.sum())
     info.deleted = g.size - info.after
     return torch.nonzero(kept).flatten()

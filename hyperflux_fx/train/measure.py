@@ -47,21 +47,30 @@ def _floor(cm: CostModel) -> dict[int, int]:
 
 
 def fold_within_reach(gated: nn.Module, cfg: TrainConfig) -> FoldConfig:
-    """The run's fold, resolved. With ``round_to="auto"`` and a params or MACs target that whole blocks
-    of the runtime cannot reach (a group keeps at least one block of 16 channels), the block is halved
-    until the target is within reach: the target the user set comes before the width the kernels
-    prefer. Explicit ``round_to``, other measures, and reachable targets keep the resolved block."""
+    """The run's fold, resolved. With ``round_to="auto"`` and a params or MACs target that the conv floor
+    and whole blocks of the runtime cannot reach (a conv group keeps at least ``min_conv_channels``, 16, in
+    blocks of 8 or 16), the floor is halved down to the block, then both together, until the target is
+    within reach: the target the user set comes before the widths the kernels and the benchmarks prefer.
+    An explicit ``min_conv_channels`` is not halved. Explicit ``round_to``, other measures, and reachable
+    targets keep the resolved fold."""
     fold = resolve_fold_config(cfg.fold)
     if (cfg.fold.round_to != "auto" or cfg.target_measure not in MEASURES or not isinstance(gated, fx.GraphModule)
             or not any(isinstance(g, ChannelGate) for g in gates(gated))):
         return fold
-    target_kept, r = 1.0 - cfg.target_sparsity, fold.round_to
-    while r > 1:
-        cm = CostModel(gated, dataclasses.replace(fold, round_to=r))
+    target_kept = 1.0 - cfg.target_sparsity
+    r, m, halve_floor = fold.round_to, fold.min_conv_channels, cfg.fold.min_conv_channels == "auto"
+    while r > 1 or (halve_floor and m > 1):
+        cm = CostModel(gated, dataclasses.replace(fold, round_to=r, min_conv_channels=m))
         if cm.cost_at(_floor(cm)).of(cfg.target_measure) / max(cm.dense.of(cfg.target_measure), 1) <= target_kept:
             break
-        r //= 2
-    return dataclasses.replace(fold, round_to=max(r, 1))
+        if halve_floor and m > r:
+            m = max(m // 2, r)
+        else:
+            r = max(r // 2, 1)
+            m = min(m, r) if halve_floor else m
+            if r == 1 and not (halve_floor and m > 1):
+                break
+    return dataclasses.replace(fold, round_to=max(r, 1), min_conv_channels=max(m, 1))
 
 
 LANDING_TRIES = 4  # measured landings of a latency target (the first one and up to three corrections)

@@ -135,23 +135,58 @@ def _close_all_but(gm: torch.nn.Module, kept_open: int) -> None:
 
 @pytest.mark.parametrize("round_to", ["auto", 8])
 def test_round_to_applies_to_conv_channels_and_not_to_linear_widths(round_to):
-    """Each gate keeps 5 open units: the 2-D conv groups are rounded up to the block (deleted down to
-    a multiple of it), the linear widths keep exactly 5 (round_to_width resolves to 1)."""
+    """Each gate keeps 5 open units: the 2-D conv groups are raised to the conv floor (16 under "auto", 1 with
+    an explicit multiple) and rounded up to the block (deleted down to a multiple of it), the linear widths
+    keep exactly 5 (round_to_width resolves to 1)."""
     x = torch.randn(2, 3, 8, 8)
     gm = hf.insert_gates(_ConvThenMLP().eval(), hf.GateConfig(granularity="channel"), example_inputs=x).graph_module
     _close_all_but(gm, 5)
     fold = hf.FoldConfig(round_to=round_to)
     report = hf.fold_masks(gm, fold).report
-    step = resolve_fold_config(fold).round_to
-    assert report.round_to == step and report.round_to_width == 1
+    resolved = resolve_fold_config(fold)
+    step, floor = resolved.round_to, resolved.min_conv_channels
+    assert report.round_to == step and report.round_to_width == 1 and report.min_conv_channels == floor
+    assert floor == (16 if round_to == "auto" else 1)
     after = {g.name: g.after for g in report.groups if g.before > 10}
     conv = [n for n in after if "conv" in n]
     linear = [n for n in after if "linear" in n]
     assert len(conv) == 2 and len(linear) == 1, after
     for name in conv:
-        assert after[name] == max(step, 5) if step > 1 else after[name] == 5, (name, after)
+        assert after[name] == -(-max(floor, 5) // step) * step, (name, after)
         assert after[name] < 48  # something was deleted, so the assertion above is about a fold that acted
     assert after[linear[0]] == 5
+
+
+def test_the_conv_floor_is_its_own_setting_and_the_same_on_every_cpu(monkeypatch):
+    """min_conv_channels: "auto" resolves to CONV_FLOOR whatever the block (8 or 16), an explicit round_to
+    makes it 1 (the multiple is the floor, as before), an explicit floor stays; it raises conv groups only
+    (never linear widths), a group narrower than the floor keeps every unit, and bad values are refused."""
+    from hyperflux_fx.analysis import runtime
+    from hyperflux_fx.analysis.coupling import kept_count
+    from hyperflux_fx.config import CONV_FLOOR
+
+    assert CONV_FLOOR == 16 and hf.FoldConfig().min_conv_channels == "auto"
+    assert hf.FoldConfig(round_to=8).min_conv_channels == 1
+    assert hf.FoldConfig(round_to=8, min_conv_channels=24).min_conv_channels == 24
+    for block in (8, 16):
+        monkeypatch.setattr(runtime, "nchwc_block", lambda block=block: block)
+        resolved = resolve_fold_config(hf.FoldConfig())
+        assert (resolved.round_to, resolved.min_conv_channels) == (block, 16)
+    for bad in (0, -1, True, 2.5, "16"):
+        with pytest.raises(ValueError, match="min_conv_channels"):
+            hf.FoldConfig(min_conv_channels=bad)
+    x = torch.randn(2, 3, 8, 8)
+    gm = hf.insert_gates(_ConvThenMLP().eval(), hf.GateConfig(granularity="channel"), example_inputs=x).graph_module
+    groups = {("conv" if g.conv else "linear"): g for g in CostModel(gm, hf.FoldConfig(round_to=1)).groups
+              if g.size in (40, 48)}
+    def fold(**kw):
+        return resolve_fold_config(hf.FoldConfig(round_to=8, **kw))
+
+    assert kept_count(groups["conv"], 46, fold(min_conv_channels=16)) == 16  # 2 open: raised to the floor
+    assert kept_count(groups["conv"], 30, fold(min_conv_channels=16)) == 24  # 18 open: rounded up to a block
+    assert kept_count(groups["conv"], 46, fold()) == 8  # the block alone, as before
+    assert kept_count(groups["conv"], 46, fold(min_conv_channels=64)) == 48  # all of it
+    assert kept_count(groups["linear"], 38, fold(min_conv_channels=16)) == 2  # linear: no conv floor, no block
 
 
 def test_default_fold_deletes_a_closed_head():

@@ -372,6 +372,35 @@ def test_auto_rounding_gives_way_to_a_target_whole_blocks_cannot_reach(monkeypat
     assert abs(res.sparsity - 0.9) <= 0.05
 
 
+def test_the_conv_floor_gives_way_before_the_block(monkeypatch):
+    """With blocks of 8 (AVX2) the conv floor of 16 is halved to the block first, then both together, and
+    only while the target is out of reach; an explicit floor is never halved."""
+    from hyperflux_fx.analysis import runtime
+    from hyperflux_fx.analysis.cost_model import CostModel
+    from hyperflux_fx.train.measure import fold_within_reach
+
+    monkeypatch.setattr(runtime, "nchwc_block", lambda: 8)
+    gated = hf.insert_gates(_WideConv(), hf.GateConfig(granularity="channel"),
+                            example_inputs=torch.randn(2, 10)).graph_module
+
+    def least(r, m):  # the smallest MAC fraction the fold can reach with blocks of r and a floor of m
+        cm = CostModel(gated, hf.FoldConfig(round_to=r, min_conv_channels=m))
+        floor = {g.id: min(-(-m // r) * r, g.size) if cm.gate_of[g.id] is not None and g.deletable else g.size
+                 for g in cm.groups}
+        return cm.cost_at(floor).macs / cm.dense.macs
+
+    def fold_at(sparsity, **fold):
+        f = fold_within_reach(gated, _cfg(target_sparsity=sparsity, target_measure="macs", fold=hf.FoldConfig(**fold)))
+        return f.round_to, f.min_conv_channels
+
+    reach_16, reach_8 = 1 - least(8, 16), 1 - least(8, 8)
+    assert fold_at(reach_16 - 0.01) == (8, 16)  # reachable with the floor: nothing given up
+    assert fold_at((reach_16 + reach_8) / 2) == (8, 8)  # the floor gives way first, the block stays
+    r, m = fold_at(reach_8 + 0.005)
+    assert r == m and r < 8 and 1 - least(r, m) >= reach_8 + 0.005
+    assert fold_at((reach_16 + reach_8) / 2, min_conv_channels=16)[1] == 16  # explicit: kept
+
+
 @pytest.mark.parametrize("exact_on", [1, 2])
 def test_a_measured_landing_records_the_shift_of_the_try_it_keeps(exact_on):
     """The latency landing measures, lands again, and keeps the closest try: its record carries that

@@ -153,17 +153,18 @@ def round_multiple(group: Group, config: FoldConfig) -> int:
 
 
 def kept_count(group: Group, n_closed: int, config: FoldConfig) -> int:
-    """Units ``group`` keeps when ``n_closed`` are closed: at least ``config.min_channels``, rounded up
-    to a multiple of :func:`round_multiple` (never above its size). A normalised group (a norm's
-    statistics count its channels) keeps exactly its open units: a closed one kept would enter the
-    folded norm's statistics."""
+    """Units ``group`` keeps when ``n_closed`` are closed: at least ``config.min_channels`` (conv channels:
+    at least ``config.min_conv_channels``), rounded up to a multiple of :func:`round_multiple` (never above
+    its size). A normalised group (a norm's statistics count its channels) keeps exactly its open units: a
+    closed one kept would enter the folded norm's statistics."""
     size = group.size
     if n_closed == 0:
         return size
     if group.normalised and n_closed < size:
         return size - n_closed
-    n_keep = max(size - n_closed, config.min_channels)
     multiple = round_multiple(group, config)
+    floor = config.min_conv_channels if round_field(group) == "round_to" else 1
+    n_keep = max(size - n_closed, config.min_channels, floor)
     return min(size, math.ceil(n_keep / multiple) * multiple)
 
 
