@@ -305,18 +305,20 @@ def uniform_counts(cm: CostModel, families: list[list[int]], fraction_at: Callab
     groups = {g.id: g for g in cm.groups}
     counts = cm.counts()
     step = {tuple(f): round_multiple(groups[f[0]], cm.fold) for f in families}
+    floors = _floor(cm)
+    low = {tuple(f): max(step[tuple(f)], floors[f[0]]) for f in families}  # the fold keeps no fewer
     common = {}
     for fam in families:
         m, size = step[tuple(fam)], groups[fam[0]].size
         mean = sum(counts[g] for g in fam) / len(fam)
-        common[tuple(fam)] = min(size, max(m, round(mean / m) * m))
+        common[tuple(fam)] = min(size, max(low[tuple(fam)], round(mean / m) * m))
 
     def at(choice: dict[tuple[int, ...], int]) -> dict[int, int]:
         return {**counts, **{g: k for fam, k in choice.items() for g in fam}}
 
     for fam in common:  # one pass, family by family: the multiple below or above, if closer to the target
         m, size = step[fam], groups[fam[0]].size
-        options = [k for k in (common[fam] - m, common[fam], common[fam] + m) if m <= k <= size]
+        options = [k for k in (common[fam] - m, common[fam], common[fam] + m) if min(low[fam], size) <= k <= size]
         common[fam] = min(options, key=lambda k: abs(fraction_at(at({**common, fam: k})) - target_kept))
     for fam, k in common.items():
         for gid in fam:
@@ -354,12 +356,19 @@ def _shared_widths(cm: CostModel, families: list[list[int]]) -> list[int]:
     return out
 
 
-def _block_choices(size: int, kept: int, step: int, reach: int = 2) -> list[int]:
+def _block_choices(size: int, kept: int, step: int, floor: int, reach: int = 2) -> list[int]:
     """Kept counts a group may round to: the ``reach`` multiples of ``step`` below and above ``kept``
-    (at least one block, at most ``size``)."""
+    (at least one block and the group's ``floor``, what the fold keeps of it with every unit closed; at
+    most ``size``)."""
     down = kept // step * step
     values = {down - i * step for i in range(reach)} | {down + (i + 1) * step for i in range(reach)}
-    return sorted({min(size, v) for v in values if v >= step} | ({size} if kept >= size else set()))
+    low = min(size, max(step, floor))
+    out = {min(size, v) for v in values if v >= low}
+    if kept >= size:
+        out.add(size)
+    if kept <= low:
+        out.add(low)
+    return sorted(out)
 
 
 @torch.no_grad()
@@ -377,8 +386,10 @@ def round_groups(cm: CostModel, fraction_at: Callable[[dict[int, int]], float], 
     gated = {g.id: g for g in cm.groups if g.deletable and cm.gate_of[g.id] is not None
              and round_multiple(g, cm.fold) > 1}
     k = cm.counts(rounded=False)
+    floors = _floor(cm)  # a count below a group's floor would be predicted, and the fold would keep the floor
     opened = {gid: min(k[gid], gated[gid].size) for gid in gated}
-    choices = {gid: _block_choices(g.size, opened[gid], round_multiple(g, cm.fold)) for gid, g in gated.items()}
+    choices = {gid: _block_choices(g.size, opened[gid], round_multiple(g, cm.fold), floors[gid])
+               for gid, g in gated.items()}
     chosen = cm.counts()  # the fold's own rounding (up) is where the search starts
 
     def error(counts: dict[int, int]) -> float:

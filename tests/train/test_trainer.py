@@ -327,6 +327,46 @@ def test_exact_target_with_rounding_lands_on_whole_blocks(measure):
     assert res.history[-1].measured_density == pytest.approx(1 - measured, abs=1e-12)  # the log says the same
 
 
+def test_the_landing_never_rounds_a_conv_below_its_floor():
+    """Blocks of 8 with a floor of 16, a group with 10 open units and a target that 8 would match exactly: the
+    landing's rounding keeps 16, the count the fold keeps, so what it predicts is what the fold gives."""
+    from hyperflux_fx.analysis.cost_model import CostModel
+    from hyperflux_fx.train.measure import round_groups
+
+    gm = hf.insert_gates(_WideConv(), hf.GateConfig(granularity="channel"),
+                         example_inputs=torch.randn(2, 10)).graph_module
+    cm = CostModel(gm, hf.FoldConfig(round_to=8, min_conv_channels=16))
+    first, second = (cm.gate_of[g.id] for g in cm.groups if cm.gate_of[g.id] is not None)
+    with torch.no_grad():
+        first.flow.copy_(torch.where(torch.arange(first.numel) < 10, 1.0, -1.0))
+        second.flow.fill_(1.0)
+    ids = {cm.gate_of[g.id]: g.id for g in cm.groups if cm.gate_of[g.id] is not None}
+
+    def fraction(k):
+        return cm.cost_at(k).macs / cm.dense.macs
+
+    chosen = round_groups(cm, fraction, fraction({**cm.counts(), ids[first]: 8}))
+    assert chosen[ids[first]] == 16 and cm.counts() == chosen  # the masks say what the fold will keep
+
+
+@pytest.mark.parametrize("sparsity", [0.7, 0.8])
+def test_a_run_with_a_conv_floor_reports_what_the_fold_gives(sparsity):
+    """Blocks of 4 with a floor of 16, trained to a MAC target: every conv keeps at least 16 in whole blocks,
+    and the sparsity the run reports is the folded model's."""
+    train_loader, _ = _loaders()
+    gated = hf.insert_gates(_WideConv(), hf.GateConfig(granularity="channel", seed=0),
+                            example_inputs=torch.randn(2, 10)).graph_module
+    fold = hf.FoldConfig(round_to=4, min_conv_channels=16)
+    res = hf.train(gated, train_loader, None, _cfg(target_sparsity=sparsity, target_measure="macs", fold=fold))
+    kept = {g.target: int(g.mask().sum()) for g in hf.gates(gated)}
+    assert all(k >= 16 and k % 4 == 0 for k in kept.values()), kept
+    folded = hf.fold_masks(gated, fold)
+    macs = hf.count_params_and_macs(folded.graph_module, torch.randn(2, 10))[1]
+    dense = hf.count_params_and_macs(_WideConv(), torch.randn(2, 10))[1]
+    assert 1 - macs / dense == pytest.approx(res.sparsity, abs=1e-12)  # what the run reported is what the fold gives
+    assert abs(res.sparsity - sparsity) <= 0.05
+
+
 def test_exact_targets_refuse_what_cannot_be_reached():
     train_loader, _ = _loaders()
     weight_gated = hf.insert_gates(_wide_mlp(), hf.GateConfig(granularity="weight"),
