@@ -283,7 +283,7 @@ def run_arch(arch: str, seeds: list[int], args, tp, rows: list[dict]) -> None:
                 found = [{"method": "hyperflux channel (defaults)", "model": tmp / f"hf{x}" / "compact.onnx",
                           "acc": s["compact_accuracy"], "macs": s["macs_compact"] / s["macs_dense"],
                           "params": s["params_compact_stored"], "widths": s["widths"], "round_to": s["round_to"],
-                          "min_conv_channels": s.get("min_conv_channels", s["round_to"])}]
+                          "min_conv_channels": s["min_conv_channels"]}]
                 cached = _cached_baselines(args.cached, arch, seed, x, dense_acc, found[0]["macs"]) or []
                 if not cached:
                     found += _baselines(tp, dense, inputs, train_loader, test_loader, s["macs_compact"], seed, budget,

@@ -58,19 +58,28 @@ def fold_within_reach(gated: nn.Module, cfg: TrainConfig) -> FoldConfig:
             or not any(isinstance(g, ChannelGate) for g in gates(gated))):
         return fold
     target_kept = 1.0 - cfg.target_sparsity
-    r, m, halve_floor = fold.round_to, fold.min_conv_channels, cfg.fold.min_conv_channels == "auto"
-    while r > 1 or (halve_floor and m > 1):
+    steps = _fold_steps(fold.round_to, fold.min_conv_channels, halve_floor=cfg.fold.min_conv_channels == "auto")
+    for r, m in steps[:-1]:  # the last resort is taken unchecked (the run then says if it is out of reach)
         cm = CostModel(gated, dataclasses.replace(fold, round_to=r, min_conv_channels=m))
         if cm.cost_at(_floor(cm)).of(cfg.target_measure) / max(cm.dense.of(cfg.target_measure), 1) <= target_kept:
             break
-        if halve_floor and m > r:
-            m = max(m // 2, r)
+    else:
+        r, m = steps[-1]
+    return dataclasses.replace(fold, round_to=r, min_conv_channels=m)
+
+
+def _fold_steps(block: int, floor: int, *, halve_floor: bool) -> list[tuple[int, int]]:
+    """The (block, conv floor) pairs :func:`fold_within_reach` tries, most preferred first: the floor halved
+    down to the block, then both halved together down to 1 (an explicit floor stays as it is)."""
+    steps = [(block, floor)]
+    while block > 1 or (halve_floor and floor > 1):
+        if halve_floor and floor > block:
+            floor = max(floor // 2, block)
         else:
-            r = max(r // 2, 1)
-            m = min(m, r) if halve_floor else m
-            if r == 1 and not (halve_floor and m > 1):
-                break
-    return dataclasses.replace(fold, round_to=max(r, 1), min_conv_channels=max(m, 1))
+            block = max(block // 2, 1)
+            floor = min(floor, block) if halve_floor else floor
+        steps.append((block, floor))
+    return steps
 
 
 LANDING_TRIES = 4  # measured landings of a latency target (the first one and up to three corrections)
@@ -305,8 +314,7 @@ def uniform_counts(cm: CostModel, families: list[list[int]], fraction_at: Callab
     groups = {g.id: g for g in cm.groups}
     counts = cm.counts()
     step = {tuple(f): round_multiple(groups[f[0]], cm.fold) for f in families}
-    floors = _floor(cm)
-    low = {tuple(f): max(step[tuple(f)], floors[f[0]]) for f in families}  # the fold keeps no fewer
+    low = {tuple(f): _floor(cm)[f[0]] for f in families}  # the fold keeps no fewer (a block at least)
     common = {}
     for fam in families:
         m, size = step[tuple(fam)], groups[fam[0]].size
@@ -318,7 +326,7 @@ def uniform_counts(cm: CostModel, families: list[list[int]], fraction_at: Callab
 
     for fam in common:  # one pass, family by family: the multiple below or above, if closer to the target
         m, size = step[fam], groups[fam[0]].size
-        options = [k for k in (common[fam] - m, common[fam], common[fam] + m) if min(low[fam], size) <= k <= size]
+        options = [k for k in (common[fam] - m, common[fam], common[fam] + m) if low[fam] <= k <= size]
         common[fam] = min(options, key=lambda k: abs(fraction_at(at({**common, fam: k})) - target_kept))
     for fam, k in common.items():
         for gid in fam:
@@ -358,16 +366,15 @@ def _shared_widths(cm: CostModel, families: list[list[int]]) -> list[int]:
 
 def _block_choices(size: int, kept: int, step: int, floor: int, reach: int = 2) -> list[int]:
     """Kept counts a group may round to: the ``reach`` multiples of ``step`` below and above ``kept``
-    (at least one block and the group's ``floor``, what the fold keeps of it with every unit closed; at
-    most ``size``)."""
+    (at least the group's ``floor``, what the fold keeps of it with every unit closed: a block, or the
+    whole of a group narrower than one; at most ``size``)."""
     down = kept // step * step
     values = {down - i * step for i in range(reach)} | {down + (i + 1) * step for i in range(reach)}
-    low = min(size, max(step, floor))
-    out = {min(size, v) for v in values if v >= low}
+    out = {min(size, v) for v in values if v >= floor}
     if kept >= size:
         out.add(size)
-    if kept <= low:
-        out.add(low)
+    if kept <= floor:
+        out.add(floor)
     return sorted(out)
 
 
