@@ -14,7 +14,8 @@
 For the last three the pressure on each channel group follows what closing one more of its units
 would save at the current masks (refreshed every interval), and the landing bisects the flow
 threshold on the measure, then rounds every group to whole blocks of the fold (groups with a multiple
-above 1: conv channels under ``round_to``).
+above 1: conv channels under ``round_to``), moving the fewest units it must to come within
+:data:`LANDING_TOLERANCE` of the target (:func:`round_groups`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ from hyperflux_fx.config import FoldConfig, TrainConfig
 from hyperflux_fx.ir import MODULE_NODE_META, ChannelGate, density, gates
 from hyperflux_fx.train.landing import land_on_density
 from hyperflux_fx.train.recorder import Landing
+
+LANDING_TOLERANCE = 0.01  # the landing's rounding stops within 1% (relative) of the target
 
 __all__ = ["Measure", "fold_within_reach", "land_on_measure"]
 
@@ -225,14 +228,16 @@ class Measure:
         if self.cost_model is None:
             return land_on_density(self.gated, target_kept)
         before = self.kept(rounded=False)  # what the dynamics reached, as the controller measured it
-        landing = self._land_predicted(target_kept)
+        reference = self.cost_model.counts(rounded=False)  # the open units the rounding moves fewest of
+        landing = self._land_predicted(target_kept, reference)
         landing.density_before = before
         if self.latency is not None and self.latency.measure is not None:
-            landing = self._land_measured(landing, target_kept, self.latency.measure)
+            landing = self._land_measured(landing, target_kept, self.latency.measure, reference)
         return landing
 
     @torch.no_grad()
-    def _land_measured(self, landing: Landing, target_kept: float, check: Callable[[], float]) -> Landing:
+    def _land_measured(self, landing: Landing, target_kept: float, check: Callable[[], float],
+                       reference: dict[int, int] | None = None) -> Landing:
         """Close the loop on the real runtime: measure the landed masks, land again on an aim corrected
         by the secant through the last two (aim, measured) pairs, until the measured fraction is within
         3% of the target or after :data:`LANDING_TRIES` measurements; keep the closest. Its landing
@@ -254,17 +259,17 @@ class Measure:
                      else (aims[-1] - aims[-2]) / (measured[-1] - measured[-2]))
             step = slope * (target_kept - measured[-1]) if slope > 0 else aim * (target_kept / measured[-1] - 1)
             aim = min(max(aim + step, aim / 1.5, 1e-3), aim * 1.5, 1.0)  # a noisy secant moves at most 1.5x
-            shifts.append(shifts[-1] + self._land_predicted(aim).shift)  # from the landed flows, so it adds up
+            shifts.append(shifts[-1] + self._land_predicted(aim, reference).shift)  # from the landed flows: adds up
         best = min(range(len(measured)), key=lambda i: abs(measured[i] - target_kept))
         for g, flow in zip(gates(self.gated), snapshots[best], strict=True):
             g.flow.copy_(flow)
         self.landing_checks[best]["kept"] = 1.0
         return Landing(shift=shifts[best], density_before=landing.density_before, density_after=self.kept())
 
-    def _land_predicted(self, target_kept: float) -> Landing:
+    def _land_predicted(self, target_kept: float, reference: dict[int, int] | None = None) -> Landing:
         landing = land_on_measure(self.gated, lambda: self.kept(), target_kept)
         if any(round_multiple(g, self.cost_model.fold) > 1 for g in self.cost_model.groups):
-            round_groups(self.cost_model, self.fraction_at, target_kept)
+            round_groups(self.cost_model, self.fraction_at, target_kept, reference)
             landing.density_after = self.kept()
         if self.families:
             uniform_counts(self.cost_model, self.families, self.fraction_at, target_kept)
@@ -379,41 +384,72 @@ def _block_choices(size: int, kept: int, step: int, floor: int, reach: int = 2) 
 
 
 @torch.no_grad()
-def round_groups(cm: CostModel, fraction_at: Callable[[dict[int, int]], float], target_kept: float
-                 ) -> dict[int, int]:
-    """Decide the fold's rounding per group, up or down, so the measure lands closest to the target.
+def round_groups(cm: CostModel, fraction_at: Callable[[dict[int, int]], float], target_kept: float,
+                 reference: dict[int, int] | None = None, tolerance: float = LANDING_TOLERANCE) -> dict[int, int]:
+    """Decide the fold's rounding per group, up or down, moving the fewest units the landing must.
 
-    After the landing each group keeps some open units; the fold would round every count *up* to
-    the block. Here each gated group instead takes the multiple of the block below or above its
-    open count, chosen greedily (one group at a time, the change that brings the measure closest
-    to ``target_kept``), and its masks are made to say so: the weakest open units close, or the
-    strongest closed units open (their flows set to just below / at zero; the flows are frozen after
-    the landing). The masked model then computes what the compact model will.
+    After the landing's shift each group keeps some open units; the fold would round every count *up* to
+    the block. Here each gated group instead starts from the multiple of its block nearest to its count in
+    ``reference`` (the open units before the landing: what the dynamics chose; default, the counts now),
+    and then, while the measure is more than ``tolerance`` (relative) off ``target_kept``, takes the change
+    that lowers that error most per unit moved away from the reference: one group by one block (within
+    two blocks of its reference or of its count now, never under its floor), or, when no such change
+    lowers the error, two groups in opposite directions. So the landing corrects the structure the run
+    learned instead of trading a layer's channels for another's, and stops as close to the target as
+    those changes reach. Its masks are made to say so: the weakest open units close, or the strongest
+    closed units open (their flows set to just below / at zero; the flows are frozen after the landing).
+    The masked model then computes what the compact model will.
     """
     gated = {g.id: g for g in cm.groups if g.deletable and cm.gate_of[g.id] is not None
              and round_multiple(g, cm.fold) > 1}
-    k = cm.counts(rounded=False)
     floors = _floor(cm)  # a count below a group's floor would be predicted, and the fold would keep the floor
-    opened = {gid: min(k[gid], gated[gid].size) for gid in gated}
-    choices = {gid: _block_choices(g.size, opened[gid], round_multiple(g, cm.fold), floors[gid])
+    now = cm.counts(rounded=False)
+    ref = {gid: min((now if reference is None else reference)[gid], g.size) for gid, g in gated.items()}
+    choices = {gid: sorted({*_block_choices(g.size, ref[gid], round_multiple(g, cm.fold), floors[gid]),
+                            *_block_choices(g.size, min(now[gid], g.size), round_multiple(g, cm.fold), floors[gid])})
                for gid, g in gated.items()}
-    chosen = cm.counts()  # the fold's own rounding (up) is where the search starts
+    chosen = cm.counts()
+    chosen.update({gid: min(options, key=lambda v, r=ref[gid]: (abs(v - r), -v)) for gid, options in choices.items()})
 
     def error(counts: dict[int, int]) -> float:
         return abs(fraction_at(counts) - target_kept)
 
-    while True:
-        best, best_err = None, error(chosen)
-        for gid, options in choices.items():
-            for value in options:
-                if value != chosen[gid] and (err := error({**chosen, gid: value})) < best_err - 1e-12:
-                    best, best_err = (gid, value), err
-        if best is None:
-            break
-        chosen[best[0]] = best[1]
+    err = error(chosen)
+    while err > tolerance * target_kept and (step := _least_costly_step(chosen, choices, ref, error, err)):
+        chosen, err = step
     for gid in gated:
         _set_open_count(cm.gate_of[gid], chosen[gid])
     return chosen
+
+
+def _least_costly_step(chosen: dict[int, int], choices: dict[int, list[int]], ref: dict[int, int],
+                       error: Callable[[dict[int, int]], float], err: float) -> tuple[dict[int, int], float] | None:
+    """The change of one group to a neighbouring choice, or failing that of two groups in opposite
+    directions, that lowers ``error`` most per unit moved away from ``ref`` (one that moves no more units
+    comes first; ties: the lower error): (counts, error), or None when no such change lowers it."""
+    singles = []
+    for gid, options in choices.items():
+        i = options.index(chosen[gid])
+        singles += [(gid, options[j]) for j in (i - 1, i + 1) if 0 <= j < len(options)]
+    pairs = [(a, b) for n, a in enumerate(singles) for b in singles[n + 1:]
+             if a[0] != b[0] and (a[1] > chosen[a[0]]) != (b[1] > chosen[b[0]])]
+
+    def moved(counts: dict[int, int]) -> int:
+        return sum(abs(counts[gid] - r) for gid, r in ref.items())
+
+    base = moved(chosen)
+    for changes in ([(c,) for c in singles], pairs):
+        best = None
+        for change in changes:
+            counts = {**chosen, **dict(change)}
+            if (e := error(counts)) < err - 1e-12:
+                extra = moved(counts) - base
+                key = (math.inf if extra <= 0 else (err - e) / extra, -e)
+                if best is None or key > best[0]:
+                    best = (key, counts, e)
+        if best is not None:
+            return best[1], best[2]
+    return None
 
 
 def _set_open_count(gate: ChannelGate, count: int) -> None:

@@ -349,6 +349,52 @@ def test_the_landing_never_rounds_a_conv_below_its_floor():
     assert chosen[ids[first]] == 16 and cm.counts() == chosen  # the masks say what the fold will keep
 
 
+class _Conv1dStack(nn.Module):
+    """mnist1d_cnn's shape without its norms: five kernel-5 Conv1d (32-64-64-128-128, stride 2 at the second
+    and fourth) on 40 samples, then a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        widths, strides = (32, 64, 64, 128, 128), (1, 2, 1, 2, 1)
+        self.convs = nn.ModuleList(nn.Conv1d(i, o, 5, stride=s, padding=2)
+                                   for i, o, s in zip((1, *widths[:-1]), widths, strides, strict=True))
+        self.fc = nn.Linear(widths[-1], 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for conv in self.convs:
+            x = torch.relu(conv(x))
+        return self.fc(x.mean(dim=-1))
+
+
+def test_the_landing_rounds_the_structure_the_run_learned():
+    """Open counts 31/53/17/29/127 (an mnist1d_cnn run at 4x fewer MACs just before its landing), blocks of 8
+    with a floor of 16, a target of a quarter of the MACs: the rounding moves no conv by more than one block and
+    lands within 1% of the target. The previous rule (the change that lands nearest the target, first) closed
+    15 of the first layer's 31 channels and opened 24 elsewhere (16/56/24/32/120)."""
+    from hyperflux_fx.analysis.cost_model import CostModel
+    from hyperflux_fx.train.measure import LANDING_TOLERANCE, round_groups
+
+    gm = hf.insert_gates(_Conv1dStack(), hf.GateConfig(granularity="channel"),
+                         example_inputs=torch.randn(2, 1, 40)).graph_module
+    cm = CostModel(gm, hf.FoldConfig(round_to=8, min_conv_channels=16))
+    convs = [g for g in cm.groups if cm.gate_of[g.id] is not None and g.size != 10]
+    assert [g.size for g in convs] == [32, 64, 64, 128, 128]
+    with torch.no_grad():
+        for g, count in zip(convs, (31, 53, 17, 29, 127), strict=True):
+            gate = cm.gate_of[g.id]
+            gate.flow.copy_(torch.where(torch.arange(gate.numel) < count, 1.0 + torch.rand(gate.numel), -1.0))
+
+    def fraction(k):
+        return cm.cost_at(k).macs / cm.dense.macs
+
+    before = cm.counts(rounded=False)
+    chosen = round_groups(cm, fraction, 0.25, before)
+    moved = [abs(chosen[g.id] - before[g.id]) for g in convs]
+    assert max(moved) <= 8, [chosen[g.id] for g in convs]
+    assert abs(fraction(chosen) - 0.25) <= LANDING_TOLERANCE * 0.25
+    assert cm.counts() == chosen  # the masks say what the fold will keep
+
+
 @pytest.mark.parametrize("sparsity", [0.7, 0.8])
 def test_a_run_with_a_conv_floor_reports_what_the_fold_gives(sparsity):
     """Blocks of 4 with a floor of 16, trained to a MAC target: every conv keeps at least 16 in whole blocks,
