@@ -227,8 +227,8 @@ class Measure:
         """Shift every flow by one constant so this measure lands as close to ``target_kept`` as it can."""
         if self.cost_model is None:
             return land_on_density(self.gated, target_kept)
-        before = self.kept(rounded=False)  # what the dynamics reached, as the controller measured it
         reference = self.cost_model.counts(rounded=False)  # the open units the rounding moves fewest of
+        before = self.fraction_at(self.open_counts(reference))  # what the dynamics reached: kept(rounded=False)
         landing = self._land_predicted(target_kept, reference)
         landing.density_before = before
         if self.latency is not None and self.latency.measure is not None:
@@ -319,7 +319,8 @@ def uniform_counts(cm: CostModel, families: list[list[int]], fraction_at: Callab
     groups = {g.id: g for g in cm.groups}
     counts = cm.counts()
     step = {tuple(f): round_multiple(groups[f[0]], cm.fold) for f in families}
-    low = {tuple(f): _floor(cm)[f[0]] for f in families}  # the fold keeps no fewer (a block at least)
+    floors = _floor(cm)
+    low = {tuple(f): floors[f[0]] for f in families}  # the fold keeps no fewer (a block at least)
     common = {}
     for fam in families:
         m, size = step[tuple(fam)], groups[fam[0]].size
