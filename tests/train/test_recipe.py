@@ -154,7 +154,10 @@ def test_the_lm_recipe_fine_tunes_at_the_peak_lr_and_presses_every_unit_alike():
     lm = hf.TrainConfig.for_language_models(target_sparsity=0.5, hidden_size=256).resolved(structured=True)
     assert (lm.regrowth_lr_ratio, lm.cost_exponent) == (1.0, 0.0) and lm.regrowth_lr == pytest.approx(lm.lr)
     cnn = hf.TrainConfig(target_sparsity=0.5).resolved(structured=True)
-    assert (cnn.cost_exponent, cnn.regrowth_lr) == (1.0, pytest.approx(0.3 * cnn.lr))  # the CNN defaults stay
+    assert (cnn.cost_exponent, cnn.regrowth_lr) == (1.0, pytest.approx(cnn.lr))  # channel gates: LR rewinding
+    weights = hf.TrainConfig(target_sparsity=0.5).resolved(structured=False)
+    assert (weights.regrowth_lr_ratio, weights.regrowth_lr) == (0.3, pytest.approx(0.3 * weights.lr))
+    assert hf.TrainConfig(regrowth_lr_ratio=0.3).resolved(True).regrowth_lr == pytest.approx(0.03)  # given wins
     assert hf.TrainConfig(regrowth_lr=0.01, regrowth_lr_ratio=1.0).resolved(True).regrowth_lr == 0.01  # given wins
     for bad, match in (({"cost_exponent": 1.5}, "cost_exponent"), ({"cost_exponent": -0.1}, "cost_exponent"),
                        ({"regrowth_lr_ratio": 0.0}, "regrowth_lr_ratio")):
