@@ -102,6 +102,7 @@ REGROWTH_LR_RATIO = 0.3
 # full LR").
 CHANNEL_REGROWTH_LR_RATIO = 1.0
 OPTIMIZERS = ("sgd", "adamw")
+FLUX_NORMALIZATIONS = ("element", "shared")
 # The language-model recipe (docs/frontends.md, with its sources and the measurement behind the LR): AdamW
 # (betas 0.9/0.95, weight decay 0.1, as LLaMA was trained), linear warm-up over the first 3% of the steps,
 # cosine to 10% of the peak, gradient norms clipped at 1.0, no label smoothing; the peak LR follows the
@@ -198,6 +199,10 @@ class TrainConfig:
     pressure: str = "auto"  # "coupled": gamma/N added to the flows' gradient, through Adam (the paper's);
     #   "decoupled": after Adam's step every flow moves down by flow_lr * gamma * its pressure scale (as AdamW
     #   decouples weight decay), so gamma acts in proportion; "auto": decoupled with channel gates, else coupled
+    flux_normalization: str = "element"  # how the flows' Adam normalises the flux of channel gates: "element" (one
+    #   second moment per unit, the paper's Adam) or "shared" (one for all channel units, the mean square of
+    #   their flux: the flux's magnitude then counts against the decoupled pressure, not only its consistency;
+    #   measured on 12 cells, not better: docs/BENCHMARKS.md). Weight gates' flows are always per element
     controller_floor: float | None = 0.0  # decoupled pressure: a step's new closings that would take the kept
     #   fraction below the plan at the interval's end, less this share, wait (their flows held at 0); None: off
     controller_max_close: float | None = 0.08  # decoupled pressure: at most this fraction of the channel units
@@ -267,6 +272,9 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.cost_exponent must be in [0, 1], got {self.cost_exponent}")
         if self.pressure not in PRESSURE_MODES:
             raise ValueError(f"TrainConfig.pressure must be one of {PRESSURE_MODES}, got {self.pressure!r}")
+        if self.flux_normalization not in FLUX_NORMALIZATIONS:
+            raise ValueError(f"TrainConfig.flux_normalization must be one of {FLUX_NORMALIZATIONS}, "
+                             f"got {self.flux_normalization!r}")
         if self.resume and self.out_dir is None:
             raise ValueError("TrainConfig.resume needs out_dir (where the checkpoints are)")
 

@@ -119,11 +119,13 @@ def test_end_to_end_on_digits(tmp_path, run, request):
         # channel gates: decoupled pressure, no look-ahead, distillation from the dense model; the landing corrects
         # the last step only (the controller brought the pruning phase to the target itself)
         assert (s["pressure"], s["controller_lookahead"], s["distilled"]) == ("decoupled", 0, True)
+        assert s["flux_normalization"] == "element"  # the paper's Adam (shared: only when asked)
         assert abs(s["sparsity_before_landing"] - 0.5) <= 0.03
     else:
         assert abs(s["achieved_sparsity"] - 0.7) <= 0.005
         assert (s["land_at"], s["regrowth_lr"]) == (0.5, pytest.approx(0.3 * 0.1))  # weight gates: landing mid-regrowth
         assert (s["pressure"], s["distilled"]) == ("coupled", False)  # the paper's dynamics and recipe
+        assert s["flux_normalization"] == "element"  # the paper's Adam
         assert s["controller_lookahead"] >= 1
     assert s["law"] is None and s["law_note"].startswith("no law fitted")  # never a fit on a scheduled run
     assert 0.0 < s["sparsity_before_landing"] < 1.0

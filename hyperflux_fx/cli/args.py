@@ -16,6 +16,7 @@ from hyperflux_fx.cli.job import UsageError
 from hyperflux_fx.config import (
     DISTILL_ALPHA,
     DISTILL_TEMPERATURE,
+    FLUX_NORMALIZATIONS,
     LANGUAGE_MODEL_RECIPE,
     PRESSURE_MODES,
     FoldConfig,
@@ -127,6 +128,10 @@ def _add_learning_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pressure", choices=PRESSURE_MODES, default="auto",
                    help="coupled: the paper's pressure through the flows' Adam; decoupled: applied after it, in "
                         "proportion to gamma; auto: decoupled with channel gates (docs/training.md)")
+    p.add_argument("--flux-normalization", choices=FLUX_NORMALIZATIONS, default="element",
+                   help="how the flows' Adam normalises the channel gates' flux: element (per unit, the paper's Adam) "
+                        "or shared (one second moment for all channel units, so the flux's magnitude counts against "
+                        "the decoupled pressure; docs/training.md)")
     p.add_argument("--recipe", choices=RECIPES, default="auto",
                    help="how the weights learn: cnn = SGD with momentum, cosine (the paper's); lm = AdamW, warm-up, "
                         "cosine, gradient clipping (docs/frontends.md); auto: lm for a causal language model")

@@ -92,7 +92,7 @@ def fold_stage(job: Job, gated: Any, result: TrainResult, dense_acc: float) -> t
         "round_to_width": folded.report.round_to_width, "min_conv_channels": folded.report.min_conv_channels,
         "tracking": None if (t := tracking(result.history)) is None else t.to_dict(),
         "land_at": result.land_at, "regrowth_lr": result.regrowth_lr, "pressure": result.pressure,
-        "cost_exponent": result.cost_exponent,
+        "cost_exponent": result.cost_exponent, "flux_normalization": result.flux_normalization,
         "distilled": result.distilled, "distill_alpha": args.distill_alpha if result.distilled else None,
         "distill_temperature": args.distill_temperature if result.distilled else None,
         "target_speedup": args.target_speedup, "latency_predicted_ms_compact": None,  # set beside the measurement

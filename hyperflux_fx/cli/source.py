@@ -47,6 +47,7 @@ def _train_config(args: argparse.Namespace, partial: Path) -> TrainConfig:
                        lr=args.lr, seed=args.seed, device=args.device, out_dir=str(partial), resume=args.resume,
                        progress=not args.quiet, max_intervals=args.max_intervals,
                        target_measure=args.target, fold=fold_config(args), pressure=args.pressure,
+                       flux_normalization=args.flux_normalization,
                        distill=args.distill, distill_alpha=args.distill_alpha,
                        distill_temperature=args.distill_temperature, uniform_layers=args.uniform_layers,
                        **recipe_fields(args))

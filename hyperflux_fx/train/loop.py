@@ -84,6 +84,7 @@ from hyperflux_fx.train.optim import (
     autocast,
     clip_gradients,
     cosine,
+    flow_optimizer,
     grad_scaler,
     progress_bar,
     warmup_cosine,
@@ -131,6 +132,7 @@ class TrainResult:
     regrowth_lr: float | None = None  # the regrowth / fine-tune weight LR used (resolved likewise)
     pressure: str = "coupled"  # the pressure used (TrainConfig.pressure, resolved by the gates' kind)
     cost_exponent: float = 1.0  # TrainConfig.cost_exponent: channel pressure ~ what a unit saves to this power
+    flux_normalization: str = "element"  # the flows' Adam for channel gates (TrainConfig.flux_normalization)
     distilled: bool = False  # whether the loss blended in distillation from the teacher (TrainConfig.distill)
 
     @property
@@ -311,7 +313,7 @@ def _setup(gated: nn.Module, loader: DataLoader, cfg: TrainConfig, rank: int, wo
     params = [p for p in gated.parameters() if id(p) not in flow_ids and p.requires_grad]
     opt_w = weight_optimizer(gated, params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                              optimizer=cfg.optimizer, betas=cfg.betas)
-    opt_t = torch.optim.Adam([g.flow for g in all_gates], lr=schedule.flow_lr, weight_decay=0.0, fused=True)
+    opt_t = flow_optimizer(gated, lr=schedule.flow_lr, normalization=cfg.flux_normalization)
     pressure_state(gated).decoupled = decoupled
     out_dir = Path(cfg.out_dir) if cfg.out_dir is not None else None
     return _Run(
@@ -658,5 +660,5 @@ def _result(run: _Run, progress: _Progress) -> TrainResult:
                        controller_lookahead=run.controller.lookahead, measure=run.measure.name,
                        predicted_latency_ms=run.measure.predicted_ms(), latency_table=run.measure.latency_info(),
                        land_at=run.cfg.land_at, regrowth_lr=run.cfg.regrowth_lr, pressure=run.cfg.pressure,
-                       cost_exponent=run.cfg.cost_exponent,
+                       cost_exponent=run.cfg.cost_exponent, flux_normalization=run.cfg.flux_normalization,
                        distilled=bool(run.distiller is not None and run.distiller.active))

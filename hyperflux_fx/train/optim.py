@@ -10,11 +10,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from hyperflux_fx.ir import gates
+from hyperflux_fx.ir import ChannelGate, gates
 from hyperflux_fx.ops import call_spec, is_weight_module, slot_value
 
-__all__ = ["amp_dtype", "autocast", "clip_gradients", "cosine", "decayed", "grad_scaler", "progress_bar",
-           "resolve_device", "warmup_cosine", "weight_optimizer"]
+__all__ = ["FlowAdam", "amp_dtype", "autocast", "clip_gradients", "cosine", "decayed", "flow_optimizer",
+           "grad_scaler", "progress_bar", "resolve_device", "warmup_cosine", "weight_optimizer"]
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -93,6 +93,61 @@ def weight_optimizer(model: nn.Module, params: list[nn.Parameter], *, lr: float,
     if optimizer != "sgd":
         raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
     return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+
+
+class FlowAdam(torch.optim.Optimizer):
+    """Adam for flow parameters whose ``shared`` groups normalise by one second moment, the running mean
+    square of all the group's gradients, in place of one per element (groups without it are plain Adam).
+
+    Per element, Adam divides each flow's mean flux by its own RMS, so every flow whose flux is consistent
+    moves by about one LR per step, whatever its size: against the decoupled pressure (``gamma * scale`` LRs
+    per step) a unit then survives by the consistency of its flux, not its magnitude, and any group whose
+    ``gamma * scale`` exceeds 1 drains whatever its units are worth. Shared, a unit moves by its mean flux
+    over the group's RMS: the pressure is again a threshold on the flux's magnitude, as the paper's
+    coupled pressure is (a unit rises when its flux outweighs the pressure), with gamma still in proportion."""
+
+    def __init__(self, params: Any, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8
+                 ) -> None:
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "shared": False})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:  # noqa: ARG002 - the Optimizer signature
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            beta1, beta2 = group["betas"]
+            if group["shared"]:
+                grads = [p.grad.float() for p in params]
+                mean_sq = torch.stack([(g * g).sum() for g in grads]).sum() / sum(g.numel() for g in grads)
+            for p in params:
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros((), device=p.device) if group["shared"] else torch.zeros_like(p)
+                state["step"] += 1
+                state["exp_avg"].lerp_(p.grad, 1 - beta1)
+                if group["shared"]:
+                    state["exp_avg_sq"].lerp_(mean_sq, 1 - beta2)
+                else:
+                    state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                t = state["step"]
+                denom = (state["exp_avg_sq"] / (1 - beta2 ** t)).sqrt().add_(group["eps"])
+                p.sub_(state["exp_avg"] / denom, alpha=group["lr"] / (1 - beta1 ** t))
+
+
+def flow_optimizer(model: nn.Module, *, lr: float, normalization: str) -> torch.optim.Optimizer:
+    """The flows' optimiser: Adam per element (``"element"``, the paper's), or with the channel gates' flows
+    sharing one second moment (``"shared"``, :class:`FlowAdam`; weight gates' flows stay per element)."""
+    all_gates = gates(model)
+    if normalization == "element":
+        return torch.optim.Adam([g.flow for g in all_gates], lr=lr, weight_decay=0.0, fused=True)
+    if normalization != "shared":
+        raise ValueError(f"flux normalization must be 'element' or 'shared', got {normalization!r}")
+    channel = [g.flow for g in all_gates if isinstance(g, ChannelGate)]
+    other = [g.flow for g in all_gates if not isinstance(g, ChannelGate)]
+    return FlowAdam([{"params": channel, "shared": True}, {"params": other, "shared": False}], lr=lr)
 
 
 def warmup_cosine(start: float, end: float, i: int, n: int, warmup: int) -> float:

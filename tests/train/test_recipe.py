@@ -14,7 +14,16 @@ from torch.utils.data import DataLoader, TensorDataset
 import hyperflux_fx as hf
 from hyperflux_fx.cli.args import recipe_fields, resolve_recipe
 from hyperflux_fx.config import DISTILL_TEMPERATURE, LANGUAGE_MODEL_RECIPE, language_model_lr
-from hyperflux_fx.train.optim import clip_gradients, cosine, decayed, warmup_cosine, weight_optimizer
+from hyperflux_fx.ir import ChannelGate
+from hyperflux_fx.train.optim import (
+    FlowAdam,
+    clip_gradients,
+    cosine,
+    decayed,
+    flow_optimizer,
+    warmup_cosine,
+    weight_optimizer,
+)
 
 
 @pytest.mark.parametrize("granularity", ["channel", "weight"])
@@ -163,6 +172,82 @@ def test_the_lm_recipe_fine_tunes_at_the_peak_lr_and_presses_every_unit_alike():
                        ({"regrowth_lr_ratio": 0.0}, "regrowth_lr_ratio")):
         with pytest.raises(ValueError, match=match):
             hf.TrainConfig(**bad)
+
+
+def test_the_flows_adam_is_per_element_unless_shared_is_asked():
+    """flux_normalization: "element" (the paper's Adam) by default, with either kind of gate and in the LM
+    recipe; "shared" only when asked."""
+    for structured in (True, False):
+        assert hf.TrainConfig(target_sparsity=0.5).resolved(structured).flux_normalization == "element"
+    lm = hf.TrainConfig.for_language_models(target_sparsity=0.5, hidden_size=256).resolved(structured=True)
+    assert lm.flux_normalization == "element"
+    assert hf.TrainConfig(flux_normalization="shared").resolved(structured=True).flux_normalization == "shared"
+    with pytest.raises(ValueError, match="flux_normalization"):
+        hf.TrainConfig(flux_normalization="global")
+
+
+def test_a_shared_second_moment_moves_flows_by_their_fluxs_magnitude():
+    """Per element, Adam moves a flow with a consistent flux by one LR per step whatever its size; with one
+    second moment for the group, a flux ten times larger moves its flow ten times further (so the magnitude
+    counts against the decoupled pressure), at lr * m_hat / sqrt(v_hat) with v the gradients' mean square."""
+    grads = torch.tensor([0.01, 0.1, -0.05, 0.0])
+
+    def moved(optimizer_for: type, shared: bool) -> list[float]:
+        flow = nn.Parameter(torch.zeros(4))
+        opt = (FlowAdam([{"params": [flow], "shared": shared}], lr=0.1) if optimizer_for is FlowAdam
+               else torch.optim.Adam([flow], lr=0.1))
+        for _ in range(5):
+            flow.grad = grads.clone()
+            opt.step()
+        return (-flow.detach()).tolist()
+
+    element, shared = moved(torch.optim.Adam, False), moved(FlowAdam, True)
+    assert element[0] == pytest.approx(0.5, rel=1e-4) and element[1] == pytest.approx(0.5, rel=1e-4)  # one LR a step
+    assert shared[1] == pytest.approx(10 * shared[0], rel=1e-5)  # in proportion to the flux
+    rms = float(grads.pow(2).mean().sqrt())
+    assert shared[1] == pytest.approx(5 * 0.1 * 0.1 / rms, rel=1e-4)
+    assert shared[3] == 0.0
+    # a FlowAdam group without ``shared`` is Adam itself
+    assert moved(FlowAdam, False) == pytest.approx(element, rel=1e-6, abs=1e-7)
+
+
+def test_the_flow_optimizer_shares_only_the_channel_gates_moment_and_resumes():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+    gated = hf.insert_gates(model, hf.GateConfig(granularity="hybrid"),
+                            example_inputs=(torch.randn(2, 6),)).graph_module
+    flows = {id(g.flow): isinstance(g, ChannelGate) for g in hf.gates(gated)}
+    assert set(flows.values()) == {True, False}
+    assert isinstance(flow_optimizer(gated, lr=0.1, normalization="element"), torch.optim.Adam)
+    opt = flow_optimizer(gated, lr=0.1, normalization="shared")
+    for group in opt.param_groups:
+        assert {flows[id(p)] for p in group["params"]} <= {group["shared"]}
+    assert sum(len(group["params"]) for group in opt.param_groups) == len(flows)
+    for g in hf.gates(gated):
+        g.flow.grad = torch.randn_like(g.flow)
+    opt.step()
+    again = flow_optimizer(gated, lr=0.1, normalization="shared")
+    again.load_state_dict(opt.state_dict())  # a checkpoint's state resumes as it was saved
+    for p in (p for group in opt.param_groups for p in group["params"]):
+        torch.testing.assert_close(again.state[p]["exp_avg_sq"], opt.state[p]["exp_avg_sq"])
+    with pytest.raises(ValueError, match="element"):
+        flow_optimizer(gated, lr=0.1, normalization="global")
+
+
+def test_a_channel_run_with_a_shared_flux_normalization_lands_on_its_target(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3))
+    gated = hf.insert_gates(model, hf.GateConfig(granularity="channel"),
+                            example_inputs=(torch.randn(2, 6),)).graph_module
+    data = TensorDataset(torch.randn(256, 6), torch.randint(0, 3, (256,)))
+    loader = DataLoader(data, batch_size=32, shuffle=True)
+    cfg = hf.TrainConfig(target_sparsity=0.5, epochs=4, regrowth_epochs=1, device="cpu",
+                         flux_normalization="shared", out_dir=str(tmp_path))
+    result = hf.train(gated, loader, loader, cfg)
+    assert result.flux_normalization == "shared"
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=False)
+    assert all(st["exp_avg_sq"].dim() == 0 for st in ckpt["opt_t"]["state"].values())  # one moment per group
+    assert abs(result.sparsity - 0.5) <= 0.05
 
 
 def test_the_flow_lr_warms_up_over_the_first_pruning_steps_and_zero_leaves_it():
