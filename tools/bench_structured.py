@@ -86,7 +86,7 @@ def _finetune(model: nn.Module, loader: DataLoader, epochs: int, lr: float, hook
               teacher: nn.Module | None = None) -> None:
     """SGD (momentum 0.9, weight decay 5e-4 on conv/linear weights), cosine LR, label smoothing 0.1; with a
     ``teacher``, the loss hyperflux-compile's distillation uses (its default alpha and temperature)."""
-    decay = [m.weight for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))]
+    decay = [p for p in model.parameters() if p.dim() >= 2]  # conv/linear weights, also in a folded fx graph
     ids = {id(p) for p in decay}
     opt = torch.optim.SGD([{"params": decay, "weight_decay": 5e-4},
                            {"params": [p for p in model.parameters() if id(p) not in ids], "weight_decay": 0.0}],
