@@ -23,6 +23,7 @@ Usage: python tools/decompose_gap.py --arch digits_cnn --run OUT --weights DENSE
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -49,10 +50,15 @@ def gated_dense(arch: str, weights: Path, seed: int) -> fx.GraphModule:
     return hf.insert_gates(model, cfg, example_inputs=ex.example_inputs()).graph_module
 
 
-def _weight(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor | None:
-    """The parameter a conv/linear node reads as its weight, or None."""
+def _weight_name(node: fx.Node) -> str | None:
+    """The name of the parameter a conv/linear node reads as its weight, or None."""
     arg = node.args[1] if node.op == "call_function" and len(node.args) > 1 else None
-    return gm.get_parameter(arg.target) if isinstance(arg, fx.Node) and arg.op == "get_attr" else None
+    return arg.target if isinstance(arg, fx.Node) and arg.op == "get_attr" else None
+
+
+def _weight(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor | None:
+    name = _weight_name(node)
+    return None if name is None else gm.get_parameter(name)
 
 
 def magnitudes(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
@@ -89,7 +95,7 @@ def tp_counts(gm: fx.GraphModule, arch: str, widths: list[int]) -> dict[str, int
     """Per gate, the width Torch-Pruning gave its first producer (widths in parameter order, >= 2-dim)."""
     order = [n for n, p in common.example_module(arch).build_model().named_parameters() if p.dim() >= 2]
     nodes = {n.name: n for n in gm.graph.nodes}
-    return {path: widths[order.index(nodes[g.producers[0]].args[1].target)] for path, g in named_gates(gm)}
+    return {path: widths[order.index(_weight_name(nodes[g.producers[0]]))] for path, g in named_gates(gm)}
 
 
 def compact(gm: fx.GraphModule, keep: dict[str, torch.Tensor]) -> fx.GraphModule:
@@ -122,18 +128,19 @@ def main(argv: list[str] | None = None) -> None:
         picks["l2_tp_widths"] = top_k(imp, tp_counts(gm, args.arch, args.tp_widths))
     run_state = torch.load(args.run / "compact.pt", weights_only=False)["state_dict"]
     run_widths = [int(t.shape[0]) for t in run_state.values() if t.dim() >= 2]
-    for name, keep in picks.items():
+    folded = {name: compact(gated_dense(args.arch, args.weights, args.seed), keep) for name, keep in picks.items()}
+    widths = {name: [int(t.shape[0]) for t in m.parameters() if t.dim() >= 2] for name, m in folded.items()}
+    if widths["our_masks"] != run_widths:  # checked before any fine-tune is spent on a mismatch
+        raise SystemExit(f"the run's masks fold to {widths['our_masks']}, its compact.pt has {run_widths}")
+    for name, start in folded.items():
         by_lr, t0 = {}, time.time()
         for lr in args.lrs:
             torch.manual_seed(args.seed)
-            model = compact(gated_dense(args.arch, args.weights, args.seed), keep)
+            model = copy.deepcopy(start)
             _finetune(model, train_loader, args.epochs, lr)
             by_lr[str(lr)] = hf.evaluate(model, test_loader)
-        widths = [int(t.shape[0]) for t in model.parameters() if t.dim() >= 2]
-        if name == "our_masks" and widths != run_widths:
-            raise SystemExit(f"the run's masks fold to {widths}, its compact.pt has {run_widths}")
         row = {"arch": args.arch, "seed": args.seed, "run": str(args.run), "model": name, "acc": max(by_lr.values()),
-               "acc_by_lr": by_lr, "widths": widths, "macs": hf.count_params_and_macs(model, inputs)[1],
+               "acc_by_lr": by_lr, "widths": widths[name], "macs": hf.count_params_and_macs(start, inputs)[1],
                "seconds": round(time.time() - t0)}
         print(json.dumps(row), flush=True)
         if args.json:
