@@ -5,7 +5,7 @@ schedule: ``--dense-epochs`` epochs, SGD LR 0.1, cosine, label smoothing 0.1). F
 for each MAC reduction (2x, 4x, 16x by default):
 
 * **hyperflux channel**: ``hyperflux-compile MODEL --weights DENSE --target-sparsity s`` run as a
-  user runs it, with every other flag at its default (channel gates, the MAC target, 10 pruning + 5
+  user runs it, with every other flag at its default (channel gates, the MAC target, 5 pruning + 10
   regrowth epochs, ``round_to="auto"``). Its compact model's own MACs set the baselines' target.
 * **Torch-Pruning 1.6.1** (``pip install .[bench]``), its documented recipes, each pruned with a
   uniform per-layer ratio (its default, ``global_pruning=False``; the classifier left alone) that
@@ -62,7 +62,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _bench_common as common
 
 import hyperflux_fx as hf
-from hyperflux_fx.config import DISTILL_ALPHA, DISTILL_TEMPERATURE
+from hyperflux_fx.config import CHANNEL_EPOCHS, DISTILL_ALPHA, DISTILL_TEMPERATURE
 from hyperflux_fx.export.latency import compare_latency
 from hyperflux_fx.train.distill import Distiller
 
@@ -387,8 +387,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--reductions", default="2,4,16")
     parser.add_argument("--dense-epochs", type=int, default=10)
-    parser.add_argument("--prune-epochs", type=int, default=10, help="the CLI's default (its --epochs)")
-    parser.add_argument("--regrowth-epochs", type=int, default=5, help="the CLI's default")
+    parser.add_argument("--prune-epochs", type=int, default=CHANNEL_EPOCHS[0],
+                        help="the CLI's default with channel gates (its --epochs)")
+    parser.add_argument("--regrowth-epochs", type=int, default=CHANNEL_EPOCHS[1], help="the CLI's default")
     parser.add_argument("--baseline-lrs", default="0.01,0.05")
     parser.add_argument("--latency-batch", type=int, default=16)
     parser.add_argument("--json", default=None)

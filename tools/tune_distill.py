@@ -2,8 +2,9 @@
 
 The test sets never enter: for each architecture the training set is split once (a fixed permutation,
 ``--val-fraction`` held out), a dense model is trained on the rest with the CLI's dense schedule, and
-from that start Hyperflux runs as hyperflux-compile runs it (channel gates, the MAC target, 10 pruning
-+ 5 fine-tune epochs, the CLI's fold) for each (alpha, temperature) of the grid and without
+from that start Hyperflux runs as hyperflux-compile runs it (channel gates, the MAC target, the CLI's split of
+the epochs, ``CHANNEL_EPOCHS``, the CLI's fold; the defaults were chosen under the earlier 10 + 5) for
+each (alpha, temperature) of the grid and without
 distillation. The masked model's accuracy on the held-out validation split is what is compared (the
 compact model computes the same: invariant 2). Seeds default to ones no benchmark uses.
 
@@ -29,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _bench_common as common
 
 import hyperflux_fx as hf
+from hyperflux_fx.config import CHANNEL_EPOCHS
 from hyperflux_fx.train.measure import fold_within_reach
 
 
@@ -52,7 +54,8 @@ def run(arch: str, seed: int, reduction: int, distill: tuple[float, float] | Non
     gated = hf.insert_gates(copy.deepcopy(dense), hf.GateConfig(granularity="channel", seed=seed, cost="macs"),
                             example_inputs=inputs).graph_module
     alpha, temperature = distill if distill is not None else (0.0, 1.0)
-    cfg = hf.TrainConfig(target_sparsity=1 - 1 / reduction, epochs=10, regrowth_epochs=5, lr=0.1, seed=seed,
+    cfg = hf.TrainConfig(target_sparsity=1 - 1 / reduction, epochs=CHANNEL_EPOCHS[0],
+                         regrowth_epochs=CHANNEL_EPOCHS[1], lr=0.1, seed=seed,
                          target_measure="macs", distill="on" if distill else "off", distill_alpha=alpha,
                          distill_temperature=temperature)
     cfg = dataclasses.replace(cfg, fold=fold_within_reach(gated, cfg))

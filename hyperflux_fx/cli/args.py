@@ -14,11 +14,13 @@ import torch
 
 from hyperflux_fx.cli.job import UsageError
 from hyperflux_fx.config import (
+    CHANNEL_EPOCHS,
     DISTILL_ALPHA,
     DISTILL_TEMPERATURE,
     FLUX_NORMALIZATIONS,
     LANGUAGE_MODEL_RECIPE,
     PRESSURE_MODES,
+    WEIGHT_EPOCHS,
     FoldConfig,
     TrainConfig,
     language_model_lr,
@@ -85,7 +87,8 @@ def resolve_recipe(args: argparse.Namespace, language_model: bool, pretrained: b
                    hidden_size: int | None = None) -> None:
     """--recipe auto: lm for a causal language model, cnn otherwise; then --lr (the LM recipe's follows the
     model's width), --epochs / --regrowth-epochs (the LM recipe prunes for 0.25 epoch and recovers
-    for 2.75), --distill-temperature (1 with the LM recipe, 4 else) and --dense-epochs default by it
+    for 2.75; the CNN recipe 5 + 10 with channel gates, 10 + 5 with weight gates), --distill-temperature
+    (1 with the LM recipe, 4 else) and --dense-epochs default by it
     (an hf: folder with weights is the dense model: no dense training unless asked)."""
     if args.recipe == "auto":
         args.recipe = "lm" if language_model else "cnn"
@@ -93,7 +96,12 @@ def resolve_recipe(args: argparse.Namespace, language_model: bool, pretrained: b
         args.lr = language_model_lr(hidden_size) if args.recipe == "lm" else 0.1
     if args.dense_epochs is None:
         args.dense_epochs = 0 if pretrained else 10
-    defaults = LANGUAGE_MODEL_RECIPE if args.recipe == "lm" else {f: getattr(TrainConfig, f) for f in _BY_RECIPE}
+    if args.recipe == "lm":
+        defaults = LANGUAGE_MODEL_RECIPE
+    else:
+        split = WEIGHT_EPOCHS if args.granularity == "weight" else CHANNEL_EPOCHS
+        defaults = {"epochs": split[0], "regrowth_epochs": split[1],
+                    "distill_temperature": TrainConfig.distill_temperature}
     for name in _BY_RECIPE:
         if getattr(args, name) is None:
             setattr(args, name, defaults[name])
@@ -190,9 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-speedup", type=float, default=None,
                    help="aim at this ONNX Runtime speed-up: --target latency with --target-sparsity 1 - 1/X")
     p.add_argument("--epochs", type=_epochs, default=None,
-                   help="pruning-phase epochs, a fraction allowed (default: 10; 0.25 with the language-model recipe)")
+                   help="pruning-phase epochs, a fraction allowed (default: 5 with channel/hybrid gates, 10 with "
+                        "weight gates; 0.25 with the language-model recipe)")
     p.add_argument("--regrowth-epochs", type=_epochs, default=None,
-                   help="regrowth-phase epochs, a fraction allowed (default: 5; 2.75 with the language-model recipe)")
+                   help="regrowth-phase epochs, a fraction allowed (default: 10 with channel/hybrid gates, 5 with "
+                        "weight gates; 2.75 with the language-model recipe)")
     p.add_argument("--dense-epochs", type=int, default=None,
                    help="dense training first, when --weights is not given (default: 10; 0 for an hf: folder "
                         "with weights, which is the dense model)")

@@ -99,19 +99,22 @@ def test_the_recipe_is_a_config_and_bad_values_are_refused():
     ("auto", False, False, ("cnn", 0.1, 10)),
     ("cnn", True, True, ("cnn", 0.1, 0)),
 ])
-def test_the_cli_resolves_the_recipe_from_the_source(recipe, lm, pretrained, expect):
+@pytest.mark.parametrize("granularity", ["channel", "weight"])
+def test_the_cli_resolves_the_recipe_from_the_source(recipe, lm, pretrained, expect, granularity):
     args = argparse.Namespace(recipe=recipe, lr=None, dense_epochs=None, epochs=None, regrowth_epochs=None,
-                              distill_temperature=None)
+                              distill_temperature=None, granularity=granularity)
     resolve_recipe(args, lm, pretrained)
     assert (args.recipe, args.lr, args.dense_epochs) == expect
-    # the budget's split: a twelfth pruning, the rest recovery for a language model; the paper's 10 + 5 else
-    assert (args.epochs, args.regrowth_epochs) == ((0.25, 2.75) if expect[0] == "lm" else (10, 5))
+    # the budget's split: a twelfth pruning, the rest recovery for a language model; with the CNN recipe 5 + 10
+    # for a structure (the fine-tune gets most), the paper's proportions (10 + 5) for weight gates only
+    cnn_split = (5, 10) if granularity == "channel" else (10, 5)
+    assert (args.epochs, args.regrowth_epochs) == ((0.25, 2.75) if expect[0] == "lm" else cnn_split)
     # per token a language model distils at T 1, a classifier at the CNNs' 4
     assert args.distill_temperature == (1.0 if expect[0] == "lm" else DISTILL_TEMPERATURE)
     fields = recipe_fields(args)
     assert fields == ({} if expect[0] == "cnn" else {k: LANGUAGE_MODEL_RECIPE[k] for k in fields})
     args = argparse.Namespace(recipe=recipe, lr=3e-4, dense_epochs=2, epochs=0.5, regrowth_epochs=3,
-                              distill_temperature=2.0)  # flags win
+                              distill_temperature=2.0, granularity=granularity)  # flags win
     resolve_recipe(args, lm, pretrained)
     assert (args.lr, args.dense_epochs, args.epochs, args.regrowth_epochs) == (3e-4, 2, 0.5, 3)
     assert args.distill_temperature == 2.0
@@ -167,6 +170,10 @@ def test_the_lm_recipe_fine_tunes_at_the_peak_lr_and_presses_every_unit_alike():
     weights = hf.TrainConfig(target_sparsity=0.5).resolved(structured=False)
     assert (weights.regrowth_lr_ratio, weights.regrowth_lr) == (0.3, pytest.approx(0.3 * weights.lr))
     assert hf.TrainConfig(regrowth_lr_ratio=0.3).resolved(True).regrowth_lr == pytest.approx(0.03)  # given wins
+    assert (cnn.epochs, cnn.regrowth_epochs, weights.epochs, weights.regrowth_epochs) == (5, 10, 10, 5)
+    assert (lm.epochs, lm.regrowth_epochs) == (0.25, 2.75)
+    given = hf.TrainConfig(epochs=7, regrowth_epochs=0).resolved(True)  # given wins, 0 regrowth epochs too
+    assert (given.epochs, given.regrowth_epochs) == (7, 0)
     assert hf.TrainConfig(regrowth_lr=0.01, regrowth_lr_ratio=1.0).resolved(True).regrowth_lr == 0.01  # given wins
     for bad, match in (({"cost_exponent": 1.5}, "cost_exponent"), ({"cost_exponent": -0.1}, "cost_exponent"),
                        ({"regrowth_lr_ratio": 0.0}, "regrowth_lr_ratio")):
