@@ -36,6 +36,12 @@ digits: 360 images), mean ± std over seeds. The per-layer widths each method ch
 Architectures: mnist1d_cnn (MNIST-1D), mnist1d_hard_cnn (the same CNN on mnist1d-hard, dense ~90%),
 mnist1d_resnet (a residual Conv1d network: skip connections couple whole stages), digits_cnn.
 
+The rows behind the published table are kept in the repository, one ``--json`` file per arch and seed
+(docs/data/bench_structured/ARCH_SEED.json): ``--from-json docs/data/bench_structured`` renders the table
+again, and when a default of ours changes, ``--baselines-from`` the same folder reruns only the Hyperflux
+rows wherever the Torch-Pruning ones would come out the same (a full seed of all four archs is about 47
+minutes of one core; its Hyperflux runs alone about a sixth of that).
+
 Usage: python tools/bench_structured.py [--archs mnist1d_cnn,mnist1d_hard_cnn,...] [--seeds 0,1,2]
            [--write docs/BENCHMARKS.md] [--json out.json] [--quick]
 """
@@ -243,8 +249,11 @@ def _cached_baselines(cache: list[dict], arch: str, seed: int, x: int, dense_acc
 
 
 def _load_rows(files: str | None) -> list[dict]:
-    """The rows of comma-separated ``--json`` files of earlier runs (none for None)."""
-    return [r for f in (files or "").split(",") if f for r in json.loads(Path(f).read_text())]
+    """The rows of comma-separated ``--json`` files of earlier runs, a folder standing for every ``*.json``
+    in it, in name order (none for None)."""
+    paths = [Path(f) for f in (files or "").split(",") if f]
+    paths = [q for p in paths for q in (sorted(p.glob("*.json")) if p.is_dir() else [p])]
+    return [r for p in paths for r in json.loads(p.read_text())]
 
 
 def _save(rows: list[dict], args) -> None:
@@ -396,10 +405,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--write", default=None)
     parser.add_argument("--figure", default=None, help="also plot test accuracy against ORT speed-up (PNG)")
     parser.add_argument("--from-json", default=None,
-                        help="comma-separated --json files of earlier runs: print/write their table and figure")
+                        help="comma-separated --json files of earlier runs (a folder: its *.json): print/write "
+                             "their table and figure")
     parser.add_argument("--quick", action="store_true", help="one arch, one seed, 4x, short: a smoke run")
     parser.add_argument("--baselines-from", default=None,
-                        help="comma-separated --json files of earlier runs: reuse a cell's Torch-Pruning rows when "
+                        help="comma-separated --json files of earlier runs (a folder: its *.json): reuse a cell's "
+                             "Torch-Pruning rows when "
                              "its dense start is the same and Hyperflux reached the same MACs there, or they had "
                              "at least the MACs Hyperflux reaches now")
     args = parser.parse_args(argv)

@@ -85,3 +85,18 @@ def test_the_header_names_the_rounding_each_arch_resolved():
     assert bench_structured._rounding_note(rows) == (
         " hyperflux-compile's resolved `round_to` (conv floor) per reduction: mnist1d_cnn 8 (16),16 (16); "
         "digits_cnn 8 (8).")
+
+
+def test_a_folder_of_json_files_reads_as_all_of_them(tmp_path):
+    """The published rows are kept one file per arch and seed (docs/data/bench_structured/): a folder given to
+    --from-json / --baselines-from stands for every *.json in it, in name order."""
+    (tmp_path / "rows").mkdir()
+    (tmp_path / "rows" / "b.json").write_text(json.dumps(_rows("digits_cnn", [1], 0.99)))
+    (tmp_path / "rows" / "a.json").write_text(json.dumps(_rows("digits_cnn", [0], 0.99)))
+    (tmp_path / "rows" / "notes.txt").write_text("not rows")
+    extra = tmp_path / "c.json"
+    extra.write_text(json.dumps(_rows("mnist1d_cnn", [0], 0.98)))
+    rows = bench_structured._load_rows(f"{tmp_path / 'rows'},{extra}")
+    assert [(r["arch"], r["seed"]) for r in rows if r["x"] == 1] == [("digits_cnn", 0), ("digits_cnn", 1),
+                                                                       ("mnist1d_cnn", 0)]
+    assert bench_structured._load_rows(None) == []
