@@ -198,11 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-speedup", type=float, default=None,
                    help="aim at this ONNX Runtime speed-up: --target latency with --target-sparsity 1 - 1/X")
     p.add_argument("--epochs", type=_epochs, default=None,
-                   help="pruning-phase epochs, a fraction allowed (default: 5 with channel/hybrid gates, 10 with "
-                        "weight gates; 0.25 with the language-model recipe)")
+                   help="pruning-phase epochs, fractions allowed (default 5; 10 with weight gates; 0.25 LM recipe)")
     p.add_argument("--regrowth-epochs", type=_epochs, default=None,
-                   help="regrowth-phase epochs, a fraction allowed (default: 10 with channel/hybrid gates, 5 with "
-                        "weight gates; 2.75 with the language-model recipe)")
+                   help="regrowth-phase epochs, fractions allowed (default 10; 5 with weight gates; 2.75 LM recipe)")
     p.add_argument("--dense-epochs", type=int, default=None,
                    help="dense training first, when --weights is not given (default: 10; 0 for an hf: folder "
                         "with weights, which is the dense model)")
