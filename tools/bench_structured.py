@@ -39,8 +39,8 @@ mnist1d_resnet (a residual Conv1d network: skip connections couple whole stages)
 The rows behind the published table are kept in the repository, one ``--json`` file per arch and seed
 (docs/data/bench_structured/ARCH_SEED.json): ``--from-json docs/data/bench_structured`` renders the table
 again, and when a default of ours changes, ``--baselines-from`` the same folder reruns only the Hyperflux
-rows wherever the Torch-Pruning ones would come out the same (a full seed of all four archs is about 47
-minutes of one core; its Hyperflux runs alone about a sixth of that).
+rows wherever the Torch-Pruning ones would come out the same (a full seed of all four archs is about 40–45
+minutes of one core, most of it Torch-Pruning's eight fine-tunes per cell).
 
 Usage: python tools/bench_structured.py [--archs mnist1d_cnn,mnist1d_hard_cnn,...] [--seeds 0,1,2]
            [--write docs/BENCHMARKS.md] [--json out.json] [--quick]
