@@ -6,8 +6,8 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-__all__ = ["CHANNEL_EPOCHS", "CONV_FLOOR", "LANGUAGE_MODEL_RECIPE", "WEIGHT_EPOCHS", "FoldConfig", "language_model_lr",
-           "GateConfig", "Granularity", "TrainConfig"]
+__all__ = ["CHANNEL_EPOCHS", "CONV_FLOOR", "LANGUAGE_MODEL_RECIPE", "WEIGHT_EPOCHS", "FoldConfig", "epoch_split",
+           "language_model_lr", "GateConfig", "Granularity", "TrainConfig"]
 
 Granularity = Literal["weight", "channel", "hybrid"]
 
@@ -109,6 +109,14 @@ CHANNEL_REGROWTH_LR_RATIO = 1.0
 # scale; its regrowth phase keeps the flows free until mid-regrowth), which bench_sparsity measures.
 CHANNEL_EPOCHS = (5, 10)
 WEIGHT_EPOCHS = (10, 5)
+
+
+def epoch_split(structured: bool) -> tuple[int, int]:
+    """The default (pruning, regrowth) epochs: :data:`CHANNEL_EPOCHS` with channel gates (``structured``),
+    :data:`WEIGHT_EPOCHS` with weight gates only."""
+    return CHANNEL_EPOCHS if structured else WEIGHT_EPOCHS
+
+
 OPTIMIZERS = ("sgd", "adamw")
 FLUX_NORMALIZATIONS = ("element", "shared")
 # The language-model recipe (docs/frontends.md, with its sources and the measurement behind the LR): AdamW
@@ -304,7 +312,7 @@ class TrainConfig:
         landed structure is fine-tuned from the full LR) and 0.3 with weight gates only. Epochs left None
         split the budget as :data:`CHANNEL_EPOCHS` (5 + 10: the fine-tune gets most of it) or
         :data:`WEIGHT_EPOCHS` (10 + 5)."""
-        split = CHANNEL_EPOCHS if structured else WEIGHT_EPOCHS
+        split = epoch_split(structured)
         epochs = self.epochs if self.epochs is not None else split[0]
         regrowth_epochs = self.regrowth_epochs if self.regrowth_epochs is not None else split[1]
         land_at = self.land_at if self.land_at is not None else (0.0 if structured else 0.5)

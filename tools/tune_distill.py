@@ -30,7 +30,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _bench_common as common
 
 import hyperflux_fx as hf
-from hyperflux_fx.config import CHANNEL_EPOCHS
 from hyperflux_fx.train.measure import fold_within_reach
 
 
@@ -54,8 +53,7 @@ def run(arch: str, seed: int, reduction: int, distill: tuple[float, float] | Non
     gated = hf.insert_gates(copy.deepcopy(dense), hf.GateConfig(granularity="channel", seed=seed, cost="macs"),
                             example_inputs=inputs).graph_module
     alpha, temperature = distill if distill is not None else (0.0, 1.0)
-    cfg = hf.TrainConfig(target_sparsity=1 - 1 / reduction, epochs=CHANNEL_EPOCHS[0],
-                         regrowth_epochs=CHANNEL_EPOCHS[1], lr=0.1, seed=seed,
+    cfg = hf.TrainConfig(target_sparsity=1 - 1 / reduction, lr=0.1, seed=seed,  # the epochs: channel gates' default
                          target_measure="macs", distill="on" if distill else "off", distill_alpha=alpha,
                          distill_temperature=temperature)
     cfg = dataclasses.replace(cfg, fold=fold_within_reach(gated, cfg))

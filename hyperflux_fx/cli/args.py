@@ -14,15 +14,14 @@ import torch
 
 from hyperflux_fx.cli.job import UsageError
 from hyperflux_fx.config import (
-    CHANNEL_EPOCHS,
     DISTILL_ALPHA,
     DISTILL_TEMPERATURE,
     FLUX_NORMALIZATIONS,
     LANGUAGE_MODEL_RECIPE,
     PRESSURE_MODES,
-    WEIGHT_EPOCHS,
     FoldConfig,
     TrainConfig,
+    epoch_split,
     language_model_lr,
 )
 from hyperflux_fx.frontend.trace import FRONTENDS
@@ -99,7 +98,7 @@ def resolve_recipe(args: argparse.Namespace, language_model: bool, pretrained: b
     if args.recipe == "lm":
         defaults = LANGUAGE_MODEL_RECIPE
     else:
-        split = WEIGHT_EPOCHS if args.granularity == "weight" else CHANNEL_EPOCHS
+        split = epoch_split(structured=args.granularity != "weight")
         defaults = {"epochs": split[0], "regrowth_epochs": split[1],
                     "distill_temperature": TrainConfig.distill_temperature}
     for name in _BY_RECIPE:
