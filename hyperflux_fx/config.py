@@ -206,6 +206,9 @@ class TrainConfig:
     distill_temperature: float = DISTILL_TEMPERATURE  # softmax temperature T of teacher and student
     cost_exponent: float = 1.0  # channel gates under a params/MACs/latency target: each group's pressure scales
     #   with (what one of its units saves)**cost_exponent over the mean; 1 = the cost itself, 0 = every unit alike
+    cost_basis: str = "current"  # where a unit's saving is evaluated: "current" (every group at its open units now)
+    #   or "uniform" (every gated group at the same fraction of its units, the run's open fraction now: a group's
+    #   pressure then does not grow because its neighbours stayed wide)
     pressure_step: float = 0.2  # controller step s (0.15 ImageNet)
     regrowth_compensation: float = 11.5 / 13  # pruning phase aims at final remaining * this
     interval_steps: int | None = None  # scheduler interval in steps; None = 1 epoch, or pruning/20 if shorter
@@ -225,6 +228,9 @@ class TrainConfig:
     #   fraction below the plan at the interval's end, less this share, wait (their flows held at 0); None: off
     controller_max_close: float | None = 0.08  # decoupled pressure: at most this fraction of the channel units
     #   closes per interval; later closings wait (their flows held at 0) for the next interval. None: off
+    controller_max_flip: float | None = None  # decoupled pressure: at most this fraction of the channel units
+    #   differs from the interval's start (closed or regrown); a step's further changes wait, the least decided
+    #   first (a closing held open at 0, a regrowth held closed just below 0). None: off
     regrowth_lift: float | None = None  # decoupled pressure: a unit that regrows during pruning has its flow
     #   lifted to at least this, so it is not probed again at once; None = the mean open flow at the start; 0: off
     device: str = "auto"  # "auto" (CUDA when available), "cpu", "cuda", "cuda:N"
@@ -269,6 +275,9 @@ class TrainConfig:
         if self.controller_max_close is not None and not 0.0 < self.controller_max_close <= 1.0:
             raise ValueError(f"TrainConfig.controller_max_close must be in (0, 1] or None, "
                              f"got {self.controller_max_close}")
+        if self.controller_max_flip is not None and not 0.0 < self.controller_max_flip <= 1.0:
+            raise ValueError(f"TrainConfig.controller_max_flip must be in (0, 1] or None, "
+                             f"got {self.controller_max_flip}")
         if self.regrowth_lift is not None and self.regrowth_lift < 0:
             raise ValueError(f"TrainConfig.regrowth_lift must be >= 0 or None, got {self.regrowth_lift}")
         if self.uniform_layers and self.target_measure not in ("params", "macs", "latency"):
@@ -286,6 +295,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.distill_alpha must be in [0, 1], got {self.distill_alpha}")
         if not self.distill_temperature > 0:
             raise ValueError(f"TrainConfig.distill_temperature must be > 0, got {self.distill_temperature}")
+        if self.cost_basis not in ("current", "uniform"):
+            raise ValueError(f"TrainConfig.cost_basis must be 'current' or 'uniform', got {self.cost_basis!r}")
         if not 0.0 <= self.cost_exponent <= 1.0:
             raise ValueError(f"TrainConfig.cost_exponent must be in [0, 1], got {self.cost_exponent}")
         if self.pressure not in PRESSURE_MODES:

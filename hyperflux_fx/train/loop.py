@@ -214,6 +214,7 @@ class _Progress:
     metric_sum: float = 0.0
     seen: int = 0
     closed: int = 0  # channel units closed by the dynamics in the current interval (controller_max_close)
+    start_closed: list[torch.Tensor] | None = None  # per gate, the units closed when the interval began
     task_sum: torch.Tensor | None = None  # the task loss alone, summed like loss_sum (with distillation)
     distill_sum: torch.Tensor | None = None  # the distillation term, likewise
 
@@ -460,6 +461,8 @@ def _train_step(run: _Run, progress: _Progress, batch: Any) -> None:
         group["lr"] = lr_t
     watch = lr_t > 0 and run.pressure.decoupled and progress.step < run.schedule.prune_steps
     closed_before = [g.flow.detach() < 0 for g in run.gates] if watch else None
+    if closed_before is not None and progress.start_closed is None:
+        progress.start_closed = closed_before  # the first step of the interval (or of a resumed run)
     inputs, targets = split_batch(move_to(batch, run.device))
     run.opt_w.zero_grad(set_to_none=True)
     run.opt_t.zero_grad(set_to_none=True)
@@ -491,6 +494,7 @@ def _train_step(run: _Run, progress: _Progress, batch: Any) -> None:
             if run.lift > 0:
                 lift_regrown(run.gated, closed_before, run.lift)
             _pace_closings(run, progress, closed_before)
+            _pace_flips(run, progress, closed_before)
     n = int(targets.shape[0]) if isinstance(targets, torch.Tensor) else 1
     progress.loss_sum += loss.detach().double() * n
     if run.on_device_accuracy:
@@ -536,6 +540,33 @@ def _pace_closings(run: _Run, progress: _Progress, closed_before: list[torch.Ten
             _, g, i = cands.pop()  # reopen the least pushed until the floor holds
             g.flow[i] = 0.0
     progress.closed += len(cands)
+
+
+@torch.no_grad()
+def _pace_flips(run: _Run, progress: _Progress, closed_before: list[torch.Tensor]) -> None:
+    """Channel units that left their state at the interval's start in this step wait (a closing held open at
+    0, a regrowth held closed just below 0) when more than ``controller_max_flip`` of the units would differ
+    from that start; the least decided (flow nearest 0) wait first."""
+    cap = run.cfg.controller_max_flip
+    if cap is None or progress.start_closed is None:
+        return
+    watched = [(g, start, was) for g, start, was in zip(run.gates, progress.start_closed, closed_before, strict=True)
+               if isinstance(g, ChannelGate)]
+    if not watched:
+        return
+    moved = torch.stack([((g.flow < 0) ^ start).sum() for g, start, _ in watched]).sum()
+    excess = int(moved) - math.floor(cap * run.channel_units)
+    if excess <= 0:
+        return
+    fresh = [(g, torch.nonzero(((g.flow < 0) ^ was) & ((g.flow < 0) ^ start)).flatten().tolist())
+             for g, start, was in watched]  # changed in this step, away from the interval's start
+    cands = sorted(((abs(float(g.flow[i])), g, i) for g, idx in fresh for i in idx), key=lambda c: c[0])
+    for _, g, i in cands[:excess]:
+        if g.flow[i] < 0:
+            g.flow[i] = 0.0
+            progress.closed -= 1  # _pace_closings counted it
+        else:
+            g.flow[i] = -torch.finfo(g.flow.dtype).tiny
 
 
 def _interval_ends(run: _Run, progress: _Progress) -> bool:
@@ -586,7 +617,7 @@ def _end_interval(run: _Run, progress: _Progress, val_loader: Iterable[Any] | No
     progress.correct.zero_()
     progress.task_sum.zero_()
     progress.distill_sum.zero_()
-    progress.closed = 0
+    progress.closed, progress.start_closed = 0, None
     progress.metric_sum, progress.seen = 0.0, 0
     _after_record(run, progress, rec, bar)
     if cfg.max_intervals is not None and progress.calls_intervals >= cfg.max_intervals and step < s.total_steps:

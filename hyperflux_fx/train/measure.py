@@ -111,6 +111,7 @@ class Measure:
         self.name = cfg.target_measure
         self.gated = gated
         self.cost_exponent = cfg.cost_exponent
+        self.cost_basis = cfg.cost_basis
         self.cost_model: CostModel | None = None
         self.latency: LatencyModel | None = None
         self.landing_checks: list[dict[str, float]] = []  # latency: measured compact/dense at the landing
@@ -177,6 +178,13 @@ class Measure:
         open_now = self.cost_model.counts(rounded=False) if open_now is None else open_now
         return {gid: max(n, floors[gid]) for gid, n in open_now.items()}
 
+    def _uniform(self, open_now: dict[int, int]) -> dict[int, int]:
+        """Every gated group at the run's open fraction of its units (``cost_basis="uniform"``)."""
+        cm = self.cost_model
+        gated = {g.id: g.size for g in cm.groups if cm.gate_of[g.id] is not None and g.deletable}
+        share = sum(open_now[gid] for gid in gated) / max(sum(gated.values()), 1)
+        return {gid: max(round(share * gated[gid]), 1) if gid in gated else n for gid, n in open_now.items()}
+
     def fraction_at(self, k: dict[int, int]) -> float:
         """The kept fraction when group ``g`` keeps ``k[g]`` units (exact measures and latency)."""
         if self.latency is not None:
@@ -211,7 +219,8 @@ class Measure:
         if cm is None:
             return
         open_now = cm.counts(rounded=False)
-        marginal = self.marginal(self.open_counts(open_now))
+        basis = self._uniform(open_now) if self.cost_basis == "uniform" else open_now
+        marginal = self.marginal(self.open_counts(basis))
         floors = self.floors()
         # a group at its floor (one block) saves nothing the fold can delete by closing more: no pressure on it
         saves = [(gate, 0.0 if open_now[gid] <= floors[gid] else max(marginal[gid], 0.0))

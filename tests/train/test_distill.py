@@ -138,3 +138,22 @@ def test_channel_controller_tracks_the_plan_where_the_coupled_one_swings():
         assert abs(t.landing_move) <= 0.02, t
     coupled = _tracking_runs("coupled")
     assert max(abs(t.worst_gap) for t in coupled) > max(abs(t.worst_gap) for t in ours)
+
+
+def test_the_flip_cap_bounds_the_units_that_change_state_in_an_interval():
+    # The 8% closing cap leaves regrowth free: these runs change up to 9% of the 256 units in one interval
+    # (closed or regrown against the interval's start). A 5% flip cap must hold on every interval, and a cap
+    # that never binds (10%) must leave the run bit for bit.
+    for seed in (0, 1):
+        dense = _dense(seed)
+        runs = {}
+        for cap in (None, 0.05, 0.10):
+            gated = _channel_gated(copy.deepcopy(dense), seed=seed)
+            res = _train(gated, pressure="decoupled", distill="off", seed=seed, controller_max_flip=cap)
+            runs[cap] = (tracking(res.history), [f.detach().clone() for f in (g.flow for g in gates(gated))])
+        assert runs[None][0].max_flip_fraction > 0.05, runs[None][0]
+        assert runs[0.05][0].max_flip_fraction <= 0.05, runs[0.05][0]
+        assert runs[0.10][0] == runs[None][0]
+        assert all(torch.equal(a, b) for a, b in zip(runs[0.10][1], runs[None][1], strict=True))
+    with pytest.raises(ValueError, match="controller_max_flip"):
+        hf.TrainConfig(controller_max_flip=0.0)

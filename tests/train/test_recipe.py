@@ -4,6 +4,7 @@ gradient-norm clipping; the paper's SGD stays the default for everything else.""
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 
 import pytest
@@ -301,3 +302,28 @@ def test_channel_pressure_follows_what_a_unit_saves_to_the_cost_exponent(exponen
     for a in channel:
         for b in channel:
             assert a.pressure_scale / b.pressure_scale == pytest.approx((a.unit_cost / b.unit_cost) ** exponent)
+
+
+def test_uniform_cost_basis_prices_a_unit_by_the_open_fraction_not_by_which_layers_stayed_wide():
+    from hyperflux_fx.ir import ChannelGate, gates
+    from hyperflux_fx.train.measure import Measure
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                          nn.Linear(64, 3))
+    costs = {}
+    for basis in ("current", "uniform"):
+        for narrow in (1, 2):  # the same 32 units closed in the first or the second wide layer
+            gm = hf.insert_gates(copy.deepcopy(model), hf.GateConfig(granularity="channel"),
+                                 example_inputs=(torch.randn(2, 4),)).graph_module
+            channel = [g for g in gates(gm) if isinstance(g, ChannelGate)]
+            with torch.no_grad():
+                channel[narrow].flow[:32] = -1.0
+            Measure(gm, hf.TrainConfig(target_sparsity=0.5, target_measure="params", cost_basis=basis)
+                    ).refresh_pressure()
+            costs[basis, narrow] = [g.unit_cost for g in channel]
+    assert costs["current", 1] != costs["current", 2]  # a layer's units cost what its neighbours kept
+    assert costs["uniform", 1] == costs["uniform", 2]
+    assert len(set(costs["uniform", 1])) > 1  # still priced by layer
+    with pytest.raises(ValueError, match="cost_basis"):
+        hf.TrainConfig(cost_basis="dense")
