@@ -550,17 +550,17 @@ def _pace_flips(run: _Run, progress: _Progress, closed_before: list[torch.Tensor
     cap = run.cfg.controller_max_flip
     if cap is None or progress.start_closed is None:
         return
-    watched = [(g, start, was) for g, start, was in zip(run.gates, progress.start_closed, closed_before, strict=True)
+    watched = [(g, (g.flow < 0) ^ start, (g.flow < 0) ^ was)  # (gate, differs from the start, changed now)
+               for g, start, was in zip(run.gates, progress.start_closed, closed_before, strict=True)
                if isinstance(g, ChannelGate)]
     if not watched:
         return
-    moved = torch.stack([((g.flow < 0) ^ start).sum() for g, start, _ in watched]).sum()
+    moved = torch.stack([away.sum() for _, away, _ in watched]).sum()
     excess = int(moved) - math.floor(cap * run.channel_units)
     if excess <= 0:
         return
-    fresh = [(g, torch.nonzero(((g.flow < 0) ^ was) & ((g.flow < 0) ^ start)).flatten().tolist())
-             for g, start, was in watched]  # changed in this step, away from the interval's start
-    cands = sorted(((abs(float(g.flow[i])), g, i) for g, idx in fresh for i in idx), key=lambda c: c[0])
+    cands = sorted(((abs(float(g.flow[i])), g, i) for g, away, now in watched
+                    for i in torch.nonzero(away & now).flatten().tolist()), key=lambda c: c[0])
     for _, g, i in cands[:excess]:
         if g.flow[i] < 0:
             g.flow[i] = 0.0

@@ -150,7 +150,7 @@ def test_the_flip_cap_bounds_the_units_that_change_state_in_an_interval():
         for cap in (None, 0.05, 0.10):
             gated = _channel_gated(copy.deepcopy(dense), seed=seed)
             res = _train(gated, pressure="decoupled", distill="off", seed=seed, controller_max_flip=cap)
-            runs[cap] = (tracking(res.history), [f.detach().clone() for f in (g.flow for g in gates(gated))])
+            runs[cap] = (tracking(res.history), [g.flow.detach().clone() for g in gates(gated)])
         assert runs[None][0].max_flip_fraction > 0.05, runs[None][0]
         assert runs[0.05][0].max_flip_fraction <= 0.05, runs[0.05][0]
         assert runs[0.10][0] == runs[None][0]
