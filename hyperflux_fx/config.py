@@ -228,7 +228,7 @@ class TrainConfig:
     #   fraction below the plan at the interval's end, less this share, wait (their flows held at 0); None: off
     controller_max_close: float | None = 0.08  # decoupled pressure: at most this fraction of the channel units
     #   closes per interval; later closings wait (their flows held at 0) for the next interval. None: off
-    controller_max_flip: float | None = None  # decoupled pressure: at most this fraction of the channel units
+    controller_max_flip: float | None = 0.10  # decoupled pressure: at most this fraction of the channel units
     #   differs from the interval's start (closed or regrown); a step's further changes wait, the least decided
     #   first (a closing held open at 0, a regrowth held closed just below 0). None: off
     regrowth_lift: float | None = None  # decoupled pressure: a unit that regrows during pruning has its flow
