@@ -3,13 +3,13 @@
 The test sets never enter: for each architecture the training set is split once (a fixed permutation,
 ``--val-fraction`` held out), a dense model is trained on the rest with the CLI's dense schedule, and
 from that start Hyperflux runs as hyperflux-compile runs it (channel gates, the MAC target, the CLI's split of
-the epochs, ``CHANNEL_EPOCHS``, the CLI's fold; the defaults were chosen under the earlier 10 + 5) for
-each (alpha, temperature) of the grid and without
-distillation. The masked model's accuracy on the held-out validation split is what is compared (the
+the epochs, ``CHANNEL_EPOCHS``, the CLI's fold; the defaults were chosen under the earlier 10 + 5 and
+rechecked under 5 + 10 with the flip cap: docs/BENCHMARKS.md) for each (alpha, temperature) of the grid and
+without distillation. The masked model's accuracy on the held-out validation split is what is compared (the
 compact model computes the same: invariant 2). Seeds default to ones no benchmark uses.
 
 Usage: python tools/tune_distill.py [--archs mnist1d_cnn,digits_cnn] [--seeds 100] [--reductions 4,16]
-           [--alphas 0.5,0.9] [--temperatures 1,4] [--json out.json] [--from-json a.json,b.json]
+           [--alphas 0.5,0.9] [--temperatures 1,4] [--json out.json] [--from-json a.json,b.json|FOLDER]
 """
 
 from __future__ import annotations
@@ -90,7 +90,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--from-json", default=None)
     args = p.parse_args(argv)
     if args.from_json:
-        print(table([r for f in args.from_json.split(",") for r in json.loads(Path(f).read_text())]))
+        paths = [Path(f) for f in args.from_json.split(",") if f]
+        paths = [q for p in paths for q in (sorted(p.glob("*.json")) if p.is_dir() else [p])]  # a folder: its files
+        print(table([r for f in paths for r in json.loads(f.read_text())]))
         return
     torch.set_num_threads(1)
     grid = [None] + [(float(a), float(t)) for a in args.alphas.split(",") for t in args.temperatures.split(",")]
