@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import re
 import sys
 from pathlib import Path
@@ -13,6 +14,14 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_rows(files: str | None) -> list[dict]:
+    """The rows of comma-separated ``--json`` files of earlier runs, a folder standing for every ``*.json``
+    in it, in name order (none for None)."""
+    paths = [Path(f) for f in (files or "").split(",") if f]
+    paths = [q for p in paths for q in (sorted(p.glob("*.json")) if p.is_dir() else [p])]
+    return [r for p in paths for r in json.loads(p.read_text())]
 
 
 def digits_loaders(batch_size: int = 64, size: int = 16) -> tuple[DataLoader, DataLoader]:

@@ -248,14 +248,6 @@ def _cached_baselines(cache: list[dict], arch: str, seed: int, x: int, dense_acc
     return [{**r, "reused": True} for r in rows]
 
 
-def _load_rows(files: str | None) -> list[dict]:
-    """The rows of comma-separated ``--json`` files of earlier runs, a folder standing for every ``*.json``
-    in it, in name order (none for None)."""
-    paths = [Path(f) for f in (files or "").split(",") if f]
-    paths = [q for p in paths for q in (sorted(p.glob("*.json")) if p.is_dir() else [p])]
-    return [r for p in paths for r in json.loads(p.read_text())]
-
-
 def _save(rows: list[dict], args) -> None:
     """Rows so far to ``--json`` (after every seed: a long run stopped early keeps what it finished)."""
     if args.json:
@@ -414,9 +406,9 @@ def main(argv: list[str] | None = None) -> None:
                              "its dense start is the same and Hyperflux reached the same MACs there, or they had "
                              "at least the MACs Hyperflux reaches now")
     args = parser.parse_args(argv)
-    args.cached = _load_rows(args.baselines_from)
+    args.cached = common.load_rows(args.baselines_from)
     if args.from_json:
-        rows = _load_rows(args.from_json)
+        rows = common.load_rows(args.from_json)
         _report(rows, args)
         return
     try:

@@ -90,9 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--from-json", default=None)
     args = p.parse_args(argv)
     if args.from_json:
-        paths = [Path(f) for f in args.from_json.split(",") if f]
-        paths = [q for p in paths for q in (sorted(p.glob("*.json")) if p.is_dir() else [p])]  # a folder: its files
-        print(table([r for f in paths for r in json.loads(f.read_text())]))
+        print(table(common.load_rows(args.from_json)))
         return
     torch.set_num_threads(1)
     grid = [None] + [(float(a), float(t)) for a in args.alphas.split(",") for t in args.temperatures.split(",")]

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
+import _bench_common as common  # noqa: E402
 import bench_structured  # noqa: E402
 
 
@@ -96,7 +97,7 @@ def test_a_folder_of_json_files_reads_as_all_of_them(tmp_path):
     (tmp_path / "rows" / "notes.txt").write_text("not rows")
     extra = tmp_path / "c.json"
     extra.write_text(json.dumps(_rows("mnist1d_cnn", [0], 0.98)))
-    rows = bench_structured._load_rows(f"{tmp_path / 'rows'},{extra}")
+    rows = common.load_rows(f"{tmp_path / 'rows'},{extra}")
     assert [(r["arch"], r["seed"]) for r in rows if r["x"] == 1] == [("digits_cnn", 0), ("digits_cnn", 1),
                                                                        ("mnist1d_cnn", 0)]
-    assert bench_structured._load_rows(None) == []
+    assert common.load_rows(None) == []
