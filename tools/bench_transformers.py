@@ -123,7 +123,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.from_json:
-        rows = [r for f in args.from_json.split(",") for r in json.loads(Path(f).read_text())]
+        rows = common.load_rows(args.from_json)
     else:
         with tempfile.TemporaryDirectory() as tmp:
             rows = [run_model(name, Path(tmp)) for name in HF_ZOO + (HF_EXTRA if args.extra else [])]
